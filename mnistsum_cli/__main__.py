@@ -1,0 +1,3 @@
+from mnistsum_cli.cli import main
+
+main()

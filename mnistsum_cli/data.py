@@ -1,0 +1,96 @@
+"""Splits as tensors on the training device; batches are index slices, not Dataset items."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, Dataset, read_dataset
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.mnist import Mnist, MnistSource, load_mnist, resolve_source
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+@dataclass(frozen=True)
+class SplitTensors:
+    """One split on one device: uint8 images [N, 28, 28] and int64 digits, numbers, sums [N]."""
+
+    images: torch.Tensor
+    digits: torch.Tensor
+    numbers: torch.Tensor
+    sums: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.digits)
+
+
+def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:
+    """Refuse MNIST files other than the ones `prepare` read."""
+    expected = dataset.meta["mnist_fingerprint"]
+    if mnist.fingerprint != expected:
+        raise MnistsumError(
+            f"MNIST in {mnist.root} (fingerprint {mnist.fingerprint}) is not the MNIST the dataset "
+            f"was prepared from ({dataset.meta['mnist_root']}, {expected}): rerun `mnistsum prepare`"
+        )
+
+
+def split_tensors(dataset: Dataset, mnist: Mnist, split: str, device: torch.device) -> SplitTensors:
+    """Gather a split's images from MNIST and move everything to `device` once."""
+    rows = dataset.splits[split]
+    mnist_set = MNIST_SET_OF_SPLIT[split]
+    index = rows.image_index.astype(np.int64)
+    if (mnist.labels[mnist_set][index] != rows.digit).any():
+        raise MnistsumError(
+            f"the {split} split's digits disagree with the MNIST labels: rerun `mnistsum prepare`"
+        )
+
+    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(array, dtype=dtype).to(device)
+
+    return SplitTensors(
+        images=to_device(mnist.images[mnist_set][index], torch.uint8),
+        digits=to_device(rows.digit, torch.int64),
+        numbers=to_device(rows.number, torch.int64),
+        sums=to_device(rows.sum, torch.int64),
+    )
+
+
+def load_dataset(data: DataDir, mnist_dir: Optional[Path]) -> tuple[Dataset, Mnist]:
+    """The prepared splits and the MNIST they index: --mnist-dir, else where `prepare` read it."""
+    dataset = read_dataset(data)
+    if mnist_dir is not None:
+        source = resolve_source(mnist_dir)
+    else:
+        source = MnistSource(root=Path(dataset.meta["mnist_root"]), download=False)
+    mnist = load_mnist(source)
+    check_mnist_matches(dataset, mnist)
+    return dataset, mnist
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 28, 28] → float [B, 1, 28, 28] with MNIST's mean and std."""
+    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled.
+
+    One pad and one gather for the whole batch; the generator lives on the images' device.
+    """
+    if max_shift <= 0:
+        return images
+    batch = images.shape[0]
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(
+        0, 2 * max_shift + 1, (2, batch), device=images.device, generator=generator
+    )
+    grid = torch.arange(28, device=images.device)
+    rows = (grid[None, :] + offsets[0, :, None])[:, :, None]  # [B, 28, 1]
+    cols = (grid[None, :] + offsets[1, :, None])[:, None, :]  # [B, 1, 28]
+    return padded[torch.arange(batch, device=images.device)[:, None, None], rows, cols]

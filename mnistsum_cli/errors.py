@@ -1,0 +1,19 @@
+"""The exceptions the CLI turns into a clear one-line message and an exit code."""
+
+
+class MnistsumError(Exception):
+    """A problem the user can fix: bad input, a missing or stale artifact (exit code 1)."""
+
+    exit_code = 1
+
+
+class BadOption(MnistsumError):
+    """An option that cannot work here, found before any work starts (exit code 2)."""
+
+    exit_code = 2
+
+
+class Interrupted(MnistsumError):
+    """Ctrl-C, after the work done so far was saved (exit code 130)."""
+
+    exit_code = 130

@@ -1,0 +1,108 @@
+"""Reading MNIST through torchvision: where it lives, downloading, fingerprinting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnistsum_cli.artifacts import fingerprint_arrays
+from mnistsum_cli.errors import MnistsumError
+
+MNIST_DIR_ENV = "MNISTSUM_MNIST_DIR"
+DEFAULT_MNIST_ROOT = Path("data")
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class MnistSource:
+    """Where to read MNIST from, and whether torchvision may download it there."""
+
+    root: Path
+    download: bool
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "MNIST" / "raw"
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """MNIST train and test sets as uint8 images [N, 28, 28] and int64 labels [N]."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    root: Path
+    fingerprint: str
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {name: len(labels) for name, labels in self.labels.items()}
+
+
+def resolve_source(mnist_dir: Path | None = None, default_root: Path = DEFAULT_MNIST_ROOT) -> MnistSource:
+    """A folder the user named (--mnist-dir / $MNISTSUM_MNIST_DIR) is used as is; otherwise
+    torchvision downloads into `default_root` (or finds what it downloaded before)."""
+    if mnist_dir is not None:
+        return MnistSource(root=_torchvision_root(Path(mnist_dir)), download=False)
+    return MnistSource(root=default_root, download=True)
+
+
+def _torchvision_root(folder: Path) -> Path:
+    """Accept the root torchvision wants (holding MNIST/raw), the MNIST folder or the raw folder."""
+    folder = folder.expanduser().resolve()
+    if folder.name == "raw" and folder.parent.name == "MNIST":
+        return folder.parent.parent
+    if folder.name == "MNIST" and (folder / "raw").is_dir():
+        return folder.parent
+    return folder
+
+
+def load_mnist(source: MnistSource) -> Mnist:
+    """Read both MNIST sets with torchvision.datasets.MNIST, downloading when allowed."""
+    from torchvision.datasets import MNIST
+
+    if not source.download:
+        missing = [name for name in RAW_FILES if not (source.raw_dir / name).is_file()]
+        if missing:
+            raise MnistsumError(
+                f"MNIST not found: {source.raw_dir} lacks {', '.join(missing)}; point --mnist-dir "
+                f"(or ${MNIST_DIR_ENV}) at a folder holding MNIST/raw/*-ubyte"
+            )
+    images, labels = {}, {}
+    for name, train in (("train", True), ("test", False)):
+        try:
+            dataset = MNIST(str(source.root), train=train, download=source.download)
+        except Exception as error:  # network errors, torchvision's RuntimeError, bad IDX files
+            raise MnistsumError(_load_failure(source, error)) from None
+        images[name] = dataset.data.numpy()
+        labels[name] = dataset.targets.numpy().astype(np.int64)
+        _check_set(source, name, images[name], labels[name])
+    fingerprint = fingerprint_arrays(images["train"], labels["train"], images["test"], labels["test"])
+    return Mnist(images=images, labels=labels, root=source.root.resolve(), fingerprint=fingerprint)
+
+
+def _load_failure(source: MnistSource, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if source.download:
+        return (
+            f"could not download MNIST into {source.raw_dir} ({reason}); without network access, "
+            f"put the files there or pass --mnist-dir DIR / set ${MNIST_DIR_ENV} to a folder holding MNIST/raw"
+        )
+    return f"could not read MNIST from {source.raw_dir} ({reason}): the IDX files look damaged"
+
+
+def _check_set(source: MnistSource, name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    where = f"MNIST {name} set in {source.raw_dir}"
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+        raise MnistsumError(f"{where}: images are {images.dtype} {images.shape}, expected uint8 N x 28 x 28")
+    if len(labels) != len(images) or len(images) == 0:
+        raise MnistsumError(f"{where}: {len(images)} images but {len(labels)} labels")
+    if labels.min() < 0 or labels.max() > 9:
+        raise MnistsumError(f"{where}: labels outside 0-9")

@@ -1,0 +1,71 @@
+"""Stage 1: draw the random numbers and the validation split, write Parquet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mnistsum_cli import __version__
+from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, SPLITS, DataDir, dataset_fingerprint, now_iso, write_split
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.mnist import Mnist
+
+DEFAULT_VAL_SIZE = 5000
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    seed: int = 0
+    val_size: int = DEFAULT_VAL_SIZE
+    limit: int | None = None
+
+
+def build_splits(mnist: Mnist, options: PrepareOptions) -> dict[str, dict[str, np.ndarray]]:
+    """Rows of each split: image_index, digit, number, sum; a pure function of MNIST and options."""
+    n_train = mnist.sizes["train"]
+    if options.val_size >= n_train:
+        raise MnistsumError(
+            f"--val-size {options.val_size} leaves no training images: MNIST train has {n_train}"
+        )
+    rng = np.random.default_rng(options.seed)
+    train_order = rng.permutation(n_train)
+    indices = {
+        "train": train_order[options.val_size :],
+        "val": train_order[: options.val_size],
+        "test": rng.permutation(mnist.sizes["test"]),
+    }
+    columns = {}
+    for split in SPLITS:
+        index = np.sort(indices[split][: options.limit])
+        digit = mnist.labels[MNIST_SET_OF_SPLIT[split]][index].astype(np.uint8)
+        number = rng.integers(0, 10, size=len(index), dtype=np.uint8)
+        columns[split] = {
+            "image_index": index.astype(np.uint16),
+            "digit": digit,
+            "number": number,
+            "sum": digit + number,
+        }
+    return columns
+
+
+def prepare(mnist: Mnist, options: PrepareOptions, out: DataDir) -> dict[str, dict[str, np.ndarray]]:
+    """Build the splits and write them; every file records the same dataset id."""
+    columns = build_splits(mnist, options)
+    dataset_id = dataset_fingerprint(columns, mnist.fingerprint)
+    created_at = now_iso()
+    for split in SPLITS:
+        meta = {
+            "split": split,
+            "dataset_id": dataset_id,
+            "seed": options.seed,
+            "val_size": options.val_size,
+            "limit": options.limit,
+            "mnist_root": str(mnist.root),
+            "mnist_fingerprint": mnist.fingerprint,
+            "mnist_sizes": mnist.sizes,
+            "package_version": __version__,
+            "created_at": created_at,
+        }
+        write_split(out.split(split), columns[split], meta)
+    return columns

@@ -1,0 +1,158 @@
+"""Everything the CLI draws on screen with rich: summaries, tables, the training progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(highlight=False)
+error_console = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    error_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def notice(message: str) -> None:
+    error_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], paths: Mapping[str, Path], seed: int) -> None:
+    table = Table(title=f"mnistsum prepare (seed {seed})")
+    table.add_column("split")
+    table.add_column("rows", justify="right")
+    table.add_column("digits 0-9", justify="left")
+    table.add_column("numbers 0-9", justify="left")
+    table.add_column("sums 0-18", justify="left")
+    for split, cols in columns.items():
+        table.add_row(
+            split,
+            f"{len(cols['digit']):,}",
+            histogram(cols["digit"], 10),
+            histogram(cols["number"], 10),
+            histogram(cols["sum"], 19),
+        )
+    console.print(table)
+    written(list(paths.values()))
+
+
+def histogram(values: np.ndarray, bins: int) -> str:
+    """A one-line bar chart of the counts of 0..bins-1."""
+    counts = np.bincount(values.astype(np.int64), minlength=bins)
+    blocks = " ▁▂▃▄▅▆▇█"
+    top = counts.max() or 1
+    return "".join(blocks[int(round(8 * count / top))] for count in counts)
+
+
+# --------------------------------------------------------------------------- train
+
+
+class ProgressReporter:
+    """A rich progress bar per epoch and a one-line summary after it."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = None
+        self.epochs = 0
+
+    def __enter__(self) -> "ProgressReporter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.epochs = epochs
+        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch}/{epochs}")
+
+    def step(self) -> None:
+        self.progress.advance(self.task)
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.console.print(epoch_line(record, self.epochs), soft_wrap=True)
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}/{epochs}  "
+        f"train loss {record['train_loss']:.4f} digit {percent(record['train_digit_accuracy'])} "
+        f"sum {percent(record['train_sum_accuracy'])}  |  "
+        f"val loss {record['val_loss']:.4f} digit {percent(record['val_digit_accuracy'])} "
+        f"sum {percent(record['val_sum_accuracy'])}  ({record['seconds']:.1f} s)"
+    )
+
+
+def train_summary(history: list[dict[str, Any]], best_epoch: int, seconds: float, load_seconds: float, out: Path, device: str) -> None:
+    best = history[best_epoch - 1]
+    console.print(
+        f"trained {len(history)} epochs on {device} in {seconds:.1f} s (data load {load_seconds:.1f} s); "
+        f"kept epoch {best_epoch}: val digit {percent(best['val_digit_accuracy'])}, "
+        f"val sum {percent(best['val_sum_accuracy'])}",
+        soft_wrap=True,
+    )
+    console.print(f"wrote {out}/model.safetensors, history.json, config.json, checkpoint.safetensors", soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluation_summary(metrics: dict[str, Any], path: Path) -> None:
+    table = Table(title=f"mnistsum evaluate: {metrics['split']} split, {metrics['rows']:,} rows")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("digit accuracy", percent(metrics["digit_accuracy"]))
+    table.add_row("sum accuracy", percent(metrics["sum_accuracy"]))
+    table.add_row("digit loss", f"{metrics['digit_loss']:.4f}")
+    table.add_row("sum loss", f"{metrics['sum_loss']:.4f}")
+    table.add_row("consistency (sum = digit + number)", percent(metrics["consistency"]))
+    table.add_row("rows with a wrong digit or sum", f"{metrics['misclassified_count']:,}")
+    console.print(table)
+
+    per_digit = Table(title="per-digit accuracy")
+    for digit in metrics["per_digit_accuracy"]:
+        per_digit.add_column(digit, justify="right")
+    per_digit.add_row(*(percent(v) for v in metrics["per_digit_accuracy"].values()))
+    console.print(per_digit)
+    console.print(confusion_table("digit confusion (rows: true, columns: predicted)", metrics["digit_confusion"]))
+    console.print(f"wrote {path}")
+
+
+def confusion_table(title: str, matrix: list[list[int]]) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    for column in range(len(matrix)):
+        table.add_column(str(column), justify="right")
+    for row, counts in enumerate(matrix):
+        cells = [f"[bold]{count}[/]" if row == col else (str(count) if count else "[dim]·[/]") for col, count in enumerate(counts)]
+        table.add_row(str(row), *cells)
+    return table
+
+
+def written(paths: list[Path]) -> None:
+    for path in paths:
+        console.print(f"wrote {path}", soft_wrap=True)
