@@ -90,6 +90,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def plots_manifest(self) -> Path:
+        return self.plots / "manifest.json"
+
 
 # --------------------------------------------------------------------------- small helpers
 

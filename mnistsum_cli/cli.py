@@ -2,37 +2,36 @@
 
 import json
 import sys
-import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from typing_extensions import Annotated
 
 from mnistsum_cli import __version__, report
-from mnistsum_cli.artifacts import SPLITS, DataDir, RunDir, write_json
-from mnistsum_cli.config import PRESETS, TrainConfig, preset
-from mnistsum_cli.data import load_dataset, split_tensors
+from mnistsum_cli.artifacts import SPLITS, DataDir, RunDir
+from mnistsum_cli.config import DEFAULT_PRESET, PRESETS, TrainConfig, preset
 from mnistsum_cli.devices import select_device
-from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
 from mnistsum_cli.models import ARCHITECTURES
+from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
 
 app = typer.Typer(
     name="mnistsum",
     help="Predict the digit in an MNIST image and its sum with a random number 0-9.\n\n"
-    "Stages, in order: [bold]prepare[/] → [bold]train[/] → [bold]evaluate[/] → [bold]plot[/].",
+    "Stages, in order: [bold]prepare[/] → [bold]train[/] → [bold]evaluate[/] → [bold]plot[/]; "
+    "[bold]run[/] does all four, [bold]status[/] tells which are up to date.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-
 # --------------------------------------------------------------------------- shared options
 
 
-def _choice(allowed):
+def _choice(allowed: List[str]) -> Callable[[Optional[str]], Optional[str]]:
     def check(value: Optional[str]) -> Optional[str]:
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
@@ -47,19 +46,60 @@ def _positive(value: Optional[float]) -> Optional[float]:
     return value
 
 
-DataOption = Annotated[Path, typer.Option("--data", help="Folder of the prepared Parquet splits.")]
-ArtifactsOption = Annotated[Path, typer.Option("--artifacts", help="Folder `train` wrote.")]
+PATHS, DEVICE, SETTINGS = "Paths", "Device", "Training settings (override the preset)"
+
+DataOption = Annotated[Path, typer.Option("--data", help="Folder of the Parquet splits.", rich_help_panel=PATHS)]
+ArtifactsOption = Annotated[Path, typer.Option("--artifacts", help="Folder `train` writes.", rich_help_panel=PATHS)]
 MnistDirOption = Annotated[
     Optional[Path],
     typer.Option(
         "--mnist-dir",
         envvar=MNIST_DIR_ENV,
-        help="Existing MNIST folder (holding MNIST/raw/*-ubyte); nothing is downloaded.",
+        help="Existing MNIST folder (holding MNIST/raw/*-ubyte); nothing is downloaded. "
+        "Without it, prepare downloads into data/ and later stages use the folder prepare read.",
+        show_default=False,
+        rich_help_panel=PATHS,
+    ),
+]
+GpuOption = Annotated[
+    Optional[int], typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE)
+]
+CpuOption = Annotated[bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)]
+SplitOption = Annotated[str, typer.Option(callback=_choice(list(SPLITS)), help="Split to measure.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]
+
+ValSizeOption = Annotated[int, typer.Option(min=1, help="MNIST train images held out for validation.")]
+LimitOption = Annotated[
+    Optional[int], typer.Option(min=1, help="Keep at most N rows per split (quick runs).", show_default=False)
+]
+PresetOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--preset",
+        callback=_choice(list(PRESETS)),
+        help=f"Named settings: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}].",
         show_default=False,
     ),
 ]
-GpuOption = Annotated[Optional[int], typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False)]
-CpuOption = Annotated[bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.")]
+
+
+def _setting(*names: str, **kwargs: Any) -> Any:
+    return typer.Option(*names, show_default=False, rich_help_panel=SETTINGS, **kwargs)
+
+
+ArchOption = Annotated[
+    Optional[str], _setting(callback=_choice(list(ARCHITECTURES)), help=f"Architecture: {', '.join(ARCHITECTURES)}.")
+]
+EpochsOption = Annotated[Optional[int], _setting(min=1)]
+BatchSizeOption = Annotated[Optional[int], _setting(min=1)]
+LrOption = Annotated[Optional[float], _setting(callback=_positive, help="Peak learning rate (one-cycle).")]
+WeightDecayOption = Annotated[Optional[float], _setting(min=0.0)]
+LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5)]
+MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
+SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
+AmpOption = Annotated[Optional[bool], _setting("--amp/--no-amp", help="bf16 autocast on CUDA.")]
+ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last on CUDA.")]
+CompileOption = Annotated[Optional[bool], _setting("--compile/--no-compile", help="torch.compile the model.")]
 
 
 def _device(gpu: Optional[int], cpu: bool):
@@ -67,6 +107,10 @@ def _device(gpu: Optional[int], cpu: bool):
     if notice:
         report.notice(notice)
     return device
+
+
+def _train_config(preset_name: Optional[str], **overrides: Any) -> TrainConfig:
+    return preset(preset_name or DEFAULT_PRESET).with_overrides(**overrides)
 
 
 def _version(value: bool) -> None:
@@ -84,17 +128,15 @@ def root(
     """Predict the digit in an MNIST image and its sum with a random number 0-9."""
 
 
-# --------------------------------------------------------------------------- prepare
+# --------------------------------------------------------------------------- the stages
 
 
 @app.command(epilog="Example: mnistsum prepare --mnist-dir ~/mnist --seed 0 --limit 2000")
 def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the random numbers and the val split.")] = 0,
-    val_size: Annotated[int, typer.Option(min=1, help="MNIST train images held out for validation.")] = 5000,
-    limit: Annotated[
-        Optional[int], typer.Option(min=1, help="Keep at most N rows per split (quick runs).", show_default=False)
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the Parquet splits.")] = Path("data"),
+    val_size: ValSizeOption = DEFAULT_VAL_SIZE,
+    limit: LimitOption = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the Parquet splits.", rich_help_panel=PATHS)] = Path("data"),
     mnist_dir: MnistDirOption = None,
 ) -> None:
     """Write the train/val/test Parquet splits (stage 1).
@@ -102,15 +144,11 @@ def prepare(
     Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into data/.
     Each row holds image_index, digit, a random number 0-9 and their sum.
     """
-    from mnistsum_cli.prepare import PrepareOptions, prepare as prepare_stage
+    from mnistsum_cli.prepare import prepare as prepare_stage
 
     mnist = load_mnist(resolve_source(mnist_dir))
-    data = DataDir(out)
-    columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), data)
-    report.prepare_summary(columns, {split: data.split(split) for split in SPLITS}, seed)
-
-
-# --------------------------------------------------------------------------- train
+    columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), DataDir(out))
+    report.prepare_summary(columns, DataDir(out), seed)
 
 
 @app.command(
@@ -118,40 +156,23 @@ def prepare(
     "mnistsum train --arch lenet --epochs 5 · mnistsum train --resume"
 )
 def train(
-    preset_name: Annotated[
-        Optional[str],
-        typer.Option(
-            "--preset",
-            callback=_choice(list(PRESETS)),
-            help=f"Named settings: {', '.join(PRESETS)} [default: default]. Options below override them.",
-            show_default=False,
-        ),
-    ] = None,
-    arch: Annotated[
-        Optional[str],
-        typer.Option(callback=_choice(list(ARCHITECTURES)), help=f"Architecture: {', '.join(ARCHITECTURES)}.", show_default=False),
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(callback=_positive, help="Peak learning rate.", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, show_default=False)] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.5, show_default=False)] = None,
-    max_shift: Annotated[
-        Optional[int], typer.Option(min=0, max=8, help="Random-shift augmentation in pixels.", show_default=False)
-    ] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, shuffling and augmentation.", show_default=False)] = None,
-    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="bf16 autocast on CUDA.", show_default=False)] = None,
-    channels_last: Annotated[
-        Optional[bool], typer.Option("--channels-last/--no-channels-last", help="channels_last on CUDA.", show_default=False)
-    ] = None,
-    compile_model: Annotated[
-        Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.", show_default=False)
-    ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    preset_name: PresetOption = None,
+    arch: ArchOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    weight_decay: WeightDecayOption = None,
+    label_smoothing: LabelSmoothingOption = None,
+    max_shift: MaxShiftOption = None,
+    seed: SeedOption = None,
+    amp: AmpOption = None,
+    channels_last: ChannelsLastOption = None,
+    compile_model: CompileOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out with its settings.")] = False,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
     data: DataOption = Path("data"),
-    out: Annotated[Path, typer.Option("--out", help="Folder for weights, history and checkpoints.")] = Path("artifacts"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for weights, history, checkpoints.", rich_help_panel=PATHS)] = Path("artifacts"),
     mnist_dir: MnistDirOption = None,
 ) -> None:
     """Train the two-headed model (stage 2).
@@ -159,7 +180,7 @@ def train(
     Writes model.safetensors (the epoch with the best validation sum accuracy), history.json,
     config.json, and a checkpoint every epoch that --resume continues from.
     """
-    from mnistsum_cli.train import TrainData, saved_config, train as train_stage
+    from mnistsum_cli.train import saved_config, train_model
 
     run = RunDir(out)
     overrides = dict(
@@ -175,73 +196,41 @@ def train(
             raise MnistsumError(f"nothing to resume in {out}: run `mnistsum train` without --resume")
         config = saved.with_overrides(**overrides)
     else:
-        config = preset(preset_name or "default").with_overrides(**overrides)
+        config = _train_config(preset_name, **overrides)
     device = _device(gpu, cpu)
-
-    started = time.perf_counter()
-    dataset, mnist = load_dataset(DataDir(data), mnist_dir)
-    train_data = TrainData(
-        train=split_tensors(dataset, mnist, "train", device),
-        val=split_tensors(dataset, mnist, "val", device),
-        dataset_id=dataset.dataset_id,
-    )
-    loaded = time.perf_counter()
-    try:
-        with report.ProgressReporter() as reporter:
-            state = train_stage(config, train_data, run, device, resume=resume, reporter=reporter)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted: the last completed epoch is saved in {out}; continue with `mnistsum train --resume`"
-        ) from None
-    report.train_summary(
-        state.history, state.best_epoch, time.perf_counter() - loaded, loaded - started, out, str(device)
-    )
-
-
-# --------------------------------------------------------------------------- evaluate
+    with report.ProgressReporter() as reporter:
+        outcome = train_model(config, DataDir(data), run, device, mnist_dir, resume=resume, reporter=reporter)
+    report.train_summary(outcome, run, str(device))
 
 
 @app.command(epilog="Example: mnistsum evaluate --split test --json > metrics.json")
 def evaluate(
-    split: Annotated[str, typer.Option(callback=_choice(list(SPLITS)), help="Split to measure.")] = "test",
+    split: SplitOption = "test",
     data: DataOption = Path("data"),
     artifacts: ArtifactsOption = Path("artifacts"),
     mnist_dir: MnistDirOption = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
-    force: Annotated[bool, typer.Option("--force", help="Evaluate even if the model was trained on other data.")] = False,
+    force: ForceOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON on stdout.")] = False,
 ) -> None:
     """Measure both heads on a split (stage 3).
 
-    Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency;
-    written to evaluation_<split>.json beside the model.
+    Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency
+    (predicted sum = predicted digit + number); written to evaluation_<split>.json.
     """
-    from mnistsum_cli.evaluate import check_model_matches, evaluate as evaluate_stage, provenance
-    from mnistsum_cli.modelio import load_model
+    from mnistsum_cli.evaluate import evaluate_model
 
-    device = _device(gpu, cpu)
     run = RunDir(artifacts)
-    model, meta = load_model(run.model, device)
-    dataset, mnist = load_dataset(DataDir(data), mnist_dir)
-    check_model_matches(meta, dataset, force)
-    metrics = evaluate_stage(model, split, split_tensors(dataset, mnist, split, device), dataset.splits[split].image_index)
-    metrics.update(provenance(run.model, meta, dataset))
-    write_json(run.evaluation(split), metrics)
+    metrics = evaluate_model(split, DataDir(data), run, _device(gpu, cpu), mnist_dir, force)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
         report.evaluation_summary(metrics, run.evaluation(split))
 
 
-# --------------------------------------------------------------------------- plot
-
-
 @app.command(epilog="Example: mnistsum plot --artifacts artifacts")
-def plot(
-    artifacts: ArtifactsOption = Path("artifacts"),
-    force: Annotated[bool, typer.Option("--force", help="Plot even if the history or evaluation is from another run.")] = False,
-) -> None:
+def plot(artifacts: ArtifactsOption = Path("artifacts"), force: ForceOption = False) -> None:
     """Draw loss, accuracy and confusion plots (stage 4).
 
     Curves from history.json; confusion heatmaps for each current evaluation. PNGs go to
@@ -250,6 +239,62 @@ def plot(
     from mnistsum_cli.plot import plot as plot_stage
 
     report.written(plot_stage(RunDir(artifacts), force))
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+@app.command(epilog="Example: mnistsum run --mnist-dir ~/mnist --preset cpu --cpu")
+def run(
+    preset_name: PresetOption = None,
+    arch: ArchOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: LrOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the dataset and of training.")] = 0,
+    val_size: ValSizeOption = DEFAULT_VAL_SIZE,
+    limit: LimitOption = None,
+    split: SplitOption = "test",
+    force: Annotated[bool, typer.Option("--force", help="Redo every stage, up to date or not.")] = False,
+    gpu: GpuOption = None,
+    cpu: CpuOption = False,
+    data: DataOption = Path("data"),
+    artifacts: ArtifactsOption = Path("artifacts"),
+    mnist_dir: MnistDirOption = None,
+) -> None:
+    """Run prepare → train → evaluate → plot, skipping stages already up to date.
+
+    A stage is up to date when its outputs were made from the current outputs of the stage
+    before it with the same options; --force redoes them all.
+    """
+    from mnistsum_cli.pipeline import run_pipeline
+
+    config = _train_config(preset_name, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    device = _device(gpu, cpu)
+    prepare_options = PrepareOptions(seed=seed, val_size=val_size, limit=limit)
+    with report.ProgressReporter() as reporter:
+        stages = run_pipeline(
+            prepare_options, config, split, DataDir(data), RunDir(artifacts), device, mnist_dir, force, reporter
+        )
+        for stage, skipped, result in stages:
+            report.stage_done(stage, skipped, result, DataDir(data), RunDir(artifacts), str(device), seed)
+
+
+@app.command(epilog="Example: mnistsum status --json")
+def status(
+    data: DataOption = Path("data"),
+    artifacts: ArtifactsOption = Path("artifacts"),
+    split: SplitOption = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
+) -> None:
+    """Show each stage's artifacts: present, up to date or stale, with key figures."""
+    from mnistsum_cli.pipeline import status as pipeline_status
+
+    stages = pipeline_status(DataDir(data), RunDir(artifacts), split)
+    if as_json:
+        typer.echo(json.dumps([stage.to_dict() for stage in stages]))
+    else:
+        report.status_table(stages)
 
 
 # --------------------------------------------------------------------------- entry point

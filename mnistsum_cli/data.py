@@ -61,14 +61,16 @@ def split_tensors(dataset: Dataset, mnist: Mnist, split: str, device: torch.devi
     )
 
 
-def load_dataset(data: DataDir, mnist_dir: Optional[Path]) -> tuple[Dataset, Mnist]:
-    """The prepared splits and the MNIST they index: --mnist-dir, else where `prepare` read it."""
+def load_dataset(data: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist] = None) -> tuple[Dataset, Mnist]:
+    """The prepared splits and the MNIST they index: `mnist` when already loaded, else
+    --mnist-dir, else the folder `prepare` read."""
     dataset = read_dataset(data)
-    if mnist_dir is not None:
-        source = resolve_source(mnist_dir)
-    else:
-        source = MnistSource(root=Path(dataset.meta["mnist_root"]), download=False)
-    mnist = load_mnist(source)
+    if mnist is None:
+        if mnist_dir is not None:
+            source = resolve_source(mnist_dir)
+        else:
+            source = MnistSource(root=Path(dataset.meta["mnist_root"]), download=False)
+        mnist = load_mnist(source)
     check_mnist_matches(dataset, mnist)
     return dataset, mnist
 

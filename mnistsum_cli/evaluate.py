@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, Dataset, fingerprint_file, now_iso
-from mnistsum_cli.data import SplitTensors
+from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, DataDir, Dataset, RunDir, fingerprint_file, now_iso, write_json
+from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.modelio import predict
+from mnistsum_cli.mnist import Mnist
+from mnistsum_cli.modelio import load_model, predict
 
 MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
@@ -66,7 +68,7 @@ def evaluate(model: torch.nn.Module, split_name: str, split: SplitTensors, image
     }
 
 
-def provenance(model_path, model_meta: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+def provenance(model_path: Path, model_meta: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """What an evaluation was made from, so later stages can tell when it is stale."""
     return {
         "model": {
@@ -80,3 +82,23 @@ def provenance(model_path, model_meta: dict[str, Any], dataset: Dataset) -> dict
         "dataset_id": dataset.dataset_id,
         "created_at": now_iso(),
     }
+
+
+def evaluate_model(
+    split: str,
+    data_dir: DataDir,
+    run: RunDir,
+    device: torch.device,
+    mnist_dir: Optional[Path] = None,
+    force: bool = False,
+    mnist: Optional[Mnist] = None,
+) -> dict[str, Any]:
+    """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON."""
+    model, meta = load_model(run.model, device)
+    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+    check_model_matches(meta, dataset, force)
+    rows = dataset.splits[split]
+    metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
+    metrics.update(provenance(run.model, meta, dataset))
+    write_json(run.evaluation(split), metrics)
+    return metrics

@@ -20,19 +20,25 @@ from mnistsum_cli.errors import MnistsumError
 class DigitPlusNumber(nn.Module):
     """Sum head: a linear map of the outer product of the digit distribution and the one-hot number.
 
-    That product has one feature per (digit, number) pair, so the layer can learn the
-    addition table exactly; its sum prediction then agrees with the digit prediction.
+    That product has one feature per (digit, number) pair, so the layer can learn the addition
+    table exactly and its sum prediction then agrees with the digit prediction. It starts at
+    zero, and its output is scaled by 10: Adam moves a weight by about lr per step, and
+    unscaled the head would need thousands of steps to become confident.
     """
+
+    logit_scale = 10.0
 
     def __init__(self) -> None:
         super().__init__()
         self.mix = nn.Linear(NUM_DIGITS * NUM_DIGITS, NUM_SUMS)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)
 
     def forward(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
         digit_probs = digit_logits.softmax(dim=1)
         number_onehot = nn.functional.one_hot(numbers, NUM_DIGITS).to(digit_probs.dtype)
         pairs = digit_probs[:, :, None] * number_onehot[:, None, :]
-        return self.mix(pairs.flatten(1))
+        return self.logit_scale * self.mix(pairs.flatten(1))
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:

@@ -11,7 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mnistsum_cli.artifacts import MODEL_FORMAT, SPLITS, RunDir, fingerprint_file, read_json, read_safetensors, write_atomic  # noqa: E402
+from mnistsum_cli.artifacts import (  # noqa: E402
+    MODEL_FORMAT,
+    SPLITS,
+    RunDir,
+    fingerprint_file,
+    read_json,
+    read_safetensors,
+    write_atomic,
+    write_json,
+)
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
@@ -79,6 +88,15 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
     return evaluations
 
 
+def plot_inputs(run: RunDir) -> dict[str, Any]:
+    """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
+    return {
+        "history": fingerprint_file(run.history) if run.history.exists() else None,
+        "model": fingerprint_file(run.model) if run.model.exists() else None,
+        "evaluations": {split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()},
+    }
+
+
 def plot(run: RunDir, force: bool = False) -> list[Path]:
     """Draw every plot the artifacts allow; returns the paths written."""
     history = read_json(run.history, stage="train")
@@ -106,4 +124,5 @@ def plot(run: RunDir, force: bool = False) -> list[Path]:
         for head, label in HEADS:
             title = f"{label} confusion, {split} split (accuracy {100 * metrics[f'{head}_accuracy']:.2f}%)"
             written.append(save_figure(heatmap(metrics[f"{head}_confusion"], title), run.plots / f"confusion_{head}_{split}.png"))
+    write_json(run.plots_manifest, {"inputs": plot_inputs(run), "files": [path.name for path in written]})
     return written

@@ -20,6 +20,10 @@ class PrepareOptions:
     val_size: int = DEFAULT_VAL_SIZE
     limit: int | None = None
 
+    def matches(self, meta: dict) -> bool:
+        """Whether a dataset's metadata records these options."""
+        return (meta.get("seed"), meta.get("val_size"), meta.get("limit")) == (self.seed, self.val_size, self.limit)
+
 
 def build_splits(mnist: Mnist, options: PrepareOptions) -> dict[str, dict[str, np.ndarray]]:
     """Rows of each split: image_index, digit, number, sum; a pure function of MNIST and options."""

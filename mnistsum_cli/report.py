@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from mnistsum_cli.artifacts import DataDir, RunDir
+
+if TYPE_CHECKING:  # imported for annotations only: they pull in torch and matplotlib
+    from mnistsum_cli.pipeline import StageStatus
+    from mnistsum_cli.train import TrainOutcome
 
 console = Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
@@ -32,7 +38,7 @@ def percent(value: float) -> str:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], paths: Mapping[str, Path], seed: int) -> None:
+def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], data: DataDir, seed: int) -> None:
     table = Table(title=f"mnistsum prepare (seed {seed})")
     table.add_column("split")
     table.add_column("rows", justify="right")
@@ -48,7 +54,7 @@ def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], paths: Mapp
             histogram(cols["sum"], 19),
         )
     console.print(table)
-    written(list(paths.values()))
+    written([data.split(split) for split in columns])
 
 
 def histogram(values: np.ndarray, bins: int) -> str:
@@ -107,15 +113,16 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     )
 
 
-def train_summary(history: list[dict[str, Any]], best_epoch: int, seconds: float, load_seconds: float, out: Path, device: str) -> None:
+def train_summary(outcome: TrainOutcome, run: RunDir, device: str) -> None:
+    history, best_epoch = outcome.state.history, outcome.state.best_epoch
     best = history[best_epoch - 1]
     console.print(
-        f"trained {len(history)} epochs on {device} in {seconds:.1f} s (data load {load_seconds:.1f} s); "
-        f"kept epoch {best_epoch}: val digit {percent(best['val_digit_accuracy'])}, "
-        f"val sum {percent(best['val_sum_accuracy'])}",
+        f"trained {len(history)} epochs on {device}: training loop {outcome.train_seconds:.1f} s, "
+        f"data load {outcome.load_seconds:.1f} s; kept epoch {best_epoch} "
+        f"(val digit {percent(best['val_digit_accuracy'])}, val sum {percent(best['val_sum_accuracy'])})",
         soft_wrap=True,
     )
-    console.print(f"wrote {out}/model.safetensors, history.json, config.json, checkpoint.safetensors", soft_wrap=True)
+    written([run.model, run.history, run.config, run.checkpoint])
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -133,10 +140,10 @@ def evaluation_summary(metrics: dict[str, Any], path: Path) -> None:
     table.add_row("rows with a wrong digit or sum", f"{metrics['misclassified_count']:,}")
     console.print(table)
 
-    per_digit = Table(title="per-digit accuracy")
+    per_digit = Table(title="per-digit accuracy (%)")
     for digit in metrics["per_digit_accuracy"]:
         per_digit.add_column(digit, justify="right")
-    per_digit.add_row(*(percent(v) for v in metrics["per_digit_accuracy"].values()))
+    per_digit.add_row(*(f"{100 * v:.1f}" for v in metrics["per_digit_accuracy"].values()))
     console.print(per_digit)
     console.print(confusion_table("digit confusion (rows: true, columns: predicted)", metrics["digit_confusion"]))
     console.print(f"wrote {path}")
@@ -156,3 +163,46 @@ def confusion_table(title: str, matrix: list[list[int]]) -> Table:
 def written(paths: list[Path]) -> None:
     for path in paths:
         console.print(f"wrote {path}", soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- run and status
+
+
+def stage_done(stage: str, skipped: StageStatus | None, result: Any, data: DataDir, run: RunDir, device: str, seed: int) -> None:
+    """What `mnistsum run` prints after each stage."""
+    if skipped is not None:
+        console.print(f"[green]✓[/] {stage}: up to date ({escape(skipped.detail)}), skipped", soft_wrap=True)
+        return
+    console.rule(stage)
+    if stage == "prepare":
+        prepare_summary(result, data, seed)
+    elif stage == "train":
+        train_summary(result, run, device)
+    elif stage == "evaluate":
+        evaluation_summary(result, run.evaluation(result["split"]))
+    else:
+        written(result)
+
+
+def status_table(stages: list[StageStatus]) -> None:
+    from mnistsum_cli.pipeline import CURRENT, INCOMPLETE, STALE
+
+    styles = {CURRENT: "green", STALE: "yellow", INCOMPLETE: "yellow"}
+    table = Table(title="mnistsum status")
+    for column in ("stage", "state", "detail", "figures"):
+        table.add_column(column)
+    for stage in stages:
+        style = styles.get(stage.state, "red")
+        table.add_row(stage.stage, f"[{style}]{stage.state}[/]", escape(stage.detail), escape(figures_text(stage.figures)))
+    console.print(table)
+
+
+def figures_text(figures: dict[str, Any]) -> str:
+    parts = []
+    for key, value in figures.items():
+        if isinstance(value, float):
+            value = percent(value)
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k} {v:,}" for k, v in value.items())
+        parts.append(f"{key.replace('_', ' ')}: {value}")
+    return "\n".join(parts)

@@ -9,6 +9,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import (
     CHECKPOINT_FORMAT,
+    DataDir,
     RunDir,
     now_iso,
     read_json,
@@ -25,8 +27,9 @@ from mnistsum_cli.artifacts import (
     write_safetensors,
 )
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import SplitTensors, normalise, random_shift
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.data import SplitTensors, load_dataset, normalise, random_shift, split_tensors
+from mnistsum_cli.errors import Interrupted, MnistsumError
+from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import autocast, predict, save_model
 from mnistsum_cli.models import build_model
 
@@ -334,3 +337,38 @@ def train(
         save_epoch(run, model, optimizer, config, data, state, improved)
         reporter.epoch_end(record)
     return state
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state: RunState
+    load_seconds: float  # reading the splits and MNIST, moving them to the device
+    train_seconds: float  # the training loop: epochs, validation, checkpoints
+
+
+def train_model(
+    config: TrainConfig,
+    data_dir: DataDir,
+    run: RunDir,
+    device: torch.device,
+    mnist_dir: Optional[Path] = None,
+    resume: bool = False,
+    reporter: Reporter = SilentReporter(),
+    mnist: Optional[Mnist] = None,
+) -> TrainOutcome:
+    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last epoch."""
+    started = time.perf_counter()
+    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+    data = TrainData(
+        train=split_tensors(dataset, mnist, "train", device),
+        val=split_tensors(dataset, mnist, "val", device),
+        dataset_id=dataset.dataset_id,
+    )
+    loaded = time.perf_counter()
+    try:
+        state = train(config, data, run, device, resume=resume, reporter=reporter)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted: the last completed epoch is saved in {run.root}; continue with `mnistsum train --resume`"
+        ) from None
+    return TrainOutcome(state=state, load_seconds=loaded - started, train_seconds=time.perf_counter() - loaded)
