@@ -262,13 +262,11 @@ def read_split(data: DataDir, name: str) -> Split:
         raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
     try:
         table = pq.read_table(path)
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... on damage
+        columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({_first_line(error)}): {rerun}") from None
     if not table.schema.remove_metadata().equals(SPLIT_SCHEMA):
-        raise MnistsumError(
-            f"{path} has columns {table.schema.names} of types "
-            f"{[str(t) for t in table.schema.types]}, expected {_schema_text()}: {rerun}"
-        )
+        raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
     try:
         meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
         mnist_size = int(meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]])

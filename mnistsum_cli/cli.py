@@ -1,6 +1,7 @@
 """The `mnistsum` command line: parse options, call a stage, print what it did."""
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -22,6 +23,7 @@ app = typer.Typer(
     help="Predict the digit in an MNIST image and its sum with a random number 0-9.\n\n"
     "Stages, in order: [bold]prepare[/] → [bold]train[/] → [bold]evaluate[/] → [bold]plot[/]; "
     "[bold]run[/] does all four, [bold]status[/] tells which are up to date.",
+    epilog="Example: mnistsum run --mnist-dir ~/mnist --preset cpu --cpu  (or the four stages one by one)",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -41,8 +43,14 @@ def _choice(allowed: List[str]) -> Callable[[Optional[str]], Optional[str]]:
 
 
 def _positive(value: Optional[float]) -> Optional[float]:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value} must be greater than 0")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} must be a finite number greater than 0")
+    return value
+
+
+def _non_negative(value: Optional[float]) -> Optional[float]:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise typer.BadParameter(f"{value} must be a finite number, 0 or more")
     return value
 
 
@@ -91,14 +99,14 @@ ArchOption = Annotated[
     Optional[str], _setting(callback=_choice(list(ARCHITECTURES)), help=f"Architecture: {', '.join(ARCHITECTURES)}.")
 ]
 EpochsOption = Annotated[Optional[int], _setting(min=1)]
-BatchSizeOption = Annotated[Optional[int], _setting(min=1)]
+BatchSizeOption = Annotated[Optional[int], _setting(min=2, help="Rows per step (BatchNorm needs 2 or more).")]
 LrOption = Annotated[Optional[float], _setting(callback=_positive, help="Peak learning rate (one-cycle).")]
-WeightDecayOption = Annotated[Optional[float], _setting(min=0.0)]
+WeightDecayOption = Annotated[Optional[float], _setting(callback=_non_negative)]
 LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5)]
 MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
 SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
 AmpOption = Annotated[Optional[bool], _setting("--amp/--no-amp", help="bf16 autocast on CUDA.")]
-ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last on CUDA.")]
+ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last memory format.")]
 CompileOption = Annotated[Optional[bool], _setting("--compile/--no-compile", help="torch.compile the model.")]
 
 
@@ -230,15 +238,62 @@ def evaluate(
 
 
 @app.command(epilog="Example: mnistsum plot --artifacts artifacts")
-def plot(artifacts: ArtifactsOption = Path("artifacts"), force: ForceOption = False) -> None:
-    """Draw loss, accuracy and confusion plots (stage 4).
+def plot(
+    artifacts: ArtifactsOption = Path("artifacts"),
+    data: DataOption = Path("data"),
+    mnist_dir: MnistDirOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Draw loss, accuracy, confusion and misclassified-example plots (stage 4).
 
-    Curves from history.json; confusion heatmaps for each current evaluation. PNGs go to
-    <artifacts>/plots.
+    Curves from history.json; for each current evaluation, confusion heatmaps and a gallery of
+    the rows it got wrong. PNGs go to <artifacts>/plots.
     """
     from mnistsum_cli.plot import plot as plot_stage
 
-    report.written(plot_stage(RunDir(artifacts), force))
+    report.written(plot_stage(RunDir(artifacts), force, DataDir(data), mnist_dir))
+
+
+@app.command(
+    epilog="Examples: mnistsum predict seven.png --number 5 · mnistsum predict a.png b.jpg --number 3 --json · "
+    "mnistsum predict --index 42 --split test"
+)
+def predict(
+    images: Annotated[Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)] = None,
+    number: Annotated[
+        Optional[int], typer.Option(min=0, max=9, help="The random number 0-9 to add (with --index: the row's).", show_default=False)
+    ] = None,
+    index: Annotated[Optional[int], typer.Option(min=0, help="Predict row K of --split instead of files.", show_default=False)] = None,
+    split: SplitOption = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: an object for one image, a list for several.")] = False,
+    data: DataOption = Path("data"),
+    artifacts: ArtifactsOption = Path("artifacts"),
+    mnist_dir: MnistDirOption = None,
+    gpu: GpuOption = None,
+    cpu: CpuOption = False,
+) -> None:
+    """Predict the digit and the sum for image files or a dataset row.
+
+    Images are brought to MNIST form: greyscale, inverted when the background is light, the
+    digit scaled to 20 px and centred by its centre of mass in 28 x 28.
+    """
+    from mnistsum_cli.predict import predict_files, predict_row
+
+    if index is None and not images:
+        raise BadOption("give image files with --number N, or --index K to predict a dataset row")
+    if index is not None and images:
+        raise BadOption("give either image files or --index, not both")
+    if images and number is None:
+        raise BadOption("--number N (0-9) is required with image files")
+    device = _device(gpu, cpu)
+    if index is not None:
+        results = [predict_row(index, split, number, DataDir(data), RunDir(artifacts), device, mnist_dir)]
+    else:
+        results = predict_files(images, number, RunDir(artifacts), device)
+    if as_json:
+        typer.echo(json.dumps(results[0] if len(results) == 1 else results))
+    else:
+        report.predictions_table(results)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -318,6 +373,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             where = context.command_path if context is not None else "mnistsum"
             report.error(f"{error.format_message()} (see `{where} --help`)")
         sys.exit(error.exit_code)
+    if code == 130:  # Typer turns Ctrl-C outside our handlers into exit code 130
+        report.error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -20,7 +20,7 @@ class TrainConfig:
     max_shift: int = 2  # random shift augmentation, pixels; 0 turns it off
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
 
     def to_dict(self) -> dict[str, Any]:

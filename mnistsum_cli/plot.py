@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from mnistsum_cli.artifacts import (  # noqa: E402
+    MNIST_SET_OF_SPLIT,
     MODEL_FORMAT,
     SPLITS,
+    DataDir,
     RunDir,
     fingerprint_file,
     read_json,
@@ -21,9 +24,11 @@ from mnistsum_cli.artifacts import (  # noqa: E402
     write_atomic,
     write_json,
 )
+from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
+GALLERY_SIZE = 48
 
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:
@@ -35,7 +40,7 @@ def save_figure(figure: plt.Figure, path: Path) -> Path:
 def curves(history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, title: str, scale: float = 1.0) -> plt.Figure:
     """One panel per (history key without its split, label): train and val lines over the epochs."""
     epochs = [record["epoch"] for record in history["epochs"]]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
     for axis, (key, label) in zip(axes[0], panels):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [record[f"{split}_{key}"] * scale for record in history["epochs"]]
@@ -43,6 +48,7 @@ def curves(history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, 
         axis.axvline(history["best_epoch"], color="grey", linestyle="--", linewidth=1, label="kept epoch")
         axis.set_title(label)
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         axis.legend()
@@ -67,6 +73,25 @@ def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
     axis.set_ylabel("true")
     axis.set_title(title)
     figure.colorbar(image, ax=axis, label="log(1 + count)")
+    return figure
+
+
+def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, columns: int = 8) -> plt.Figure:
+    """Misclassified rows: each image with its number, true and predicted digit and sum."""
+    rows = -(-len(examples) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False, layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, example, image in zip(axes.flat, examples, images):
+        axis.imshow(image, cmap="gray")
+        digit_ok = example["predicted_digit"] == example["digit"]
+        axis.set_title(
+            f"+{example['number']}: digit {example['digit']}→{example['predicted_digit']}\n"
+            f"sum {example['sum']}→{example['predicted_sum']}",
+            fontsize=7,
+            color="black" if digit_ok else "firebrick",
+        )
+    figure.suptitle(title)
     return figure
 
 
@@ -97,7 +122,7 @@ def plot_inputs(run: RunDir) -> dict[str, Any]:
     }
 
 
-def plot(run: RunDir, force: bool = False) -> list[Path]:
+def plot(run: RunDir, force: bool = False, data: Optional[DataDir] = None, mnist_dir: Optional[Path] = None) -> list[Path]:
     """Draw every plot the artifacts allow; returns the paths written."""
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT)
@@ -120,9 +145,20 @@ def plot(run: RunDir, force: bool = False) -> list[Path]:
             run.plots / "accuracy.png",
         ),
     ]
-    for split, metrics in current_evaluations(run, model_meta, force).items():
+    evaluations = current_evaluations(run, model_meta, force)
+    for split, metrics in evaluations.items():
         for head, label in HEADS:
             title = f"{label} confusion, {split} split (accuracy {100 * metrics[f'{head}_accuracy']:.2f}%)"
             written.append(save_figure(heatmap(metrics[f"{head}_confusion"], title), run.plots / f"confusion_{head}_{split}.png"))
+    if data is not None and any(metrics["misclassified"] for metrics in evaluations.values()):
+        _, mnist = load_dataset(data, mnist_dir)
+        for split, metrics in evaluations.items():
+            examples = metrics["misclassified"][:GALLERY_SIZE]
+            if not examples:
+                continue
+            images = mnist.images[MNIST_SET_OF_SPLIT[split]][[example["image_index"] for example in examples]]
+            title = (f"{split} rows with a wrong digit or sum: {len(examples)} of {metrics['misclassified_count']} "
+                     "(+number: true→predicted)")  # fmt: skip
+            written.append(save_figure(gallery(examples, images, title), run.plots / f"misclassified_{split}.png"))
     write_json(run.plots_manifest, {"inputs": plot_inputs(run), "files": [path.name for path in written]})
     return written

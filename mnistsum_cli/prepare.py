@@ -8,7 +8,7 @@ import numpy as np
 
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, SPLITS, DataDir, dataset_fingerprint, now_iso, write_split
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
 
 DEFAULT_VAL_SIZE = 5000
@@ -19,6 +19,12 @@ class PrepareOptions:
     seed: int = 0
     val_size: int = DEFAULT_VAL_SIZE
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_size < 1:
+            raise BadOption(f"val size {self.val_size}: must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise BadOption(f"limit {self.limit}: must be at least 1")
 
     def matches(self, meta: dict) -> bool:
         """Whether a dataset's metadata records these options."""

@@ -165,6 +165,27 @@ def written(paths: list[Path]) -> None:
         console.print(f"wrote {path}", soft_wrap=True)
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def predictions_table(results: list[dict[str, Any]]) -> None:
+    table = Table(title="mnistsum predict")
+    source = "image" if "image" in results[0] else "row"
+    for column in (source, "number", "digit", "confidence", "sum", "confidence"):
+        table.add_column(column, justify="left" if column == source else "right")
+    for result in results:
+        where = result["image"] if source == "image" else f"{result['split']} row {result['row']}"
+        digit, total = str(result["digit"]), str(result["sum"])
+        if "true_digit" in result:
+            digit += f" (true {result['true_digit']})"
+            total += f" (true {result['true_sum']})"
+        table.add_row(
+            escape(where), str(result["number"]), digit, percent(result["digit_confidence"]),
+            total, percent(result["sum_confidence"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 # --------------------------------------------------------------------------- run and status
 
 

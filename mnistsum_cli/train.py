@@ -28,7 +28,7 @@ from mnistsum_cli.artifacts import (
 )
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, load_dataset, normalise, random_shift, split_tensors
-from mnistsum_cli.errors import Interrupted, MnistsumError
+from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import autocast, predict, save_model
 from mnistsum_cli.models import build_model
@@ -216,8 +216,9 @@ def save_epoch(
     data: TrainData,
     state: RunState,
     improved: bool,
+    run_info: dict[str, Any],
 ) -> None:
-    """Write model (when val improved), checkpoint, history and counters: all or none."""
+    """Write model (when val improved), checkpoint, history, counters and run config: all or none."""
     common = {"run_id": state.run_id, "dataset_id": data.dataset_id, "config": config.to_dict()}
     with interrupts_deferred():
         if improved:
@@ -242,6 +243,7 @@ def save_epoch(
         )
         write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
         write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
+        write_json(run.config, run_info)
 
 
 def load_checkpoint(
@@ -297,7 +299,7 @@ def train(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model = build_model(config.arch).to(device)
-    if config.channels_last and device.type == "cuda":
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if config.compile else model
     optimizer = make_optimizer(model, config, device)
@@ -306,19 +308,18 @@ def train(
         state = load_checkpoint(run, model, optimizer, config, data)
     else:
         state = RunState(run_id=secrets.token_hex(8), epoch=0, best_epoch=0, history=[])
-        write_json(
-            run.config,
-            {
-                "run_id": state.run_id,
-                "dataset_id": data.dataset_id,
-                "config": config.to_dict(),
-                "device": str(device),
-                "torch_version": torch.__version__,
-                "package_version": __version__,
-                "started_at": now_iso(),
-            },
-        )
+    run_info = {
+        "run_id": state.run_id,
+        "dataset_id": data.dataset_id,
+        "config": config.to_dict(),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "package_version": __version__,
+        "started_at": now_iso(),
+    }
 
+    if min(config.batch_size, len(data.train)) < 2:
+        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size or --limit")
     steps = len(data.train) // min(config.batch_size, len(data.train))
     for epoch in range(state.epoch, config.epochs):
         reporter.epoch_start(epoch + 1, config.epochs, steps)
@@ -334,7 +335,7 @@ def train(
         improved = best is None or selection_score(record) >= selection_score(best)
         if improved:
             state.best_epoch = state.epoch
-        save_epoch(run, model, optimizer, config, data, state, improved)
+        save_epoch(run, model, optimizer, config, data, state, improved, run_info)
         reporter.epoch_end(record)
     return state
 

@@ -1,0 +1,300 @@
+"""Time to target test accuracy: the classic seed-002 pipeline against mnistsum's, on one device.
+
+All runs train on the rows of one `prepare` run (same images, same random numbers) and are
+scored on the same test split after every epoch, with the clock stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torchvision
+from PIL import Image
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import transforms
+
+from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MNIST_SET_OF_SPLIT, DataDir, Dataset, RunDir, Split, read_safetensors
+from mnistsum_cli.config import PRESETS, TrainConfig, preset
+from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
+from mnistsum_cli.devices import select_device
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.mnist import MNIST_DIR_ENV, Mnist, load_mnist, resolve_source
+from mnistsum_cli.modelio import predict
+from mnistsum_cli.models import ARCHITECTURES, build_model
+from mnistsum_cli.prepare import PrepareOptions, prepare
+from mnistsum_cli.train import TrainData, train
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)  # logs: no wrapping at 80
+
+
+class Clock:
+    """Training seconds summed over epochs, and the peak GPU memory while the clock ran."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.cuda = device, device.type == "cuda"
+        self.seconds, self.peak_bytes, self._started = 0.0, None, 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)  # so test evaluations do not count
+        self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = max(self.peak_bytes or 0, torch.cuda.max_memory_allocated(self.device))
+        self.seconds += time.perf_counter() - self._started
+
+
+@dataclass
+class RunResult:
+    name: str
+    settings: dict[str, Any]
+    test: SplitTensors
+    amp: bool
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    peak_bytes: Optional[int] = None
+
+    def score(self, clock: Clock, model: nn.Module) -> None:
+        """Record an epoch: cumulative training seconds and the model's test accuracies."""
+        predictions = predict(model, self.test, amp=self.amp)
+        digit = (predictions.digit == self.test.digits).sum().item() / len(self.test)
+        total = (predictions.sum == self.test.sums).sum().item() / len(self.test)
+        self.epochs.append({"epoch": len(self.epochs) + 1, "seconds": clock.seconds, "digit": digit, "sum": total})
+        self.peak_bytes = clock.peak_bytes
+        console.print(f"  {self.name} epoch {len(self.epochs)}: {clock.seconds:.1f} s, digit {digit:.2%}, sum {total:.2%}")
+
+    def summary(self, target: float) -> dict[str, Any]:
+        reached = next((e for e in self.epochs if min(e["digit"], e["sum"]) >= target), None)
+        last = self.epochs[-1]
+        return {
+            "name": self.name, "settings": self.settings, "epochs": self.epochs,
+            "train_seconds": last["seconds"],
+            "target_epoch": reached["epoch"] if reached else None,
+            "time_to_target": reached["seconds"] if reached else None,
+            "final_digit_accuracy": last["digit"], "final_sum_accuracy": last["sum"],
+            "peak_gpu_memory_bytes": self.peak_bytes,
+        }  # fmt: skip
+
+
+def speedup(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """Baseline time over run time to the target; a bound when only one of them got there."""
+    b, r = base["time_to_target"], run["time_to_target"]
+    if b is not None and r is not None:
+        return {"value": b / r, "bound": "="}
+    if r is not None:
+        return {"value": base["train_seconds"] / r, "bound": ">="}
+    if b is not None:
+        return {"value": b / run["train_seconds"], "bound": "<="}
+    return {"value": None, "bound": None}
+
+
+def speedup_text(summary: dict[str, Any]) -> str:
+    if "speedup" not in summary:
+        return "-"  # the baseline itself
+    value, bound = summary["speedup"]["value"], summary["speedup"]["bound"]
+    return "n/a" if value is None else f"{'' if bound == '=' else bound}{value:.2f}x"
+
+
+def epoch_text(summary: dict[str, Any], index: int) -> str:
+    if index >= len(summary["epochs"]):
+        return ""
+    e = summary["epochs"][index]
+    return f"{e['seconds']:.1f} · {100 * e['digit']:.2f} / {100 * e['sum']:.2f}"
+
+
+# --------------------------------------------------------------------------- (a) the seed-002 recipe
+
+
+class SeedMnist(torchvision.datasets.MNIST):
+    """Seed 002's dataset: a PIL image through per-item transforms, the number one-hot, two
+    targets; the rows (image, number) come from our Parquet split, so the data equals mnistsum's."""
+
+    def __init__(self, root: Path, rows: Split) -> None:
+        seed_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        train = MNIST_SET_OF_SPLIT[rows.name] == "train"
+        super().__init__(str(root), train=train, download=False, transform=seed_transform)
+        self.rows = rows
+
+    @property
+    def raw_folder(self) -> str:  # torchvision would look in <root>/SeedMnist/raw
+        return os.path.join(self.root, "MNIST", "raw")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        image = Image.fromarray(self.data[int(self.rows.image_index[i])].numpy())
+        number = nn.functional.one_hot(torch.tensor(int(self.rows.number[i])), 10).float()
+        return self.transform(image), number, int(self.rows.digit[i]), int(self.rows.sum[i])
+
+
+def run_baseline(args: argparse.Namespace, dataset: Dataset, mnist: Mnist, device: torch.device, result: RunResult) -> None:
+    torch.backends.cudnn.benchmark = False  # the seed's default
+    torch.manual_seed(args.seed)
+    train_set = SeedMnist(mnist.root, dataset.splits["train"])
+    loader = DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
+        drop_last=len(train_set) % args.batch_size == 1,  # BatchNorm1d cannot train on one row
+    )  # fmt: skip
+    model = build_model("convnet").to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    clock = Clock(device)
+    for _ in range(args.baseline_epochs):
+        clock.start()
+        model.train()
+        for images, numbers, digits, sums in loader:
+            images, numbers, digits, sums = images.to(device), numbers.to(device), digits.to(device), sums.to(device)
+            digit_logits, sum_logits = model(images, numbers.argmax(1))  # ConvNetSum one-hots inside
+            loss = nn.functional.cross_entropy(digit_logits, digits) + nn.functional.cross_entropy(sum_logits, sums)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        clock.stop()
+        result.score(clock, model)
+
+
+# --------------------------------------------------------------------------- (b, c) mnistsum
+
+
+class TimingReporter:
+    """train()'s Reporter: times each epoch, then scores the checkpoint it has just saved."""
+
+    def __init__(self, run: RunDir, arch: str, device: torch.device, result: RunResult) -> None:
+        self.run, self.arch, self.result, self.clock = run, arch, result, Clock(device)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.clock.start()
+
+    def step(self) -> None:
+        pass
+
+    def epoch_end(self, record: dict[str, Any]) -> None:
+        self.clock.stop()
+        tensors, _ = read_safetensors(self.run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
+        model = build_model(self.arch)
+        model.load_state_dict({name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")})
+        self.result.score(self.clock, model.to(self.clock.device))
+
+
+def run_mnistsum(config: TrainConfig, dataset: Dataset, mnist: Mnist, device: torch.device, result: RunResult, tmp: Path) -> None:
+    train_data = TrainData(
+        train=split_tensors(dataset, mnist, "train", device),
+        val=split_tensors(dataset, mnist, "val", device),
+        dataset_id=dataset.dataset_id,
+    )
+    run = RunDir(Path(tempfile.mkdtemp(prefix="run-", dir=tmp)))
+    train(config, train_data, run, device, reporter=TimingReporter(run, config.arch, device, result))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def print_tables(summaries: list[dict[str, Any]], target: float) -> None:
+    per_epoch = Table("epoch", *(s["name"] for s in summaries), box=box.SIMPLE_HEAD,
+                      title="cumulative training s · test digit / sum accuracy, %")  # fmt: skip
+    for i in range(max(len(s["epochs"]) for s in summaries)):
+        per_epoch.add_row(str(i + 1), *(epoch_text(s, i) for s in summaries))
+    console.print(per_epoch)
+
+    table = Table("run", "to target", "digit %", "sum %", "train s", "peak GPU", "speed-up", box=box.SIMPLE_HEAD,
+                  title=f"time to {target:.1%} test accuracy on both heads; speed-up = baseline time / run time")  # fmt: skip
+    for s in summaries:
+        reached = s["time_to_target"] is not None
+        table.add_row(
+            s["name"],
+            f"{s['time_to_target']:.1f} s (ep {s['target_epoch']})" if reached else f"not in {len(s['epochs'])} ep",
+            f"{100 * s['final_digit_accuracy']:.2f}",
+            f"{100 * s['final_sum_accuracy']:.2f}",
+            f"{s['train_seconds']:.1f}",
+            "n/a" if s["peak_gpu_memory_bytes"] is None else f"{s['peak_gpu_memory_bytes'] / 2**20:.0f} MiB",
+            speedup_text(s),
+        )
+    console.print(table)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--gpu", type=int, metavar="N", help="CUDA device N (default: cuda:0 when there is one)")
+    where.add_argument("--cpu", action="store_true", help="run on the CPU")
+    add = parser.add_argument
+    add("--mnist-dir", type=Path, default=Path(os.environ.get(MNIST_DIR_ENV) or REPO_ROOT.parent / "shared" / "mnist"),
+        help=f"torchvision MNIST root (default: ${MNIST_DIR_ENV}, else ../shared/mnist)")  # fmt: skip
+    add("--limit", type=int, help="rows per split, for quick runs")
+    add("--baseline-epochs", type=int, default=10, help="epochs of the seed-002 run (default: 10)")
+    add("--epochs", type=int, help="epochs of the mnistsum runs (default: the preset's)")
+    add("--preset", default="default", choices=list(PRESETS), help="mnistsum preset (default: default)")
+    add("--arch-too", action="append", default=[], choices=list(ARCHITECTURES), help="also run mnistsum with this arch")
+    add("--batch-size", type=int, default=128, help="baseline batch size (default: 128)")
+    add("--num-workers", type=int, default=2, help="baseline DataLoader workers (default: 2)")
+    add("--target", type=float, default=0.985, help="test accuracy both heads must reach (default: 0.985)")
+    add("--seed", type=int, default=0, help="seed of prepare and of every run (default: 0)")
+    add("--json-out", type=Path, help="default: bench/results/bench-<device>.json")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device, _ = select_device(args.gpu, args.cpu)
+    cpu_name = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name
+    console.print(f"[bold]mnistsum bench[/] on {device} ({device_name}); torch {torch.__version__}, torchvision {torchvision.__version__}")
+
+    with tempfile.TemporaryDirectory(prefix="mnistsum-bench-") as tmp:
+        mnist = load_mnist(resolve_source(args.mnist_dir))
+        data_dir = DataDir(Path(tmp) / "data")
+        prepare(mnist, PrepareOptions(seed=args.seed, limit=args.limit), data_dir)
+        dataset, mnist = load_dataset(data_dir, None, mnist)
+        rows = {name: len(split) for name, split in dataset.splits.items()}
+        console.print(f"dataset {dataset.dataset_id}: rows {rows}; target {args.target:.1%} on both heads")
+        test = split_tensors(dataset, mnist, "test", device)
+
+        settings = {"arch": "convnet", "epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": 1e-3, "num_workers": args.num_workers}
+        results = [RunResult("seed-002 classic", settings, test, amp=False)]
+        run_baseline(args, dataset, mnist, device, results[0])
+        config = preset(args.preset).with_overrides(epochs=args.epochs, seed=args.seed)
+        for arch in dict.fromkeys([config.arch, *args.arch_too]):
+            arch_config = config.with_overrides(arch=arch)
+            results.append(RunResult(f"mnistsum {args.preset}/{arch}", arch_config.to_dict(), test, amp=arch_config.amp))
+            run_mnistsum(arch_config, dataset, mnist, device, results[-1], Path(tmp))
+
+    summaries = [result.summary(args.target) for result in results]
+    for s in summaries[1:]:
+        s["speedup"] = speedup(summaries[0], s)
+    print_tables(summaries, args.target)
+
+    out = args.json_out or REPO_ROOT / "bench" / "results" / f"bench-{str(device).replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": str(device), "device_name": device_name, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "dataset": {"id": dataset.dataset_id, "rows": rows}, "target": args.target, "runs": summaries,
+    }  # fmt: skip
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"written {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except MnistsumError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        sys.exit(error.exit_code)

@@ -1,0 +1,140 @@
+"""Predicting from image files: load any PNG/JPEG, reshape it the way MNIST was made, run a model.
+
+MNIST digits are white on black, scaled so the longer side of the ink is 20 px (aspect ratio
+kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pixel (14, 14).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+
+from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, RunDir
+from mnistsum_cli.data import load_dataset, normalise
+from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.modelio import load_model
+
+SIZE = 28  # the MNIST field
+BOX = 20  # the longer side of the ink
+CENTRE = 14  # where the ink's centre of mass goes, in pixel indices (as in MNIST)
+MIN_CONTRAST = 0.05  # the least max - min grey (of 1) that can be a digit rather than noise
+INK_THRESHOLD = 0.1  # ink bounding box: pixels above this fraction of the strongest ink
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
+            if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
+                return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+            rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
+    except FileNotFoundError:
+        raise MnistsumError(f"{path}: no such file") from None
+    except PermissionError:
+        raise MnistsumError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise MnistsumError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise MnistsumError(f"{path}: not an image (expected PNG or JPEG)") from None
+    except Image.DecompressionBombError:
+        raise MnistsumError(f"{path}: image too large to read safely") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise MnistsumError(f"{path}: cannot read image ({str(error).strip() or type(error).__name__})") from None
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    grey = Image.alpha_composite(white, rgba).convert("L")
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def _background(grey: np.ndarray) -> float:
+    """The median of the border pixels."""
+    return float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+
+
+def to_mnist(grey: np.ndarray) -> np.ndarray:
+    """Greyscale [H, W] in [0, 1], either polarity → uint8 [28, 28] white-on-black, MNIST style."""
+    low, high = float(grey.min()), float(grey.max())
+    if high - low < MIN_CONTRAST:
+        raise MnistsumError("no digit found: the image is blank")
+    ink = (grey.astype(np.float32) - low) / (high - low)
+    if _background(ink) > 0.5:  # light background: dark ink on paper
+        ink = 1.0 - ink
+    ink = np.clip(ink - _background(ink), 0.0, None)
+    if ink.max() <= 0.0:
+        raise MnistsumError("no digit found: nothing stands out from the background")
+    ink /= ink.max()
+
+    rows, cols = np.nonzero(ink > INK_THRESHOLD)
+    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    width, height = (max(1, round(side * scale)) for side in (crop.shape[1], crop.shape[0]))
+    patch = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS))
+    patch = np.clip(patch, 0.0, None)  # Lanczos rings below zero next to strokes
+    patch /= patch.max()
+
+    ys, xs = np.indices(patch.shape)
+    mass = patch.sum()
+    top = int(np.clip(round(CENTRE - (ys * patch).sum() / mass), 0, SIZE - height))
+    left = int(np.clip(round(CENTRE - (xs * patch).sum() / mass), 0, SIZE - width))
+    canvas = np.zeros((SIZE, SIZE), dtype=np.float32)
+    canvas[top : top + height, left : left + width] = patch
+    return np.round(canvas * 255.0).astype(np.uint8)
+
+
+@torch.no_grad()
+def predict_digits(
+    model: nn.Module, images: torch.Tensor, numbers: torch.Tensor, device: torch.device
+) -> list[dict[str, int | float]]:
+    """Digit and sum predictions, with their softmax probabilities, for uint8 images [N, 28, 28]
+    and int64 numbers [N] in 0-9; the model runs in eval mode on `device` (where it must live)."""
+    if images.shape[1:] != (SIZE, SIZE) or images.shape[0] != numbers.shape[0]:
+        raise ValueError(
+            f"expected images [N, 28, 28] and numbers [N], got {tuple(images.shape)} and {tuple(numbers.shape)}"
+        )
+    if ((numbers < 0) | (numbers > 9)).any():
+        raise MnistsumError(f"numbers must be 0-9, got {numbers.tolist()}")
+    was_training = model.training
+    model.eval()
+    digit_logits, sum_logits = model(normalise(images.to(device)), numbers.to(device))
+    model.train(was_training)
+    digit_conf, digit = digit_logits.float().softmax(dim=1).max(dim=1)
+    sum_conf, total = sum_logits.float().softmax(dim=1).max(dim=1)
+    return [
+        {"digit": d, "sum": s, "digit_confidence": dc, "sum_confidence": sc}
+        for d, s, dc, sc in zip(digit.tolist(), total.tolist(), digit_conf.tolist(), sum_conf.tolist())
+    ]
+
+
+def predict_files(paths: list[Path], number: int, run: RunDir, device: torch.device) -> list[dict[str, Any]]:
+    """The `predict` command on image files: one result per file, with its path."""
+    model, _ = load_model(run.model, device)
+    images = []
+    for path in paths:
+        try:
+            images.append(to_mnist(load_image(path)))
+        except MnistsumError as error:
+            message = str(error)
+            raise MnistsumError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    results = predict_digits(model, torch.from_numpy(np.stack(images)), torch.full((len(paths),), number), device)
+    return [{"image": str(path), "number": number, **result} for path, result in zip(paths, results)]
+
+
+def predict_row(
+    index: int, split: str, number: Optional[int], data: DataDir, run: RunDir, device: torch.device, mnist_dir: Optional[Path]
+) -> dict[str, Any]:
+    """The `predict` command on row `index` of a prepared split (its number unless one is given)."""
+    model, _ = load_model(run.model, device)
+    dataset, mnist = load_dataset(data, mnist_dir)
+    rows = dataset.splits[split]
+    if not 0 <= index < len(rows):
+        raise BadOption(f"--index {index}: the {split} split has rows 0-{len(rows) - 1}")
+    number = int(rows.number[index]) if number is None else number
+    image = mnist.images[MNIST_SET_OF_SPLIT[split]][int(rows.image_index[index])]
+    result = predict_digits(model, torch.from_numpy(image[None]), torch.tensor([number]), device)[0]
+    true_sum = int(rows.digit[index]) + number
+    return {"split": split, "row": index, "number": number, "true_digit": int(rows.digit[index]), "true_sum": true_sum, **result}

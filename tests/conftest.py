@@ -1,0 +1,170 @@
+"""Shared fixtures: a small synthetic MNIST written as real IDX files, a CLI runner, and the
+path of the real MNIST copy beside the repository (for the end-to-end test)."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
+
+IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+N_TRAIN = 400
+N_TEST = 120
+VAL_SIZE = 80  # what the CLI tests pass as --val-size (the default 5000 exceeds N_TRAIN)
+TEST_MNIST_ENV = "MNISTSUM_TEST_MNIST"
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One intra-op thread by default: on a small, busy machine torch's thread pool contends
+    badly with other processes (50x slower on tiny batches). $MNISTSUM_TEST_THREADS overrides."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MNISTSUM_TEST_THREADS", "1")))
+
+
+# --------------------------------------------------------------------------- IDX files
+
+
+def idx_images(images: np.ndarray) -> bytes:
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    return struct.pack(">IIII", IMAGE_MAGIC, *images.shape) + images.tobytes()
+
+
+def idx_labels(labels: np.ndarray) -> bytes:
+    labels = np.ascontiguousarray(labels, dtype=np.uint8)
+    return struct.pack(">II", LABEL_MAGIC, len(labels)) + labels.tobytes()
+
+
+@dataclass(frozen=True)
+class FakeMnist:
+    """A synthetic MNIST on disk: `root` holds MNIST/raw/*-ubyte."""
+
+    root: Path
+    images: dict  # "train"/"test" -> uint8 [N, 28, 28]
+    labels: dict  # "train"/"test" -> uint8 [N]
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "MNIST" / "raw"
+
+
+def write_mnist(root: Path, images: dict, labels: dict) -> FakeMnist:
+    """Write the four IDX files torchvision.datasets.MNIST reads into root/MNIST/raw."""
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / "train-images-idx3-ubyte").write_bytes(idx_images(images["train"]))
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx_labels(labels["train"]))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(idx_images(images["test"]))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(idx_labels(labels["test"]))
+    assert sorted(p.name for p in raw.iterdir()) == sorted(RAW_FILES)
+    return FakeMnist(root=Path(root), images=images, labels=labels)
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 uint8 images: dim noise plus a bright 6x6 block whose grid cell encodes the digit."""
+    n = len(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+    for i, digit in enumerate(labels):
+        row, col = 2 + 8 * (int(digit) // 4), 1 + 7 * (int(digit) % 4)
+        images[i, row : row + 6, col : col + 6] = rng.integers(200, 256, size=(6, 6), dtype=np.uint8)
+    return images
+
+
+def make_fake_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 1234) -> FakeMnist:
+    rng = np.random.default_rng(seed)
+    labels = {
+        "train": rng.permutation(np.arange(n_train) % 10).astype(np.uint8),
+        "test": rng.permutation(np.arange(n_test) % 10).astype(np.uint8),
+    }
+    images = {name: synthetic_images(labels[name], rng) for name in ("train", "test")}
+    return write_mnist(root, images, labels)
+
+
+@pytest.fixture(scope="session")
+def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> FakeMnist:
+    """~400 train and ~120 test learnable synthetic images as real IDX files (read-only use)."""
+    return make_fake_mnist(tmp_path_factory.mktemp("fake_mnist"))
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
+    """run_cli(*args) -> (exit code, stdout, stderr) of mnistsum_cli.cli.main(list(args))."""
+    from mnistsum_cli.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERMINAL_WIDTH", "200")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)  # tests that want it set it themselves
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()  # drop anything printed before this call
+        try:
+            main([str(arg) for arg in args])
+        except SystemExit as exit_:
+            code = exit_.code
+        except BaseException as error:  # noqa: BLE001 - anything else is a traceback for the user
+            out, err = capsys.readouterr()
+            pytest.fail(
+                f"main({list(args)}) raised {type(error).__name__}: {error} instead of SystemExit\n"
+                f"stdout:\n{out}\nstderr:\n{err}"
+            )
+        else:
+            pytest.fail(f"main({list(args)}) returned instead of raising SystemExit")
+        out, err = capsys.readouterr()
+        if code is None:
+            code = 0
+        assert isinstance(code, int), f"exit code {code!r} is not an int"
+        return code, _ANSI.sub("", out), _ANSI.sub("", err)
+
+    return run
+
+
+def assert_one_line_error(err: str, out: str = "") -> str:
+    """stderr is exactly one line starting with 'error:', and nothing looks like a traceback."""
+    assert "Traceback" not in err and "Traceback" not in out, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("error:"), lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """chdir into a fresh tmp_path (commands default to ./data and ./artifacts); no MNIST env var."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- the real MNIST
+
+
+def shared_mnist_path() -> Path:
+    override = os.environ.get(TEST_MNIST_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def shared_mnist() -> Path:
+    """The real MNIST beside the repository (../shared/mnist, or $MNISTSUM_TEST_MNIST)."""
+    root = shared_mnist_path()
+    raw = root / "MNIST" / "raw"
+    if not all((raw / name).is_file() for name in RAW_FILES):
+        pytest.skip(f"real MNIST not found in {raw} (set ${TEST_MNIST_ENV})")
+    return root

@@ -1,0 +1,490 @@
+"""The `mnistsum` command line, driven through mnistsum_cli.cli.main on the fake MNIST."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
+from mnistsum_cli import __version__
+from mnistsum_cli.artifacts import METADATA_KEY
+from mnistsum_cli.mnist import MNIST_DIR_ENV
+
+
+
+def _commands() -> list[str]:
+    import typer
+
+    from mnistsum_cli.cli import app
+
+    return list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+
+
+COMMANDS = _commands()
+assert {"prepare", "train", "evaluate", "plot"} <= set(COMMANDS), COMMANDS
+ARTIFACTS = ["model.safetensors", "checkpoint.safetensors", "history.json", "train_state.json", "config.json"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def _main(*args: object) -> int:
+    """main() outside capsys, for module-scoped fixtures."""
+    from mnistsum_cli.cli import main
+
+    try:
+        main([str(arg) for arg in args])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    raise AssertionError("main() returned without SystemExit")
+
+
+@pytest.fixture(scope="module")
+def trained(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding data/ and artifacts/ of one prepare + train + evaluate run (read-only)."""
+    root = tmp_path_factory.mktemp("trained")
+    data, artifacts = root / "data", root / "artifacts"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--out", data) == 0
+        assert _main("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", data, "--out", artifacts) == 0
+        assert _main("evaluate", "--cpu", "--data", data, "--artifacts", artifacts) == 0
+    return root
+
+
+@pytest.fixture
+def workdir(trained: Path, in_tmp: Path) -> Path:
+    """A private copy of `trained`, and the current directory."""
+    for name in ("data", "artifacts"):
+        shutil.copytree(trained / name, in_tmp / name)
+    return in_tmp
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- help and version
+
+
+def test_version(run_cli) -> None:
+    code, out, err = run_cli("--version")
+    assert code == 0, err
+    assert out.strip() == f"mnistsum {__version__}"
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_root_help(run_cli, flag: str) -> None:
+    code, out, err = run_cli(flag)
+    assert code == 0, err
+    assert "Usage: mnistsum" in out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_root_help_shows_an_example(run_cli) -> None:
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    assert "Example" in out, "the top-level --help shows no example"
+    after = out.split("Example", 1)[1]
+    assert any(f"mnistsum {command}" in after for command in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_shows_an_example(run_cli, command: str) -> None:
+    code, out, err = run_cli(command, "--help")
+    assert code == 0, err
+    assert f"Usage: mnistsum {command}" in out
+    assert "Example" in out
+    assert f"mnistsum {command}" in out.split("Example", 1)[1], "the example does not use the command"
+
+
+def test_unknown_command(run_cli) -> None:
+    code, out, err = run_cli("frobnicate")
+    assert code == 2
+    assert_one_line_error(err, out)
+
+
+# --------------------------------------------------------------------------- the success path
+
+
+def test_prepare_train_evaluate_plot(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
+    assert code == 0, err
+    for split in ("train", "val", "test"):
+        assert (in_tmp / "data" / f"{split}.parquet").is_file()
+    assert "Traceback" not in err
+
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1)
+    assert code == 0, err
+    for name in ARTIFACTS:
+        assert (in_tmp / "artifacts" / name).is_file(), name
+    assert "model.safetensors" in out
+    history = json.loads((in_tmp / "artifacts" / "history.json").read_text())
+    assert len(history["epochs"]) == 1
+    assert history["config"]["arch"] == "fastnet-small" and history["config"]["epochs"] == 1
+
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 0, err
+    metrics = json.loads((in_tmp / "artifacts" / "evaluation_test.json").read_text())
+    assert metrics["split"] == "test" and metrics["rows"] == 120
+    for key in ("digit_accuracy", "sum_accuracy", "consistency"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert sum(map(sum, metrics["digit_confusion"])) == 120
+    assert "evaluation_test.json" in out
+
+    code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
+    assert code == 0, err
+    assert json.loads((in_tmp / "artifacts" / "evaluation_val.json").read_text())["rows"] == VAL_SIZE
+
+    code, out, err = run_cli("plot")
+    assert code == 0, err
+    plots = in_tmp / "artifacts" / "plots"
+    expected = ["loss.png", "accuracy.png"] + [f"confusion_{h}_{s}.png" for h in ("digit", "sum") for s in ("test", "val")]
+    for name in expected:
+        content = (plots / name).read_bytes()
+        assert content.startswith(PNG_MAGIC) and len(content) > 1000, name
+    assert "loss.png" in out
+
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    stages = json.loads(out)
+    assert [s["stage"] for s in stages] == ["prepare", "train", "evaluate", "plot"]
+    assert all(s["state"] == "up to date" for s in stages), stages
+
+
+def test_run_twice_skips_every_stage(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    args = ("run", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--preset", "cpu", "--cpu", "--epochs", 1)
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert (in_tmp / "artifacts" / "evaluation_test.json").is_file()
+    assert (in_tmp / "artifacts" / "plots" / "loss.png").is_file()
+    before = snapshot(in_tmp)
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert out.count("up to date") == 4, out
+    assert snapshot(in_tmp) == before
+
+
+def test_evaluate_json_is_parseable(workdir: Path, run_cli) -> None:
+    code, out, err = run_cli("evaluate", "--json")  # no --cpu: a notice may go to stderr, never stdout
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert 0.0 <= metrics["digit_accuracy"] <= 1.0
+    assert 0.0 <= metrics["sum_accuracy"] <= 1.0
+    assert metrics["rows"] == 120
+    assert metrics == json.loads((workdir / "artifacts" / "evaluation_test.json").read_text())
+
+
+def test_evaluate_refuses_model_of_another_dataset(fake_mnist: FakeMnist, workdir: Path, run_cli) -> None:
+    code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--seed", 1)
+    assert code == 0, err
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    assert "--force" in assert_one_line_error(err, out)
+    code, out, err = run_cli("evaluate", "--cpu", "--force")
+    assert code == 0, err
+
+
+# --------------------------------------------------------------------------- MNIST location
+
+
+def test_prepare_with_env_var(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MNIST_DIR_ENV, str(fake_mnist.root))
+    code, out, err = run_cli("prepare", "--val-size", VAL_SIZE)
+    assert code == 0, err
+    meta = json.loads(pq.read_schema(in_tmp / "data" / "train.parquet").metadata[METADATA_KEY])
+    assert Path(meta["mnist_root"]) == fake_mnist.root.resolve()
+    assert not (in_tmp / "data" / "MNIST").exists(), "nothing may be downloaded when the env var is set"
+
+
+def test_prepare_with_raw_folder_option(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.raw_dir, "--val-size", VAL_SIZE, "--out", "elsewhere")
+    assert code == 0, err
+    assert (in_tmp / "elsewhere" / "val.parquet").is_file()
+    assert not (in_tmp / "data").exists()
+
+
+def test_mnist_dir_option_beats_env_var(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MNIST_DIR_ENV, str(in_tmp / "nowhere"))
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
+    assert code == 0, err
+
+
+def test_prepare_with_missing_mnist_dir(in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("prepare", "--mnist-dir", in_tmp / "empty", "--val-size", VAL_SIZE)
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "--mnist-dir" in line
+    assert not (in_tmp / "data").exists()
+
+
+def test_prepare_without_mnist_and_without_network(in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --mnist-dir, no env var, nothing in ./data, no network: one clear error, fast.
+
+    The network is cut inside this process (DNS and connect fail at once), so torchvision's
+    real download code runs without ever waiting on a remote host."""
+
+    def offline(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(socket.socket, "connect", offline)
+    code, out, err = run_cli("prepare", "--val-size", VAL_SIZE)
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "--mnist-dir" in line and MNIST_DIR_ENV in line
+    assert not list(in_tmp.rglob("*.parquet"))
+
+
+# --------------------------------------------------------------------------- missing inputs
+
+
+def test_train_without_prepare(in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1)
+    assert code == 1
+    assert "mnistsum prepare" in assert_one_line_error(err, out)
+    assert not (in_tmp / "artifacts" / "model.safetensors").exists()
+
+
+def test_evaluate_without_train(workdir: Path, run_cli) -> None:
+    shutil.rmtree(workdir / "artifacts")
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+
+
+def test_evaluate_without_anything(in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "mnistsum train" in line or "mnistsum prepare" in line
+
+
+def test_plot_without_train(in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("plot")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+    assert not (in_tmp / "artifacts" / "plots").exists()
+
+
+def test_resume_with_nothing_to_resume(workdir: Path, run_cli) -> None:
+    shutil.rmtree(workdir / "artifacts")
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+
+
+# --------------------------------------------------------------------------- damaged inputs
+
+
+def test_truncated_split(workdir: Path, run_cli) -> None:
+    path = workdir / "data" / "train.parquet"
+    path.write_bytes(path.read_bytes()[:200])
+    before = snapshot(workdir / "artifacts")
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1)
+    assert code == 1
+    assert "mnistsum prepare" in assert_one_line_error(err, out)
+    assert snapshot(workdir / "artifacts") == before
+
+
+def test_split_with_non_utf8_column_name(workdir: Path, run_cli) -> None:
+    """A single damaged byte in the Parquet footer must still be one line, not a traceback."""
+    path = workdir / "data" / "test.parquet"
+    path.write_bytes(path.read_bytes().replace(b"number", b"numb\xdfr"))
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    assert "mnistsum prepare" in assert_one_line_error(err, out)
+
+
+def test_garbage_model(workdir: Path, run_cli) -> None:
+    (workdir / "artifacts" / "model.safetensors").write_bytes(b"\x00" * 100)
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+    code, out, err = run_cli("plot")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+
+
+def test_garbage_history(workdir: Path, run_cli) -> None:
+    (workdir / "artifacts" / "history.json").write_text("{ not json")
+    code, out, err = run_cli("plot")
+    assert code == 1
+    assert "mnistsum train" in assert_one_line_error(err, out)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@no_cuda
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_gpu_without_cuda(workdir: Path, run_cli, command: str) -> None:
+    before = snapshot(workdir)
+    code, out, err = run_cli(command, "--gpu", 0)
+    assert code == 2
+    assert "CUDA" in assert_one_line_error(err, out)
+    assert snapshot(workdir) == before
+
+
+def test_gpu_and_cpu_together(workdir: Path, run_cli) -> None:
+    before = snapshot(workdir)
+    code, out, err = run_cli("train", "--gpu", 0, "--cpu")
+    assert code == 2
+    line = assert_one_line_error(err, out)
+    assert "--gpu" in line and "--cpu" in line
+    assert snapshot(workdir) == before
+
+
+# --------------------------------------------------------------------------- bad option values
+
+
+BAD_VALUES = [
+    ["train", "--epochs", "0"],
+    ["train", "--epochs", "-3"],
+    ["train", "--batch-size", "-1"],
+    ["train", "--batch-size", "0"],
+    ["train", "--lr", "0"],
+    ["train", "--lr", "-0.1"],
+    ["train", "--lr", "nan"],
+    # with cheap settings, so that if the value is wrongly accepted the test fails fast
+    ["train", "--lr", "inf", "--preset", "cpu", "--epochs", "1", "--cpu"],
+    ["train", "--weight-decay", "inf", "--preset", "cpu", "--epochs", "1", "--cpu"],
+    ["train", "--weight-decay", "nan"],
+    ["train", "--label-smoothing", "nan"],
+    ["train", "--lr", "fast"],
+    ["train", "--weight-decay", "-1"],
+    ["train", "--label-smoothing", "0.9"],
+    ["train", "--max-shift", "20"],
+    ["train", "--arch", "resnet-9000"],
+    ["train", "--preset", "turbo"],
+    ["train", "--gpu", "-1"],
+    ["train", "--resume", "--preset", "cpu"],
+    ["train", "--bogus-option"],
+    ["prepare", "--val-size", "0"],
+    ["prepare", "--limit", "0"],
+    ["prepare", "--limit", "-5"],
+    ["prepare", "--seed", "zero"],
+    ["evaluate", "--split", "validation"],
+    ["evaluate", "--split", "nope", "--json"],
+    ["status", "--split", "nope"],
+    ["run", "--split", "nope"],
+    ["run", "--epochs", "0"],
+]
+
+
+@pytest.mark.parametrize("args", BAD_VALUES, ids=[" ".join(a) for a in BAD_VALUES])
+def test_bad_option_values(workdir: Path, fake_mnist: FakeMnist, run_cli, args: list[str]) -> None:
+    before = snapshot(workdir)
+    if args[0] in ("prepare", "run"):
+        args = [*args, "--mnist-dir", str(fake_mnist.root)]
+    code, out, err = run_cli(*args)
+    assert code == 2, f"exit {code}; stderr: {err}"
+    line = assert_one_line_error(err, out)
+    assert "--help" in line or "--" in line
+    assert snapshot(workdir) == before, "a refused command changed existing files"
+
+
+def test_batchnorm_model_on_a_one_row_split(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    """--limit 1 gives batches of one row; an architecture with BatchNorm1d (convnet) cannot
+    train on those: that must be a one-line error (or work), never a traceback."""
+    code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--limit", 1)
+    assert code == 0, err
+    code, out, err = run_cli("train", "--arch", "convnet", "--cpu", "--epochs", 1)
+    if code != 0:
+        assert_one_line_error(err, out)
+
+
+def test_resume_refuses_changed_settings(workdir: Path, run_cli) -> None:
+    before = snapshot(workdir)
+    code, out, err = run_cli("train", "--resume", "--cpu", "--lr", "0.5")
+    assert code == 1
+    assert "lr" in assert_one_line_error(err, out)
+    assert snapshot(workdir) == before
+
+
+def test_resume_of_a_finished_run_changes_no_weights(workdir: Path, run_cli) -> None:
+    model = (workdir / "artifacts" / "model.safetensors").read_bytes()
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 0, err
+    assert (workdir / "artifacts" / "model.safetensors").read_bytes() == model
+
+
+def test_val_size_too_large_keeps_existing_data(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
+    before = snapshot(workdir)
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", 400)
+    assert code == 1
+    assert "--val-size" in assert_one_line_error(err, out)
+    assert snapshot(workdir) == before
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
+    fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnistsum_cli import report
+
+    code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
+    assert code == 0, err
+    original = report.ProgressReporter.epoch_end
+
+    def end_then_ctrl_c(self, record):
+        original(self, record)
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)
+    assert code == 130
+    assert "--resume" in assert_one_line_error(err, out)
+    assert json.loads((in_tmp / "artifacts" / "train_state.json").read_text())["epoch"] == 1
+    assert (in_tmp / "artifacts" / "model.safetensors").is_file()
+
+    monkeypatch.setattr(report.ProgressReporter, "epoch_end", original)
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 0, err
+    history = json.loads((in_tmp / "artifacts" / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [1, 2]
+
+
+def test_ctrl_c_before_the_first_epoch_leaves_the_previous_run_consistent(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new run stopped before its first epoch is saved must not leave a run folder whose
+    config.json describes another run than its model, checkpoint and history."""
+    from mnistsum_cli import report
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.ProgressReporter, "step", ctrl_c)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 3)
+    assert code == 130
+    assert_one_line_error(err, out)
+    artifacts = workdir / "artifacts"
+    run_ids = {
+        name: json.loads((artifacts / name).read_text())["run_id"]
+        for name in ("config.json", "history.json", "train_state.json")
+    }
+    assert len(set(run_ids.values())) == 1, run_ids
+
+
+def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mnistsum_cli.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mnistsum_cli.prepare, "write_split", interrupted)
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
+    assert code == 130
+    assert "Traceback" not in err and "Traceback" not in out
+    assert not list(in_tmp.rglob("*.parquet"))

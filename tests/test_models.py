@@ -1,0 +1,135 @@
+"""Every registered architecture: shapes, one training step, safetensors round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
+from mnistsum_cli.data import normalise
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.modelio import load_model, save_model
+from mnistsum_cli.models import ARCHITECTURES, DEFAULT_ARCH, build_model
+
+BATCH = 4
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (BATCH, 28, 28), dtype=torch.uint8, generator=generator)
+    digits = torch.randint(0, 10, (BATCH,), generator=generator)
+    numbers = torch.randint(0, 10, (BATCH,), generator=generator)
+    return normalise(images), numbers, digits, digits + numbers
+
+
+def test_registry_is_not_empty_and_has_default() -> None:
+    assert DEFAULT_ARCH in ARCHITECTURES
+    assert {"fastnet", "fastnet-small"} <= set(ARCHITECTURES)
+
+
+def test_unknown_architecture() -> None:
+    with pytest.raises(MnistsumError, match="fastnet"):
+        build_model("resnet-9000")
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_forward_shapes_and_one_step(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch)
+    images, numbers, digits, sums = _batch()
+    model.train()
+    digit_logits, sum_logits = model(images, numbers)
+    assert digit_logits.shape == (BATCH, 10)
+    assert sum_logits.shape == (BATCH, 19)
+    assert digit_logits.dtype == sum_logits.dtype == torch.float32
+
+    loss = nn.functional.cross_entropy(digit_logits, digits) + nn.functional.cross_entropy(sum_logits, sums)
+    assert torch.isfinite(loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad()
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
+    optimizer.step()
+    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
+    assert changed, "one optimizer step changed no parameter"
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+    # the model still works after the step, and in eval mode on a single image
+    model.eval()
+    with torch.no_grad():
+        digit_logits, sum_logits = model(images[:1], numbers[:1])
+    assert digit_logits.shape == (1, 10) and sum_logits.shape == (1, 19)
+    assert torch.isfinite(digit_logits).all() and torch.isfinite(sum_logits).all()
+    # the sum head sees the number: changing only the number changes the sum logits (after
+    # one step; a zero-initialised sum head starts out constant)
+    with torch.no_grad():
+        _, with_numbers = model(images, numbers)
+        _, with_other_numbers = model(images, (numbers + 3) % 10)
+    assert not torch.allclose(with_numbers, with_other_numbers)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = build_model(arch)
+    images, numbers, digits, sums = _batch(2)
+    # one training step so weights and BatchNorm statistics differ from a fresh model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    digit_logits, sum_logits = model(images, numbers)
+    (nn.functional.cross_entropy(digit_logits, digits) + nn.functional.cross_entropy(sum_logits, sums)).backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(images, numbers)
+
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, {"arch": arch, "epoch": 1, "dataset_id": "abc"})
+    loaded, meta = load_model(path, torch.device("cpu"))
+    assert meta["arch"] == arch and meta["epoch"] == 1 and meta["dataset_id"] == "abc"
+    assert meta["format"] == MODEL_FORMAT
+    assert not loaded.training, "load_model must return the model in eval mode"
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        got = loaded(images, numbers)
+    assert torch.equal(expected[0], got[0])
+    assert torch.equal(expected[1], got[1])
+
+    # buffers (BatchNorm running statistics) travel too
+    original = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_load_model_refuses_weights_of_another_arch(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_model(path, build_model("fastnet-small"), {"arch": "lenet"})
+    with pytest.raises(MnistsumError, match="mnistsum train"):
+        load_model(path, torch.device("cpu"))
+
+
+def test_load_model_refuses_unknown_arch(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_model(path, build_model("fastnet-small"), {"arch": "no-such-arch"})
+    with pytest.raises(MnistsumError):
+        load_model(path, torch.device("cpu"))
+
+
+def test_load_model_refuses_missing_arch(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, build_model("fastnet-small").state_dict(), {"format": MODEL_FORMAT})
+    with pytest.raises(MnistsumError):
+        load_model(path, torch.device("cpu"))
+
+
+def test_load_model_refuses_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.safetensors"
+    write_safetensors(path, build_model("fastnet-small").state_dict(), {"format": "mnistsum-checkpoint/1", "arch": "fastnet-small"})
+    with pytest.raises(MnistsumError, match=MODEL_FORMAT):
+        load_model(path, torch.device("cpu"))
+    tensors, meta = read_safetensors(path, "train", "mnistsum-checkpoint/1")
+    assert meta["arch"] == "fastnet-small" and tensors

@@ -1,0 +1,313 @@
+"""Image files → MNIST-style 28 x 28 digits, and predictions from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.models import build_model
+from mnistsum_cli.predict import load_image, predict_digits, to_mnist
+
+# A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
+SEVEN = [(0.1, 0.05), (0.9, 0.05), (0.45, 0.95)]
+CROSSBAR = [(0.35, 0.5), (0.85, 0.5)]
+
+
+def draw_seven(size: tuple[int, int], box: tuple[int, int, int, int], mode: str, ink, paper) -> Image.Image:
+    """A thick "7" filling `box` (x0, y0, x1, y1) on a `size` (w, h) canvas."""
+    image = Image.new(mode, size, paper)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = box
+    width = max(2, round(min(x1 - x0, y1 - y0) / 7))
+    for stroke in (SEVEN, CROSSBAR):
+        points = [(x0 + x * (x1 - x0), y0 + y * (y1 - y0)) for x, y in stroke]
+        draw.line(points, fill=ink, width=width, joint="curve")
+    return image
+
+
+def centre_of_mass(image: np.ndarray) -> np.ndarray:
+    weights = image.astype(np.float64)
+    ys, xs = np.indices(weights.shape)
+    return np.array([(ys * weights).sum(), (xs * weights).sum()]) / weights.sum()
+
+
+def ink_box_side(image: np.ndarray, threshold: int = 64) -> int:
+    rows, cols = np.nonzero(image > threshold)
+    return max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+def assert_mnist_like(digit: np.ndarray) -> None:
+    assert digit.dtype == np.uint8 and digit.shape == (28, 28)
+    border = np.concatenate([digit[:3].ravel(), digit[-3:].ravel(), digit[:, :3].ravel(), digit[:, -3:].ravel()])
+    assert border.mean() < 10, "the background should be black"
+    assert digit.max() == 255, "the contrast should be stretched to the full range"
+    assert np.abs(centre_of_mass(digit) - 14).max() <= 1.5
+    assert 18 <= ink_box_side(digit) <= 22
+
+
+def _rgb_black_on_white() -> Image.Image:
+    return draw_seven((600, 400), (200, 60, 420, 360), "RGB", (0, 0, 0), (255, 255, 255))
+
+
+def _rgb_blue_ink_on_grey_paper() -> Image.Image:
+    return draw_seven((300, 300), (100, 40, 220, 260), "RGB", (30, 40, 120), (190, 185, 170))
+
+
+def _small_grey_white_on_black() -> Image.Image:
+    return draw_seven((40, 30), (12, 4, 30, 26), "L", 255, 0)
+
+
+def _rgba_transparent_background() -> Image.Image:
+    # The transparent pixels are black under their alpha: flattening must use white, not them.
+    return draw_seven((200, 200), (50, 30, 150, 170), "RGBA", (0, 0, 0, 255), (0, 0, 0, 0))
+
+
+def _la_transparent_background() -> Image.Image:
+    return draw_seven((120, 160), (20, 20, 100, 140), "LA", (0, 255), (0, 0))
+
+
+def _palette_with_transparency() -> Image.Image:
+    image = draw_seven((150, 150), (30, 30, 110, 120), "P", 1, 0)
+    image.putpalette([0, 0, 0, 20, 20, 20] + [0] * 762)
+    image.info["transparency"] = 0  # index 0 (black) is the transparent background
+    return image
+
+
+def _sixteen_bit_grey() -> Image.Image:
+    image = draw_seven((90, 90), (20, 10, 70, 80), "I;16", 60000, 2000)
+    assert image.mode == "I;16"
+    return image
+
+
+def _off_centre() -> Image.Image:
+    return draw_seven((500, 500), (10, 380, 70, 490), "L", 0, 255)
+
+
+def _wide_digit() -> Image.Image:
+    # Wider than tall: the width becomes 20 px, the height shrinks with it.
+    return draw_seven((400, 200), (20, 60, 380, 140), "L", 0, 255)
+
+
+FORMS: dict[str, Callable[[], Image.Image]] = {
+    "rgb-black-on-white": _rgb_black_on_white,
+    "rgb-blue-on-grey": _rgb_blue_ink_on_grey_paper,
+    "small-white-on-black": _small_grey_white_on_black,
+    "rgba-transparent": _rgba_transparent_background,
+    "la-transparent": _la_transparent_background,
+    "palette-transparent": _palette_with_transparency,
+    "16-bit-grey": _sixteen_bit_grey,
+    "off-centre": _off_centre,
+    "wide": _wide_digit,
+}
+TRANSPARENT = ["rgba-transparent", "la-transparent", "palette-transparent"]
+JPEG_FORMS = [form for form, make in FORMS.items() if make().mode in ("RGB", "L")]  # no alpha, no 16 bits
+CASES = [(form, ".png") for form in FORMS] + [(form, ".jpg") for form in JPEG_FORMS]
+
+
+@pytest.mark.parametrize("form, suffix", CASES)
+def test_to_mnist_makes_mnist_like_digits(tmp_path: Path, form: str, suffix: str) -> None:
+    image = FORMS[form]()
+    path = _save(image, tmp_path / f"{form}{suffix}")
+    grey = load_image(path)
+    assert grey.dtype == np.float32 and grey.shape == (image.height, image.width)
+    assert 0.0 <= grey.min() and grey.max() <= 1.0
+    assert_mnist_like(to_mnist(grey))
+
+
+@pytest.mark.parametrize("form", TRANSPARENT)
+def test_transparent_background_is_white(tmp_path: Path, form: str) -> None:
+    grey = load_image(_save(FORMS[form](), tmp_path / f"{form}.png"))
+    assert grey[0, 0] == 1.0 and grey.min() < 0.1
+
+
+def test_sixteen_bit_grey_keeps_its_levels(tmp_path: Path) -> None:
+    grey = load_image(_save(_sixteen_bit_grey(), tmp_path / "deep.png"))
+    assert grey.min() == pytest.approx(2000 / 65535) and grey.max() == pytest.approx(60000 / 65535)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    image = _rgb_black_on_white()
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotated 180 degrees
+    image.save(tmp_path / "rotated.png", exif=exif)
+    upright = load_image(_save(image, tmp_path / "upright.png"))
+    assert np.array_equal(load_image(tmp_path / "rotated.png"), upright[::-1, ::-1])
+
+
+def test_inverted_input_gives_the_same_digit(tmp_path: Path) -> None:
+    grey = load_image(_save(_rgb_black_on_white(), tmp_path / "seven.png"))
+    assert np.array_equal(to_mnist(grey), to_mnist(1.0 - grey))
+
+
+def test_inverted_file_gives_nearly_the_same_digit(tmp_path: Path) -> None:
+    box = (100, 50, 260, 290)
+    dark_on_light = draw_seven((360, 340), box, "L", 0, 255)
+    light_on_dark = draw_seven((360, 340), box, "RGB", (250, 250, 250), (10, 10, 10))
+    first = to_mnist(load_image(_save(dark_on_light, tmp_path / "a.jpg")))
+    second = to_mnist(load_image(_save(light_on_dark, tmp_path / "b.png")))
+    assert np.abs(first.astype(int) - second.astype(int)).mean() < 3
+
+
+def test_scale_and_position_do_not_matter(tmp_path: Path) -> None:
+    big = draw_seven((800, 800), (500, 100, 700, 380), "L", 0, 255)
+    small = draw_seven((60, 60), (5, 5, 45, 55), "L", 0, 255)
+    big, small = (to_mnist(load_image(_save(image, tmp_path / f"{i}.png"))) for i, image in enumerate((big, small)))
+    assert np.abs(big.astype(int) - small.astype(int)).mean() < 8
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _text_as_png(path: Path) -> Path:
+    return _write(path / "notes.png", b"this is not an image\n")
+
+
+def _empty_file(path: Path) -> Path:
+    return _write(path / "empty.png", b"")
+
+
+def _truncated_png(path: Path) -> Path:
+    full = _save(_rgb_black_on_white(), path / "full.png").read_bytes()
+    return _write(path / "truncated.png", full[: len(full) // 2])
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    full = _save(_rgb_black_on_white(), path / "full.jpg").read_bytes()
+    return _write(path / "truncated.jpg", full[: len(full) // 3])
+
+
+def _missing(path: Path) -> Path:
+    return path / "missing.png"
+
+
+def _folder(path: Path) -> Path:
+    folder = path / "folder.png"
+    folder.mkdir()
+    return folder
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+UNREADABLE = [_text_as_png, _empty_file, _truncated_png, _truncated_jpeg, _missing, _folder]
+
+
+@pytest.mark.parametrize("make", UNREADABLE, ids=lambda make: make.__name__[1:])
+def test_unreadable_files_raise_a_one_line_error(tmp_path: Path, make: Callable[[Path], Path]) -> None:
+    path = make(tmp_path)
+    with pytest.raises(MnistsumError) as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert type(caught.value) is MnistsumError  # not an exception of PIL's dressed up
+
+
+@pytest.mark.parametrize(
+    "image",
+    [Image.new("L", (64, 64), 255), Image.new("RGB", (30, 50), (0, 0, 0)), Image.new("L", (28, 28), 128)],
+    ids=["white", "black", "grey"],
+)
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_blank_image_has_no_digit(tmp_path: Path, image: Image.Image, suffix: str) -> None:
+    with pytest.raises(MnistsumError, match="no digit"):
+        to_mnist(load_image(_save(image, tmp_path / f"blank{suffix}")))
+
+
+def test_blank_with_faint_noise_has_no_digit() -> None:
+    noise = np.random.default_rng(0).uniform(0.98, 1.0, size=(50, 50)).astype(np.float32)
+    with pytest.raises(MnistsumError, match="no digit"):
+        to_mnist(noise)
+
+
+# --------------------------------------------------------------------------- real MNIST
+
+
+def test_real_mnist_digits_survive_a_round_trip(shared_mnist: Path, tmp_path: Path) -> None:
+    """MNIST digits are already in MNIST form: saved as PNG and read back, they should barely
+    change. Rounding the centre of mass to a whole pixel may shift a digit by one pixel."""
+    from torchvision.datasets import MNIST
+
+    images = MNIST(str(shared_mnist), train=False, download=False).data[:200].numpy().astype(int)
+    unchanged = 0
+    for index, original in enumerate(images):
+        again = to_mnist(load_image(_save(Image.fromarray(original.astype(np.uint8)), tmp_path / f"{index}.png")))
+        shifted = [np.roll(again.astype(int), (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        assert min(np.abs(candidate - original).mean() for candidate in shifted) < 1.5, index
+        assert np.abs(centre_of_mass(again) - centre_of_mass(original)).max() <= 1.0, index
+        unchanged += np.abs(again - original).mean() < 1.0
+    assert unchanged >= 0.95 * len(images)
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def test_predict_digits_returns_plain_json_values() -> None:
+    torch.manual_seed(0)
+    model = build_model("fastnet-small").train()
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    numbers = torch.tensor([0, 3, 9, 5, 1])
+    rows = predict_digits(model, images, numbers, torch.device("cpu"))
+    assert model.training, "the model's mode should be restored"
+    assert len(rows) == 5
+    for row in rows:
+        assert set(row) == {"digit", "sum", "digit_confidence", "sum_confidence"}
+        assert type(row["digit"]) is int and 0 <= row["digit"] <= 9
+        assert type(row["sum"]) is int and 0 <= row["sum"] <= 18
+        for key in ("digit_confidence", "sum_confidence"):
+            assert type(row[key]) is float and 0.0 < row[key] <= 1.0
+        assert row["digit_confidence"] >= 0.1 - 1e-6 and row["sum_confidence"] >= 1 / 19 - 1e-6  # a softmax max
+    assert json.loads(json.dumps(rows)) == rows
+
+
+class Spike(nn.Module):
+    """Digit logits peaked at (number + 3) % 10 and sum logits at the number + 9, scaled by how
+    bright the first image pixel is; records what it was given."""
+
+    def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen = images
+        height = 1.0 + images[:, 0, 0, 0, None]
+        digit = nn.functional.one_hot((numbers + 3) % 10, 10) * height
+        return digit, nn.functional.one_hot(numbers + 9, 19) * 2 * height
+
+
+def test_predict_digits_reads_the_right_heads() -> None:
+    images = torch.zeros((3, 28, 28), dtype=torch.uint8)
+    images[1, 0, 0] = 255
+    numbers = torch.tensor([0, 8, 4])
+    model = Spike()
+    rows = predict_digits(model, images, numbers, torch.device("cpu"))
+    assert model.seen.shape == (3, 1, 28, 28) and model.seen.dtype == torch.float32
+    assert model.seen[0].max() < 0 < model.seen[1, 0, 0, 0]  # normalised with MNIST's mean and std
+    assert [(row["digit"], row["sum"]) for row in rows] == [(3, 9), (1, 17), (7, 13)]
+    for row, image in zip(rows, model.seen):
+        height = 1.0 + float(image[0, 0, 0])
+        assert row["digit_confidence"] == pytest.approx(np.exp(height) / (np.exp(height) + 9))
+        assert row["sum_confidence"] == pytest.approx(np.exp(2 * height) / (np.exp(2 * height) + 18))
+
+
+def test_predict_digits_from_an_image_file(tmp_path: Path) -> None:
+    digit = to_mnist(load_image(_save(_rgb_black_on_white(), tmp_path / "seven.png")))
+    model = build_model("fastnet-small")
+    rows = predict_digits(model, torch.from_numpy(digit)[None], torch.tensor([4]), torch.device("cpu"))
+    assert len(rows) == 1 and 0 <= rows[0]["sum"] <= 18
+
+
+def test_predict_digits_rejects_numbers_out_of_range() -> None:
+    images = torch.zeros((2, 28, 28), dtype=torch.uint8)
+    with pytest.raises(MnistsumError, match="0-9"):
+        predict_digits(build_model("fastnet-small"), images, torch.tensor([3, 10]), torch.device("cpu"))
