@@ -149,8 +149,7 @@ def prepare(
 ) -> None:
     """Write the train/val/test Parquet splits (stage 1).
 
-    Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into data/.
-    Each row holds image_index, digit, a random number 0-9 and their sum.
+    Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into data/. Each row holds image_index, digit, a random number 0-9 and their sum.
     """
     from mnistsum_cli.prepare import prepare as prepare_stage
 
@@ -185,8 +184,7 @@ def train(
 ) -> None:
     """Train the two-headed model (stage 2).
 
-    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json,
-    config.json, and a checkpoint every epoch that --resume continues from.
+    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from.
     """
     from mnistsum_cli.train import saved_config, train_model
 
@@ -224,8 +222,7 @@ def evaluate(
 ) -> None:
     """Measure both heads on a split (stage 3).
 
-    Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency
-    (predicted sum = predicted digit + number); written to evaluation_<split>.json.
+    Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency (predicted sum = predicted digit + number); written to evaluation_<split>.json.
     """
     from mnistsum_cli.evaluate import evaluate_model
 
@@ -246,8 +243,7 @@ def plot(
 ) -> None:
     """Draw loss, accuracy, confusion and misclassified-example plots (stage 4).
 
-    Curves from history.json; for each current evaluation, confusion heatmaps and a gallery of
-    the rows it got wrong. PNGs go to <artifacts>/plots.
+    Curves from history.json; for each current evaluation, confusion heatmaps and a gallery of the rows it got wrong. PNGs go to <artifacts>/plots.
     """
     from mnistsum_cli.plot import plot as plot_stage
 
@@ -274,8 +270,7 @@ def predict(
 ) -> None:
     """Predict the digit and the sum for image files or a dataset row.
 
-    Images are brought to MNIST form: greyscale, inverted when the background is light, the
-    digit scaled to 20 px and centred by its centre of mass in 28 x 28.
+    Images are brought to MNIST form: greyscale, inverted when the background is light, the digit scaled to 20 px and centred by its centre of mass in 28 x 28.
     """
     from mnistsum_cli.predict import predict_files, predict_row
 
@@ -319,8 +314,7 @@ def run(
 ) -> None:
     """Run prepare → train → evaluate → plot, skipping stages already up to date.
 
-    A stage is up to date when its outputs were made from the current outputs of the stage
-    before it with the same options; --force redoes them all.
+    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; --force redoes them all.
     """
     from mnistsum_cli.pipeline import run_pipeline
 

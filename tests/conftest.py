@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,3 +169,44 @@ def shared_mnist() -> Path:
     if not all((raw / name).is_file() for name in RAW_FILES):
         pytest.skip(f"real MNIST not found in {raw} (set ${TEST_MNIST_ENV})")
     return root
+
+
+# --------------------------------------------------------------------------- a trained run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _main(*args: object) -> int:
+    """main() outside capsys, for module-scoped fixtures."""
+    from mnistsum_cli.cli import main
+
+    try:
+        main([str(arg) for arg in args])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    raise AssertionError("main() returned without SystemExit")
+
+
+@pytest.fixture(scope="module")
+def trained(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding data/ and artifacts/ of one prepare + train + evaluate run (read-only)."""
+    root = tmp_path_factory.mktemp("trained")
+    data, artifacts = root / "data", root / "artifacts"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--out", data) == 0
+        assert _main("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", data, "--out", artifacts) == 0
+        assert _main("evaluate", "--cpu", "--data", data, "--artifacts", artifacts) == 0
+    return root
+
+
+@pytest.fixture
+def workdir(trained: Path, in_tmp: Path) -> Path:
+    """A private copy of `trained`, and the current directory."""
+    for name in ("data", "artifacts"):
+        shutil.copytree(trained / name, in_tmp / name)
+    return in_tmp
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -11,11 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
+from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import METADATA_KEY
 from mnistsum_cli.mnist import MNIST_DIR_ENV
-
 
 
 def _commands() -> list[str]:
@@ -29,44 +28,7 @@ def _commands() -> list[str]:
 COMMANDS = _commands()
 assert {"prepare", "train", "evaluate", "plot"} <= set(COMMANDS), COMMANDS
 ARTIFACTS = ["model.safetensors", "checkpoint.safetensors", "history.json", "train_state.json", "config.json"]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
-def _main(*args: object) -> int:
-    """main() outside capsys, for module-scoped fixtures."""
-    from mnistsum_cli.cli import main
-
-    try:
-        main([str(arg) for arg in args])
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    raise AssertionError("main() returned without SystemExit")
-
-
-@pytest.fixture(scope="module")
-def trained(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding data/ and artifacts/ of one prepare + train + evaluate run (read-only)."""
-    root = tmp_path_factory.mktemp("trained")
-    data, artifacts = root / "data", root / "artifacts"
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
-        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--out", data) == 0
-        assert _main("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", data, "--out", artifacts) == 0
-        assert _main("evaluate", "--cpu", "--data", data, "--artifacts", artifacts) == 0
-    return root
-
-
-@pytest.fixture
-def workdir(trained: Path, in_tmp: Path) -> Path:
-    """A private copy of `trained`, and the current directory."""
-    for name in ("data", "artifacts"):
-        shutil.copytree(trained / name, in_tmp / name)
-    return in_tmp
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- help and version
