@@ -135,13 +135,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and some writers) make 0600: use the usual mode
         with open(tmp, "rb+") as written:
-            written.flush()
             os.fsync(written.fileno())
         os.replace(tmp, path)
     finally:

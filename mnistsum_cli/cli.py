@@ -4,10 +4,9 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Annotated, Any, Callable, List, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from mnistsum_cli import __version__, report
 from mnistsum_cli.artifacts import SPLITS, DataDir, RunDir

@@ -444,3 +444,19 @@ def test_fuzz_read_safetensors_damaged_file(cut: int, flips: list[int]) -> None:
         )
         content = path.read_bytes()
     _read_safetensors_bytes(_mutate(content, cut, flips))
+
+
+def test_written_files_get_the_usual_mode(tmp_path: Path) -> None:
+    """Temporary files are 0600; the renamed artifact must follow the umask like any file."""
+    import os
+
+    import torch
+
+    from mnistsum_cli.artifacts import write_json, write_safetensors
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_json(tmp_path / "a.json", {"x": 1})
+    write_safetensors(tmp_path / "b.safetensors", {"w": torch.zeros(2)}, {"format": "x"})
+    for name in ("a.json", "b.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
