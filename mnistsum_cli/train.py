@@ -89,6 +89,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
 
 
+def batching(rows: int, config: TrainConfig) -> tuple[int, int]:
+    """(batch size, steps per epoch): fixed-size batches; the remainder of a permutation waits
+    for another epoch. A split smaller than one batch is one batch."""
+    batch_size = min(config.batch_size, rows)
+    if batch_size < 2:
+        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size or --limit")
+    return batch_size, rows // batch_size
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
     """Each epoch's shuffling and augmentation depend on (seed, epoch) only, so resume is exact."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
@@ -105,8 +114,7 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy."""
     device = data.images.device
-    batch_size = min(config.batch_size, len(data))
-    steps = len(data) // batch_size
+    batch_size, steps = batching(len(data), config)
     total_steps = steps * config.epochs
     generator = epoch_generator(config.seed, epoch, device)
     order = torch.randperm(len(data), device=device, generator=generator)
@@ -135,13 +143,13 @@ def train_epoch(
                 ]
             )
         reporter.step()
-    digit_loss_sum, sum_loss_sum, digit_correct, sum_correct = (totals / (steps * batch_size)).tolist()
+    digit_loss, sum_loss, digit_accuracy, sum_accuracy = (totals / (steps * batch_size)).tolist()
     return {
-        "train_digit_loss": digit_loss_sum,
-        "train_sum_loss": sum_loss_sum,
-        "train_loss": digit_loss_sum + sum_loss_sum,
-        "train_digit_accuracy": digit_correct,
-        "train_sum_accuracy": sum_correct,
+        "train_digit_loss": digit_loss,
+        "train_sum_loss": sum_loss,
+        "train_loss": digit_loss + sum_loss,
+        "train_digit_accuracy": digit_accuracy,
+        "train_sum_accuracy": sum_accuracy,
     }
 
 
@@ -318,9 +326,7 @@ def train(
         "started_at": now_iso(),
     }
 
-    if min(config.batch_size, len(data.train)) < 2:
-        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size or --limit")
-    steps = len(data.train) // min(config.batch_size, len(data.train))
+    _, steps = batching(len(data.train), config)
     for epoch in range(state.epoch, config.epochs):
         reporter.epoch_start(epoch + 1, config.epochs, steps)
         torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
