@@ -11,9 +11,9 @@ from mnistsum_cli.errors import MnistsumError
 @dataclass(frozen=True)
 class TrainConfig:
     arch: str = "fastnet"
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 4e-3  # peak of the one-cycle schedule (AdamW)
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 6e-3  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 5e-4
     warmup: float = 0.2  # share of the steps spent rising to the peak lr
     label_smoothing: float = 0.0

@@ -69,11 +69,23 @@ def histogram(values: np.ndarray, bins: int) -> str:
 
 
 class ProgressReporter:
-    """A rich progress bar per epoch and a one-line summary after it."""
+    """A rich progress bar while an epoch runs, then a one-line summary of it."""
 
     def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.epochs = 0
+
+    def __enter__(self) -> "ProgressReporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.epochs = epochs
         self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}"),
+            TextColumn(f"[bold]epoch {epoch}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("steps"),
@@ -81,26 +93,16 @@ class ProgressReporter:
             console=console,
             transient=True,
         )
-        self.task = None
-        self.epochs = 0
-
-    def __enter__(self) -> "ProgressReporter":
+        self.task = self.progress.add_task("train", total=steps)
         self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.epochs = epochs
-        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch}/{epochs}")
 
     def step(self) -> None:
         self.progress.advance(self.task)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
-        self.progress.remove_task(self.task)
-        self.progress.console.print(epoch_line(record, self.epochs), soft_wrap=True)
+        self.progress.stop()
+        self.progress = None
+        console.print(epoch_line(record, self.epochs), soft_wrap=True)
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
