@@ -143,7 +143,6 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "lenet": LeNetSum,
     "convnet": ConvNetSum,
 }
-DEFAULT_ARCH = "fastnet"
 
 
 def build_model(arch: str) -> nn.Module:

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
+from mnistsum_cli.config import PRESETS
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.modelio import load_model, save_model
-from mnistsum_cli.models import ARCHITECTURES, DEFAULT_ARCH, build_model
+from mnistsum_cli.models import ARCHITECTURES, build_model
 
 BATCH = 4
 
@@ -25,9 +26,9 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return normalise(images), numbers, digits, digits + numbers
 
 
-def test_registry_is_not_empty_and_has_default() -> None:
-    assert DEFAULT_ARCH in ARCHITECTURES
-    assert {"fastnet", "fastnet-small"} <= set(ARCHITECTURES)
+def test_registry_has_every_preset_and_the_seeds() -> None:
+    assert {config.arch for config in PRESETS.values()} <= set(ARCHITECTURES)
+    assert {"lenet", "convnet"} <= set(ARCHITECTURES)
 
 
 def test_unknown_architecture() -> None:
