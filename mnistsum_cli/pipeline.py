@@ -164,7 +164,7 @@ def run_pipeline(
         ("train", lambda: train_status(run, read_dataset(data), config), train_stage),
         ("evaluate", lambda: evaluate_status(run, read_dataset(data), split),
          lambda state: evaluate_model(split, data, run, device, mnist=mnist)),
-        ("plot", lambda: plot_status(run), lambda state: plot(run, data=data, mnist_dir=mnist_dir)),
+        ("plot", lambda: plot_status(run), lambda state: plot(run, data=data, mnist=mnist)),
     ]  # fmt: skip
     for stage, check, act in stages:
         state = check()

@@ -26,6 +26,7 @@ from mnistsum_cli.artifacts import (  # noqa: E402
 )
 from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
+from mnistsum_cli.mnist import Mnist  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -122,8 +123,15 @@ def plot_inputs(run: RunDir) -> dict[str, Any]:
     }
 
 
-def plot(run: RunDir, force: bool = False, data: Optional[DataDir] = None, mnist_dir: Optional[Path] = None) -> list[Path]:
-    """Draw every plot the artifacts allow; returns the paths written."""
+def plot(
+    run: RunDir,
+    force: bool = False,
+    data: Optional[DataDir] = None,
+    mnist_dir: Optional[Path] = None,
+    mnist: Optional[Mnist] = None,
+) -> list[Path]:
+    """Draw every plot the artifacts allow; returns the paths written. The gallery needs the
+    images: from `mnist` when already loaded, else through the dataset in `data`."""
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT)
     if history.get("run_id") != model_meta.get("run_id") and not force:
@@ -151,7 +159,7 @@ def plot(run: RunDir, force: bool = False, data: Optional[DataDir] = None, mnist
             title = f"{label} confusion, {split} split (accuracy {100 * metrics[f'{head}_accuracy']:.2f}%)"
             written.append(save_figure(heatmap(metrics[f"{head}_confusion"], title), run.plots / f"confusion_{head}_{split}.png"))
     if data is not None and any(metrics["misclassified"] for metrics in evaluations.values()):
-        _, mnist = load_dataset(data, mnist_dir)
+        _, mnist = load_dataset(data, mnist_dir, mnist)
         for split, metrics in evaluations.items():
             examples = metrics["misclassified"][:GALLERY_SIZE]
             if not examples:
