@@ -179,8 +179,10 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, Any]) -> No
     write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=encoded))
 
 
-def read_safetensors(path: Path, stage: str, expected_format: str) -> tuple[dict, dict[str, Any]]:
-    """Load tensors and decoded metadata, checking the file is the kind we expect."""
+def read_safetensors(
+    path: Path, stage: str, expected_format: str, metadata_only: bool = False
+) -> tuple[dict, dict[str, Any]]:
+    """Load tensors (none when metadata_only) and decoded metadata, checking the file's kind."""
     from safetensors import safe_open
 
     if not path.exists():
@@ -188,7 +190,7 @@ def read_safetensors(path: Path, stage: str, expected_format: str) -> tuple[dict
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except Exception as error:  # safetensors raises several unrelated types on damage
         raise MnistsumError(

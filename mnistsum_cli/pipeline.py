@@ -71,7 +71,7 @@ def train_status(run: RunDir, dataset: Optional[Dataset], wanted: Optional[Train
     try:
         counters = read_json(run.train_state, stage="train")
         config = TrainConfig.from_dict(counters["config"])
-        _, meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT)
+        _, meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     except (MnistsumError, KeyError, TypeError) as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {

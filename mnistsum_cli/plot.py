@@ -133,7 +133,7 @@ def plot(
     """Draw every plot the artifacts allow; returns the paths written. The gallery needs the
     images: from `mnist` when already loaded, else through the dataset in `data`."""
     history = read_json(run.history, stage="train")
-    _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT)
+    _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     if history.get("run_id") != model_meta.get("run_id") and not force:
         raise MnistsumError(
             f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --force)"

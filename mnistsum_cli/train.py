@@ -286,7 +286,7 @@ def saved_config(run: RunDir) -> Optional[TrainConfig]:
     """The settings of the run saved in `run`, for `--resume` to start from."""
     if not run.checkpoint.exists():
         return None
-    _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
+    _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT, metadata_only=True)
     return TrainConfig.from_dict(meta["config"])
 
 
