@@ -103,6 +103,8 @@ LrOption = Annotated[Optional[float], _setting(callback=_positive, help="Peak le
 WeightDecayOption = Annotated[Optional[float], _setting(callback=_non_negative)]
 LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5)]
 MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
+MaxRotationOption = Annotated[Optional[float], _setting(min=0.0, max=180.0, help="Random-rotation augmentation, ± degrees.")]
+MaxZoomOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Random scaling by 1 ± this.")]
 SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
 AmpOption = Annotated[Optional[bool], _setting("--amp/--no-amp", help="bf16 autocast on CUDA.")]
 ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last memory format.")]
@@ -170,6 +172,8 @@ def train(
     weight_decay: WeightDecayOption = None,
     label_smoothing: LabelSmoothingOption = None,
     max_shift: MaxShiftOption = None,
+    max_rotation: MaxRotationOption = None,
+    max_zoom: MaxZoomOption = None,
     seed: SeedOption = None,
     amp: AmpOption = None,
     channels_last: ChannelsLastOption = None,
@@ -190,8 +194,8 @@ def train(
     run = RunDir(out)
     overrides = dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, max_shift=max_shift, seed=seed, amp=amp,
-        channels_last=channels_last, compile=compile_model,
+        label_smoothing=label_smoothing, max_shift=max_shift, max_rotation=max_rotation,
+        max_zoom=max_zoom, seed=seed, amp=amp, channels_last=channels_last, compile=compile_model,
     )  # fmt: skip
     if resume:
         if preset_name is not None:

@@ -18,6 +18,8 @@ class TrainConfig:
     warmup: float = 0.2  # share of the steps spent rising to the peak lr
     label_smoothing: float = 0.0
     max_shift: int = 2  # random shift augmentation, pixels; 0 turns it off
+    max_rotation: float = 0.0  # random rotation augmentation, ± degrees; 0 turns it off
+    max_zoom: float = 0.0  # random scaling by 1 ± this; 0 turns it off
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)

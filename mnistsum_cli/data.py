@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, Dataset, read_dataset
+from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist, MnistSource, load_mnist, resolve_source
 
@@ -76,7 +77,7 @@ def load_dataset(data: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 28, 28] → float [B, 1, 28, 28] with MNIST's mean and std."""
+    """[B, 28, 28] on the 0-255 scale (uint8 or float) → float [B, 1, 28, 28] with MNIST's mean and std."""
     return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
 
 
@@ -96,3 +97,32 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     rows = (grid[None, :] + offsets[0, :, None])[:, :, None]  # [B, 28, 1]
     cols = (grid[None, :] + offsets[1, :, None])[:, None, :]  # [B, 1, 28]
     return padded[torch.arange(batch, device=images.device)[:, None, None], rows, cols]
+
+
+def rotate_zoom(images: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rotate each image about its centre by angles[i] radians and magnify it by scales[i]
+    (bilinear, zero-filled): [B, 28, 28] of any dtype → float [B, 28, 28] on the same 0-255 scale."""
+    cos, sin = angles.cos() / scales, angles.sin() / scales
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    pixels = images.float().unsqueeze(1)
+    grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(pixels, grid, align_corners=False).squeeze(1)
+
+
+def random_rotate_zoom(
+    images: torch.Tensor, max_rotation: float, max_zoom: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Rotate each image by its own random angle in ±max_rotation degrees and scale it by a
+    random factor in [1 - max_zoom, 1 + max_zoom]: one batched warp."""
+    if max_rotation <= 0 and max_zoom <= 0:
+        return images
+    uniform = torch.rand((2, images.shape[0]), device=images.device, generator=generator) * 2 - 1
+    angles = torch.deg2rad(uniform[0] * max_rotation)
+    return rotate_zoom(images, angles, 1 + uniform[1] * max_zoom)
+
+
+def augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The training augmentation of a batch of uint8 images, ready for `normalise`."""
+    shifted = random_shift(images, config.max_shift, generator)
+    return random_rotate_zoom(shifted, config.max_rotation, config.max_zoom, generator)

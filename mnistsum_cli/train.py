@@ -26,7 +26,7 @@ from mnistsum_cli.artifacts import (
     write_safetensors,
 )
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import SplitTensors, load_dataset, normalise, random_shift, split_tensors
+from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import autocast, predict, save_model
@@ -121,7 +121,7 @@ def train_epoch(
     model.train()
     for step in range(steps):
         rows = order[step * batch_size : (step + 1) * batch_size]
-        images = normalise(random_shift(data.images[rows], config.max_shift, generator))
+        images = normalise(augment(data.images[rows], config, generator))
         digits, sums = data.digits[rows], data.sums[rows]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch * steps + step, total_steps, config)
