@@ -46,8 +46,8 @@ PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     # reaches >= 99.0 % digit accuracy in about a minute on two CPU cores
     "cpu": TrainConfig(arch="fastnet-small", epochs=2, batch_size=128, lr=4e-3),
-    # the most accurate setting: wider, longer
-    "best": TrainConfig(arch="fastnet-wide", epochs=30, lr=3e-3, label_smoothing=0.1),
+    # the most accurate setting: the default, twice as long, with label smoothing
+    "best": TrainConfig(epochs=20, label_smoothing=0.1),
     # the seeds' architectures with settings that suit them
     "lenet": TrainConfig(arch="lenet", epochs=15, batch_size=128, lr=2e-3, max_shift=0),
     "convnet": TrainConfig(arch="convnet", epochs=8, batch_size=128, lr=2e-3, max_shift=0),
