@@ -67,13 +67,12 @@ class RunResult:
     name: str
     settings: dict[str, Any]
     test: SplitTensors
-    amp: bool
     epochs: list[dict[str, float]] = field(default_factory=list)
     peak_bytes: Optional[int] = None
 
     def score(self, clock: Clock, model: nn.Module) -> None:
         """Record an epoch: cumulative training seconds and the model's test accuracies."""
-        predictions = predict(model, self.test, amp=self.amp)
+        predictions = predict(model, self.test)
         digit = (predictions.digit == self.test.digits).sum().item() / len(self.test)
         total = (predictions.sum == self.test.sums).sum().item() / len(self.test)
         self.epochs.append({"epoch": len(self.epochs) + 1, "seconds": clock.seconds, "digit": digit, "sum": total})
@@ -268,12 +267,12 @@ def main() -> None:
         test = split_tensors(dataset, mnist, "test", device)
 
         settings = {"arch": "convnet", "epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": 1e-3, "num_workers": args.num_workers}
-        results = [RunResult("seed-002 classic", settings, test, amp=False)]
+        results = [RunResult("seed-002 classic", settings, test)]
         run_baseline(args, dataset, mnist, device, results[0])
         config = preset(args.preset).with_overrides(epochs=args.epochs, seed=args.seed)
         for arch in dict.fromkeys([config.arch, *args.arch_too]):
             arch_config = config.with_overrides(arch=arch)
-            results.append(RunResult(f"mnistsum {args.preset}/{arch}", arch_config.to_dict(), test, amp=arch_config.amp))
+            results.append(RunResult(f"mnistsum {args.preset}/{arch}", arch_config.to_dict(), test))
             run_mnistsum(arch_config, dataset, mnist, device, results[-1], Path(tmp))
 
     summaries = [result.summary(args.target) for result in results]
@@ -296,5 +295,5 @@ if __name__ == "__main__":
     try:
         main()
     except MnistsumError as error:
-        console.print(f"[bold red]error:[/] {error}")
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {error}", soft_wrap=True)
         sys.exit(error.exit_code)

@@ -106,7 +106,13 @@ MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-sh
 MaxRotationOption = Annotated[Optional[float], _setting(min=0.0, max=180.0, help="Random-rotation augmentation, ± degrees.")]
 MaxZoomOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Random scaling by 1 ± this.")]
 SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
-AmpOption = Annotated[Optional[bool], _setting("--amp/--no-amp", help="bf16 autocast on CUDA.")]
+AmpOption = Annotated[
+    Optional[bool], _setting("--amp/--no-amp", help="Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs.")
+]
+DeterministicOption = Annotated[
+    Optional[bool],
+    _setting("--deterministic/--no-deterministic", help="CUDA: bit-exact reruns and resumes (no cuDNN autotuning; slower)."),
+]
 ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last memory format.")]
 CompileOption = Annotated[Optional[bool], _setting("--compile/--no-compile", help="torch.compile the model.")]
 
@@ -178,6 +184,7 @@ def train(
     amp: AmpOption = None,
     channels_last: ChannelsLastOption = None,
     compile_model: CompileOption = None,
+    deterministic: DeterministicOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out with its settings.")] = False,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
@@ -196,6 +203,7 @@ def train(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         label_smoothing=label_smoothing, max_shift=max_shift, max_rotation=max_rotation,
         max_zoom=max_zoom, seed=seed, amp=amp, channels_last=channels_last, compile=compile_model,
+        deterministic=deterministic,
     )  # fmt: skip
     if resume:
         if preset_name is not None:

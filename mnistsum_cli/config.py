@@ -21,9 +21,10 @@ class TrainConfig:
     max_rotation: float = 0.0  # random rotation augmentation, ± degrees; 0 turns it off
     max_zoom: float = 0.0  # random scaling by 1 ± this; 0 turns it off
     seed: int = 0
-    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    amp: bool = True  # mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU)
     channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
     compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # CUDA: no cuDNN autotuning, deterministic algorithms (slower)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

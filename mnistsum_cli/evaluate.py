@@ -12,7 +12,7 @@ from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, DataDir, Dataset, RunDi
 from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import load_model, predict
+from mnistsum_cli.modelio import EVAL_PRECISION, load_model, predict
 
 MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
@@ -42,7 +42,7 @@ def evaluate(model: torch.nn.Module, split_name: str, split: SplitTensors, image
     per_digit = digit_confusion.diag() / digit_confusion.sum(dim=1).clamp(min=1)
     columns = {
         "row": rows.tolist(),
-        "image_index": image_index[rows.cpu().numpy()].tolist(),
+        "image_index": image_index[rows.tolist()].tolist(),
         "number": split.numbers[rows].tolist(),
         "digit": split.digits[rows].tolist(),
         "sum": split.sums[rows].tolist(),
@@ -55,6 +55,8 @@ def evaluate(model: torch.nn.Module, split_name: str, split: SplitTensors, image
     return {
         "split": split_name,
         "rows": len(split),
+        "device": str(split.images.device),
+        "precision": EVAL_PRECISION,
         "digit_accuracy": (digit_pred == split.digits).float().mean().item(),
         "sum_accuracy": (sum_pred == split.sums).float().mean().item(),
         "digit_loss": predictions.digit_loss.mean().item(),

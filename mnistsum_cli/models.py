@@ -2,7 +2,8 @@
 
 images: float [B, 1, 28, 28], normalised; numbers: int64 [B] in 0-9.
 digit logits: [B, 10]; sum logits: [B, 19] for sums 0-18. The sum is always computed inside
-the model from the digit head's output and the number.
+the model from the digit head's output and the number, in fp32 even under autocast: its
+logits are scaled and compared closely, and bf16 would round them into ties.
 """
 
 from __future__ import annotations
@@ -15,6 +16,19 @@ from torch import nn
 
 from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS
 from mnistsum_cli.errors import MnistsumError
+
+
+def full_precision(tensor: torch.Tensor):
+    """A block that runs in fp32 whatever autocast is on: cast its inputs with .float()."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+class GlobalMaxPool(nn.Module):
+    """[B, C, H, W] -> [B, C]: the maximum of each channel (its CUDA backward is deterministic,
+    unlike AdaptiveMaxPool2d's)."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.amax(dim=(2, 3))
 
 
 class DigitPlusNumber(nn.Module):
@@ -35,10 +49,11 @@ class DigitPlusNumber(nn.Module):
         nn.init.zeros_(self.mix.bias)
 
     def forward(self, digit_logits: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
-        digit_probs = digit_logits.softmax(dim=1)
-        number_onehot = nn.functional.one_hot(numbers, NUM_DIGITS).to(digit_probs.dtype)
-        pairs = digit_probs[:, :, None] * number_onehot[:, None, :]
-        return self.logit_scale * self.mix(pairs.flatten(1))
+        with full_precision(digit_logits):
+            digit_probs = digit_logits.float().softmax(dim=1)
+            number_onehot = nn.functional.one_hot(numbers, NUM_DIGITS).float()
+            pairs = digit_probs[:, :, None] * number_onehot[:, None, :]
+            return self.logit_scale * self.mix(pairs.flatten(1))
 
 
 def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -62,8 +77,7 @@ class FastNet(nn.Module):
             conv_bn(2 * width, 2 * width),
             nn.MaxPool2d(2),  # 7 x 7
             conv_bn(2 * width, 4 * width),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
+            GlobalMaxPool(),
         )
         self.digit_head = nn.Linear(4 * width, NUM_DIGITS)
         self.sum_head = DigitPlusNumber()
@@ -105,9 +119,10 @@ class LeNetSum(nn.Module):
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         digit_logits = self.classifier(self.features(images))
-        digit_probs = digit_logits.softmax(dim=1)
-        stacked = torch.cat([digit_probs, numbers[:, None].to(digit_probs.dtype)], dim=1)
-        return digit_logits, self.sum_net(stacked)
+        with full_precision(digit_logits):
+            digit_probs = digit_logits.float().softmax(dim=1)
+            stacked = torch.cat([digit_probs, numbers[:, None].float()], dim=1)
+            return digit_logits, self.sum_net(stacked)
 
 
 class ConvNetSum(nn.Module):
@@ -132,8 +147,9 @@ class ConvNetSum(nn.Module):
 
     def forward(self, images: torch.Tensor, numbers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         digit_logits = self.classifier(self.conv(images))
-        number_onehot = nn.functional.one_hot(numbers, NUM_DIGITS).to(digit_logits.dtype)
-        return digit_logits, self.mix(torch.cat([digit_logits, number_onehot], dim=1))
+        with full_precision(digit_logits):
+            number_onehot = nn.functional.one_hot(numbers, NUM_DIGITS).float()
+            return digit_logits, self.mix(torch.cat([digit_logits.float(), number_onehot], dim=1))
 
 
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {

@@ -27,9 +27,10 @@ from mnistsum_cli.artifacts import (
 )
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
+from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, use_fused_adamw
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import autocast, predict, save_model
+from mnistsum_cli.modelio import predict, save_model
 from mnistsum_cli.models import build_model
 
 
@@ -78,14 +79,14 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay on conv/linear weights only; the fused kernel on CUDA."""
+    """AdamW; weight decay on conv/linear weights only; the fused kernel where the device policy says."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, fused=use_fused_adamw(device))
 
 
 def batching(rows: int, config: TrainConfig) -> tuple[int, int]:
@@ -106,6 +107,7 @@ def train_epoch(
     model: nn.Module,
     step_model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     data: SplitTensors,
     config: TrainConfig,
     epoch: int,
@@ -113,6 +115,7 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy."""
     device = data.images.device
+    dtype = autocast_dtype(device, config.amp)
     batch_size, steps = batching(len(data), config)
     total_steps = steps * config.epochs
     generator = epoch_generator(config.seed, epoch, device)
@@ -125,13 +128,14 @@ def train_epoch(
         digits, sums = data.digits[rows], data.sums[rows]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch * steps + step, total_steps, config)
-        with autocast(device, config.amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             digit_logits, sum_logits = step_model(images, data.numbers[rows])
         digit_loss = nn.functional.cross_entropy(digit_logits.float(), digits, label_smoothing=config.label_smoothing)
         sum_loss = nn.functional.cross_entropy(sum_logits.float(), sums, label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        (digit_loss + sum_loss).backward()
-        optimizer.step()
+        scaler.scale(digit_loss + sum_loss).backward()
+        scaler.step(optimizer)  # fp16 only: the fused kernel unscales and skips inf steps on the GPU
+        scaler.update()
         with torch.no_grad():
             totals += torch.stack(
                 [
@@ -153,7 +157,7 @@ def train_epoch(
 
 
 def measure(model: nn.Module, split: SplitTensors, config: TrainConfig, prefix: str) -> dict[str, float]:
-    predictions = predict(model, split, amp=config.amp)
+    predictions = predict(model, split)
     digit_loss, sum_loss, digit_accuracy, sum_accuracy = torch.stack(
         [
             predictions.digit_loss.mean(),
@@ -191,12 +195,28 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, state["param_groups"]
 
 
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    """Restore saved optimizer state into a live optimizer of the same model.
+
+    Hyperparameters come from the checkpoint, but the live optimizer's implementation flags
+    stand (a checkpoint moves between devices), and every state tensor takes the layout of
+    its parameter: the fused kernels pair elements by memory order, so NCHW moments of
+    channels_last weights would be mis-paired on the CPU and refused on CUDA.
+    """
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         _, param_id, key = name.split(".", 2)
         state.setdefault(int(param_id), {})[key] = value
+    live_flags = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in optimizer.param_groups]
+    groups = [{**saved, **flags} for saved, flags in zip(groups, live_flags)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for param, param_state in optimizer.state.items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 @contextmanager
@@ -219,6 +239,7 @@ def save_epoch(
     run: RunDir,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     config: TrainConfig,
     data: TrainData,
     state: RunState,
@@ -246,7 +267,8 @@ def save_epoch(
         write_safetensors(
             run.checkpoint,
             {**weights, **optim_tensors},
-            {"format": CHECKPOINT_FORMAT, **common, "epoch": state.epoch, "param_groups": groups},
+            {"format": CHECKPOINT_FORMAT, **common, "epoch": state.epoch, "param_groups": groups,
+             "grad_scaler": scaler.state_dict()},  # fmt: skip
         )
         write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
         write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
@@ -254,7 +276,12 @@ def save_epoch(
 
 
 def load_checkpoint(
-    run: RunDir, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, data: TrainData
+    run: RunDir,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    config: TrainConfig,
+    data: TrainData,
 ) -> RunState:
     """Restore a run saved by save_epoch, refusing one made with other data or settings."""
     counters = read_json(run.train_state, stage="train")
@@ -273,6 +300,8 @@ def load_checkpoint(
     weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
     model.load_state_dict(weights)
     load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
+    if scaler.is_enabled() and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     epoch = int(meta["epoch"])
     return RunState(
         run_id=meta["run_id"],
@@ -303,16 +332,16 @@ def train(
 ) -> RunState:
     """Train for config.epochs (continuing a saved run when resume); returns the run's state."""
     torch.manual_seed(config.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = build_model(config.arch).to(device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    configure_reproducibility(device, config.deterministic)
+    memory_format = torch.channels_last if config.channels_last else torch.preserve_format
+    model = build_model(config.arch).to(device, memory_format=memory_format)
     step_model = torch.compile(model) if config.compile else model
     optimizer = make_optimizer(model, config, device)
+    dtype = autocast_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     if resume:
-        state = load_checkpoint(run, model, optimizer, config, data)
+        state = load_checkpoint(run, model, optimizer, scaler, config, data)
     else:
         state = RunState(run_id=secrets.token_hex(8), epoch=0, best_epoch=0, history=[])
     run_info = {
@@ -320,6 +349,7 @@ def train(
         "dataset_id": data.dataset_id,
         "config": config.to_dict(),
         "device": str(device),
+        "precision": precision_name(dtype),
         "torch_version": torch.__version__,
         "package_version": __version__,
         "started_at": now_iso(),
@@ -331,7 +361,7 @@ def train(
         torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
-        record.update(train_epoch(model, step_model, optimizer, data.train, config, epoch, reporter))
+        record.update(train_epoch(model, step_model, optimizer, scaler, data.train, config, epoch, reporter))
         record.update(measure(model, data.val, config, "val"))
         record["seconds"] = time.perf_counter() - started
         state.history.append(record)
@@ -340,7 +370,7 @@ def train(
         improved = best is None or selection_score(record) >= selection_score(best)
         if improved:
             state.best_epoch = state.epoch
-        save_epoch(run, model, optimizer, config, data, state, improved, run_info)
+        save_epoch(run, model, optimizer, scaler, config, data, state, improved, run_info)
         reporter.epoch_end(record)
     return state
 
@@ -376,5 +406,9 @@ def train_model(
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted: the last completed epoch is saved in {run.root}; continue with `mnistsum train --resume`"
+        ) from None
+    except torch.cuda.OutOfMemoryError:
+        raise MnistsumError(
+            f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"
         ) from None
     return TrainOutcome(state=state, load_seconds=loaded - started, train_seconds=time.perf_counter() - loaded)

@@ -134,3 +134,14 @@ def test_load_model_refuses_a_checkpoint(tmp_path: Path) -> None:
         load_model(path, torch.device("cpu"))
     tensors, meta = read_safetensors(path, "train", "mnistsum-checkpoint/1")
     assert meta["arch"] == "fastnet-small" and tensors
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_sum_head_runs_in_fp32_under_autocast(arch: str) -> None:
+    """bf16 rounds the scaled sum logits into ties: the sum head stays fp32 under autocast."""
+    model = build_model(arch).eval()
+    images, numbers, _, _ = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        digit_logits, sum_logits = model(images, numbers)
+    assert sum_logits.dtype == torch.float32
+    assert digit_logits.dtype == torch.bfloat16, "autocast did not engage: the test would prove nothing"

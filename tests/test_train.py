@@ -285,3 +285,53 @@ def test_presets_are_valid_configs() -> None:
         assert config.arch in ARCHITECTURES, name
         assert config.epochs >= 1 and config.batch_size >= 1 and config.lr > 0, name
         assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+# --------------------------------------------------------------------------- the fused AdamW kernel (as on CUDA)
+
+
+@pytest.fixture
+def fused_adamw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train with the fused AdamW kernel, which the device policy picks on CUDA, on the CPU."""
+    import mnistsum_cli.train
+
+    monkeypatch.setattr(mnistsum_cli.train, "use_fused_adamw", lambda device: True)
+
+
+def test_fused_resume_equals_uninterrupted(fused_adamw, train_data: TrainData, tmp_path: Path) -> None:
+    """Resumed optimizer moments must take their channels_last parameters' layout: the fused
+    kernel pairs elements by memory order (on CUDA it refuses mixed layouts outright)."""
+    assert CONFIG.channels_last
+    straight, resumed = RunDir(tmp_path / "straight"), RunDir(tmp_path / "resumed")
+    train(CONFIG, train_data, straight, CPU)
+    with pytest.raises(KeyboardInterrupt):
+        train(CONFIG, train_data, resumed, CPU, reporter=InterruptAfter(epoch=1))
+    train(CONFIG, train_data, resumed, CPU, resume=True)
+    assert _metadata(straight.checkpoint)["param_groups"][0]["fused"] is True
+    assert_same_tensors(straight.checkpoint, resumed.checkpoint)
+    assert_same_tensors(straight.model, resumed.model)
+
+
+@pytest.mark.parametrize("saved_fused, live_fused", [(False, True), (True, False)])
+def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
+    """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
+    replace the live optimizer's, and its moments take the live parameters' layout."""
+    from mnistsum_cli.models import build_model
+    from mnistsum_cli.train import load_optimizer, optimizer_tensors
+
+    def optimizer(fused: bool) -> torch.optim.Optimizer:
+        model = build_model("fastnet-small").to(memory_format=torch.channels_last)
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+
+    saved = optimizer(saved_fused)
+    for param in saved.param_groups[0]["params"]:
+        param.grad = torch.ones_like(param)
+    saved.step()
+    tensors, groups = optimizer_tensors(saved)
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}  # as safetensors gives them back
+    live = optimizer(live_fused)
+    load_optimizer(live, tensors, groups)
+    assert live.param_groups[0]["fused"] is live_fused
+    assert live.param_groups[0]["foreach"] is None and live.param_groups[0]["capturable"] is False
+    for param, state in live.state.items():
+        assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
