@@ -17,6 +17,7 @@ from torch import nn
 from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, RunDir
 from mnistsum_cli.data import load_dataset, normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import load_model
 
 SIZE = 28  # the MNIST field
@@ -125,11 +126,18 @@ def predict_files(paths: list[Path], number: int, run: RunDir, device: torch.dev
 
 
 def predict_row(
-    index: int, split: str, number: Optional[int], data: DataDir, run: RunDir, device: torch.device, mnist_dir: Optional[Path]
+    index: int,
+    split: str,
+    number: Optional[int],
+    data: DataDir,
+    run: RunDir,
+    device: torch.device,
+    mnist_dir: Optional[Path] = None,
+    mnist: Optional[Mnist] = None,
 ) -> dict[str, Any]:
     """The `predict` command on row `index` of a prepared split (its number unless one is given)."""
     model, _ = load_model(run.model, device)
-    dataset, mnist = load_dataset(data, mnist_dir)
+    dataset, mnist = load_dataset(data, mnist_dir, mnist)
     rows = dataset.splits[split]
     if not 0 <= index < len(rows):
         raise BadOption(f"--index {index}: the {split} split has rows 0-{len(rows) - 1}")

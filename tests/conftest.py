@@ -210,3 +210,13 @@ def workdir(trained: Path, in_tmp: Path) -> Path:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the aten ops per training step that the simulated-CUDA tests counted."""
+    from simulated_cuda import OPS_PER_STEP
+
+    if OPS_PER_STEP:
+        terminalreporter.section("aten ops per training step on simulated cuda:0 (about the kernel launches)")
+        for arch, ops in OPS_PER_STEP.items():
+            terminalreporter.write_line(f"{arch:>14}: {ops}")
