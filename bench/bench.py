@@ -222,7 +222,7 @@ def print_tables(summaries: list[dict[str, Any]], target: float) -> None:
 
     columns = ["run", "to target", "digit %", "sum %", "train s", "peak GPU", "speed-up"]
     if len(summaries) > 2:  # several mnistsum runs: also their speed-up over the first one
-        columns.append(f"vs {summaries[1]['name']}")
+        columns.append(f"vs {summaries[1]['name'].removeprefix('mnistsum ')}")
     table = Table(*columns, box=box.SIMPLE_HEAD,
                   title=f"time to {target:.1%} test accuracy on both heads; speed-up = baseline time / run time")  # fmt: skip
     for s in summaries:

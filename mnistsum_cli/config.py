@@ -45,8 +45,9 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # time-to-accuracy on a GPU; also what `mnistsum train` uses with no --preset
     "default": TrainConfig(),
-    # issue 12: one epoch of a net shaped for the CPU, about ten seconds of training on two cores
-    "cpu": TrainConfig(arch="lean", epochs=1, batch_size=64, lr=1e-2, max_shift=0),
+    # a net shaped for the CPU, 2 epochs without shifts: >= 99.0 % test digit and sum accuracy
+    # in about ten seconds of training loop on two cores (issue 12)
+    "cpu": TrainConfig(arch="lean", epochs=2, batch_size=128, lr=1e-2, max_shift=0),
     # the cpu preset before issue 12: 99.39 % test digit and sum accuracy in 35-60 s
     "cpu-v1": TrainConfig(arch="fastnet-small", epochs=2, batch_size=128, lr=4e-3),
     # the most accurate setting: the default, twice as long, with label smoothing
