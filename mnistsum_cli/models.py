@@ -31,6 +31,14 @@ class GlobalMaxPool(nn.Module):
         return features.amax(dim=(2, 3))
 
 
+class FlattenPixelMajor(nn.Module):
+    """[B, C, H, W] -> [B, H * W * C], pixel by pixel: a view of a channels_last tensor, where
+    nn.Flatten would copy it and hand the layers before it gradients in another layout."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.permute(0, 2, 3, 1).flatten(1)
+
+
 class DigitPlusNumber(nn.Module):
     """Sum head: a linear map of the outer product of the digit distribution and the one-hot number.
 
@@ -103,12 +111,12 @@ class LeanNet(ConvDigitNet):
     channel is expensive, more channels only after each pool, each pool straight after its conv,
     and the 7 x 7 maps flattened into the digit head (keeping where a stroke is)."""
 
-    def __init__(self, widths: tuple[int, int, int] = (12, 24, 48)) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (8, 24, 48)) -> None:
         features = nn.Sequential(
             conv_bn(1, widths[0], kernel_size=5, pool=True),  # 14 x 14
             conv_bn(widths[0], widths[1], pool=True),  # 7 x 7
             conv_bn(widths[1], widths[2]),
-            nn.Flatten(),
+            FlattenPixelMajor(),
         )
         super().__init__(features, widths[2] * 7 * 7)
 
