@@ -111,7 +111,7 @@ class LeanNet(ConvDigitNet):
     channel is expensive, more channels only after each pool, each pool straight after its conv,
     and the 7 x 7 maps flattened into the digit head (keeping where a stroke is)."""
 
-    def __init__(self, widths: tuple[int, int, int] = (8, 24, 48)) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (8, 16, 32)) -> None:
         features = nn.Sequential(
             conv_bn(1, widths[0], kernel_size=5, pool=True),  # 14 x 14
             conv_bn(widths[0], widths[1], pool=True),  # 7 x 7

@@ -145,3 +145,17 @@ def test_sum_head_runs_in_fp32_under_autocast(arch: str) -> None:
         digit_logits, sum_logits = model(images, numbers)
     assert sum_logits.dtype == torch.float32
     assert digit_logits.dtype == torch.bfloat16, "autocast did not engage: the test would prove nothing"
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_channels_last_gives_the_same_outputs(arch: str) -> None:
+    """Training runs channels_last, `load_model` does not: both layouts must compute the same function."""
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    images, numbers, _, _ = _batch()
+    with torch.no_grad():
+        expected = model(images, numbers)
+        model = model.to(memory_format=torch.channels_last)
+        got = model(images.contiguous(memory_format=torch.channels_last), numbers)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
