@@ -184,8 +184,8 @@ def join(gpu: Optional[int], cpu: bool) -> tuple[Group, torch.device, Optional[s
 @contextmanager
 def process_group(gpu: Optional[int], cpu: bool, notify: Callable[[str], None]) -> Iterator[tuple[Group, torch.device]]:
     """The group and device this process trains with: under torchrun a joined process group
-    (left on exit), otherwise one process on the device --gpu/--cpu choose. Rank 0 alone
-    passes notices to `notify`."""
+    (left when the block ends normally), otherwise one process on the device --gpu/--cpu choose.
+    Rank 0 alone passes notices to `notify`."""
     if not launched_by_torchrun():
         device, notice = select_device(gpu, cpu)
         if notice:
@@ -195,11 +195,9 @@ def process_group(gpu: Optional[int], cpu: bool, notify: Callable[[str], None]) 
     group, device, notice = join(gpu, cpu)
     if notice and group.is_main:
         notify(notice)
-    try:
-        with _interrupts_left_to_rank0(group):
-            yield group, device
-    finally:
-        dist.destroy_process_group()
+    with _interrupts_left_to_rank0(group):
+        yield group, device
+    dist.destroy_process_group()  # not on errors: tearing down under a live DDP model can abort the process
 
 
 @contextmanager
