@@ -18,9 +18,9 @@ import torch
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
 from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir, read_safetensors
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.distributed import Group, RankFailed, process_group
+from mnistsum_cli.distributed import TORCHRUN_VARIABLES, Group, RankFailed, process_group
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.mnist import load_mnist, resolve_source
+from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.report import epoch_line
 from mnistsum_cli.train import load_train_data, train
@@ -40,19 +40,12 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
     return data
 
 
-def single_process_env() -> dict[str, str]:
-    """This environment without torchrun's variables, one thread per process, the package importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
-    env.pop("MNISTSUM_MNIST_DIR", None)
-    return env
-
-
 def torchrun(cwd: Path, *args: object) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m mnistsum_cli ARGS`, one thread per process."""
+    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mnistsum_cli"]
-    return subprocess.run(
-        command + [str(arg) for arg in args], cwd=cwd, env=single_process_env(), capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run(command + [str(arg) for arg in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def as_torchrun_rank(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
