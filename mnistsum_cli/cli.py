@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
 
@@ -136,11 +138,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    context: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Predict the digit in an MNIST image and its sum with a random number 0-9."""
+    if _torchrun_rank() is not None and context.invoked_subcommand != "train":
+        raise BadOption(f"`mnistsum {context.invoked_subcommand}` runs in one process: start it without torchrun (only `train` runs under torchrun)")
 
 
 # --------------------------------------------------------------------------- the stages
@@ -196,7 +201,8 @@ def train(
 
     Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from.
     """
-    from mnistsum_cli.train import saved_config, train_model
+    from mnistsum_cli.distributed import process_group
+    from mnistsum_cli.train import SilentReporter, saved_config, train_model
 
     run = RunDir(out)
     overrides = dict(
@@ -214,10 +220,11 @@ def train(
         config = saved.with_overrides(**overrides)
     else:
         config = _train_config(preset_name, **overrides)
-    device = _device(gpu, cpu)
-    with report.ProgressReporter() as reporter:
-        outcome = train_model(config, DataDir(data), run, device, mnist_dir, resume=resume, reporter=reporter)
-    report.train_summary(outcome, run, str(device))
+    with process_group(gpu, cpu, notify=report.notice) as (group, device):
+        with report.ProgressReporter() if group.is_main else nullcontext(SilentReporter()) as reporter:
+            outcome = train_model(config, DataDir(data), run, device, mnist_dir, resume=resume, reporter=reporter, group=group)
+        if group.is_main:
+            report.train_summary(outcome, run, f"{device} x {group.world_size} processes" if group.active else str(device))
 
 
 @app.command(epilog="Example: mnistsum evaluate --split test --json > metrics.json")
@@ -363,14 +370,18 @@ def status(
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the CLI; every failure is one line on stderr and an exit code (1 failure, 2 usage, 130 Ctrl-C)."""
     command = typer.main.get_command(app)
+    quiet = (_torchrun_rank() or 0) != 0  # under torchrun rank 0 alone reports; the ranks agree on errors
     try:
         code = command.main(args=argv, prog_name="mnistsum", standalone_mode=False)
     except MnistsumError as error:
-        report.error(str(error))
+        if not quiet:
+            report.error(str(error))
         sys.exit(error.exit_code)
     except Exception as error:
         if not _is_usage_error(error):
             raise
+        if quiet:
+            sys.exit(error.exit_code)
         if type(error).__name__ == "NoArgsIsHelpError":
             error.show()
         else:
@@ -378,9 +389,17 @@ def main(argv: Optional[List[str]] = None) -> None:
             where = context.command_path if context is not None else "mnistsum"
             report.error(f"{error.format_message()} (see `{where} --help`)")
         sys.exit(error.exit_code)
-    if code == 130:  # Typer turns Ctrl-C outside our handlers into exit code 130
+    if code == 130 and not quiet:  # Typer turns Ctrl-C outside our handlers into exit code 130
         report.error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _torchrun_rank() -> Optional[int]:
+    """This process's rank when torchrun started it, else None (read from the environment
+    torchrun sets: importing torch here would slow down every command)."""
+    if all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return int(os.environ["RANK"])
+    return None
 
 
 def _is_usage_error(error: Exception) -> bool:
