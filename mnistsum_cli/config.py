@@ -7,6 +7,10 @@ from typing import Any
 
 from mnistsum_cli.errors import MnistsumError
 
+# The names models.ARCHITECTURES builds, here so that option checks need no torch (a test
+# keeps the two in step).
+ARCHITECTURE_NAMES = ("fastnet", "fastnet-small", "fastnet-wide", "lenet", "convnet")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -40,6 +44,11 @@ class TrainConfig:
         """Replace the settings given (None means: keep the preset's)."""
         return replace(self, **{key: value for key, value in overrides.items() if value is not None})
 
+    def changes_to(self, other: "TrainConfig") -> list[str]:
+        """The settings `other` changes, as 'name old → new'."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{key} {mine[key]} → {theirs[key]}" for key in mine if mine[key] != theirs[key]]
+
 
 PRESETS: dict[str, TrainConfig] = {
     # time-to-accuracy on a GPU; also what `mnistsum train` uses with no --preset
@@ -53,6 +62,21 @@ PRESETS: dict[str, TrainConfig] = {
     "convnet": TrainConfig(arch="convnet", epochs=8, batch_size=128, lr=2e-3, max_shift=0),
 }
 DEFAULT_PRESET = "default"
+
+# One line per preset for --help: what it is and roughly how long it takes (times measured,
+# see README's Performance section).
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "default": "fastnet, 10 epochs, batch 1024; for a GPU (about 15 min on 2 CPU cores)",
+    "cpu": "fastnet-small, 2 epochs, batch 128; 0.5-1 min on 2 CPU cores",
+    "best": "the default for 20 epochs with label smoothing 0.1 (about 20 min on 2 CPU cores)",
+    "lenet": "seed 000's LeNet, 15 epochs (about 14 min on 2 CPU cores)",
+    "convnet": "seed 002's convnet, 8 epochs (about 25 min on 2 CPU cores)",
+}
+
+
+def preset_for_device(device_type: str) -> str:
+    """The preset used when none is named: the default on a GPU, the quick one on the CPU."""
+    return DEFAULT_PRESET if device_type == "cuda" else "cpu"
 
 
 def preset(name: str) -> TrainConfig:
