@@ -24,6 +24,7 @@ from mnistsum_cli.artifacts import (
 )
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.mnist import MnistSource, resolve_source
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
 
@@ -155,6 +156,17 @@ def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optiona
     )
 
 
+def mnist_source(data: DataDir, mnist_dir: Optional[Path]) -> MnistSource:
+    """--mnist-dir when given, else the folder the data in `data` was prepared from, else the
+    download folder."""
+    if mnist_dir is None:
+        try:
+            return MnistSource(root=Path(read_dataset(data).meta["mnist_root"]), download=False)
+        except MnistsumError:
+            pass
+    return resolve_source(mnist_dir)
+
+
 def wanted_config(run: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: str) -> tuple[TrainConfig, Optional[str]]:
     """The training settings `run` asks for: the named preset, else the saved run's, else the
     device's preset; flags override. Also a notice when the preset was chosen for the user."""
@@ -181,11 +193,11 @@ def run_pipeline(
     resumed; a new run sets the previous one aside.
     """
     from mnistsum_cli.evaluate import evaluate_model
-    from mnistsum_cli.mnist import load_mnist, resolve_source
+    from mnistsum_cli.mnist import load_mnist
     from mnistsum_cli.plot import plot
     from mnistsum_cli.prepare import prepare
 
-    mnist = load_mnist(resolve_source(mnist_dir))
+    mnist = load_mnist(mnist_source(data, mnist_dir))
 
     def train_stage(state: StageStatus) -> Any:
         resume = state.state == INCOMPLETE and not force
