@@ -13,15 +13,12 @@ from typer.core import TyperCommand, TyperGroup
 from mnistsum_cli import __version__, report
 from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
 from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESET_DESCRIPTIONS, PRESETS
-from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
     import torch
-
-BROKEN_PIPE_EXIT = 128 + 13  # 128 + SIGPIPE, as a Unix tool killed by it
-
 
 def _hide_flag_placeholders(params: list) -> list:
     """Flags take no value: show none (not `<bool>`) in --help."""
@@ -34,6 +31,14 @@ def _hide_flag_placeholders(params: list) -> list:
 class Command(TyperCommand):
     def get_params(self, ctx: Any) -> list:
         return _hide_flag_placeholders(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a closed stdout becomes OutputClosed, which Typer (unlike a
+        BrokenPipeError, which it turns into exit code 1) lets through to main()."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise OutputClosed() from None
 
 
 class Group(TyperGroup):
@@ -434,9 +439,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     130 Ctrl-C, 141 when the reader of stdout went away, as in `mnistsum evaluate | head`)."""
     try:
         _main(argv)
-    except BrokenPipeError:
+    except (OutputClosed, BrokenPipeError):
         _quiet_stdout()
-        sys.exit(BROKEN_PIPE_EXIT)
+        sys.exit(OutputClosed.exit_code)
 
 
 def _quiet_stdout() -> None:

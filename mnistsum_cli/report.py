@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.errors import OutputClosed
 
 if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch and matplotlib
     import numpy as np
@@ -29,7 +30,16 @@ if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch an
     from mnistsum_cli.pipeline import StageStatus
     from mnistsum_cli.train import TrainOutcome
 
-console = Console(highlight=False)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich exits with code 1 here; let the CLI exit as a Unix tool does (errors.OutputClosed)."""
+        self.quiet = True
+        raise OutputClosed()
+
+
+console = _Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
 
