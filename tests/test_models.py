@@ -134,3 +134,17 @@ def test_load_model_refuses_a_checkpoint(tmp_path: Path) -> None:
         load_model(path, torch.device("cpu"))
     tensors, meta = read_safetensors(path, "train", "mnistsum-checkpoint/1")
     assert meta["arch"] == "fastnet-small" and tensors
+
+
+def test_architecture_names_match_the_registry() -> None:
+    """config.ARCHITECTURE_NAMES lets the CLI check --arch without importing torch."""
+    from mnistsum_cli.config import ARCHITECTURE_NAMES
+
+    assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
+
+
+def test_every_preset_has_one_description() -> None:
+    from mnistsum_cli.config import PRESET_DESCRIPTIONS
+
+    assert list(PRESET_DESCRIPTIONS) == list(PRESETS)
+    assert all(description and "\n" not in description for description in PRESET_DESCRIPTIONS.values())
