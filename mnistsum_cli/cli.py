@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
 from mnistsum_cli import __version__, report
+from mnistsum_cli.commands import Command, Group
 from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
 from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESET_DESCRIPTIONS, PRESETS
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
@@ -19,31 +19,6 @@ from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
     import torch
-
-def _hide_flag_placeholders(params: list) -> list:
-    """Flags take no value: show none (not `<bool>`) in --help."""
-    for param in params:
-        if getattr(param, "is_flag", False):
-            param.metavar = ""
-    return params
-
-
-class Command(TyperCommand):
-    def get_params(self, ctx: Any) -> list:
-        return _hide_flag_placeholders(super().get_params(ctx))
-
-    def invoke(self, ctx: Any) -> Any:
-        """Run the command; a closed stdout becomes OutputClosed, which Typer (unlike a
-        BrokenPipeError, which it turns into exit code 1) lets through to main()."""
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            raise OutputClosed() from None
-
-
-class Group(TyperGroup):
-    def get_params(self, ctx: Any) -> list:
-        return _hide_flag_placeholders(super().get_params(ctx))
 
 
 app = typer.Typer(
