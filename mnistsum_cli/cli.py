@@ -12,7 +12,7 @@ import typer
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, Group
 from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
-from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESET_DESCRIPTIONS, PRESETS
+from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
@@ -95,9 +95,8 @@ PresetOption = Annotated[
     typer.Option(
         "--preset",
         callback=_choice(list(PRESETS)),
-        help="Named settings; without it: default on a GPU, cpu on the CPU. "
-        + "; ".join(f"[bold]{name}[/]: {PRESET_DESCRIPTIONS[name]}" for name in PRESETS)
-        + ".",
+        help="Named settings; without it: default on a GPU, cpu on the CPU.\n\n\b\n"  # \b: keep the line breaks
+        + "\n".join(f"[bold]{name}[/]: {describe_preset(name)}" for name in PRESETS),
         show_default=False,
     ),
 ]
@@ -352,14 +351,14 @@ def run(
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
     seed: Annotated[
-        Optional[int], typer.Option(help="Seed of the dataset and of training [default: the artifacts', else 0].", show_default=False)
+        Optional[int], typer.Option(help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False)
     ] = None,
     val_size: Annotated[
         Optional[int],
-        typer.Option(min=1, help=f"MNIST train images held out for validation [default: the data's, else {DEFAULT_VAL_SIZE}].", show_default=False),
+        typer.Option(min=1, help=f"MNIST train images held out for validation (default: the data's, else {DEFAULT_VAL_SIZE}).", show_default=False),
     ] = None,
     limit: Annotated[
-        Optional[int], typer.Option(min=1, help="Keep at most N rows per split [default: the data's, else all].", show_default=False)
+        Optional[int], typer.Option(min=1, help="Keep at most N rows per split (default: the data's, else all).", show_default=False)
     ] = None,
     split: SplitOption = "test",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, up to date or not.")] = False,

@@ -51,7 +51,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # time-to-accuracy on a GPU; also what `mnistsum train` uses with no --preset
+    # time-to-accuracy on a GPU; what `mnistsum train` uses there with no --preset
     "default": TrainConfig(),
     # reaches >= 99.0 % digit accuracy in about a minute on two CPU cores
     "cpu": TrainConfig(arch="fastnet-small", epochs=2, batch_size=128, lr=4e-3),
@@ -63,15 +63,21 @@ PRESETS: dict[str, TrainConfig] = {
 }
 DEFAULT_PRESET = "default"
 
-# One line per preset for --help: what it is and roughly how long it takes (times measured,
-# see README's Performance section).
-PRESET_DESCRIPTIONS: dict[str, str] = {
-    "default": "fastnet, 10 epochs, batch 1024; for a GPU (about 15 min on 2 CPU cores)",
-    "cpu": "fastnet-small, 2 epochs, batch 128; 0.5-1 min on 2 CPU cores",
-    "best": "the default for 20 epochs with label smoothing 0.1 (about 20 min on 2 CPU cores)",
-    "lenet": "seed 000's LeNet, 15 epochs (about 14 min on 2 CPU cores)",
-    "convnet": "seed 002's convnet, 8 epochs (about 25 min on 2 CPU cores)",
+# What each preset is for and roughly how long it takes (the times measured in README's
+# Performance section); describe_preset adds the settings themselves.
+PRESET_NOTES: dict[str, str] = {
+    "default": "for a GPU; about 15 min on 2 CPU cores",
+    "cpu": "quick; 0.5-1 min on 2 CPU cores",
+    "best": "label smoothing 0.1; about 20 min on 2 CPU cores",
+    "lenet": "seed 000's network; about 14 min on 2 CPU cores",
+    "convnet": "seed 002's network; about 25 min on 2 CPU cores",
 }
+
+
+def describe_preset(name: str) -> str:
+    """One line for --help and notices: the preset's main settings and its note."""
+    config = PRESETS[name]
+    return f"{config.arch}, {config.epochs} epochs, batch {config.batch_size} ({PRESET_NOTES[name]})"
 
 
 def preset_for_device(device_type: str) -> str:

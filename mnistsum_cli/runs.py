@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DataDir, RunDir, read_json, set_aside_run
-from mnistsum_cli.config import PRESET_DESCRIPTIONS, TrainConfig, preset, preset_for_device
+from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
 
 if TYPE_CHECKING:  # torch loads only when training starts
@@ -65,7 +65,7 @@ def choose_config(
         return saved.with_overrides(**overrides), None
     name = preset_for_device(device_type)
     where = "a GPU" if device_type == "cuda" else "the CPU"
-    notice = f"no --preset: using `{name}` on {where} ({PRESET_DESCRIPTIONS[name]}); --preset NAME picks another"
+    notice = f"no --preset: using `{name}` on {where} ({describe_preset(name)}); --preset NAME picks another"
     return preset(name).with_overrides(**overrides), notice
 
 

@@ -143,8 +143,10 @@ def test_architecture_names_match_the_registry() -> None:
     assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
 
 
-def test_every_preset_has_one_description() -> None:
-    from mnistsum_cli.config import PRESET_DESCRIPTIONS
+def test_every_preset_has_a_one_line_description() -> None:
+    from mnistsum_cli.config import PRESET_NOTES, describe_preset
 
-    assert list(PRESET_DESCRIPTIONS) == list(PRESETS)
-    assert all(description and "\n" not in description for description in PRESET_DESCRIPTIONS.values())
+    assert list(PRESET_NOTES) == list(PRESETS)
+    for name, config in PRESETS.items():
+        description = describe_preset(name)
+        assert description.startswith(f"{config.arch}, {config.epochs} epochs") and "\n" not in description
