@@ -65,7 +65,7 @@ def choose_config(
         return saved.with_overrides(**overrides), None
     name = preset_for_device(device_type)
     where = "a GPU" if device_type == "cuda" else "the CPU"
-    notice = f"no --preset: using `{name}` on {where} ({describe_preset(name)}); --preset NAME picks another"
+    notice = f"no --preset: using `{name}` on {where}: {describe_preset(name)}; --preset NAME picks another"
     return preset(name).with_overrides(**overrides), notice
 
 
