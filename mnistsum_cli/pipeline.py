@@ -229,4 +229,4 @@ def why_it_runs(stage: str, state: StageStatus, force: bool) -> str:
     if state.state == MISSING:
         return f"{stage}: not done yet, running it"
     action = "resuming it" if state.state == INCOMPLETE else "running it"
-    return f"{stage}: {state.state} ({state.detail}), {action}"
+    return f"{stage}: {state.state}: {state.detail}; {action}"
