@@ -236,18 +236,37 @@ def set_aside_run(run: RunDir) -> Optional[Path]:
     target = _unused_folder(run.previous / _run_id_on_disk(run))
     staging = Path(tempfile.mkdtemp(prefix=".moving.", suffix=".tmp", dir=run.previous))
     with interrupts_deferred():
-        moved: list[Path] = []
         try:
-            for path in present:
-                os.rename(path, staging / path.name)
-                moved.append(path)
-            os.rename(staging, target)
-        except BaseException:
-            for path in moved:
-                os.rename(staging / path.name, path)
-            staging.rmdir()
-            raise
+            _move_files(present, staging)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                _move_files([staging / path.name for path in present], run.root)
+                raise
+        finally:
+            if staging.exists():
+                staging.rmdir()
     return target
+
+
+def restore_run(kept: Path, run: RunDir) -> None:
+    """Move a run that set_aside_run kept in `kept` back into `run` (which holds no run files)."""
+    with interrupts_deferred():
+        _move_files(sorted(kept.iterdir()), run.root)
+    kept.rmdir()
+
+
+def _move_files(paths: list[Path], folder: Path) -> None:
+    """Rename each path into `folder`; if one fails, the ones already moved go back."""
+    moved: list[Path] = []
+    try:
+        for path in paths:
+            os.rename(path, folder / path.name)
+            moved.append(path)
+    except BaseException:
+        for path in moved:
+            os.rename(folder / path.name, path)
+        raise
 
 
 def _run_id_on_disk(run: RunDir) -> str:

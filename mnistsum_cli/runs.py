@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DataDir, RunDir, read_json, set_aside_run
+from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DataDir, RunDir, read_json, restore_run, set_aside_run
 from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
 
@@ -99,12 +99,15 @@ def kept_message(previous: Optional[SavedRun], kept: Path) -> str:
     )
 
 
-def interrupted_message(run: RunDir, continue_with: str, kept: Optional[Path]) -> str:
-    """What Ctrl-C left in `run`, read from the saved state, and what to do next."""
+def interrupted_message(run: RunDir, continue_with: str, kept: Optional[Path], restored: bool) -> str:
+    """What Ctrl-C left in `run`, read from the saved state, and what to do next. `kept`: where
+    the previous run is; `restored`: it was put back, as the new run saved nothing."""
+    if restored:
+        return f"interrupted before the first epoch was saved: the previous run is back in {run.root}, unchanged"
     saved = saved_run(run)
     previous = f"; the previous run is kept in {kept}" if kept is not None else ""
     if saved is None:
-        return f"interrupted before the first epoch was saved: no epoch of this run is on disk{previous}"
+        return "interrupted before the first epoch was saved: no epoch of this run is on disk"
     if saved.complete:
         return f"interrupted after the last epoch was saved: all {saved.epoch} epochs are in {run.root}{previous}"
     return (
@@ -127,8 +130,9 @@ def run_training(
     mnist: Optional[Mnist] = None,
 ) -> TrainOutcome:
     """train_model, keeping the user's runs safe: check the inputs before anything moves, set
-    the previous run aside (saying where), warn about too few steps per epoch, and turn
-    Ctrl-C into a message built from what is saved."""
+    the previous run aside (saying where; it comes back if the new run stops before saving an
+    epoch), warn about too few steps per epoch, and turn Ctrl-C into a message built from
+    what is saved."""
     from mnistsum_cli.data import load_dataset
     from mnistsum_cli.train import batching, train_model
 
@@ -147,6 +151,11 @@ def run_training(
     checked = time.perf_counter() - started
     try:
         outcome = train_model(config, data_dir, run, device, resume=resume, reporter=reporter, mnist=mnist)
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(run, continue_with, kept)) from None
+    except BaseException as error:
+        restored = kept is not None and not any(path.exists() for path in run.run_files())
+        if restored:
+            restore_run(kept, run)
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(interrupted_message(run, continue_with, kept, restored)) from None
+        raise
     return replace(outcome, load_seconds=outcome.load_seconds + checked)

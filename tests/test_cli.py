@@ -422,15 +422,12 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
 
 
-def test_ctrl_c_in_the_first_epoch_keeps_the_previous_run_and_says_nothing_is_saved(
-    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A new run stopped before its first epoch is saved has nothing on disk: the message says
-    so (no `--resume`), and the previous run is whole in artifacts/previous/<run id>."""
+def test_ctrl_c_in_the_first_epoch_puts_the_previous_run_back(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run stopped before its first epoch is saved has nothing on disk: the previous run
+    goes back where it was, unchanged, and the message says so (no `--resume`)."""
     from mnistsum_cli import report
 
     artifacts = workdir / "artifacts"
-    run_id = json.loads((artifacts / "train_state.json").read_text())["run_id"]
     before = snapshot(artifacts)
 
     def ctrl_c(self):
@@ -440,11 +437,9 @@ def test_ctrl_c_in_the_first_epoch_keeps_the_previous_run_and_says_nothing_is_sa
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 3)
     assert code == 130
     line = assert_one_line_error(err, out)
-    kept = artifacts / "previous" / run_id
-    assert "no epoch of this run is on disk" in line and "--resume" not in line
-    assert str(Path("artifacts", "previous", run_id)) in line
-    assert snapshot(kept) == before
-    assert not (artifacts / "train_state.json").exists() and not (artifacts / "model.safetensors").exists()
+    assert "before the first epoch was saved: the previous run is back in artifacts" in line and "--resume" not in line
+    assert snapshot(artifacts) == before
+    assert not list((artifacts / "previous").iterdir())
 
 
 def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -223,3 +223,36 @@ def test_interrupted_run_suggests_run_and_run_resumes(
     history = json.loads((workdir / "artifacts" / "history.json").read_text())
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
     assert train_state(run_cli) == "up to date"
+
+
+def test_ctrl_c_in_the_first_epoch_of_a_first_run(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistsum_cli import report
+
+    assert run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)[0] == 0
+
+    def ctrl_c(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report.ProgressReporter, "step", ctrl_c)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)
+    assert code == 130
+    line = assert_one_line_error(err, out)
+    assert "no epoch of this run is on disk" in line and "saved in" not in line and "--resume" not in line
+    assert not (in_tmp / "artifacts" / "train_state.json").exists()
+
+
+def test_a_new_run_that_fails_before_saving_puts_the_previous_run_back(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mnistsum_cli.train
+    from mnistsum_cli.errors import MnistsumError
+
+    def out_of_memory(*args, **kwargs):
+        raise MnistsumError("out of memory")
+
+    before = snapshot(workdir / "artifacts")
+    monkeypatch.setattr(mnistsum_cli.train, "train_epoch", out_of_memory)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 9)
+    assert code == 1
+    assert "out of memory" in assert_one_line_error(err, out)
+    assert snapshot(workdir / "artifacts") == before
