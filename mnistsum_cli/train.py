@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import secrets
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +16,7 @@ from mnistsum_cli.artifacts import (
     CHECKPOINT_FORMAT,
     DataDir,
     RunDir,
+    interrupts_deferred,
     now_iso,
     read_json,
     read_safetensors,
@@ -29,7 +27,7 @@ from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, use_fused_adamw
 from mnistsum_cli.distributed import SINGLE_PROCESS, Group
-from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import predict, save_model
 from mnistsum_cli.models import build_model
@@ -38,13 +36,13 @@ from mnistsum_cli.models import build_model
 class Reporter(Protocol):
     """What train() tells its caller; the CLI draws a progress bar from it."""
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None: ...
     def step(self) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
 class SilentReporter:
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
         pass
 
     def step(self) -> None:
@@ -229,22 +227,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
                 param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so an epoch's files are saved as a whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 def save_epoch(
     run: RunDir,
     model: nn.Module,
@@ -306,8 +288,7 @@ def load_checkpoint(
         raise MnistsumError("the checkpoint was trained on another dataset: start afresh without --resume")
     saved = TrainConfig.from_dict(meta["config"])
     if saved != config:
-        changed = [k for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
-        raise MnistsumError(f"--resume with other settings ({', '.join(changed)}) than the checkpoint's")
+        raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
     weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
     model.load_state_dict(weights)
     load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
@@ -373,7 +354,7 @@ def train(
     }
 
     for epoch in range(state.epoch, config.epochs):
-        reporter.epoch_start(epoch + 1, config.epochs, steps)
+        reporter.epoch_start(epoch + 1, config.epochs, steps, batch_size)
         torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
@@ -422,16 +403,13 @@ def train_model(
     mnist: Optional[Mnist] = None,
     group: Group = SINGLE_PROCESS,
 ) -> TrainOutcome:
-    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last epoch."""
+    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
+    (and propagates: the caller says what is on disk)."""
     started = time.perf_counter()
     data = group.agree(lambda: load_train_data(data_dir, mnist_dir, mnist, device))
     loaded = time.perf_counter()
     try:
         state = train(config, data, run, device, resume=resume, reporter=reporter, group=group)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted: the last completed epoch is saved in {run.root}; continue with `mnistsum train --resume`"
-        ) from None
     except torch.cuda.OutOfMemoryError:
         raise MnistsumError(
             f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"

@@ -65,7 +65,7 @@ def metadata(path: Path, expected_format: str) -> dict[str, Any]:
 def torchrun_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """`torchrun --nproc-per-node 2 -m mnistsum_cli train --cpu` in an empty folder (read-only)."""
     cwd = tmp_path_factory.mktemp("torchrun")
-    result = torchrun(cwd, "train", "--cpu", "--preset", "cpu", "--epochs", 2, "--batch-size", 64, "--data", data_dir, "--out", "artifacts")
+    result = torchrun(cwd, "train", "--cpu", "--preset", "cpu", "--epochs", 2, "--batch-size", 64, "--data", data_dir, "--artifacts", "artifacts")
     return cwd, result
 
 
@@ -124,7 +124,7 @@ def test_other_commands_are_refused_under_torchrun(run_cli, monkeypatch: pytest.
 
 def test_gpu_is_refused_under_torchrun(run_cli, monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> None:
     as_torchrun_rank(monkeypatch, 0)
-    code, out, err = run_cli("train", "--gpu", "0", "--data", data_dir, "--out", tmp_path / "artifacts")
+    code, out, err = run_cli("train", "--gpu", "0", "--data", data_dir, "--artifacts", tmp_path / "artifacts")
     assert code == 2
     assert "--gpu does not go with torchrun" in assert_one_line_error(err, out)
     assert not list(tmp_path.iterdir())

@@ -145,3 +145,19 @@ def test_sum_head_runs_in_fp32_under_autocast(arch: str) -> None:
         digit_logits, sum_logits = model(images, numbers)
     assert sum_logits.dtype == torch.float32
     assert digit_logits.dtype == torch.bfloat16, "autocast did not engage: the test would prove nothing"
+
+
+def test_architecture_names_match_the_registry() -> None:
+    """config.ARCHITECTURE_NAMES lets the CLI check --arch without importing torch."""
+    from mnistsum_cli.config import ARCHITECTURE_NAMES
+
+    assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
+
+
+def test_every_preset_has_a_one_line_description() -> None:
+    from mnistsum_cli.config import PRESET_NOTES, describe_preset
+
+    assert list(PRESET_NOTES) == list(PRESETS)
+    for name, config in PRESETS.items():
+        description = describe_preset(name)
+        assert description.startswith(f"{config.arch}, {config.epochs} epochs") and "\n" not in description
