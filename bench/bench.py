@@ -186,7 +186,7 @@ class TimingReporter:
     def __init__(self, run: RunDir, arch: str, device: torch.device, result: RunResult) -> None:
         self.run, self.arch, self.result, self.clock = run, arch, result, Clock(device)
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
         self.clock.start()
 
     def step(self) -> None:

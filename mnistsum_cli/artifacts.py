@@ -8,20 +8,25 @@ names the stage to rerun.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
+import secrets
+import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.errors import MnistsumError
+
+if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
+    import numpy as np
+    import pyarrow as pa
 
 SPLITS = ("train", "val", "test")
 NUM_DIGITS = 10
@@ -30,14 +35,20 @@ NUM_SUMS = 19  # 0 + 0 .. 9 + 9
 # Which MNIST set each split's image_index points into.
 MNIST_SET_OF_SPLIT = {"train": "train", "val": "train", "test": "test"}
 
-SPLIT_SCHEMA = pa.schema(
-    [
-        pa.field("image_index", pa.uint16(), nullable=False),
-        pa.field("digit", pa.uint8(), nullable=False),
-        pa.field("number", pa.uint8(), nullable=False),
-        pa.field("sum", pa.uint8(), nullable=False),
-    ]
-)
+SPLIT_COLUMNS = ("image_index", "digit", "number", "sum")
+DEFAULT_DATA = Path("data")  # where `prepare` writes and the later stages read, unless --data
+DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stages read, unless --artifacts
+
+
+@functools.cache
+def split_schema() -> pa.Schema:
+    """The Parquet schema of a split: uint16 image_index, uint8 digit, number and sum."""
+    import pyarrow as pa
+
+    types = {"image_index": pa.uint16(), "digit": pa.uint8(), "number": pa.uint8(), "sum": pa.uint8()}
+    return pa.schema([pa.field(name, types[name], nullable=False) for name in SPLIT_COLUMNS])
+
+
 METADATA_KEY = b"mnistsum"
 SPLIT_META_KEYS = ("split", "dataset_id", "mnist_fingerprint", "mnist_root")
 MODEL_FORMAT = "mnistsum-model/1"
@@ -94,6 +105,16 @@ class RunDir:
     def plots_manifest(self) -> Path:
         return self.plots / "manifest.json"
 
+    @property
+    def previous(self) -> Path:
+        """Where earlier runs are kept when a new run starts: previous/<run_id>/."""
+        return self.root / "previous"
+
+    def run_files(self) -> list[Path]:
+        """Everything one training run and the stages after it write here (present or not)."""
+        trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
+        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots]
+
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -104,6 +125,8 @@ def now_iso() -> str:
 
 def fingerprint_arrays(*arrays: np.ndarray) -> str:
     """A short content hash of arrays (dtype, shape and bytes)."""
+    import numpy as np
+
     digest = hashlib.sha256()
     for array in arrays:
         array = np.ascontiguousarray(array)
@@ -118,6 +141,15 @@ def fingerprint_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def plot_inputs(run: RunDir) -> dict[str, Any]:
+    """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
+    return {
+        "history": fingerprint_file(run.history) if run.history.exists() else None,
+        "model": fingerprint_file(run.model) if run.model.exists() else None,
+        "evaluations": {split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()},
+    }
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -145,6 +177,115 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so that a set of files changes as a whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; on success it replaces `folder` as a whole.
+
+    On any error the temporary folder is removed and `folder` is untouched. The swap (two
+    renames) holds Ctrl-C and puts the old folder back if the second rename fails.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        yield staging
+        with interrupts_deferred():
+            old = folder.parent / f".{folder.name}.{secrets.token_hex(4)}.old"
+            if folder.exists():
+                os.rename(folder, old)
+            try:
+                os.rename(staging, folder)
+            except BaseException:
+                if old.exists():
+                    os.rename(old, folder)
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def set_aside_run(run: RunDir) -> Optional[Path]:
+    """Move the run in `run` (weights, checkpoint, history, evaluations, plots) to
+    previous/<run_id>/ and return that folder, or None when there is nothing to keep.
+
+    The files go into a temporary folder that is renamed to its final name only when all are
+    in; Ctrl-C waits until the move is done, and a failed move puts the files back.
+    """
+    present = [path for path in run.run_files() if path.exists()]
+    if not present:
+        return None
+    run.previous.mkdir(parents=True, exist_ok=True)
+    target = _unused_folder(run.previous / _run_id_on_disk(run))
+    staging = Path(tempfile.mkdtemp(prefix=".moving.", suffix=".tmp", dir=run.previous))
+    with interrupts_deferred():
+        try:
+            _move_files(present, staging)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                _move_files([staging / path.name for path in present], run.root)
+                raise
+        finally:
+            if staging.exists():
+                staging.rmdir()
+    return target
+
+
+def restore_run(kept: Path, run: RunDir) -> None:
+    """Move a run that set_aside_run kept in `kept` back into `run` (which holds no run files)."""
+    with interrupts_deferred():
+        _move_files(sorted(kept.iterdir()), run.root)
+    kept.rmdir()
+
+
+def _move_files(paths: list[Path], folder: Path) -> None:
+    """Rename each path into `folder`; if one fails, the ones already moved go back."""
+    moved: list[Path] = []
+    try:
+        for path in paths:
+            os.rename(path, folder / path.name)
+            moved.append(path)
+    except BaseException:
+        for path in moved:
+            os.rename(folder / path.name, path)
+        raise
+
+
+def _run_id_on_disk(run: RunDir) -> str:
+    """The run id its JSON files record, or a time stamp when none is readable."""
+    for path in (run.train_state, run.history, run.config):
+        try:
+            run_id = json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(run_id, str) and run_id.isalnum():
+            return run_id
+    return "unknown-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
+def _unused_folder(path: Path) -> Path:
+    candidate, number = path, 2
+    while candidate.exists():
+        candidate, number = path.with_name(f"{path.name}-{number}"), number + 1
+    return candidate
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
@@ -243,20 +384,29 @@ class Dataset:
 
 def dataset_fingerprint(columns: dict[str, dict[str, np.ndarray]], mnist_fingerprint: str) -> str:
     """Identify a dataset by its rows and the MNIST files they point into."""
-    arrays = [columns[split][name] for split in SPLITS for name in SPLIT_SCHEMA.names]
+    import numpy as np
+
+    arrays = [columns[split][name] for split in SPLITS for name in SPLIT_COLUMNS]
     return fingerprint_arrays(np.frombuffer(mnist_fingerprint.encode(), np.uint8), *arrays)
 
 
 def write_split(path: Path, columns: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = split_schema()
     table = pa.table(
-        {name: pa.array(columns[name], type=SPLIT_SCHEMA.field(name).type) for name in SPLIT_SCHEMA.names},
-        schema=SPLIT_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()}),
+        {name: pa.array(columns[name], type=schema.field(name).type) for name in SPLIT_COLUMNS},
+        schema=schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()}),
     )
     write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_split(data: DataDir, name: str) -> Split:
     """Read and validate one split; any problem names `prepare` as the stage to rerun."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
     path = data.split(name)
     rerun = "rerun `mnistsum prepare`"
     if not path.exists():
@@ -266,7 +416,7 @@ def read_split(data: DataDir, name: str) -> Split:
         columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({_first_line(error)}): {rerun}") from None
-    if not table.schema.remove_metadata().equals(SPLIT_SCHEMA):
+    if not table.schema.remove_metadata().equals(split_schema()):
         raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
     try:
         meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
@@ -281,7 +431,7 @@ def read_split(data: DataDir, name: str) -> Split:
         raise MnistsumError(f"{path} has no rows: {rerun}")
     if any(column.null_count for column in table.columns):
         raise MnistsumError(f"{path} has missing values: {rerun}")
-    columns = {col: table.column(col).to_numpy() for col in SPLIT_SCHEMA.names}
+    columns = {col: table.column(col).to_numpy() for col in SPLIT_COLUMNS}
     problems = [
         ("image_index", columns["image_index"] >= mnist_size, f"outside the MNIST {MNIST_SET_OF_SPLIT[name]} set"),
         ("digit", columns["digit"] > 9, "outside 0-9"),
@@ -309,5 +459,5 @@ def read_dataset(data: DataDir) -> Dataset:
 
 
 def _schema_text() -> str:
-    return ", ".join(f"{field.name}: {field.type}" for field in SPLIT_SCHEMA)
+    return ", ".join(f"{field.name}: {field.type}" for field in split_schema())
 

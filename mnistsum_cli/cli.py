@@ -2,22 +2,28 @@
 
 import json
 import math
+import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Optional
 
 import typer
 
 from mnistsum_cli import __version__, report
-from mnistsum_cli.artifacts import SPLITS, DataDir, RunDir
-from mnistsum_cli.config import DEFAULT_PRESET, PRESETS, TrainConfig, preset
-from mnistsum_cli.devices import select_device
-from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
-from mnistsum_cli.models import ARCHITECTURES
-from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
+from mnistsum_cli.commands import Command, Group
+from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
+from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
+from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
+from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
+
+if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
+    import torch
+
 
 app = typer.Typer(
+    cls=Group,
     name="mnistsum",
     help="Predict the digit in an MNIST image and its sum with a random number 0-9.\n\n"
     "Stages, in order: [bold]prepare[/] → [bold]train[/] → [bold]evaluate[/] → [bold]plot[/]; "
@@ -55,8 +61,14 @@ def _non_negative(value: Optional[float]) -> Optional[float]:
 
 PATHS, DEVICE, SETTINGS = "Paths", "Device", "Training settings (override the preset)"
 
-DataOption = Annotated[Path, typer.Option("--data", help="Folder of the Parquet splits.", rich_help_panel=PATHS)]
-ArtifactsOption = Annotated[Path, typer.Option("--artifacts", help="Folder `train` writes.", rich_help_panel=PATHS)]
+DataOption = Annotated[
+    Path, typer.Option("--data", help="Folder of the Parquet splits (prepare writes it).", rich_help_panel=PATHS)
+]
+ArtifactsOption = Annotated[
+    Path,
+    typer.Option("--artifacts", help="Folder of weights, history, evaluations and plots (train writes it).", rich_help_panel=PATHS),
+]
+OutOption = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated: --data / --artifacts.")]
 MnistDirOption = Annotated[
     Optional[Path],
     typer.Option(
@@ -84,7 +96,8 @@ PresetOption = Annotated[
     typer.Option(
         "--preset",
         callback=_choice(list(PRESETS)),
-        help=f"Named settings: {', '.join(PRESETS)} [default: {DEFAULT_PRESET}].",
+        help="Named settings; without it: default on a GPU, cpu on the CPU.\n\n\b\n"  # \b: keep the line breaks
+        + "\n".join(f"[bold]{name}[/]: {describe_preset(name)}" for name in PRESETS),
         show_default=False,
     ),
 ]
@@ -95,13 +108,15 @@ def _setting(*names: str, **kwargs: Any) -> Any:
 
 
 ArchOption = Annotated[
-    Optional[str], _setting(callback=_choice(list(ARCHITECTURES)), help=f"Architecture: {', '.join(ARCHITECTURES)}.")
+    Optional[str], _setting(callback=_choice(list(ARCHITECTURE_NAMES)), help=f"Architecture: {', '.join(ARCHITECTURE_NAMES)}.")
 ]
-EpochsOption = Annotated[Optional[int], _setting(min=1)]
+EpochsOption = Annotated[Optional[int], _setting(min=1, help="Passes over the training split.")]
 BatchSizeOption = Annotated[Optional[int], _setting(min=2, help="Rows per step (BatchNorm needs 2 or more).")]
 LrOption = Annotated[Optional[float], _setting(callback=_positive, help="Peak learning rate (one-cycle).")]
-WeightDecayOption = Annotated[Optional[float], _setting(callback=_non_negative)]
-LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5)]
+WeightDecayOption = Annotated[
+    Optional[float], _setting(callback=_non_negative, help="AdamW weight decay of conv and linear weights.")
+]
+LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Label smoothing of both losses.")]
 MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
 MaxRotationOption = Annotated[Optional[float], _setting(min=0.0, max=180.0, help="Random-rotation augmentation, ± degrees.")]
 MaxZoomOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Random scaling by 1 ± this.")]
@@ -117,15 +132,28 @@ ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-ch
 CompileOption = Annotated[Optional[bool], _setting("--compile/--no-compile", help="torch.compile the model.")]
 
 
-def _device(gpu: Optional[int], cpu: bool):
+def _device(gpu: Optional[int], cpu: bool) -> "torch.device":
+    from mnistsum_cli.devices import select_device
+
     device, notice = select_device(gpu, cpu)
     if notice:
         report.notice(notice)
     return device
 
 
-def _train_config(preset_name: Optional[str], **overrides: Any) -> TrainConfig:
-    return preset(preset_name or DEFAULT_PRESET).with_overrides(**overrides)
+def _folder(new: Path, new_flag: str, out: Optional[Path], default: Path) -> Path:
+    """The folder of `new_flag`, or of the deprecated --out (with a one-line note)."""
+    if out is None:
+        return new
+    if new != default:
+        raise BadOption(f"--out is the old name of {new_flag}: pass only {new_flag}")
+    report.notice(f"--out is deprecated and will be removed: use {new_flag} {out}")
+    return out
+
+
+def _notice_if(message: Optional[str]) -> None:
+    if message is not None:
+        report.notice(message)
 
 
 def _version(value: bool) -> None:
@@ -136,36 +164,44 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    context: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Predict the digit in an MNIST image and its sum with a random number 0-9."""
+    if _torchrun_rank() is not None and context.invoked_subcommand != "train":
+        raise BadOption(f"`mnistsum {context.invoked_subcommand}` runs in one process: start it without torchrun (only `train` runs under torchrun)")
 
 
 # --------------------------------------------------------------------------- the stages
 
 
-@app.command(epilog="Example: mnistsum prepare --mnist-dir ~/mnist --seed 0 --limit 2000")
+@app.command(cls=Command, epilog="Example: mnistsum prepare --mnist-dir ~/mnist --seed 0 --limit 2000")
 def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the random numbers and the val split.")] = 0,
     val_size: ValSizeOption = DEFAULT_VAL_SIZE,
     limit: LimitOption = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the Parquet splits.", rich_help_panel=PATHS)] = Path("data"),
+    data: DataOption = DEFAULT_DATA,
     mnist_dir: MnistDirOption = None,
+    out: OutOption = None,
 ) -> None:
     """Write the train/val/test Parquet splits (stage 1).
 
     Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into data/. Each row holds image_index, digit, a random number 0-9 and their sum.
     """
+    from mnistsum_cli.mnist import load_mnist, resolve_source
+    from mnistsum_cli.prepare import PrepareOptions
     from mnistsum_cli.prepare import prepare as prepare_stage
 
+    folder = DataDir(_folder(data, "--data", out, DEFAULT_DATA))
     mnist = load_mnist(resolve_source(mnist_dir))
-    columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), DataDir(out))
-    report.prepare_summary(columns, DataDir(out), seed)
+    columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), folder)
+    report.prepare_summary(columns, folder, seed)
 
 
 @app.command(
+    cls=Command,
     epilog="Examples: mnistsum train --gpu 0 · mnistsum train --preset cpu --cpu · "
     "mnistsum train --arch lenet --epochs 5 · mnistsum train --resume"
 )
@@ -185,20 +221,25 @@ def train(
     channels_last: ChannelsLastOption = None,
     compile_model: CompileOption = None,
     deterministic: DeterministicOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out with its settings.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run saved in --artifacts with its settings.")
+    ] = False,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
-    data: DataOption = Path("data"),
-    out: Annotated[Path, typer.Option("--out", help="Folder for weights, history, checkpoints.", rich_help_panel=PATHS)] = Path("artifacts"),
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
+    out: OutOption = None,
 ) -> None:
     """Train the two-headed model (stage 2).
 
-    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from.
+    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts is first moved to <artifacts>/previous/<run id>/.
     """
-    from mnistsum_cli.train import saved_config, train_model
+    from mnistsum_cli.distributed import process_group
+    from mnistsum_cli.runs import choose_config, continue_command, run_training
+    from mnistsum_cli.train import SilentReporter, saved_config
 
-    run = RunDir(out)
+    run = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     overrides = dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         label_smoothing=label_smoothing, max_shift=max_shift, max_rotation=max_rotation,
@@ -210,21 +251,29 @@ def train(
             raise BadOption("--resume continues with the checkpoint's settings: drop --preset")
         saved = saved_config(run)
         if saved is None:
-            raise MnistsumError(f"nothing to resume in {out}: run `mnistsum train` without --resume")
-        config = saved.with_overrides(**overrides)
-    else:
-        config = _train_config(preset_name, **overrides)
-    device = _device(gpu, cpu)
-    with report.ProgressReporter() as reporter:
-        outcome = train_model(config, DataDir(data), run, device, mnist_dir, resume=resume, reporter=reporter)
-    report.train_summary(outcome, run, str(device))
+            raise MnistsumError(f"nothing to resume in {run.root}: run `mnistsum train` without --resume")
+    with process_group(gpu, cpu, notify=report.notice) as (group, device):
+        if resume:
+            config = saved.with_overrides(**overrides)
+        else:
+            config, chosen = choose_config(preset_name, overrides, device.type)
+            if group.is_main:
+                _notice_if(chosen)
+        notify = report.notice if group.is_main else (lambda message: None)  # under torchrun rank 0 alone speaks
+        with report.ProgressReporter() if group.is_main else nullcontext(SilentReporter()) as reporter:
+            outcome = run_training(
+                config, DataDir(data), run, device, resume=resume, continue_with=continue_command("train --resume", run),
+                notify=notify, reporter=reporter, mnist_dir=mnist_dir, group=group,
+            )  # fmt: skip
+        if group.is_main:
+            report.train_summary(outcome, run, f"{device} x {group.world_size} processes" if group.active else str(device))
 
 
-@app.command(epilog="Example: mnistsum evaluate --split test --json > metrics.json")
+@app.command(cls=Command, epilog="Example: mnistsum evaluate --split test --json > metrics.json")
 def evaluate(
     split: SplitOption = "test",
-    data: DataOption = Path("data"),
-    artifacts: ArtifactsOption = Path("artifacts"),
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
@@ -245,10 +294,10 @@ def evaluate(
         report.evaluation_summary(metrics, run.evaluation(split))
 
 
-@app.command(epilog="Example: mnistsum plot --artifacts artifacts")
+@app.command(cls=Command, epilog="Example: mnistsum plot --artifacts artifacts")
 def plot(
-    artifacts: ArtifactsOption = Path("artifacts"),
-    data: DataOption = Path("data"),
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    data: DataOption = DEFAULT_DATA,
     mnist_dir: MnistDirOption = None,
     force: ForceOption = False,
 ) -> None:
@@ -262,19 +311,24 @@ def plot(
 
 
 @app.command(
+    cls=Command,
     epilog="Examples: mnistsum predict seven.png --number 5 · mnistsum predict a.png b.jpg --number 3 --json · "
     "mnistsum predict --index 42 --split test"
 )
 def predict(
     images: Annotated[Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)] = None,
     number: Annotated[
-        Optional[int], typer.Option(min=0, max=9, help="The random number 0-9 to add (with --index: the row's).", show_default=False)
+        Optional[int],
+        typer.Option(
+            min=0, max=9, help="The number 0-9 to add; with --index it replaces the row's number (default: the row's).",
+            show_default=False,
+        ),
     ] = None,
     index: Annotated[Optional[int], typer.Option(min=0, help="Predict row K of --split instead of files.", show_default=False)] = None,
     split: SplitOption = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON: an object for one image, a list for several.")] = False,
-    data: DataOption = Path("data"),
-    artifacts: ArtifactsOption = Path("artifacts"),
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
@@ -305,45 +359,55 @@ def predict(
 # --------------------------------------------------------------------------- the pipeline
 
 
-@app.command(epilog="Example: mnistsum run --mnist-dir ~/mnist --preset cpu --cpu")
+@app.command(cls=Command, epilog="Example: mnistsum run --mnist-dir ~/mnist --preset cpu --cpu")
 def run(
     preset_name: PresetOption = None,
     arch: ArchOption = None,
     epochs: EpochsOption = None,
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of the dataset and of training.")] = 0,
-    val_size: ValSizeOption = DEFAULT_VAL_SIZE,
-    limit: LimitOption = None,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False)
+    ] = None,
+    val_size: Annotated[
+        Optional[int],
+        typer.Option(min=1, help=f"MNIST train images held out for validation (default: the data's, else {DEFAULT_VAL_SIZE}).", show_default=False),
+    ] = None,
+    limit: Annotated[
+        Optional[int], typer.Option(min=1, help="Keep at most N rows per split (default: the data's, else all).", show_default=False)
+    ] = None,
     split: SplitOption = "test",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, up to date or not.")] = False,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
-    data: DataOption = Path("data"),
-    artifacts: ArtifactsOption = Path("artifacts"),
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
 ) -> None:
     """Run prepare → train → evaluate → plot, skipping stages already up to date.
 
-    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; --force redoes them all.
+    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run first moves the previous one to <artifacts>/previous/<run id>/. --force redoes every stage.
     """
-    from mnistsum_cli.pipeline import run_pipeline
+    from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
 
-    config = _train_config(preset_name, arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    folder, run = DataDir(data), RunDir(artifacts)
     device = _device(gpu, cpu)
-    prepare_options = PrepareOptions(seed=seed, val_size=val_size, limit=limit)
+    overrides = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    config, chosen = wanted_config(run, preset_name, overrides, device.type)
+    _notice_if(chosen)
+    prepare_options = wanted_prepare_options(folder, seed, val_size, limit)
     with report.ProgressReporter() as reporter:
         stages = run_pipeline(
-            prepare_options, config, split, DataDir(data), RunDir(artifacts), device, mnist_dir, force, reporter
+            prepare_options, config, split, folder, run, device, report.notice, reporter, mnist_dir, force
         )
         for stage, skipped, result in stages:
-            report.stage_done(stage, skipped, result, DataDir(data), RunDir(artifacts), str(device), seed)
+            report.stage_done(stage, skipped, result, folder, run, str(device), prepare_options.seed)
 
 
-@app.command(epilog="Example: mnistsum status --json")
+@app.command(cls=Command, epilog="Example: mnistsum status --json")
 def status(
-    data: DataOption = Path("data"),
-    artifacts: ArtifactsOption = Path("artifacts"),
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     split: SplitOption = "test",
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
 ) -> None:
@@ -361,16 +425,36 @@ def status(
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Run the CLI; every failure is one line on stderr and an exit code (1 failure, 2 usage, 130 Ctrl-C)."""
+    """Run the CLI; every failure is one line on stderr and an exit code (1 failure, 2 usage,
+    130 Ctrl-C, 141 when the reader of stdout went away, as in `mnistsum evaluate | head`)."""
+    try:
+        _main(argv)
+    except (OutputClosed, BrokenPipeError):
+        _quiet_stdout()
+        sys.exit(OutputClosed.exit_code)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _main(argv: Optional[List[str]]) -> None:
     command = typer.main.get_command(app)
+    quiet = (_torchrun_rank() or 0) != 0  # under torchrun rank 0 alone reports; the ranks agree on errors
     try:
         code = command.main(args=argv, prog_name="mnistsum", standalone_mode=False)
     except MnistsumError as error:
-        report.error(str(error))
+        if not quiet:
+            report.error(str(error))
         sys.exit(error.exit_code)
     except Exception as error:
         if not _is_usage_error(error):
             raise
+        if quiet:
+            sys.exit(error.exit_code)
         if type(error).__name__ == "NoArgsIsHelpError":
             error.show()
         else:
@@ -378,9 +462,17 @@ def main(argv: Optional[List[str]] = None) -> None:
             where = context.command_path if context is not None else "mnistsum"
             report.error(f"{error.format_message()} (see `{where} --help`)")
         sys.exit(error.exit_code)
-    if code == 130:  # Typer turns Ctrl-C outside our handlers into exit code 130
+    if code == 130 and not quiet:  # Typer turns Ctrl-C outside our handlers into exit code 130
         report.error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _torchrun_rank() -> Optional[int]:
+    """This process's rank when torchrun started it, else None (read from the environment
+    torchrun sets: importing torch here would slow down every command)."""
+    if all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return int(os.environ["RANK"])
+    return None
 
 
 def _is_usage_error(error: Exception) -> bool:

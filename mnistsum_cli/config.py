@@ -7,6 +7,10 @@ from typing import Any
 
 from mnistsum_cli.errors import MnistsumError
 
+# The names models.ARCHITECTURES builds, here so that option checks need no torch (a test
+# keeps the two in step).
+ARCHITECTURE_NAMES = ("fastnet", "fastnet-small", "fastnet-wide", "lean", "lenet", "convnet")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -41,9 +45,14 @@ class TrainConfig:
         """Replace the settings given (None means: keep the preset's)."""
         return replace(self, **{key: value for key, value in overrides.items() if value is not None})
 
+    def changes_to(self, other: "TrainConfig") -> list[str]:
+        """The settings `other` changes, as 'name old → new'."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{key} {mine[key]} → {theirs[key]}" for key in mine if mine[key] != theirs[key]]
+
 
 PRESETS: dict[str, TrainConfig] = {
-    # time-to-accuracy on a GPU; also what `mnistsum train` uses with no --preset
+    # time-to-accuracy on a GPU; what `mnistsum train` uses there with no --preset
     "default": TrainConfig(),
     # the CPU setting: lean, 2 epochs, no shifts; on 2 cores (AMD EPYC, AVX2) 9.0-9.3 s of
     # training loop, 13-14 s for `mnistsum train`, 99.09-99.21 % test digit / 99.06-99.22 % sum (seeds 0-4)
@@ -57,6 +66,28 @@ PRESETS: dict[str, TrainConfig] = {
     "convnet": TrainConfig(arch="convnet", epochs=8, batch_size=128, lr=2e-3, max_shift=0),
 }
 DEFAULT_PRESET = "default"
+
+# What each preset is for and roughly how long it takes (the times measured in README's
+# Performance section); describe_preset adds the settings themselves.
+PRESET_NOTES: dict[str, str] = {
+    "default": "for a GPU; about 15 min on 2 CPU cores",
+    "cpu": "quick; about 10 s of training on 2 CPU cores",
+    "cpu-v1": "the cpu preset before issue 12; 0.5-1 min on 2 CPU cores",
+    "best": "label smoothing 0.1; about 20 min on 2 CPU cores",
+    "lenet": "seed 000's network; about 14 min on 2 CPU cores",
+    "convnet": "seed 002's network; about 25 min on 2 CPU cores",
+}
+
+
+def describe_preset(name: str) -> str:
+    """One line for --help and notices: the preset's main settings and its note."""
+    config = PRESETS[name]
+    return f"{config.arch}, {config.epochs} epochs, batch {config.batch_size} ({PRESET_NOTES[name]})"
+
+
+def preset_for_device(device_type: str) -> str:
+    """The preset used when none is named: the default on a GPU, the quick one on the CPU."""
+    return DEFAULT_PRESET if device_type == "cuda" else "cpu"
 
 
 def preset(name: str) -> TrainConfig:

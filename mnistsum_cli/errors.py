@@ -17,3 +17,10 @@ class Interrupted(MnistsumError):
     """Ctrl-C, after the work done so far was saved (exit code 130)."""
 
     exit_code = 130
+
+
+class OutputClosed(Exception):
+    """The reader of stdout went away (`mnistsum evaluate | head`): exit quietly with
+    128 + SIGPIPE, as Unix tools do."""
+
+    exit_code = 141

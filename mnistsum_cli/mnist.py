@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
+    import numpy as np
 
 from mnistsum_cli.artifacts import fingerprint_arrays
 from mnistsum_cli.errors import MnistsumError
@@ -66,6 +68,7 @@ def _torchvision_root(folder: Path) -> Path:
 
 def load_mnist(source: MnistSource) -> Mnist:
     """Read both MNIST sets with torchvision.datasets.MNIST, downloading when allowed."""
+    import numpy as np
     from torchvision.datasets import MNIST
 
     if not source.download:
@@ -99,6 +102,8 @@ def _load_failure(source: MnistSource, error: Exception) -> str:
 
 
 def _check_set(source: MnistSource, name: str, images: np.ndarray, labels: np.ndarray) -> None:
+    import numpy as np
+
     where = f"MNIST {name} set in {source.raw_dir}"
     if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
         raise MnistsumError(f"{where}: images are {images.dtype} {images.shape}, expected uint8 N x 28 x 28")

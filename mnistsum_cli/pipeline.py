@@ -1,12 +1,14 @@
-"""`status` and `run`: which stages are up to date with their inputs, and running the rest."""
+"""`status` and `run`: which stages are up to date with their inputs, and running the rest.
+
+Both judge a stage the same way: `status` against the artifacts as they are, `run` against
+what its flags ask for, where a flag left out keeps what the artifacts were made with.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.artifacts import (
     MODEL_FORMAT,
@@ -15,17 +17,21 @@ from mnistsum_cli.artifacts import (
     Dataset,
     RunDir,
     fingerprint_file,
+    plot_inputs,
     read_dataset,
     read_json,
     read_safetensors,
 )
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.evaluate import evaluate_model
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.plot import plot, plot_inputs
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.train import Reporter, SilentReporter, train_model
+from mnistsum_cli.mnist import MnistSource, resolve_source
+from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
+from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
+
+if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
+    import torch
+
+    from mnistsum_cli.train import Reporter
 
 MISSING, CURRENT, STALE, INCOMPLETE, INVALID = "missing", "up to date", "stale", "incomplete", "invalid"
 
@@ -83,12 +89,12 @@ def train_status(run: RunDir, dataset: Optional[Dataset], wanted: Optional[Train
     }
     if dataset is None or meta.get("dataset_id") != dataset.dataset_id:
         return StageStatus("train", STALE, "trained on another dataset", artifacts, figures)
-    if counters["epoch"] < config.epochs:
-        detail = f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume`"
-        return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
     if wanted is not None and wanted != config:
-        changed = [key for key, value in wanted.to_dict().items() if config.to_dict()[key] != value]
-        return StageStatus("train", STALE, f"trained with other settings ({', '.join(changed)})", artifacts, figures)
+        detail = f"trained with other settings ({', '.join(config.changes_to(wanted))})"
+        return StageStatus("train", STALE, detail, artifacts, figures)
+    if counters["epoch"] < config.epochs:
+        detail = f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
+        return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
     return StageStatus("train", CURRENT, f"{config.arch}, {counters['epoch']} epochs", artifacts, figures)
 
 
@@ -136,6 +142,38 @@ def status(data: DataDir, run: RunDir, split: str = "test") -> list[StageStatus]
     return [prepare_status(data), train_status(run, dataset), evaluate_status(run, dataset, split), plot_status(run)]
 
 
+def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optional[int], limit: Optional[int]) -> PrepareOptions:
+    """The prepare flags given; each one left out keeps the value the data folder was made
+    with (the default when there is no valid dataset)."""
+    try:
+        meta = read_dataset(data).meta
+    except MnistsumError:
+        meta = {"seed": 0, "val_size": DEFAULT_VAL_SIZE, "limit": None}
+    return PrepareOptions(
+        seed=meta["seed"] if seed is None else seed,
+        val_size=meta["val_size"] if val_size is None else val_size,
+        limit=meta["limit"] if limit is None else limit,
+    )
+
+
+def mnist_source(data: DataDir, mnist_dir: Optional[Path]) -> MnistSource:
+    """--mnist-dir when given, else the folder the data in `data` was prepared from, else the
+    download folder."""
+    if mnist_dir is None:
+        try:
+            return MnistSource(root=Path(read_dataset(data).meta["mnist_root"]), download=False)
+        except MnistsumError:
+            pass
+    return resolve_source(mnist_dir)
+
+
+def wanted_config(run: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: str) -> tuple[TrainConfig, Optional[str]]:
+    """The training settings `run` asks for: the named preset, else the saved run's, else the
+    device's preset; flags override. Also a notice when the preset was chosen for the user."""
+    saved = saved_run(run)
+    return choose_config(preset_name, overrides, device_type, saved.config if saved else None)
+
+
 def run_pipeline(
     prepare_options: PrepareOptions,
     config: TrainConfig,
@@ -143,20 +181,30 @@ def run_pipeline(
     data: DataDir,
     run: RunDir,
     device: torch.device,
+    notify: Callable[[str], None],
+    reporter: Reporter,
     mnist_dir: Optional[Path] = None,
     force: bool = False,
-    reporter: Reporter = SilentReporter(),
 ) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
     """prepare → train → evaluate → plot, skipping stages that are up to date (unless forced).
 
-    Yields (stage, the status that made it skip or None, what the stage returned). An
-    interrupted training run with the same settings is resumed rather than restarted.
+    Yields (stage, the status that made it skip or None, what the stage returned). Before a
+    stage runs, `notify` hears why. An interrupted training run with the same settings is
+    resumed; a new run sets the previous one aside.
     """
-    mnist = load_mnist(resolve_source(mnist_dir))
+    from mnistsum_cli.evaluate import evaluate_model
+    from mnistsum_cli.mnist import load_mnist
+    from mnistsum_cli.plot import plot
+    from mnistsum_cli.prepare import prepare
+
+    mnist = load_mnist(mnist_source(data, mnist_dir))
 
     def train_stage(state: StageStatus) -> Any:
-        resume = state.state == INCOMPLETE and not force and _saved_config(run) == config
-        return train_model(config, data, run, device, resume=resume, reporter=reporter, mnist=mnist)
+        resume = state.state == INCOMPLETE and not force
+        return run_training(
+            config, data, run, device, resume=resume, continue_with=continue_command("run", run),
+            notify=notify, reporter=reporter, mnist=mnist,
+        )  # fmt: skip
 
     stages = [
         ("prepare", lambda: prepare_status(data, prepare_options, mnist.fingerprint),
@@ -169,10 +217,16 @@ def run_pipeline(
     for stage, check, act in stages:
         state = check()
         if force or not state.current:
+            notify(why_it_runs(stage, state, force))
             yield stage, None, act(state)
         else:
             yield stage, state, None
 
 
-def _saved_config(run: RunDir) -> TrainConfig:
-    return TrainConfig.from_dict(read_json(run.train_state, stage="train")["config"])
+def why_it_runs(stage: str, state: StageStatus, force: bool) -> str:
+    if force:
+        return f"{stage}: --force, running it"
+    if state.state == MISSING:
+        return f"{stage}: not done yet, running it"
+    action = "resuming it" if state.state == INCOMPLETE else "running it"
+    return f"{stage}: {state.state}: {state.detail}; {action}"

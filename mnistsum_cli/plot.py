@@ -1,4 +1,8 @@
-"""Stage 4: loss and accuracy curves, and confusion heatmaps of the evaluations (PNG)."""
+"""Stage 4: loss and accuracy curves, confusion heatmaps and galleries of the evaluations (PNG).
+
+Every input is checked before anything is drawn; the figures are drawn into a temporary
+folder that replaces plots/ only when all of them (and the manifest) are written.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
 
 from mnistsum_cli.artifacts import (  # noqa: E402
     MNIST_SET_OF_SPLIT,
@@ -19,9 +24,10 @@ from mnistsum_cli.artifacts import (  # noqa: E402
     DataDir,
     RunDir,
     fingerprint_file,
+    plot_inputs,
     read_json,
     read_safetensors,
-    write_atomic,
+    staged_folder,
     write_json,
 )
 from mnistsum_cli.data import load_dataset  # noqa: E402
@@ -30,18 +36,17 @@ from mnistsum_cli.mnist import Mnist  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
+WRONG_DIGIT_COLOUR = "firebrick"
 
 
-def save_figure(figure: plt.Figure, path: Path) -> Path:
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(figure)
-    return path
-
-
-def curves(history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, title: str, scale: float = 1.0) -> plt.Figure:
+def curves(
+    history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, title: str, scale: float = 1.0, share_y: bool = False
+) -> plt.Figure:
     """One panel per (history key without its split, label): train and val lines over the epochs."""
     epochs = [record["epoch"] for record in history["epochs"]]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=share_y, layout="constrained"
+    )
     for axis, (key, label) in zip(axes[0], panels):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [record[f"{split}_{key}"] * scale for record in history["epochs"]]
@@ -51,21 +56,31 @@ def curves(history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, 
         axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(ylabel)
+        axis.yaxis.set_tick_params(labelleft=True)  # shared y: keep the numbers on every panel
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle(title)
+    figure.suptitle(title + incomplete_note(history))
     return figure
 
 
+def incomplete_note(history: dict[str, Any]) -> str:
+    """' (incomplete: 3 of 10 epochs)' for a run that stopped early, else ''."""
+    done, planned = len(history["epochs"]), history.get("config", {}).get("epochs", 0)
+    return f" (incomplete: {done} of {planned} epochs)" if done < planned else ""
+
+
 def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
+    """Counts on a log colour scale (empty cells blank); the colour bar is labelled in counts."""
     counts = np.asarray(matrix)
     size = len(counts)
     figure, axis = plt.subplots(figsize=(4 + 0.35 * size, 3.5 + 0.35 * size))
-    image = axis.imshow(np.log1p(counts), cmap="Blues")
+    colours = plt.get_cmap("Blues").with_extremes(bad="white")
+    norm = LogNorm(vmin=1, vmax=max(10, int(counts.max())))
+    image = axis.imshow(np.ma.masked_equal(counts, 0), cmap=colours, norm=norm)
     for row in range(size):
         for col in range(size):
             if counts[row, col]:
-                bright = np.log1p(counts[row, col]) > 0.6 * np.log1p(counts.max())
+                bright = np.log(counts[row, col]) > 0.6 * np.log(norm.vmax)
                 axis.text(col, row, str(counts[row, col]), ha="center", va="center",
                           fontsize=7, color="white" if bright else "black")  # fmt: skip
     axis.set_xticks(range(size))
@@ -73,14 +88,17 @@ def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(title)
-    figure.colorbar(image, ax=axis, label="log(1 + count)")
+    bar = figure.colorbar(image, ax=axis, label="rows (log scale)")
+    bar.ax.yaxis.set_major_locator(LogLocator(base=10))
+    bar.ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     return figure
 
 
 def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, columns: int = 8) -> plt.Figure:
-    """Misclassified rows: each image with its number, true and predicted digit and sum."""
+    """Misclassified rows: each image with its number, true and predicted digit and sum; a
+    wrong digit is captioned in red, a right digit with a wrong sum in black."""
     rows = -(-len(examples) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.4), squeeze=False, layout="constrained")
     for axis in axes.flat:
         axis.axis("off")
     for axis, example, image in zip(axes.flat, examples, images):
@@ -90,9 +108,13 @@ def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, colu
             f"+{example['number']}: digit {example['digit']}→{example['predicted_digit']}\n"
             f"sum {example['sum']}→{example['predicted_sum']}",
             fontsize=7,
-            color="black" if digit_ok else "firebrick",
+            color="black" if digit_ok else WRONG_DIGIT_COLOUR,
         )
     figure.suptitle(title)
+    figure.supxlabel(
+        "red caption: the digit is wrong (and so the sum);  black caption: the digit is right, the sum is wrong",
+        fontsize=8,
+    )
     return figure
 
 
@@ -114,15 +136,6 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
     return evaluations
 
 
-def plot_inputs(run: RunDir) -> dict[str, Any]:
-    """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
-    return {
-        "history": fingerprint_file(run.history) if run.history.exists() else None,
-        "model": fingerprint_file(run.model) if run.model.exists() else None,
-        "evaluations": {split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()},
-    }
-
-
 def plot(
     run: RunDir,
     force: bool = False,
@@ -130,8 +143,9 @@ def plot(
     mnist_dir: Optional[Path] = None,
     mnist: Optional[Mnist] = None,
 ) -> list[Path]:
-    """Draw every plot the artifacts allow; returns the paths written. The gallery needs the
-    images: from `mnist` when already loaded, else through the dataset in `data`."""
+    """Check every input, draw every plot the artifacts allow, then publish them together as
+    plots/; returns the paths written. The gallery needs the images: from `mnist` when already
+    loaded, else through the dataset in `data`."""
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     if history.get("run_id") != model_meta.get("run_id") and not force:
@@ -140,33 +154,50 @@ def plot(
         )
     if not history.get("epochs"):
         raise MnistsumError(f"{run.history} has no epochs: rerun `mnistsum train`")
-    arch = model_meta.get("arch", "?")
-    written = [
-        save_figure(
-            curves(history, [("digit_loss", "digit head"), ("sum_loss", "sum head"), ("loss", "total (digit + sum)")],
-                   "cross-entropy", f"Loss per epoch ({arch})"),  # fmt: skip
-            run.plots / "loss.png",
-        ),
-        save_figure(
-            curves(history, [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")], "accuracy (%)",
-                   f"Accuracy per epoch ({arch})", scale=100),  # fmt: skip
-            run.plots / "accuracy.png",
-        ),
-    ]
     evaluations = current_evaluations(run, model_meta, force)
+    galleries = {}
+    if data is not None:
+        galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
+        if galleries:
+            _, mnist = load_dataset(data, mnist_dir, mnist)
+    inputs = plot_inputs(run)
+
+    figures: dict[str, plt.Figure] = {}
+    try:
+        draw_all(figures, history, model_meta.get("arch", "?"), evaluations, galleries, mnist)
+        with staged_folder(run.plots) as staging:
+            for name, figure in figures.items():
+                figure.savefig(staging / name, format="png", dpi=120, bbox_inches="tight")
+            write_json(staging / run.plots_manifest.name, {"inputs": inputs, "files": list(figures)})
+    finally:
+        for figure in figures.values():
+            plt.close(figure)
+    return [run.plots / name for name in figures]
+
+
+def draw_all(
+    figures: dict[str, plt.Figure],
+    history: dict[str, Any],
+    arch: str,
+    evaluations: dict[str, dict[str, Any]],
+    galleries: dict[str, list[dict[str, Any]]],
+    mnist: Optional[Mnist],
+) -> None:
+    """Draw every figure into `figures` (file name → figure), so the caller can close them all."""
+    figures["loss.png"] = curves(
+        history, [("digit_loss", "digit head"), ("sum_loss", "sum head"), ("loss", "total (digit + sum)")],
+        "cross-entropy", f"Loss per epoch ({arch})",
+    )  # fmt: skip
+    figures["accuracy.png"] = curves(
+        history, [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")], "accuracy (%)",
+        f"Accuracy per epoch ({arch})", scale=100, share_y=True,
+    )  # fmt: skip
     for split, metrics in evaluations.items():
         for head, label in HEADS:
             title = f"{label} confusion, {split} split (accuracy {100 * metrics[f'{head}_accuracy']:.2f}%)"
-            written.append(save_figure(heatmap(metrics[f"{head}_confusion"], title), run.plots / f"confusion_{head}_{split}.png"))
-    if data is not None and any(metrics["misclassified"] for metrics in evaluations.values()):
-        _, mnist = load_dataset(data, mnist_dir, mnist)
-        for split, metrics in evaluations.items():
-            examples = metrics["misclassified"][:GALLERY_SIZE]
-            if not examples:
-                continue
-            images = mnist.images[MNIST_SET_OF_SPLIT[split]][[example["image_index"] for example in examples]]
-            title = (f"{split} rows with a wrong digit or sum: {len(examples)} of {metrics['misclassified_count']} "
-                     "(+number: true→predicted)")  # fmt: skip
-            written.append(save_figure(gallery(examples, images, title), run.plots / f"misclassified_{split}.png"))
-    write_json(run.plots_manifest, {"inputs": plot_inputs(run), "files": [path.name for path in written]})
-    return written
+            figures[f"confusion_{head}_{split}.png"] = heatmap(metrics[f"{head}_confusion"], title)
+    for split, examples in galleries.items():
+        images = mnist.images[MNIST_SET_OF_SPLIT[split]][[example["image_index"] for example in examples]]
+        title = (f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']} "
+                 "(+number: true→predicted)")  # fmt: skip
+        figures[f"misclassified_{split}.png"] = gallery(examples, images, title)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
+    import numpy as np
 
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, SPLITS, DataDir, dataset_fingerprint, now_iso, write_split
@@ -33,6 +35,8 @@ class PrepareOptions:
 
 def build_splits(mnist: Mnist, options: PrepareOptions) -> dict[str, dict[str, np.ndarray]]:
     """Rows of each split: image_index, digit, number, sum; a pure function of MNIST and options."""
+    import numpy as np
+
     n_train = mnist.sizes["train"]
     if options.val_size >= n_train:
         raise MnistsumError(

@@ -6,19 +6,40 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.errors import OutputClosed
 
-if TYPE_CHECKING:  # imported for annotations only: they pull in torch and matplotlib
+if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch and matplotlib
+    import numpy as np
+
     from mnistsum_cli.pipeline import StageStatus
     from mnistsum_cli.train import TrainOutcome
 
-console = Console(highlight=False)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich exits with code 1 here; let the CLI exit as a Unix tool does (errors.OutputClosed)."""
+        self.quiet = True
+        raise OutputClosed()
+
+
+console = _Console(highlight=False)
 error_console = Console(stderr=True, highlight=False)
 
 
@@ -59,6 +80,8 @@ def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], data: DataD
 
 def histogram(values: np.ndarray, bins: int) -> str:
     """A one-line bar chart of the counts of 0..bins-1."""
+    import numpy as np
+
     counts = np.bincount(values.astype(np.int64), minlength=bins)
     blocks = " ▁▂▃▄▅▆▇█"
     top = counts.max() or 1
@@ -68,41 +91,68 @@ def histogram(values: np.ndarray, bins: int) -> str:
 # --------------------------------------------------------------------------- train
 
 
+class ImagesPerSecond(ProgressColumn):
+    """Images per second of a task whose steps are batches of task.fields["batch_size"] images."""
+
+    def render(self, task: Task) -> Text:
+        batch_size = task.fields.get("batch_size")
+        if not batch_size:
+            return Text("")
+        speed = task.speed
+        return Text("… img/s" if speed is None else f"{speed * batch_size:,.0f} img/s")
+
+
 class ProgressReporter:
-    """A rich progress bar while an epoch runs, then a one-line summary of it."""
+    """While training: a run line (epoch k of n, elapsed, remaining) over a bar of the epoch's
+    steps (images/s, elapsed, remaining); after each epoch a one-line summary of it."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
         self.epochs = 0
+        self.steps = 0
 
     def __enter__(self) -> "ProgressReporter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.epochs = epochs
-        self.progress = Progress(
-            TextColumn(f"[bold]epoch {epoch}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("steps"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.task = self.progress.add_task("train", total=steps)
-        self.progress.start()
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
+        self.epochs, self.steps = epochs, steps
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[unit]}"),
+                ImagesPerSecond(),
+                TimeElapsedColumn(),
+                TextColumn("elapsed,"),
+                TimeRemainingColumn(),
+                TextColumn("remaining"),
+                console=console,
+                transient=True,
+            )
+            self.run_task = self.progress.add_task("", total=epochs, completed=epoch - 1, unit="epochs done")
+            self.progress.start()
+        self.progress.update(self.run_task, description=f"[bold]epoch {epoch} of {epochs}[/]")
+        self.epoch_task = self.progress.add_task("  steps", total=steps, unit="steps", batch_size=batch_size)
 
     def step(self) -> None:
-        self.progress.advance(self.task)
+        self.progress.advance(self.epoch_task)
+        self.progress.advance(self.run_task, 1 / self.steps)
 
     def epoch_end(self, record: dict[str, Any]) -> None:
-        self.progress.stop()
-        self.progress = None
-        console.print(epoch_line(record, self.epochs), soft_wrap=True)
+        self.progress.remove_task(self.epoch_task)
+        self.progress.update(self.run_task, completed=record["epoch"])
+        self.progress.console.print(epoch_line(record, self.epochs), soft_wrap=True)
+        if record["epoch"] == self.epochs:
+            self.stop()
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:

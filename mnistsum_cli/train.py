@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import secrets
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +16,7 @@ from mnistsum_cli.artifacts import (
     CHECKPOINT_FORMAT,
     DataDir,
     RunDir,
+    interrupts_deferred,
     now_iso,
     read_json,
     read_safetensors,
@@ -28,7 +26,8 @@ from mnistsum_cli.artifacts import (
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, use_fused_adamw
-from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
+from mnistsum_cli.distributed import SINGLE_PROCESS, Group
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import predict, save_model
 from mnistsum_cli.models import build_model
@@ -37,13 +36,13 @@ from mnistsum_cli.models import build_model
 class Reporter(Protocol):
     """What train() tells its caller; the CLI draws a progress bar from it."""
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None: ...
     def step(self) -> None: ...
     def epoch_end(self, record: dict[str, Any]) -> None: ...
 
 
 class SilentReporter:
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
         pass
 
     def step(self) -> None:
@@ -112,8 +111,10 @@ def train_epoch(
     config: TrainConfig,
     epoch: int,
     reporter: Reporter,
+    group: Group = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy."""
+    """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy.
+    Every rank draws the same permutation and augmentation and trains on its share of each batch."""
     device = data.images.device
     dtype = autocast_dtype(device, config.amp)
     batch_size, steps = batching(len(data), config)
@@ -124,10 +125,11 @@ def train_epoch(
     model.train()
     for step in range(steps):
         rows = order[step * batch_size : (step + 1) * batch_size]
-        images = normalise(augment(data.images[rows], config, generator))
+        images = normalise(group.shard(augment(data.images[rows], config, generator)))
+        rows = group.shard(rows)
         digits, sums = data.digits[rows], data.sums[rows]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch * steps + step, total_steps, config)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr_at(epoch * steps + step, total_steps, config)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             digit_logits, sum_logits = step_model(images, data.numbers[rows])
         digit_loss = nn.functional.cross_entropy(digit_logits.float(), digits, label_smoothing=config.label_smoothing)
@@ -139,13 +141,14 @@ def train_epoch(
         with torch.no_grad():
             totals += torch.stack(
                 [
-                    digit_loss.detach() * batch_size,
-                    sum_loss.detach() * batch_size,
+                    digit_loss.detach() * len(rows),
+                    sum_loss.detach() * len(rows),
                     (digit_logits.argmax(1) == digits).sum(),
                     (sum_logits.argmax(1) == sums).sum(),
                 ]
             )
         reporter.step()
+    group.all_reduce_sum(totals)
     digit_loss, sum_loss, digit_accuracy, sum_accuracy = (totals / (steps * batch_size)).tolist()
     return {
         "train_digit_loss": digit_loss,
@@ -156,16 +159,21 @@ def train_epoch(
     }
 
 
-def measure(model: nn.Module, split: SplitTensors, config: TrainConfig, prefix: str) -> dict[str, float]:
-    predictions = predict(model, split)
-    digit_loss, sum_loss, digit_accuracy, sum_accuracy = torch.stack(
+def measure(
+    model: nn.Module, split: SplitTensors, config: TrainConfig, prefix: str, group: Group = SINGLE_PROCESS
+) -> dict[str, float]:
+    """Losses and accuracies over a split; each rank predicts its share, the sums are all-reduced."""
+    shard = group.shard_split(split)
+    predictions = predict(model, shard)
+    totals = torch.stack(
         [
-            predictions.digit_loss.mean(),
-            predictions.sum_loss.mean(),
-            (predictions.digit == split.digits).float().mean(),
-            (predictions.sum == split.sums).float().mean(),
+            predictions.digit_loss.sum(),
+            predictions.sum_loss.sum(),
+            (predictions.digit == shard.digits).sum().float(),
+            (predictions.sum == shard.sums).sum().float(),
         ]
-    ).tolist()
+    )
+    digit_loss, sum_loss, digit_accuracy, sum_accuracy = (group.all_reduce_sum(totals) / len(split)).tolist()
     return {
         f"{prefix}_digit_loss": digit_loss,
         f"{prefix}_sum_loss": sum_loss,
@@ -219,22 +227,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
                 param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so an epoch's files are saved as a whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
 def save_epoch(
     run: RunDir,
     model: nn.Module,
@@ -245,9 +237,10 @@ def save_epoch(
     state: RunState,
     improved: bool,
     run_info: dict[str, Any],
+    group: Group = SINGLE_PROCESS,
 ) -> None:
     """Write model (when val improved), checkpoint, history, counters and run config: all or none."""
-    common = {"run_id": state.run_id, "dataset_id": data.dataset_id, "config": config.to_dict()}
+    common = {"run_id": state.run_id, "dataset_id": data.dataset_id, "config": config.to_dict(), **group.describe()}
     with interrupts_deferred():
         if improved:
             best = state.history[state.best_epoch - 1]
@@ -295,8 +288,7 @@ def load_checkpoint(
         raise MnistsumError("the checkpoint was trained on another dataset: start afresh without --resume")
     saved = TrainConfig.from_dict(meta["config"])
     if saved != config:
-        changed = [k for k, v in saved.to_dict().items() if config.to_dict()[k] != v]
-        raise MnistsumError(f"--resume with other settings ({', '.join(changed)}) than the checkpoint's")
+        raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
     weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
     model.load_state_dict(weights)
     load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
@@ -329,21 +321,26 @@ def train(
     device: torch.device,
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
+    group: Group = SINGLE_PROCESS,
 ) -> RunState:
-    """Train for config.epochs (continuing a saved run when resume); returns the run's state."""
+    """Train for config.epochs (continuing a saved run when resume); returns the run's state.
+    Under torchrun every rank calls this; rank 0 alone writes the run folder."""
     torch.manual_seed(config.seed)
     configure_reproducibility(device, config.deterministic)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
     model = build_model(config.arch).to(device, memory_format=memory_format)
-    step_model = torch.compile(model) if config.compile else model
+    batch_size, steps = batching(len(data.train), config)
+    group.check_batch(batch_size)
+    step_model = group.wrap(model)
+    step_model = torch.compile(step_model) if config.compile else step_model
     optimizer = make_optimizer(model, config, device)
     dtype = autocast_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     if resume:
-        state = load_checkpoint(run, model, optimizer, scaler, config, data)
+        state = group.agree(lambda: load_checkpoint(run, model, optimizer, scaler, config, data))
     else:
-        state = RunState(run_id=secrets.token_hex(8), epoch=0, best_epoch=0, history=[])
+        state = RunState(run_id=group.broadcast_text(secrets.token_hex(8)), epoch=0, best_epoch=0, history=[])
     run_info = {
         "run_id": state.run_id,
         "dataset_id": data.dataset_id,
@@ -353,26 +350,39 @@ def train(
         "torch_version": torch.__version__,
         "package_version": __version__,
         "started_at": now_iso(),
+        **group.describe(),
     }
 
-    _, steps = batching(len(data.train), config)
     for epoch in range(state.epoch, config.epochs):
-        reporter.epoch_start(epoch + 1, config.epochs, steps)
+        reporter.epoch_start(epoch + 1, config.epochs, steps, batch_size)
         torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
-        record.update(train_epoch(model, step_model, optimizer, scaler, data.train, config, epoch, reporter))
-        record.update(measure(model, data.val, config, "val"))
+        record.update(train_epoch(model, step_model, optimizer, scaler, data.train, config, epoch, reporter, group))
+        group.average_buffers(model)
+        record.update(measure(model, data.val, config, "val", group))
         record["seconds"] = time.perf_counter() - started
+        record["world_size"] = group.world_size
         state.history.append(record)
         state.epoch = epoch + 1
         best = state.history[state.best_epoch - 1] if state.best_epoch else None
         improved = best is None or selection_score(record) >= selection_score(best)
         if improved:
             state.best_epoch = state.epoch
-        save_epoch(run, model, optimizer, scaler, config, data, state, improved, run_info)
+        if group.is_main:
+            save_epoch(run, model, optimizer, scaler, config, data, state, improved, run_info, group)
         reporter.epoch_end(record)
     return state
+
+
+def load_train_data(data_dir: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist], device: torch.device) -> TrainData:
+    """The train and val splits on `device`, checked against the MNIST they index."""
+    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+    return TrainData(
+        train=split_tensors(dataset, mnist, "train", device),
+        val=split_tensors(dataset, mnist, "val", device),
+        dataset_id=dataset.dataset_id,
+    )
 
 
 @dataclass(frozen=True)
@@ -391,22 +401,15 @@ def train_model(
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
     mnist: Optional[Mnist] = None,
+    group: Group = SINGLE_PROCESS,
 ) -> TrainOutcome:
-    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last epoch."""
+    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
+    (and propagates: the caller says what is on disk)."""
     started = time.perf_counter()
-    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
-    data = TrainData(
-        train=split_tensors(dataset, mnist, "train", device),
-        val=split_tensors(dataset, mnist, "val", device),
-        dataset_id=dataset.dataset_id,
-    )
+    data = group.agree(lambda: load_train_data(data_dir, mnist_dir, mnist, device))
     loaded = time.perf_counter()
     try:
-        state = train(config, data, run, device, resume=resume, reporter=reporter)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted: the last completed epoch is saved in {run.root}; continue with `mnistsum train --resume`"
-        ) from None
+        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group)
     except torch.cuda.OutOfMemoryError:
         raise MnistsumError(
             f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"

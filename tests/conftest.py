@@ -135,9 +135,10 @@ def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> C
 
 
 def assert_one_line_error(err: str, out: str = "") -> str:
-    """stderr is exactly one line starting with 'error:', and nothing looks like a traceback."""
+    """stderr is exactly one line starting with 'error:' (after any 'note:' lines), and nothing
+    looks like a traceback."""
     assert "Traceback" not in err and "Traceback" not in out, err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("note:")]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
     assert lines[0].startswith("error:"), lines[0]
     return lines[0]
@@ -194,8 +195,8 @@ def trained(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> 
     data, artifacts = root / "data", root / "artifacts"
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
-        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--out", data) == 0
-        assert _main("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", data, "--out", artifacts) == 0
+        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--data", data) == 0
+        assert _main("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", data, "--artifacts", artifacts) == 0
         assert _main("evaluate", "--cpu", "--data", data, "--artifacts", artifacts) == 0
     return root
 

@@ -115,7 +115,7 @@ class PhaseReporter:
         self.ops_per_step: list[int] = []
         self._mark = 0
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
         self.log.phase, self.steps_left, self._mark = "step", steps, len(self.log.ops)
 
     def step(self) -> None:

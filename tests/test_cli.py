@@ -14,6 +14,7 @@ import torch
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import METADATA_KEY
+from mnistsum_cli.config import PRESETS
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 
 
@@ -89,7 +90,7 @@ def test_prepare_train_evaluate_plot(fake_mnist: FakeMnist, in_tmp: Path, run_cl
     assert "model.safetensors" in out
     history = json.loads((in_tmp / "artifacts" / "history.json").read_text())
     assert len(history["epochs"]) == 1
-    assert history["config"]["arch"] == "fastnet-small" and history["config"]["epochs"] == 1
+    assert history["config"]["arch"] == PRESETS["cpu"].arch and history["config"]["epochs"] == 1
 
     code, out, err = run_cli("evaluate", "--cpu")
     assert code == 0, err
@@ -166,7 +167,7 @@ def test_prepare_with_env_var(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monk
 
 
 def test_prepare_with_raw_folder_option(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
-    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.raw_dir, "--val-size", VAL_SIZE, "--out", "elsewhere")
+    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.raw_dir, "--val-size", VAL_SIZE, "--data", "elsewhere")
     assert code == 0, err
     assert (in_tmp / "elsewhere" / "val.parquet").is_file()
     assert not (in_tmp / "data").exists()
@@ -410,7 +411,8 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
     monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)
     assert code == 130
-    assert "--resume" in assert_one_line_error(err, out)
+    line = assert_one_line_error(err, out)
+    assert "epoch 1 of 2 is saved" in line and "`mnistsum train --resume`" in line
     assert json.loads((in_tmp / "artifacts" / "train_state.json").read_text())["epoch"] == 1
     assert (in_tmp / "artifacts" / "model.safetensors").is_file()
 
@@ -421,12 +423,13 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
 
 
-def test_ctrl_c_before_the_first_epoch_leaves_the_previous_run_consistent(
-    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A new run stopped before its first epoch is saved must not leave a run folder whose
-    config.json describes another run than its model, checkpoint and history."""
+def test_ctrl_c_in_the_first_epoch_puts_the_previous_run_back(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new run stopped before its first epoch is saved has nothing on disk: the previous run
+    goes back where it was, unchanged, and the message says so (no `--resume`)."""
     from mnistsum_cli import report
+
+    artifacts = workdir / "artifacts"
+    before = snapshot(artifacts)
 
     def ctrl_c(self):
         raise KeyboardInterrupt
@@ -434,13 +437,10 @@ def test_ctrl_c_before_the_first_epoch_leaves_the_previous_run_consistent(
     monkeypatch.setattr(report.ProgressReporter, "step", ctrl_c)
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 3)
     assert code == 130
-    assert_one_line_error(err, out)
-    artifacts = workdir / "artifacts"
-    run_ids = {
-        name: json.loads((artifacts / name).read_text())["run_id"]
-        for name in ("config.json", "history.json", "train_state.json")
-    }
-    assert len(set(run_ids.values())) == 1, run_ids
+    line = assert_one_line_error(err, out)
+    assert "before the first epoch was saved: the previous run is back in artifacts" in line and "--resume" not in line
+    assert snapshot(artifacts) == before
+    assert not list((artifacts / "previous").iterdir())
 
 
 def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,3 +159,19 @@ def test_channels_last_gives_the_same_outputs(arch: str) -> None:
         got = model(images.contiguous(memory_format=torch.channels_last), numbers)
     torch.testing.assert_close(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1])
+
+
+def test_architecture_names_match_the_registry() -> None:
+    """config.ARCHITECTURE_NAMES lets the CLI check --arch without importing torch."""
+    from mnistsum_cli.config import ARCHITECTURE_NAMES
+
+    assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
+
+
+def test_every_preset_has_a_one_line_description() -> None:
+    from mnistsum_cli.config import PRESET_NOTES, describe_preset
+
+    assert list(PRESET_NOTES) == list(PRESETS)
+    for name, config in PRESETS.items():
+        description = describe_preset(name)
+        assert description.startswith(f"{config.arch}, {config.epochs} epochs") and "\n" not in description

@@ -65,12 +65,12 @@ class InterruptAfter:
 
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch
-        self.started: list[tuple[int, int, int]] = []
+        self.started: list[tuple[int, int, int, int]] = []
         self.steps = 0
         self.ended: list[int] = []
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        self.started.append((epoch, epochs, steps))
+    def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
+        self.started.append((epoch, epochs, steps, batch_size))
 
     def step(self) -> None:
         self.steps += 1
@@ -107,7 +107,7 @@ def test_run_folder_contents(straight_run) -> None:
 def test_reporter_protocol(straight_run, train_data: TrainData) -> None:
     _, _, reporter = straight_run
     steps = len(train_data.train) // CONFIG.batch_size
-    assert reporter.started == [(epoch, CONFIG.epochs, steps) for epoch in range(1, CONFIG.epochs + 1)]
+    assert reporter.started == [(epoch, CONFIG.epochs, steps, CONFIG.batch_size) for epoch in range(1, CONFIG.epochs + 1)]
     assert reporter.steps == steps * CONFIG.epochs
     assert reporter.ended == list(range(1, CONFIG.epochs + 1))
 

@@ -1,0 +1,139 @@
+"""Stage 4 and the training progress display (issue 10, points 3, 6 and 13)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from matplotlib.colors import LogNorm
+from rich.console import Console
+
+from conftest import assert_one_line_error, snapshot
+from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
+
+
+def history(epochs_done: int, planned: int) -> dict:
+    records = [
+        {"epoch": e, **{f"{split}_{key}": value for split in ("train", "val")
+                        for key, value in (("digit_accuracy", 0.5 + 0.05 * e), ("sum_accuracy", 0.1 * e))}}
+        for e in range(1, epochs_done + 1)
+    ]  # fmt: skip
+    return {"epochs": records, "best_epoch": epochs_done, "config": {"epochs": planned}}
+
+
+# --------------------------------------------------------------------------- point 3: all or nothing
+
+
+def leftovers(artifacts: Path) -> list[str]:
+    return [path.name for path in artifacts.iterdir() if path.name.startswith(".")]
+
+
+def test_plot_with_a_stale_evaluation_changes_nothing(workdir: Path, run_cli) -> None:
+    artifacts = workdir / "artifacts"
+    assert run_cli("plot")[0] == 0
+    before = snapshot(artifacts)
+    evaluation = artifacts / "evaluation_test.json"
+    metrics = json.loads(evaluation.read_text())
+    metrics["model"]["sha256"] = "0" * 16  # evaluates another model
+    evaluation.write_text(json.dumps(metrics))
+    (artifacts / "history.json").write_text((artifacts / "history.json").read_text() + " ")  # new curves to draw
+
+    code, out, err = run_cli("plot")
+    assert code == 1
+    assert "mnistsum evaluate" in assert_one_line_error(err, out)
+    after = snapshot(artifacts)
+    assert {k: v for k, v in after.items() if k.startswith("plots")} == {k: v for k, v in before.items() if k.startswith("plots")}
+    assert not leftovers(artifacts)
+
+
+def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mnistsum_cli.plot
+
+    artifacts = workdir / "artifacts"
+    assert run_cli("plot")[0] == 0
+    before = snapshot(artifacts / "plots")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mnistsum_cli.plot, "write_json", disk_full)  # the manifest, written last
+    with pytest.raises(OSError, match="No space"):
+        plot(RunDir(artifacts), data=DataDir(workdir / "data"))
+    assert snapshot(artifacts / "plots") == before
+    assert not leftovers(artifacts)
+
+
+def test_plots_are_published_with_their_manifest(workdir: Path, run_cli) -> None:
+    code, out, err = run_cli("plot")
+    assert code == 0, err
+    plots = workdir / "artifacts" / "plots"
+    manifest = json.loads((plots / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(path.name for path in plots.iterdir() if path.name != "manifest.json")
+    assert "misclassified_test.png" in manifest["files"]
+    assert not leftovers(workdir / "artifacts")
+
+
+# --------------------------------------------------------------------------- point 13: readable figures
+
+
+def test_curves_of_an_incomplete_run_say_so() -> None:
+    assert incomplete_note(history(3, 10)) == " (incomplete: 3 of 10 epochs)"
+    assert incomplete_note(history(10, 10)) == ""
+    figure = curves(history(3, 10), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", scale=100)
+    assert figure._suptitle.get_text() == "Accuracy (incomplete: 3 of 10 epochs)"
+
+
+def test_accuracy_panels_share_one_y_range() -> None:
+    panels = [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")]
+    figure = curves(history(4, 4), panels, "accuracy (%)", "Accuracy", scale=100, share_y=True)
+    left, right = figure.axes[:2]
+    assert left.get_ylim() == right.get_ylim()
+    assert left.get_ylim()[0] <= 10 and left.get_ylim()[1] >= 70  # covers both heads' values
+
+
+def test_confusion_colour_bar_is_in_counts() -> None:
+    matrix = [[900, 3, 0], [12, 450, 1], [0, 0, 2000]]
+    figure = heatmap(matrix, "digit confusion")
+    image, bar_axis = figure.axes[0].images[0], figure.axes[1]
+    assert isinstance(image.norm, LogNorm)
+    figure.canvas.draw()
+    assert bar_axis.get_ylabel() == "rows (log scale)"
+    labels = {label.get_text() for label in bar_axis.get_yticklabels()}
+    assert {"1", "10", "100", "1,000"} <= labels, labels
+
+
+def test_gallery_explains_its_caption_colours() -> None:
+    import numpy as np
+
+    example = {"number": 3, "digit": 4, "predicted_digit": 4, "sum": 7, "predicted_sum": 8}
+    figure = gallery([example], np.zeros((1, 28, 28), np.uint8), "title")
+    texts = [text.get_text() for text in figure.texts] + [figure._supxlabel.get_text()]
+    assert any("red caption: the digit is wrong" in text and "black caption" in text for text in texts), texts
+
+
+# --------------------------------------------------------------------------- point 6: progress
+
+
+def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnistsum_cli import report
+
+    screen = io.StringIO()
+    monkeypatch.setattr(report, "console", Console(file=screen, width=200, force_terminal=False))
+    with report.ProgressReporter() as reporter:
+        reporter.epoch_start(2, 3, steps=10, batch_size=64)  # a resumed run: epoch 1 was done before
+        for _ in range(4):
+            reporter.step()
+        table = Console(width=200, record=True, file=io.StringIO())
+        table.print(reporter.progress.make_tasks_table(reporter.progress.tasks))
+        text = table.export_text()
+        run_line, epoch_line = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+        assert "epoch 2 of 3" in run_line and "1/3 epochs done" in run_line
+        assert "elapsed" in run_line and "remaining" in run_line
+        assert "4/10 steps" in epoch_line and "img/s" in epoch_line and "remaining" in epoch_line
+        record = {"epoch": 2, **{f"{s}_{k}": 0.5 for s in ("train", "val") for k in ("loss", "digit_accuracy", "sum_accuracy")}}
+        reporter.epoch_end({**record, "seconds": 1.0})
+        assert "epoch 2/3" in screen.getvalue()
+        assert len(reporter.progress.tasks) == 1  # the run line stays for epoch 3
