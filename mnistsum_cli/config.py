@@ -54,7 +54,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # time-to-accuracy on a GPU; what `mnistsum train` uses there with no --preset
     "default": TrainConfig(),
-    # the CPU setting: lean, 2 epochs, no shifts; on 2 cores (AMD EPYC, AVX2) 9.0-9.3 s of
+    # the CPU setting: lean, 2 epochs, no shifts; on 2 idle cores (AMD EPYC, AVX2) 9.0-9.3 s of
     # training loop, 13-14 s for `mnistsum train`, 99.09-99.21 % test digit / 99.06-99.22 % sum (seeds 0-4)
     "cpu": TrainConfig(arch="lean", epochs=2, batch_size=128, lr=1e-2, max_shift=0),
     # the cpu preset before issue 12: 99.39 % test digit and sum accuracy in 35-60 s of training loop

@@ -65,8 +65,8 @@ class DigitPlusNumber(nn.Module):
 
 
 def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, pool: bool = False) -> nn.Sequential:
-    """Conv, BatchNorm, ReLU; with pool, a 2x2 max-pool right after the conv, so BatchNorm and
-    ReLU run on a quarter of the pixels (the same function when BatchNorm's scale is positive)."""
+    """Conv, BatchNorm, ReLU; with pool, a 2x2 max-pool straight after the conv (airbench's
+    order), so BatchNorm and ReLU run on a quarter of the pixels."""
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel_size=kernel_size, padding=kernel_size // 2, bias=False),
         *([nn.MaxPool2d(2)] if pool else []),
