@@ -1,5 +1,5 @@
 """Device policy: which device (--gpu N, --cpu, or the first GPU), which training precision,
-which optimizer kernel, and how reproducible a CUDA run is."""
+and how reproducible a CUDA run is."""
 
 from __future__ import annotations
 
@@ -46,11 +46,6 @@ def autocast_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
 def precision_name(dtype: Optional[torch.dtype]) -> str:
     """How a run's config names its precision: bf16, fp16 or fp32."""
     return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
-
-
-def use_fused_adamw(device: torch.device) -> bool:
-    """The fused AdamW kernel on CUDA (one launch per step); the portable one on the CPU."""
-    return device.type == "cuda"
 
 
 def configure_reproducibility(device: torch.device, deterministic: bool) -> None:

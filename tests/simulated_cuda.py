@@ -153,6 +153,11 @@ class SafetensorsStore:
     def safe_open(self, filename: str, framework: str = "pt", device: str = "cpu") -> "_OpenFile":
         return _OpenFile(*self.files[Path(filename).read_text()])
 
+    def edit_metadata(self, path: Path, key: str, edit) -> None:
+        """Rewrite one metadata entry of the recorded file at `path` (JSON-decoded for `edit`)."""
+        _, raw = self.files[path.read_text()]
+        raw[key] = json.dumps(edit(json.loads(raw[key])))
+
     def written_devices(self) -> set[str]:
         return {device for tensors, _ in self.files.values() for _, _, device in tensors.values()}
 

@@ -95,8 +95,9 @@ def test_every_stage_on_cuda(arch: str, prepared, tmp_path: Path, monkeypatch: p
 
 
 def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A checkpoint saved by a CPU run (unfused AdamW) continues on CUDA with the fused kernel,
-    its moments and step counters on the GPU."""
+    """A checkpoint saved by a CPU run whose optimizer used another kernel (foreach, as before
+    the fused kernel became the CPU's too) continues on CUDA with the fused kernel, its moments
+    and step counters on the GPU."""
     run = RunDir(tmp_path / "artifacts")
     config = TrainConfig(arch="fastnet", epochs=2, batch_size=BATCH)
     sim = simulate_cuda(monkeypatch)
@@ -104,7 +105,9 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
         with pytest.raises(KeyboardInterrupt):
             train(config, train_data(prepared, torch.device("cpu")), run, torch.device("cpu"),
                   reporter=PhaseReporter(sim.log, interrupt_after=1))  # fmt: skip
-        assert checkpoint_metadata(sim.store, run.checkpoint)["param_groups"][0]["fused"] is False
+        sim.store.edit_metadata(
+            run.checkpoint, "param_groups", lambda groups: [{**g, "fused": None, "foreach": True} for g in groups]
+        )
         sim.log.phase = "resume"
         train(config, train_data(prepared, CUDA), run, CUDA, resume=True, reporter=PhaseReporter(sim.log))
     assert_clean(sim)

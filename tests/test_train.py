@@ -287,18 +287,10 @@ def test_presets_are_valid_configs() -> None:
         assert TrainConfig.from_dict(config.to_dict()) == config
 
 
-# --------------------------------------------------------------------------- the fused AdamW kernel (as on CUDA)
+# --------------------------------------------------------------------------- the fused AdamW kernel
 
 
-@pytest.fixture
-def fused_adamw(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Train with the fused AdamW kernel, which the device policy picks on CUDA, on the CPU."""
-    import mnistsum_cli.train
-
-    monkeypatch.setattr(mnistsum_cli.train, "use_fused_adamw", lambda device: True)
-
-
-def test_fused_resume_equals_uninterrupted(fused_adamw, train_data: TrainData, tmp_path: Path) -> None:
+def test_fused_resume_equals_uninterrupted(train_data: TrainData, tmp_path: Path) -> None:
     """Resumed optimizer moments must take their channels_last parameters' layout: the fused
     kernel pairs elements by memory order (on CUDA it refuses mixed layouts outright)."""
     assert CONFIG.channels_last
