@@ -72,7 +72,7 @@ DEFAULT_PRESET = "default"
 PRESET_NOTES: dict[str, str] = {
     "default": "for a GPU; about 15 min on 2 CPU cores",
     "cpu": "quick; about 10 s of training on 2 CPU cores",
-    "cpu-v1": "the cpu preset before issue 12; 0.5-1 min on 2 CPU cores",
+    "cpu-v1": "the previous cpu preset; 0.5-1 min on 2 CPU cores",
     "best": "label smoothing 0.1; about 20 min on 2 CPU cores",
     "lenet": "seed 000's network; about 14 min on 2 CPU cores",
     "convnet": "seed 002's network; about 25 min on 2 CPU cores",
