@@ -180,17 +180,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, so that a set of files changes as a whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def sigint_recorded() -> Iterator[list[int]]:
+    """While the block runs, Ctrl-C is noted in the yielded list instead of raised (only the
+    main thread receives signals; elsewhere the list stays empty)."""
     received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so that a set of files changes as a whole."""
+    with sigint_recorded() as received:
+        yield
     if received:
         raise KeyboardInterrupt
 

@@ -7,9 +7,8 @@ the training loop reads the same either way.
 
 from __future__ import annotations
 
+import gc
 import os
-import signal
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator, Optional, TypeVar
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mnistsum_cli.artifacts import sigint_recorded
 from mnistsum_cli.data import SplitTensors
 from mnistsum_cli.devices import select_device
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
@@ -197,6 +197,9 @@ def process_group(gpu: Optional[int], cpu: bool, notify: Callable[[str], None]) 
         notify(notice)
     with _interrupts_left_to_rank0(group):
         yield group, device
+    # DDP wrappers sit in reference cycles: collect them while the group they use still exists,
+    # or the collector may free one after the teardown (or at exit), which aborts the process.
+    gc.collect()
     dist.destroy_process_group()  # not on errors: tearing down under a live DDP model can abort the process
 
 
@@ -205,16 +208,13 @@ def _interrupts_left_to_rank0(group: Group) -> Iterator[None]:
     """Ctrl-C reaches every rank (torchrun forwards SIGINT). Rank 0 stops after saving the epoch;
     the others carry on until rank 0 leaves the group, then stop quietly with exit code 130
     instead of failing in a collective with a traceback."""
-    if group.is_main or threading.current_thread() is not threading.main_thread():
+    if group.is_main:
         yield
         return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    except Exception:
-        if received:
-            raise Interrupted("interrupted") from None
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with sigint_recorded() as received:
+        try:
+            yield
+        except Exception:
+            if received:
+                raise Interrupted("interrupted") from None
+            raise
