@@ -12,7 +12,7 @@ import torch
 from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, Dataset, read_dataset
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import Mnist, MnistSource, load_mnist, resolve_source
+from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -67,11 +67,7 @@ def load_dataset(data: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist
     --mnist-dir, else the folder `prepare` read."""
     dataset = read_dataset(data)
     if mnist is None:
-        if mnist_dir is not None:
-            source = resolve_source(mnist_dir)
-        else:
-            source = MnistSource(root=Path(dataset.meta["mnist_root"]), download=False)
-        mnist = load_mnist(source)
+        mnist = load_mnist(resolve_source(mnist_dir, prepared_root=Path(dataset.meta["mnist_root"])))
     check_mnist_matches(dataset, mnist)
     return dataset, mnist
 

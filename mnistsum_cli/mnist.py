@@ -48,11 +48,16 @@ class Mnist:
         return {name: len(labels) for name, labels in self.labels.items()}
 
 
-def resolve_source(mnist_dir: Path | None = None, default_root: Path = DEFAULT_MNIST_ROOT) -> MnistSource:
-    """A folder the user named (--mnist-dir / $MNISTSUM_MNIST_DIR) is used as is; otherwise
-    torchvision downloads into `default_root` (or finds what it downloaded before)."""
+def resolve_source(
+    mnist_dir: Path | None = None, default_root: Path = DEFAULT_MNIST_ROOT, prepared_root: Path | None = None
+) -> MnistSource:
+    """A folder the user named (--mnist-dir / $MNISTSUM_MNIST_DIR) is used as is; else the
+    folder `prepare` read (`prepared_root`, when there is a dataset), without downloading;
+    otherwise torchvision downloads into `default_root` (or finds what it downloaded before)."""
     if mnist_dir is not None:
         return MnistSource(root=_torchvision_root(Path(mnist_dir)), download=False)
+    if prepared_root is not None:
+        return MnistSource(root=Path(prepared_root), download=False)
     return MnistSource(root=default_root, download=True)
 
 

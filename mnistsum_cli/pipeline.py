@@ -159,12 +159,11 @@ def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optiona
 def mnist_source(data: DataDir, mnist_dir: Optional[Path]) -> MnistSource:
     """--mnist-dir when given, else the folder the data in `data` was prepared from, else the
     download folder."""
-    if mnist_dir is None:
-        try:
-            return MnistSource(root=Path(read_dataset(data).meta["mnist_root"]), download=False)
-        except MnistsumError:
-            pass
-    return resolve_source(mnist_dir)
+    try:
+        prepared_root: Optional[Path] = Path(read_dataset(data).meta["mnist_root"])
+    except MnistsumError:
+        prepared_root = None
+    return resolve_source(mnist_dir, prepared_root=prepared_root)
 
 
 def wanted_config(run: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: str) -> tuple[TrainConfig, Optional[str]]:

@@ -145,6 +145,24 @@ def assert_one_line_error(err: str, out: str = "") -> str:
 
 
 @pytest.fixture
+def ctrl_c_after_epoch(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """ctrl_c_after_epoch(): from now on, Ctrl-C right after the progress bar prints an epoch's
+    line (as if pressed while the next epoch starts); ctrl_c_after_epoch(False): no more."""
+    from mnistsum_cli import report
+
+    original = report.ProgressReporter.epoch_end
+
+    def end_then_ctrl_c(self, record):
+        original(self, record)
+        raise KeyboardInterrupt
+
+    def press(on: bool = True) -> None:
+        monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c if on else original)
+
+    return press
+
+
+@pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """chdir into a fresh tmp_path (commands default to ./data and ./artifacts); no MNIST env var."""
     monkeypatch.chdir(tmp_path)

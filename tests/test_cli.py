@@ -394,21 +394,10 @@ def test_val_size_too_large_keeps_existing_data(workdir: Path, fake_mnist: FakeM
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
-    fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mnistsum_cli import report
-
+def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch) -> None:
     code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     assert code == 0, err
-    original = report.ProgressReporter.epoch_end
-
-    def end_then_ctrl_c(self, record):
-        original(self, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
+    ctrl_c_after_epoch()
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)
     assert code == 130
     line = assert_one_line_error(err, out)
@@ -416,7 +405,7 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
     assert json.loads((in_tmp / "artifacts" / "train_state.json").read_text())["epoch"] == 1
     assert (in_tmp / "artifacts" / "model.safetensors").is_file()
 
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", original)
+    ctrl_c_after_epoch(False)
     code, out, err = run_cli("train", "--resume", "--cpu")
     assert code == 0, err
     history = json.loads((in_tmp / "artifacts" / "history.json").read_text())

@@ -75,20 +75,10 @@ def test_train_keeps_the_previous_run_and_says_where(workdir: Path, run_cli) -> 
     assert code == 0, err
 
 
-def test_train_over_an_incomplete_run_says_it_was_resumable_and_keeps_it(
-    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mnistsum_cli import report
-
-    original = report.ProgressReporter.epoch_end
-
-    def end_then_ctrl_c(self, record):
-        original(self, record)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
+def test_train_over_an_incomplete_run_says_it_was_resumable_and_keeps_it(workdir: Path, run_cli, ctrl_c_after_epoch) -> None:
+    ctrl_c_after_epoch()
     assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)[0] == 130
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", original)
+    ctrl_c_after_epoch(False)
     artifacts = workdir / "artifacts"
     incomplete_id = run_id(artifacts)
 
@@ -198,18 +188,8 @@ def test_ctrl_c_during_the_save_reports_the_saved_epoch(
     assert "epoch 1/" not in out
 
 
-def test_interrupted_run_suggests_run_and_run_resumes(
-    workdir: Path, fake_mnist: FakeMnist, run_cli, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mnistsum_cli import report
-
-    original = report.ProgressReporter.epoch_end
-
-    def end_then_ctrl_c(self, record):
-        original(self, record)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
+def test_interrupted_run_suggests_run_and_run_resumes(workdir: Path, fake_mnist: FakeMnist, run_cli, ctrl_c_after_epoch) -> None:
+    ctrl_c_after_epoch()
     args = ("run", "--cpu", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     code, out, err = run_cli(*args, "--epochs", 2)
     assert code == 130
@@ -217,7 +197,7 @@ def test_interrupted_run_suggests_run_and_run_resumes(
     assert "epoch 1 of 2 is saved" in line and "`mnistsum run`" in line and "train --resume" not in line
     assert train_state(run_cli) == "incomplete"
 
-    monkeypatch.setattr(report.ProgressReporter, "epoch_end", original)
+    ctrl_c_after_epoch(False)
     code, out, err = run_cli(*args)  # no training flags: the saved run's settings, resumed
     assert code == 0, err
     assert "resuming it" in err
