@@ -12,7 +12,7 @@ import typer
 
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, Group
-from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
 from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
 from mnistsum_cli.mnist import MNIST_DIR_ENV

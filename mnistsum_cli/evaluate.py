@@ -8,7 +8,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, DataDir, Dataset, RunDir, fingerprint_file, now_iso, write_json
+from mnistsum_cli.fingerprints import fingerprint_file, now_iso
+
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, DataDir, RunDir
+
+from mnistsum_cli.splits import Dataset
+
+from mnistsum_cli.store import write_json
 from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
+from mnistsum_cli.paths import MODEL_FORMAT
+from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 from mnistsum_cli.data import SplitTensors, normalise
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.models import build_model

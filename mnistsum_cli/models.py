@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS
 from mnistsum_cli.errors import MnistsumError
 
 

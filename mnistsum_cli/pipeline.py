@@ -10,18 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from mnistsum_cli.artifacts import (
-    MODEL_FORMAT,
-    SPLITS,
-    DataDir,
-    Dataset,
-    RunDir,
-    fingerprint_file,
-    plot_inputs,
-    read_dataset,
-    read_json,
-    read_safetensors,
-)
+from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
+
+from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, DataDir, RunDir
+
+from mnistsum_cli.splits import Dataset, read_dataset
+
+from mnistsum_cli.store import read_json
+
+from mnistsum_cli.tensorfiles import read_safetensors
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import MnistSource, resolve_source

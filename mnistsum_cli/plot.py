@@ -17,19 +17,13 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
 
-from mnistsum_cli.artifacts import (  # noqa: E402
-    MNIST_SET_OF_SPLIT,
-    MODEL_FORMAT,
-    SPLITS,
-    DataDir,
-    RunDir,
-    fingerprint_file,
-    plot_inputs,
-    read_json,
-    read_safetensors,
-    staged_folder,
-    write_json,
-)
+from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
+
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, DataDir, RunDir
+
+from mnistsum_cli.store import read_json, staged_folder, write_json
+
+from mnistsum_cli.tensorfiles import read_safetensors
 from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.mnist import Mnist  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, RunDir
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
 from mnistsum_cli.data import load_dataset, normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist

@@ -9,7 +9,9 @@ if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
     import numpy as np
 
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, SPLITS, DataDir, dataset_fingerprint, now_iso, write_split
+from mnistsum_cli.fingerprints import dataset_fingerprint, now_iso
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLITS, DataDir
+from mnistsum_cli.splits import write_split
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
 

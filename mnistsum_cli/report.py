@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.errors import OutputClosed
 
 if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch and matplotlib

@@ -8,7 +8,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DataDir, RunDir, read_json, restore_run, set_aside_run
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DataDir, RunDir
+
+from mnistsum_cli.setaside import restore_run, set_aside_run
+
+from mnistsum_cli.store import read_json
 from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
 

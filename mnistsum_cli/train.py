@@ -12,17 +12,10 @@ import torch
 from torch import nn
 
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import (
-    CHECKPOINT_FORMAT,
-    DataDir,
-    RunDir,
-    interrupts_deferred,
-    now_iso,
-    read_json,
-    read_safetensors,
-    write_json,
-    write_safetensors,
-)
+from mnistsum_cli.fingerprints import now_iso
+from mnistsum_cli.paths import CHECKPOINT_FORMAT, DataDir, RunDir
+from mnistsum_cli.store import interrupts_deferred, read_json, write_json
+from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name

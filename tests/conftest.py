@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
 
@@ -22,6 +23,19 @@ N_TRAIN = 400
 N_TEST = 120
 VAL_SIZE = 80  # what the CLI tests pass as --val-size (the default 5000 exceeds N_TRAIN)
 TEST_MNIST_ENV = "MNISTSUM_TEST_MNIST"
+
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def mutate(content: bytes, cut: int, flips: list[int]) -> bytes:
+    """`content` less its last `cut` bytes, with the given bits flipped (for fuzzing readers)."""
+    data = bytearray(content[: max(0, len(content) - cut)])
+    for bit in flips:
+        if data:
+            position = bit % (8 * len(data))
+            data[position // 8] ^= 1 << (position % 8)
+    return bytes(data)
+
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

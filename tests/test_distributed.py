@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
-from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir, read_safetensors
+from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
+from mnistsum_cli.tensorfiles import read_safetensors
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.distributed import TORCHRUN_VARIABLES, Group, RankFailed, process_group
 from mnistsum_cli.errors import BadOption, MnistsumError

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
+from mnistsum_cli.paths import MODEL_FORMAT
+
+from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import MnistsumError

@@ -11,7 +11,7 @@ from matplotlib.colors import LogNorm
 from rich.console import Console
 
 from conftest import assert_one_line_error, snapshot
-from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
 
 

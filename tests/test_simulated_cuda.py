@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import DataDir, RunDir
+from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.evaluate import evaluate_model

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir, read_safetensors
+from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
+from mnistsum_cli.tensorfiles import read_safetensors
 from mnistsum_cli.config import PRESETS, TrainConfig
 from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
