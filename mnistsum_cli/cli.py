@@ -237,7 +237,8 @@ def train(
     """
     from mnistsum_cli.distributed import process_group
     from mnistsum_cli.runs import choose_config, continue_command, run_training
-    from mnistsum_cli.train import SilentReporter, saved_config
+    from mnistsum_cli.checkpoint import saved_config
+    from mnistsum_cli.train import SilentReporter
 
     run = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     overrides = dict(

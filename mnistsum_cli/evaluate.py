@@ -18,7 +18,8 @@ from mnistsum_cli.store import write_json
 from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import EVAL_PRECISION, load_model, predict
+from mnistsum_cli.checkpoint import load_model
+from mnistsum_cli.inference import EVAL_PRECISION, predict
 
 MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 

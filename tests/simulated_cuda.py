@@ -230,7 +230,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
     import safetensors
     import safetensors.torch
 
-    import mnistsum_cli.modelio
+    import mnistsum_cli.checkpoint
     import mnistsum_cli.train
     from mnistsum_cli.models import build_model
 
@@ -252,7 +252,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
         return model
 
     monkeypatch.setattr(mnistsum_cli.train, "build_model", build_real_model)
-    monkeypatch.setattr(mnistsum_cli.modelio, "build_model", build_real_model)
+    monkeypatch.setattr(mnistsum_cli.checkpoint, "build_model", build_real_model)
     monkeypatch.setattr(mnistsum_cli.train, "epoch_generator", lambda seed, epoch, device: DeviceGenerator(device))
 
     def check_generator(draw):

@@ -14,7 +14,7 @@ from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.modelio import load_model, save_model
+from mnistsum_cli.checkpoint import load_model, save_model
 from mnistsum_cli.models import ARCHITECTURES, build_model
 
 BATCH = 4

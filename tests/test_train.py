@@ -14,13 +14,13 @@ from safetensors import safe_open
 from conftest import VAL_SIZE, FakeMnist
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.tensorfiles import read_safetensors
+from mnistsum_cli.checkpoint import RunState, load_model, model_weights
 from mnistsum_cli.config import PRESETS, TrainConfig
 from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.modelio import load_model
 from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.train import RunState, TrainData, lr_at, train
+from mnistsum_cli.train import TrainData, lr_at, train
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -226,7 +226,7 @@ def test_kept_epoch_is_the_best_on_validation(straight_run) -> None:
     assert state.best_epoch == best + 1
     assert _metadata(run.model)["epoch"] == best + 1
     kept = _tensors(run.model)
-    last = {name[len("model.") :]: t for name, t in _tensors(run.checkpoint).items() if name.startswith("model.")}
+    last = model_weights(_tensors(run.checkpoint))
     assert set(kept) == set(last)
     same_as_last = all(torch.equal(kept[name], last[name]) for name in kept)
     assert same_as_last == (best + 1 == CONFIG.epochs)
@@ -310,7 +310,7 @@ def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: b
     """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
     replace the live optimizer's, and its moments take the live parameters' layout."""
     from mnistsum_cli.models import build_model
-    from mnistsum_cli.train import load_optimizer, optimizer_tensors
+    from mnistsum_cli.checkpoint import load_optimizer, optimizer_tensors
 
     def optimizer(fused: bool) -> torch.optim.Optimizer:
         model = build_model("fastnet-small").to(memory_format=torch.channels_last)
