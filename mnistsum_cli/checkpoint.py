@@ -17,8 +17,9 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir
-from mnistsum_cli.store import interrupts_deferred, read_json, write_json
-from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.setaside import set_aside
+from mnistsum_cli.store import commit, interrupts_deferred, read_json
+from mnistsum_cli.tensorfiles import read_safetensors, safetensors_bytes
 
 WEIGHTS_PREFIX = "model."  # checkpoint tensors: model.<name> are weights, optim.<id>.<key> optimizer state
 OPTIMIZER_PREFIX = "optim."
@@ -49,10 +50,17 @@ class RunState:
 # --------------------------------------------------------------------------- model.safetensors
 
 
+def model_bytes(model: nn.Module, metadata: dict[str, Any]) -> bytes:
+    """model.safetensors: weights plus everything needed to rebuild the model (arch) and to
+    trace it (metadata)."""
+    return safetensors_bytes(model.state_dict(), {"format": MODEL_FORMAT, "package_version": __version__, **metadata})
+
+
 def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Weights plus everything needed to rebuild the model (arch) and to trace it (metadata)."""
-    meta = {"format": MODEL_FORMAT, "package_version": __version__, **metadata}
-    write_safetensors(path, model.state_dict(), meta)
+    """Write model.safetensors alone (a commit of its folder)."""
+    data = model_bytes(model, metadata)
+    with commit(path.parent) as change:
+        change.write(path, data)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -109,35 +117,35 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
                 param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
-def save_epoch(run: RunDir, learner: Learner, state: RunState, improved: bool, run_info: dict[str, Any]) -> None:
-    """Write model (when val improved), checkpoint, history, counters and run config
-    (`run_info`, what config.json holds): all or none."""
+def save_epoch(
+    run: RunDir, learner: Learner, state: RunState, improved: bool, run_info: dict[str, Any], kept: Optional[Path] = None
+) -> None:
+    """Commit an epoch: model (when val improved), checkpoint, history, counters and run config
+    (`run_info`, what config.json holds) change in one step, all or none. `kept`: the first
+    epoch of a new run also moves the previous run there, in the same step."""
     common = {key: run_info[key] for key in COMMON_KEYS}
-    with interrupts_deferred():
+    with interrupts_deferred(), commit(run.root, "train", "--artifacts") as change:
+        if kept is not None:
+            set_aside(change, run, kept)
         if improved:
             best = state.history[state.best_epoch - 1]
-            save_model(
-                run.model,
-                learner.model,
-                {
-                    **common,
-                    "arch": common["config"]["arch"],
-                    "epoch": state.best_epoch,
-                    "val_digit_accuracy": best["val_digit_accuracy"],
-                    "val_sum_accuracy": best["val_sum_accuracy"],
-                },
-            )
+            change.write(run.model, model_bytes(learner.model, {
+                **common,
+                "arch": common["config"]["arch"],
+                "epoch": state.best_epoch,
+                "val_digit_accuracy": best["val_digit_accuracy"],
+                "val_sum_accuracy": best["val_sum_accuracy"],
+            }))  # fmt: skip
         optim_tensors, groups = optimizer_tensors(learner.optimizer)
         weights = {f"{WEIGHTS_PREFIX}{name}": tensor for name, tensor in learner.model.state_dict().items()}
-        write_safetensors(
-            run.checkpoint,
+        change.write(run.checkpoint, safetensors_bytes(
             {**weights, **optim_tensors},
             {"format": CHECKPOINT_FORMAT, **common, "epoch": state.epoch, "param_groups": groups,
-             "grad_scaler": learner.scaler.state_dict()},  # fmt: skip
-        )
-        write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
-        write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
-        write_json(run.config, run_info)
+             "grad_scaler": learner.scaler.state_dict()},
+        ))  # fmt: skip
+        change.write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
+        change.write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
+        change.write_json(run.config, run_info)
 
 
 def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_id: str) -> RunState:

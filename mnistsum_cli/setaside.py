@@ -1,64 +1,35 @@
-"""Setting the run in an artifacts folder aside into previous/<run id>/ when a new run starts,
-and putting it back when the new run saves nothing."""
+"""Setting the run in an artifacts folder aside into previous/<run id>/ when a new run starts.
+
+The move is part of the new run's first epoch commit (store.Change.move): until that epoch is
+saved the previous run stays where it is, whole, and a kill, a full disk or Ctrl-C before then
+leaves it untouched; after it, the previous run is whole in previous/<run id>/. There is never
+a run to put back.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from mnistsum_cli.paths import RunDir
-from mnistsum_cli.store import interrupts_deferred
+from mnistsum_cli.store import Change
 
 
-def set_aside_run(run: RunDir) -> Optional[Path]:
-    """Move the run in `run` (weights, checkpoint, history, evaluations, plots) to
-    previous/<run_id>/ and return that folder, or None when there is nothing to keep.
-
-    The files go into a temporary folder that is renamed to its final name only when all are
-    in; Ctrl-C waits until the move is done, and a failed move puts the files back.
-    """
-    present = [path for path in run.run_files() if path.exists()]
-    if not present:
+def aside_folder(run: RunDir) -> Optional[Path]:
+    """Where the run now in `run` will be kept (an unused previous/<run id>/), or None when
+    there is nothing to keep."""
+    if not any(path.exists() for path in run.run_files()):
         return None
-    run.previous.mkdir(parents=True, exist_ok=True)
-    target = _unused_folder(run.previous / _run_id_on_disk(run))
-    staging = Path(tempfile.mkdtemp(prefix=".moving.", suffix=".tmp", dir=run.previous))
-    with interrupts_deferred():
-        try:
-            _move_files(present, staging)
-            try:
-                os.rename(staging, target)
-            except BaseException:
-                _move_files([staging / path.name for path in present], run.root)
-                raise
-        finally:
-            if staging.exists():
-                staging.rmdir()
-    return target
+    return _unused_folder(run.previous / _run_id_on_disk(run))
 
 
-def restore_run(kept: Path, run: RunDir) -> None:
-    """Move a run that set_aside_run kept in `kept` back into `run` (which holds no run files)."""
-    with interrupts_deferred():
-        _move_files(sorted(kept.iterdir()), run.root)
-    kept.rmdir()
-
-
-def _move_files(paths: list[Path], folder: Path) -> None:
-    """Rename each path into `folder`; if one fails, the ones already moved go back."""
-    moved: list[Path] = []
-    try:
-        for path in paths:
-            os.rename(path, folder / path.name)
-            moved.append(path)
-    except BaseException:
-        for path in moved:
-            os.rename(folder / path.name, path)
-        raise
+def set_aside(change: Change, run: RunDir, kept: Path) -> None:
+    """Add to `change` the moves of every file of the run in `run` into `kept`."""
+    for path in run.run_files():
+        if path.exists():
+            change.move(path, kept / path.name)
 
 
 def _run_id_on_disk(run: RunDir) -> str:

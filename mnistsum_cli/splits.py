@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLIT_COLUMNS, SPLITS, DataDir
-from mnistsum_cli.store import write_atomic
+from mnistsum_cli.store import read_consistently
 
 if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
     import numpy as np
@@ -59,7 +59,8 @@ class Dataset:
         return self.meta["dataset_id"]
 
 
-def write_split(path: Path, columns: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+def split_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """One split as a Parquet file in memory, with `prepare`'s metadata: a commit writes it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -68,7 +69,9 @@ def write_split(path: Path, columns: dict[str, np.ndarray], meta: dict[str, Any]
         {name: pa.array(columns[name], type=schema.field(name).type) for name in SPLIT_COLUMNS},
         schema=schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()}),
     )
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def read_split(data: DataDir, name: str) -> Split:
@@ -117,7 +120,12 @@ def read_split(data: DataDir, name: str) -> Split:
 
 
 def read_dataset(data: DataDir) -> Dataset:
-    """Read all three splits and check they come from one `prepare` run."""
+    """Read all three splits and check they come from one `prepare` run (read between the data
+    folder's commits: a `prepare` running meanwhile never mixes in)."""
+    return read_consistently(data.root, lambda: _read_three(data))
+
+
+def _read_three(data: DataDir) -> Dataset:
     splits = {name: read_split(data, name) for name in SPLITS}
     ids = {split.meta["dataset_id"] for split in splits.values()}
     if len(ids) != 1:

@@ -1,5 +1,4 @@
-"""Safetensors files (weights, checkpoints): JSON-encoded metadata, atomic writes, and reads that
-check the file's kind and turn any damage into a MnistsumError."""
+"""Safetensors files (weights, checkpoints): JSON-encoded metadata, and reads that check the file's kind and turn any damage into a MnistsumError."""
 
 from __future__ import annotations
 
@@ -8,16 +7,23 @@ from pathlib import Path
 from typing import Any
 
 from mnistsum_cli.errors import MnistsumError, first_line
-from mnistsum_cli.store import write_atomic
+from mnistsum_cli.store import commit
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
+    """A safetensors file of `tensors` with JSON-encoded metadata values (safetensors metadata
+    is str -> str), in memory: a commit writes it (see store.Change.write)."""
+    from safetensors.torch import save
+
+    encoded = {key: json.dumps(value) for key, value in metadata.items()}
+    return save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata=encoded)
 
 
 def write_safetensors(path: Path, tensors: dict, metadata: dict[str, Any]) -> None:
-    """Save tensors with JSON-encoded metadata values (safetensors metadata is str → str)."""
-    from safetensors.torch import save_file
-
-    encoded = {key: json.dumps(value) for key, value in metadata.items()}
-    tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=encoded))
+    """Replace one safetensors file, as a commit of its folder."""
+    data = safetensors_bytes(tensors, metadata)
+    with commit(path.parent) as change:
+        change.write(path.name, data)
 
 
 def read_safetensors(

@@ -182,9 +182,11 @@ def train(
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
     group: Group = SINGLE_PROCESS,
+    kept: Optional[Path] = None,
 ) -> RunState:
     """Train for config.epochs (continuing a saved run when resume); returns the run's state.
-    Under torchrun every rank calls this; rank 0 alone writes the run folder."""
+    Under torchrun every rank calls this; rank 0 alone writes the run folder. `kept`: where the
+    first epoch's commit moves the run found in `run` (see setaside.py)."""
     torch.manual_seed(config.seed)
     configure_reproducibility(device, config.deterministic)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
@@ -230,7 +232,7 @@ def train(
         if improved:
             state.best_epoch = state.epoch
         if group.is_main:
-            save_epoch(run, learner, state, improved, run_info)
+            save_epoch(run, learner, state, improved, run_info, kept=kept if epoch == 0 else None)
         reporter.epoch_end(record)
     return state
 
@@ -262,6 +264,7 @@ def train_model(
     reporter: Reporter = SilentReporter(),
     mnist: Optional[Mnist] = None,
     group: Group = SINGLE_PROCESS,
+    kept: Optional[Path] = None,
 ) -> TrainOutcome:
     """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
     (and propagates: the caller says what is on disk)."""
@@ -269,7 +272,7 @@ def train_model(
     data = group.agree(lambda: load_train_data(data_dir, mnist_dir, mnist, device))
     loaded = time.perf_counter()
     try:
-        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group)
+        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group, kept=kept)
     except torch.cuda.OutOfMemoryError:
         raise MnistsumError(
             f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"

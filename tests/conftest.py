@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
+from mnistsum_cli.store import JOURNAL, LOCK, TEMP_PREFIX
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -242,7 +243,18 @@ def workdir(trained: Path, in_tmp: Path) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` and its bytes, but the lock file (it names the last holder)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
+def visible(folder: Path) -> list[str]:
+    """The names in `folder` less the store's own files (lock, generation)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".mnistsum-"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files or folders and unfinished journals anywhere under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.startswith(TEMP_PREFIX) or p.name == JOURNAL)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

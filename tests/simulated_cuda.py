@@ -145,10 +145,10 @@ class SafetensorsStore:
         self.files: dict[str, tuple[dict[str, tuple[tuple[int, ...], torch.dtype, str]], dict[str, str]]] = {}
         self._keys = itertools.count()
 
-    def save_file(self, tensors: dict[str, torch.Tensor], filename: str, metadata: Optional[dict] = None) -> None:
+    def save(self, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
         key = f"simulated-safetensors-{next(self._keys)}"
         self.files[key] = ({n: (tuple(t.shape), t.dtype, str(t.device)) for n, t in tensors.items()}, dict(metadata or {}))
-        Path(filename).write_text(key)
+        return key.encode()
 
     def safe_open(self, filename: str, framework: str = "pt", device: str = "cpu") -> "_OpenFile":
         return _OpenFile(*self.files[Path(filename).read_text()])
@@ -285,7 +285,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
             return real_tolist(torch.zeros(tensor.shape, dtype=tensor.dtype))
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    monkeypatch.setattr(safetensors.torch, "save_file", sim.store.save_file)
+    monkeypatch.setattr(safetensors.torch, "save", sim.store.save)
     monkeypatch.setattr(safetensors, "safe_open", sim.store.safe_open)
     return sim
 

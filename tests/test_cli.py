@@ -13,9 +13,9 @@ import torch
 
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
-from mnistsum_cli.splits import METADATA_KEY
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.splits import METADATA_KEY
 
 
 def _commands() -> list[str]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.setaside import set_aside_run
 from mnistsum_cli.config import PRESETS, TrainConfig
+from mnistsum_cli.paths import RunDir
 from mnistsum_cli.runs import choose_config, few_steps_warning
+from mnistsum_cli.setaside import set_aside_run
 
 
 def run_id(artifacts: Path) -> str:

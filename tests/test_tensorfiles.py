@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from pathlib import Path
 
@@ -10,33 +11,32 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FUZZ, mutate
+from conftest import FUZZ, leftovers, mutate
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
 from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 
 
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
-
-
-@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_failed_safetensors_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    import safetensors.torch
+@pytest.mark.parametrize("error, raised", [(OSError(errno.ENOSPC, "No space left on device"), MnistsumError), (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_failed_safetensors_write_keeps_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, raised: type
+) -> None:
+    import mnistsum_cli.store
 
     path = tmp_path / "model.safetensors"
     write_safetensors(path, {"w": torch.arange(4.0)}, {"format": MODEL_FORMAT})
     before = path.read_bytes()
+    real_write = mnistsum_cli.store.write_file
 
-    def half_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\x10\x00\x00\x00half a header")
+    def half_write(target: Path, data: bytes) -> None:
+        real_write(target, data[: len(data) // 2])
         raise error
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_save)
-    with pytest.raises(type(error)):
+    monkeypatch.setattr(mnistsum_cli.store, "write_file", half_write)
+    with pytest.raises(raised):
         write_safetensors(path, {"w": torch.zeros(4)}, {"format": MODEL_FORMAT})
     assert path.read_bytes() == before
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
     monkeypatch.undo()
     tensors, _ = read_safetensors(path, "train", MODEL_FORMAT)
     assert torch.equal(tensors["w"], torch.arange(4.0))
@@ -48,7 +48,7 @@ def test_shared_memory_tensors_fail_cleanly(tmp_path: Path) -> None:
     with pytest.raises(Exception):
         write_safetensors(path, {"a": shared, "b": shared}, {"format": MODEL_FORMAT})
     assert not path.exists()
-    assert _leftovers(tmp_path) == []
+    assert leftovers(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- safetensors
