@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import leftovers
+from conftest import Crash, crash_at, leftovers
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store import (
     GENERATION,
@@ -119,35 +119,6 @@ def _change(folder: Path, version: int) -> None:
         write_file(staged / "p.txt", f"p{version}".encode())
 
 
-class Crash(BaseException):
-    """Stands for SIGKILL: nothing after it runs, no handler catches it."""
-
-
-def _crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
-    """Make the `step`-th write, rename or replace of the store crash (a write crashes half done)."""
-    import mnistsum_cli.store
-
-    steps: list[str] = []
-    real_write, real_rename, real_replace = mnistsum_cli.store.write_file, os.rename, os.replace
-
-    def counted(kind, real):
-        def call(*args):
-            steps.append(kind)
-            if len(steps) == step:
-                if kind == "write":
-                    real(args[0], args[1][: len(args[1]) // 2])
-                raise Crash(kind)
-            return real(*args)
-
-        return call
-
-    monkeypatch.setattr(mnistsum_cli.store, "write_file", counted("write", real_write))
-    monkeypatch.setattr(mnistsum_cli.store.os, "rename", counted("rename", real_rename))
-    monkeypatch.setattr(mnistsum_cli.store.os, "replace", counted("replace", real_replace))
-    monkeypatch.setattr(mnistsum_cli.store, "_remove_staged", lambda change: None)  # a killed writer cleans nothing
-    return steps
-
-
 def test_a_crash_at_any_step_leaves_before_or_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash at the 1st, 2nd, ... write or rename of a change; after the next writer took the
     lock the folder is as before or as after the change, with no temporary file left."""
@@ -166,7 +137,7 @@ def test_a_crash_at_any_step_leaves_before_or_after(tmp_path: Path, monkeypatch:
         trial = tmp_path / f"crash-at-{step}"
         shutil.copytree(first, trial)
         with monkeypatch.context() as patch:
-            steps = _crash_at(patch, step)
+            steps = crash_at(patch, step)
             try:
                 _change(trial, 2)
                 total = len(steps)
@@ -246,7 +217,7 @@ def test_a_reader_retries_when_a_commit_overlaps_its_read(tmp_path: Path) -> Non
 def test_a_reader_finishes_the_commit_of_a_killed_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_json(tmp_path / "a.json", 1)
     with monkeypatch.context() as patch:
-        steps = _crash_at(patch, 5)  # a.json, generation and journal staged, journal in place, crash at the first rename
+        steps = crash_at(patch, 5)  # a.json, generation and journal staged, journal in place, crash at the first rename
         with pytest.raises(Crash):
             write_json(tmp_path / "a.json", 2)
         assert steps == ["write", "write", "write", "replace", "replace"]
