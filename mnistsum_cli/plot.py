@@ -1,7 +1,7 @@
 """Stage 4: loss and accuracy curves, confusion heatmaps and galleries of the evaluations (PNG).
 
-Every input is checked before anything is drawn; the figures are drawn into a temporary
-folder that replaces plots/ only when all of them (and the manifest) are written.
+Every input is checked before anything is drawn; the figures and the manifest are written into
+a staged folder that replaces plots/ in one commit of the artifacts folder (store.py).
 """
 
 from __future__ import annotations
