@@ -289,9 +289,11 @@ def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
         except (MnistsumError, OSError):
             if _generation(folder) == before:
                 raise
-            continue
-        if _generation(folder) == before:
-            return result
+        else:
+            if _generation(folder) == before:
+                return result
+        if time.monotonic() > deadline:
+            raise MnistsumError(f"{folder}/ changed during every read for {READ_WAIT_SECONDS:.0f} s: try again")
 
 
 def _generation(folder: Path) -> Optional[bytes]:
