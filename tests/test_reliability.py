@@ -440,3 +440,40 @@ def test_two_train_processes_into_one_folder(workdir: Path, run_cli) -> None:
     code, out, err = run_cli("train", "--resume", "--cpu", "--epochs", 30, "--artifacts", artifacts)
     assert code == 0, err
     assert json.loads((artifacts / "train_state.json").read_text())["epoch"] == 30
+
+
+# --------------------------------------------------------------------------- a real small or read-only disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs (needs root and the right to mount: skipped elsewhere); unmounted after."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount_point], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount_point
+    subprocess.run(["umount", "-l", mount_point], check=True)
+
+
+def test_a_real_full_disk_and_a_real_read_only_folder(workdir: Path, small_disk: Path, run_cli) -> None:
+    artifacts = small_disk / "artifacts"
+    shutil.copytree(workdir / "artifacts", artifacts)
+    before = snapshot(artifacts)
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # room for the lock, not for an epoch
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 6, "--artifacts", artifacts)
+    assert code == 1
+    assert f"cannot write {artifacts}/: No space left on device; nothing was changed" in assert_one_line_error(err, out)
+    assert snapshot(artifacts) == before and leftovers(artifacts) == []
+
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 6, "--artifacts", artifacts)
+    assert code == 1
+    assert f"cannot write {artifacts}/: Read-only file system; nothing was changed" in assert_one_line_error(err, out)
+    code, out, err = run_cli("train", "--resume", "--cpu", "--artifacts", artifacts)
+    assert code == 0 and "is complete (1 of 1 epochs): nothing was done" in out, err
+    code, out, err = run_cli("status", "--json", "--artifacts", artifacts)
+    assert code == 0 and {s["stage"]: s["state"] for s in json.loads(out)}["train"] == CURRENT
+    assert snapshot(artifacts) == before
