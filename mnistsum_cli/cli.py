@@ -235,7 +235,7 @@ def train(
 ) -> None:
     """Train the two-headed model (stage 2).
 
-    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts is first moved to <artifacts>/previous/<run id>/.
+    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts moves to <artifacts>/previous/<run id>/ when the first epoch is saved.
     """
     from mnistsum_cli.distributed import process_group
     from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
@@ -393,7 +393,7 @@ def run(
 ) -> None:
     """Run prepare → train → evaluate → plot, skipping stages already up to date.
 
-    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run first moves the previous one to <artifacts>/previous/<run id>/. --force redoes every stage.
+    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run moves the previous one to <artifacts>/previous/<run id>/ when its first epoch is saved. --force redoes every stage.
     """
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
 
