@@ -12,10 +12,10 @@ import typer
 
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, Group
-from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
 from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
 from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
@@ -193,10 +193,12 @@ def prepare(
     from mnistsum_cli.mnist import load_mnist, resolve_source
     from mnistsum_cli.prepare import PrepareOptions
     from mnistsum_cli.prepare import prepare as prepare_stage
+    from mnistsum_cli.store import folder_lock
 
     folder = DataDir(_folder(data, "--data", out, DEFAULT_DATA))
-    mnist = load_mnist(resolve_source(mnist_dir))
-    columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), folder)
+    with folder_lock(folder.root, "prepare", "--data", create=False):  # MNIST may be missing: create nothing yet
+        mnist = load_mnist(resolve_source(mnist_dir))
+        columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), folder)
     report.prepare_summary(columns, folder, seed)
 
 
@@ -233,11 +235,12 @@ def train(
 ) -> None:
     """Train the two-headed model (stage 2).
 
-    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts is first moved to <artifacts>/previous/<run id>/.
+    Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts moves to <artifacts>/previous/<run id>/ when the first epoch is saved.
     """
     from mnistsum_cli.distributed import process_group
-    from mnistsum_cli.runs import choose_config, continue_command, run_training
-    from mnistsum_cli.train import SilentReporter, saved_config
+    from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
+    from mnistsum_cli.checkpoint import saved_config
+    from mnistsum_cli.train import SilentReporter
 
     run = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     overrides = dict(
@@ -252,6 +255,10 @@ def train(
         saved = saved_config(run)
         if saved is None:
             raise MnistsumError(f"nothing to resume in {run.root}: run `mnistsum train` without --resume")
+        done = saved_run(run)
+        if done is not None and done.complete and saved.with_overrides(**overrides) == saved == done.config:
+            report.run_complete(run, done.epoch)
+            return
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
         if resume:
             config = saved.with_overrides(**overrides)
@@ -386,7 +393,7 @@ def run(
 ) -> None:
     """Run prepare → train → evaluate → plot, skipping stages already up to date.
 
-    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run first moves the previous one to <artifacts>/previous/<run id>/. --force redoes every stage.
+    A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run moves the previous one to <artifacts>/previous/<run id>/ when its first epoch is saved. --force redoes every stage.
     """
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
 

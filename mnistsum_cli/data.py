@@ -9,10 +9,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, Dataset, read_dataset
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir
+from mnistsum_cli.splits import Dataset, read_dataset
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081

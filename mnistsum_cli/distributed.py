@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mnistsum_cli.artifacts import sigint_recorded
 from mnistsum_cli.data import SplitTensors
 from mnistsum_cli.devices import select_device
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
+from mnistsum_cli.store import sigint_recorded
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 

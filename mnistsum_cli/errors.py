@@ -24,3 +24,9 @@ class OutputClosed(Exception):
     128 + SIGPIPE, as Unix tools do."""
 
     exit_code = 141
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's text (libraries raise multi-line messages), or its type."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -8,11 +8,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, DataDir, Dataset, RunDir, fingerprint_file, now_iso, write_json
+from mnistsum_cli.checkpoint import load_model
 from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.fingerprints import fingerprint_file, now_iso
+from mnistsum_cli.inference import EVAL_PRECISION, predict
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import EVAL_PRECISION, load_model, predict
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, DataDir, RunDir
+from mnistsum_cli.splits import Dataset
+from mnistsum_cli.store import folder_lock, write_json
 
 MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
@@ -95,12 +99,14 @@ def evaluate_model(
     force: bool = False,
     mnist: Optional[Mnist] = None,
 ) -> dict[str, Any]:
-    """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON."""
-    model, meta = load_model(run.model, device)
-    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
-    check_model_matches(meta, dataset, force)
-    rows = dataset.splits[split]
-    metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
-    metrics.update(provenance(run.model, meta, dataset))
-    write_json(run.evaluation(split), metrics)
+    """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON (holding
+    the artifacts folder's lock throughout, so that the model cannot change under it)."""
+    with folder_lock(run.root, "evaluate", "--artifacts", create=False):
+        model, meta = load_model(run.model, device)
+        dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+        check_model_matches(meta, dataset, force)
+        rows = dataset.splits[split]
+        metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
+        metrics.update(provenance(run.model, meta, dataset))
+        write_json(run.evaluation(split), metrics)
     return metrics

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
     import numpy as np
 
-from mnistsum_cli.artifacts import fingerprint_arrays
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.fingerprints import fingerprint_arrays
 
 MNIST_DIR_ENV = "MNISTSUM_MNIST_DIR"
 DEFAULT_MNIST_ROOT = Path("data")

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS
 
 
 def full_precision(tensor: torch.Tensor):

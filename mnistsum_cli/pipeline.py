@@ -10,23 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from mnistsum_cli.artifacts import (
-    MODEL_FORMAT,
-    SPLITS,
-    DataDir,
-    Dataset,
-    RunDir,
-    fingerprint_file,
-    plot_inputs,
-    read_dataset,
-    read_json,
-    read_safetensors,
-)
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.mnist import MnistSource, resolve_source
+from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, DataDir, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
+from mnistsum_cli.splits import Dataset, read_dataset
+from mnistsum_cli.store import folder_lock, read_consistently, read_json
+from mnistsum_cli.tensorfiles import read_safetensors
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
     import torch
@@ -134,12 +127,15 @@ def plot_status(run: RunDir) -> StageStatus:
 
 
 def status(data: DataDir, run: RunDir, split: str = "test") -> list[StageStatus]:
-    """Every stage's state, each judged against the artifacts of the stage before it."""
+    """Every stage's state, each judged against the artifacts of the stage before it. Each
+    folder is read between commits (a `train` running meanwhile never shows a mix of epochs)."""
     try:
         dataset: Optional[Dataset] = read_dataset(data)
     except MnistsumError:
         dataset = None
-    return [prepare_status(data), train_status(run, dataset), evaluate_status(run, dataset, split), plot_status(run)]
+    return [prepare_status(data)] + read_consistently(
+        run.root, lambda: [train_status(run, dataset), evaluate_status(run, dataset, split), plot_status(run)]
+    )
 
 
 def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optional[int], limit: Optional[int]) -> PrepareOptions:
@@ -189,8 +185,25 @@ def run_pipeline(
 
     Yields (stage, the status that made it skip or None, what the stage returned). Before a
     stage runs, `notify` hears why. An interrupted training run with the same settings is
-    resumed; a new run sets the previous one aside.
+    resumed; a new run sets the previous one aside. Holds both folders' locks throughout.
     """
+
+    with folder_lock(data.root, "run", "--data"), folder_lock(run.root, "run", "--artifacts"):
+        yield from _run_stages(prepare_options, config, split, data, run, device, notify, reporter, mnist_dir, force)
+
+
+def _run_stages(
+    prepare_options: PrepareOptions,
+    config: TrainConfig,
+    split: str,
+    data: DataDir,
+    run: RunDir,
+    device: torch.device,
+    notify: Callable[[str], None],
+    reporter: Reporter,
+    mnist_dir: Optional[Path],
+    force: bool,
+) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
     from mnistsum_cli.evaluate import evaluate_model
     from mnistsum_cli.mnist import load_mnist
     from mnistsum_cli.plot import plot

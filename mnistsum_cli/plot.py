@@ -1,11 +1,12 @@
 """Stage 4: loss and accuracy curves, confusion heatmaps and galleries of the evaluations (PNG).
 
-Every input is checked before anything is drawn; the figures are drawn into a temporary
-folder that replaces plots/ only when all of them (and the manifest) are written.
+Every input is checked before anything is drawn; the figures and the manifest are written into
+a staged folder that replaces plots/ in one commit of the artifacts folder (store.py).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,22 +18,13 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
 
-from mnistsum_cli.artifacts import (  # noqa: E402
-    MNIST_SET_OF_SPLIT,
-    MODEL_FORMAT,
-    SPLITS,
-    DataDir,
-    RunDir,
-    fingerprint_file,
-    plot_inputs,
-    read_json,
-    read_safetensors,
-    staged_folder,
-    write_json,
-)
 from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
+from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.mnist import Mnist  # noqa: E402
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, DataDir, RunDir
+from mnistsum_cli.store import commit, folder_lock, json_bytes, read_json, write_file
+from mnistsum_cli.tensorfiles import read_safetensors
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -145,7 +137,12 @@ def plot(
 ) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The gallery needs the images: from `mnist` when already
-    loaded, else through the dataset in `data`."""
+    loaded, else through the dataset in `data`. Holds the artifacts folder's lock throughout."""
+    with folder_lock(run.root, "plot", "--artifacts", create=False):
+        return _plot(run, force, data, mnist_dir, mnist)
+
+
+def _plot(run: RunDir, force: bool, data: Optional[DataDir], mnist_dir: Optional[Path], mnist: Optional[Mnist]) -> list[Path]:
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     if history.get("run_id") != model_meta.get("run_id") and not force:
@@ -165,14 +162,21 @@ def plot(
     figures: dict[str, plt.Figure] = {}
     try:
         draw_all(figures, history, model_meta.get("arch", "?"), evaluations, galleries, mnist)
-        with staged_folder(run.plots) as staging:
+        with commit(run.root, "plot", "--artifacts") as change:
+            staging = change.folder_of(run.plots)
             for name, figure in figures.items():
-                figure.savefig(staging / name, format="png", dpi=120, bbox_inches="tight")
-            write_json(staging / run.plots_manifest.name, {"inputs": inputs, "files": list(figures)})
+                write_file(staging / name, png_bytes(figure))
+            write_file(staging / run.plots_manifest.name, json_bytes({"inputs": inputs, "files": list(figures)}))
     finally:
         for figure in figures.values():
             plt.close(figure)
     return [run.plots / name for name in figures]
+
+
+def png_bytes(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def draw_all(

@@ -14,11 +14,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, DataDir, RunDir
+from mnistsum_cli.checkpoint import load_model
 from mnistsum_cli.data import load_dataset, normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import load_model
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
 
 SIZE = 28  # the MNIST field
 BOX = 20  # the longer side of the ink

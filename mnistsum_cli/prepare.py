@@ -9,9 +9,12 @@ if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
     import numpy as np
 
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import MNIST_SET_OF_SPLIT, SPLITS, DataDir, dataset_fingerprint, now_iso, write_split
 from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.fingerprints import dataset_fingerprint, now_iso
 from mnistsum_cli.mnist import Mnist
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLITS, DataDir
+from mnistsum_cli.splits import split_bytes
+from mnistsum_cli.store import commit
 
 DEFAULT_VAL_SIZE = 5000
 
@@ -64,22 +67,24 @@ def build_splits(mnist: Mnist, options: PrepareOptions) -> dict[str, dict[str, n
 
 
 def prepare(mnist: Mnist, options: PrepareOptions, out: DataDir) -> dict[str, dict[str, np.ndarray]]:
-    """Build the splits and write them; every file records the same dataset id."""
+    """Build the splits and write them in one commit of the data folder (all three or none);
+    every file records the same dataset id."""
     columns = build_splits(mnist, options)
     dataset_id = dataset_fingerprint(columns, mnist.fingerprint)
     created_at = now_iso()
-    for split in SPLITS:
-        meta = {
-            "split": split,
-            "dataset_id": dataset_id,
-            "seed": options.seed,
-            "val_size": options.val_size,
-            "limit": options.limit,
-            "mnist_root": str(mnist.root),
-            "mnist_fingerprint": mnist.fingerprint,
-            "mnist_sizes": mnist.sizes,
-            "package_version": __version__,
-            "created_at": created_at,
-        }
-        write_split(out.split(split), columns[split], meta)
+    with commit(out.root, "prepare", "--data") as change:
+        for split in SPLITS:
+            meta = {
+                "split": split,
+                "dataset_id": dataset_id,
+                "seed": options.seed,
+                "val_size": options.val_size,
+                "limit": options.limit,
+                "mnist_root": str(mnist.root),
+                "mnist_fingerprint": mnist.fingerprint,
+                "mnist_sizes": mnist.sizes,
+                "package_version": __version__,
+                "created_at": created_at,
+            }
+            change.write(out.split(split), split_bytes(columns[split], meta))
     return columns

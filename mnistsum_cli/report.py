@@ -21,8 +21,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mnistsum_cli.artifacts import DataDir, RunDir
 from mnistsum_cli.errors import OutputClosed
+from mnistsum_cli.paths import DataDir, RunDir
 
 if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch and matplotlib
     import numpy as np
@@ -175,6 +175,15 @@ def train_summary(outcome: TrainOutcome, run: RunDir, device: str) -> None:
         soft_wrap=True,
     )
     written([run.model, run.history, run.config, run.checkpoint])
+
+
+def run_complete(run: RunDir, epochs: int) -> None:
+    """What `train --resume` says when the run has nothing left to do."""
+    console.print(
+        f"the run in {run.root} is complete ({epochs} of {epochs} epochs): nothing was done; "
+        "`mnistsum train` without --resume starts a new run",
+        soft_wrap=True,
+    )
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -4,13 +4,16 @@ run without losing the previous one, and messages that say what an interrupt lef
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DataDir, RunDir, read_json, restore_run, set_aside_run
 from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DataDir, RunDir
+from mnistsum_cli.setaside import aside_folder
+from mnistsum_cli.store import folder_lock, read_json
 
 if TYPE_CHECKING:  # torch loads only when training starts
     import torch
@@ -100,11 +103,11 @@ def kept_message(previous: Optional[SavedRun], kept: Path) -> str:
     )
 
 
-def interrupted_message(run: RunDir, continue_with: str, kept: Optional[Path], restored: bool) -> str:
+def interrupted_message(run: RunDir, continue_with: str, kept: Optional[Path], untouched: bool) -> str:
     """What Ctrl-C left in `run`, read from the saved state, and what to do next. `kept`: where
-    the previous run is; `restored`: it was put back, as the new run saved nothing."""
-    if restored:
-        return f"interrupted before the first epoch was saved: the previous run is back in {run.root}, unchanged"
+    the previous run is; `untouched`: the new run saved nothing, so the previous run never moved."""
+    if untouched:
+        return f"interrupted before the first epoch was saved: the previous run is still in {run.root}, unchanged"
     saved = saved_run(run)
     previous = f"; the previous run is kept in {kept}" if kept is not None else ""
     if saved is None:
@@ -131,35 +134,40 @@ def run_training(
     mnist: Optional[Mnist] = None,
     group: Optional[Group] = None,
 ) -> TrainOutcome:
-    """train_model, keeping the user's runs safe: check the inputs before anything moves, set
-    the previous run aside (saying where; it comes back if the new run stops before saving an
-    epoch), warn about too few steps per epoch, and turn Ctrl-C into a message built from
-    what is saved. Under torchrun (`group`) rank 0 alone moves runs and speaks."""
+    """train_model, keeping the user's runs safe: hold the artifacts folder's lock, check the
+    inputs, warn about too few steps per epoch, have the first epoch's commit set the previous
+    run aside (saying where), and turn Ctrl-C into a message built from what is saved. Under
+    torchrun (`group`) rank 0 alone locks, moves runs and speaks."""
     from mnistsum_cli.data import load_dataset
     from mnistsum_cli.distributed import SINGLE_PROCESS
     from mnistsum_cli.train import batching, train_model
 
     group = group or SINGLE_PROCESS
-    started = time.perf_counter()
-    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
-    rows = len(dataset.splits["train"])
-    warning = few_steps_warning(rows, *batching(rows, config))
-    if warning is not None:
-        notify(warning)
-    kept = None
-    if not resume and group.is_main:
-        previous = saved_run(run)
-        kept = set_aside_run(run)
+    with ExitStack() as held:
+        # rank 0 alone writes, so it alone holds the lock; every rank stops when it cannot
+        group.agree(lambda: held.enter_context(folder_lock(run.root, "train", "--artifacts")) if group.is_main else None)
+        started = time.perf_counter()
+        dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+        rows = len(dataset.splits["train"])
+        warning = few_steps_warning(rows, *batching(rows, config))
+        if warning is not None:
+            notify(warning)
+        previous, kept = None, None
+        if not resume and group.is_main:
+            previous, kept = saved_run(run), aside_folder(run)
+        checked = time.perf_counter() - started
+        try:
+            outcome = train_model(
+                config, data_dir, run, device, resume=resume, reporter=reporter, mnist=mnist, group=group, kept=kept
+            )
+        except BaseException as error:
+            moved = kept is not None and kept.exists()
+            if isinstance(error, KeyboardInterrupt):
+                untouched = kept is not None and not moved
+                raise Interrupted(interrupted_message(run, continue_with, kept if moved else None, untouched)) from None
+            if moved:
+                notify(kept_message(previous, kept))
+            raise
         if kept is not None:
             notify(kept_message(previous, kept))
-    checked = time.perf_counter() - started
-    try:
-        outcome = train_model(config, data_dir, run, device, resume=resume, reporter=reporter, mnist=mnist, group=group)
-    except BaseException as error:
-        restored = kept is not None and not any(path.exists() for path in run.run_files())
-        if restored:
-            restore_run(kept, run)
-        if isinstance(error, KeyboardInterrupt):
-            raise Interrupted(interrupted_message(run, continue_with, kept, restored)) from None
-        raise
     return replace(outcome, load_seconds=outcome.load_seconds + checked)

@@ -12,25 +12,17 @@ import torch
 from torch import nn
 
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import (
-    CHECKPOINT_FORMAT,
-    DataDir,
-    RunDir,
-    interrupts_deferred,
-    now_iso,
-    read_json,
-    read_safetensors,
-    write_json,
-    write_safetensors,
-)
+from mnistsum_cli.checkpoint import Learner, RunState, load_checkpoint, save_epoch
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name
 from mnistsum_cli.distributed import SINGLE_PROCESS, Group
 from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.fingerprints import now_iso
+from mnistsum_cli.inference import predict
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import predict, save_model
 from mnistsum_cli.models import build_model
+from mnistsum_cli.paths import DataDir, RunDir
 
 
 class Reporter(Protocol):
@@ -57,16 +49,6 @@ class TrainData:
     train: SplitTensors
     val: SplitTensors
     dataset_id: str
-
-
-@dataclass
-class RunState:
-    """What a run has done so far; saved every epoch so `--resume` can continue it."""
-
-    run_id: str
-    epoch: int  # epochs completed
-    best_epoch: int
-    history: list[dict[str, Any]]
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -189,129 +171,6 @@ def selection_score(record: dict[str, Any]) -> tuple[float, float]:
     return (record["val_sum_accuracy"], record["val_digit_accuracy"])
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Flatten optimizer state into named tensors plus JSON-able param groups."""
-    state = optimizer.state_dict()
-    tensors = {
-        f"optim.{param_id}.{key}": value if torch.is_tensor(value) else torch.tensor(value)
-        for param_id, param_state in state["state"].items()
-        for key, value in param_state.items()
-        if value is not None
-    }
-    return tensors, state["param_groups"]
-
-
-IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    """Restore saved optimizer state into a live optimizer of the same model.
-
-    Hyperparameters come from the checkpoint, but the live optimizer's implementation flags
-    stand (a checkpoint moves between devices), and every state tensor takes the layout of
-    its parameter: the fused kernels pair elements by memory order, so NCHW moments of
-    channels_last weights would be mis-paired on the CPU and refused on CUDA.
-    """
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        _, param_id, key = name.split(".", 2)
-        state.setdefault(int(param_id), {})[key] = value
-    live_flags = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in optimizer.param_groups]
-    groups = [{**saved, **flags} for saved, flags in zip(groups, live_flags)]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    for param, param_state in optimizer.state.items():
-        for key, value in param_state.items():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
-def save_epoch(
-    run: RunDir,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: TrainConfig,
-    data: TrainData,
-    state: RunState,
-    improved: bool,
-    run_info: dict[str, Any],
-    group: Group = SINGLE_PROCESS,
-) -> None:
-    """Write model (when val improved), checkpoint, history, counters and run config: all or none."""
-    common = {"run_id": state.run_id, "dataset_id": data.dataset_id, "config": config.to_dict(), **group.describe()}
-    with interrupts_deferred():
-        if improved:
-            best = state.history[state.best_epoch - 1]
-            save_model(
-                run.model,
-                model,
-                {
-                    **common,
-                    "arch": config.arch,
-                    "epoch": state.best_epoch,
-                    "val_digit_accuracy": best["val_digit_accuracy"],
-                    "val_sum_accuracy": best["val_sum_accuracy"],
-                },
-            )
-        optim_tensors, groups = optimizer_tensors(optimizer)
-        weights = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
-        write_safetensors(
-            run.checkpoint,
-            {**weights, **optim_tensors},
-            {"format": CHECKPOINT_FORMAT, **common, "epoch": state.epoch, "param_groups": groups,
-             "grad_scaler": scaler.state_dict()},  # fmt: skip
-        )
-        write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
-        write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
-        write_json(run.config, run_info)
-
-
-def load_checkpoint(
-    run: RunDir,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    config: TrainConfig,
-    data: TrainData,
-) -> RunState:
-    """Restore a run saved by save_epoch, refusing one made with other data or settings."""
-    counters = read_json(run.train_state, stage="train")
-    tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
-    history = read_json(run.history, stage="train")
-    if not (counters.get("run_id") == meta.get("run_id") == history.get("run_id")):
-        raise MnistsumError(f"{run.root} holds files of different training runs: start afresh without --resume")
-    if counters.get("epoch") != meta.get("epoch"):
-        raise MnistsumError(f"{run.checkpoint} and {run.train_state} disagree on the epoch: start afresh without --resume")
-    if meta.get("dataset_id") != data.dataset_id:
-        raise MnistsumError("the checkpoint was trained on another dataset: start afresh without --resume")
-    saved = TrainConfig.from_dict(meta["config"])
-    if saved != config:
-        raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
-    weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
-    model.load_state_dict(weights)
-    load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
-    if scaler.is_enabled() and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
-    epoch = int(meta["epoch"])
-    return RunState(
-        run_id=meta["run_id"],
-        epoch=epoch,
-        best_epoch=int(counters["best_epoch"]),
-        history=history["epochs"][:epoch],
-    )
-
-
-def saved_config(run: RunDir) -> Optional[TrainConfig]:
-    """The settings of the run saved in `run`, for `--resume` to start from."""
-    if not run.checkpoint.exists():
-        return None
-    _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT, metadata_only=True)
-    return TrainConfig.from_dict(meta["config"])
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -323,9 +182,11 @@ def train(
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
     group: Group = SINGLE_PROCESS,
+    kept: Optional[Path] = None,
 ) -> RunState:
     """Train for config.epochs (continuing a saved run when resume); returns the run's state.
-    Under torchrun every rank calls this; rank 0 alone writes the run folder."""
+    Under torchrun every rank calls this; rank 0 alone writes the run folder. `kept`: where the
+    first epoch's commit moves the run found in `run` (see setaside.py)."""
     torch.manual_seed(config.seed)
     configure_reproducibility(device, config.deterministic)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
@@ -336,10 +197,10 @@ def train(
     step_model = torch.compile(step_model) if config.compile else step_model
     optimizer = make_optimizer(model, config, device)
     dtype = autocast_dtype(device, config.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    learner = Learner(model, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
     if resume:
-        state = group.agree(lambda: load_checkpoint(run, model, optimizer, scaler, config, data))
+        state = group.agree(lambda: load_checkpoint(run, learner, config, data.dataset_id))
     else:
         state = RunState(run_id=group.broadcast_text(secrets.token_hex(8)), epoch=0, best_epoch=0, history=[])
     run_info = {
@@ -359,7 +220,7 @@ def train(
         torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
-        record.update(train_epoch(model, step_model, optimizer, scaler, data.train, config, epoch, reporter, group))
+        record.update(train_epoch(model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group))
         group.average_buffers(model)
         record.update(measure(model, data.val, config, "val", group))
         record["seconds"] = time.perf_counter() - started
@@ -371,7 +232,7 @@ def train(
         if improved:
             state.best_epoch = state.epoch
         if group.is_main:
-            save_epoch(run, model, optimizer, scaler, config, data, state, improved, run_info, group)
+            save_epoch(run, learner, state, improved, run_info, kept=kept if epoch == 0 else None)
         reporter.epoch_end(record)
     return state
 
@@ -403,6 +264,7 @@ def train_model(
     reporter: Reporter = SilentReporter(),
     mnist: Optional[Mnist] = None,
     group: Group = SINGLE_PROCESS,
+    kept: Optional[Path] = None,
 ) -> TrainOutcome:
     """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
     (and propagates: the caller says what is on disk)."""
@@ -410,7 +272,7 @@ def train_model(
     data = group.agree(lambda: load_train_data(data_dir, mnist_dir, mnist, device))
     loaded = time.perf_counter()
     try:
-        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group)
+        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group, kept=kept)
     except torch.cuda.OutOfMemoryError:
         raise MnistsumError(
             f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"

@@ -13,8 +13,10 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
+from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -22,6 +24,19 @@ N_TRAIN = 400
 N_TEST = 120
 VAL_SIZE = 80  # what the CLI tests pass as --val-size (the default 5000 exceeds N_TRAIN)
 TEST_MNIST_ENV = "MNISTSUM_TEST_MNIST"
+
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def mutate(content: bytes, cut: int, flips: list[int]) -> bytes:
+    """`content` less its last `cut` bytes, with the given bits flipped (for fuzzing readers)."""
+    data = bytearray(content[: max(0, len(content) - cut)])
+    for bit in flips:
+        if data:
+            position = bit % (8 * len(data))
+            data[position // 8] ^= 1 << (position % 8)
+    return bytes(data)
+
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -228,7 +243,19 @@ def workdir(trained: Path, in_tmp: Path) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` and its bytes, but the store's lock and generation files (the last
+    holder, the last commit's token)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (LOCK, GENERATION)}
+
+
+def visible(folder: Path) -> list[str]:
+    """The names in `folder` less the store's own files (lock, generation)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".mnistsum-"))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files or folders and unfinished journals anywhere under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.startswith(TEMP_PREFIX) or p.name == JOURNAL)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -239,3 +266,35 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("aten ops per training step on simulated cuda:0 (about the kernel launches)")
         for arch, ops in OPS_PER_STEP.items():
             terminalreporter.write_line(f"{arch:>14}: {ops}")
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+class Crash(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler catches it."""
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
+    """Make the `step`-th write, rename or replace of the store crash (a write crashes half done)."""
+    import mnistsum_cli.store
+
+    steps: list[str] = []
+    real_write, real_rename, real_replace = mnistsum_cli.store.write_file, os.rename, os.replace
+
+    def counted(kind, real):
+        def call(*args):
+            steps.append(kind)
+            if len(steps) == step:
+                if kind == "write":
+                    real(args[0], args[1][: len(args[1]) // 2])
+                raise Crash(kind)
+            return real(*args)
+
+        return call
+
+    monkeypatch.setattr(mnistsum_cli.store, "write_file", counted("write", real_write))
+    monkeypatch.setattr(mnistsum_cli.store.os, "rename", counted("rename", real_rename))
+    monkeypatch.setattr(mnistsum_cli.store.os, "replace", counted("replace", real_replace))
+    monkeypatch.setattr(mnistsum_cli.store, "_remove_staged", lambda change: None)  # a killed writer cleans nothing
+    return steps

@@ -145,10 +145,10 @@ class SafetensorsStore:
         self.files: dict[str, tuple[dict[str, tuple[tuple[int, ...], torch.dtype, str]], dict[str, str]]] = {}
         self._keys = itertools.count()
 
-    def save_file(self, tensors: dict[str, torch.Tensor], filename: str, metadata: Optional[dict] = None) -> None:
+    def save(self, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
         key = f"simulated-safetensors-{next(self._keys)}"
         self.files[key] = ({n: (tuple(t.shape), t.dtype, str(t.device)) for n, t in tensors.items()}, dict(metadata or {}))
-        Path(filename).write_text(key)
+        return key.encode()
 
     def safe_open(self, filename: str, framework: str = "pt", device: str = "cpu") -> "_OpenFile":
         return _OpenFile(*self.files[Path(filename).read_text()])
@@ -230,7 +230,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
     import safetensors
     import safetensors.torch
 
-    import mnistsum_cli.modelio
+    import mnistsum_cli.checkpoint
     import mnistsum_cli.train
     from mnistsum_cli.models import build_model
 
@@ -252,7 +252,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
         return model
 
     monkeypatch.setattr(mnistsum_cli.train, "build_model", build_real_model)
-    monkeypatch.setattr(mnistsum_cli.modelio, "build_model", build_real_model)
+    monkeypatch.setattr(mnistsum_cli.checkpoint, "build_model", build_real_model)
     monkeypatch.setattr(mnistsum_cli.train, "epoch_generator", lambda seed, epoch, device: DeviceGenerator(device))
 
     def check_generator(draw):
@@ -285,7 +285,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
             return real_tolist(torch.zeros(tensor.shape, dtype=tensor.dtype))
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    monkeypatch.setattr(safetensors.torch, "save_file", sim.store.save_file)
+    monkeypatch.setattr(safetensors.torch, "save", sim.store.save)
     monkeypatch.setattr(safetensors, "safe_open", sim.store.safe_open)
     return sim
 

@@ -13,9 +13,9 @@ import torch
 
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import METADATA_KEY
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.splits import METADATA_KEY
 
 
 def _commands() -> list[str]:
@@ -412,7 +412,7 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(fake_mnist: FakeMnist, i
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
 
 
-def test_ctrl_c_in_the_first_epoch_puts_the_previous_run_back(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """A new run stopped before its first epoch is saved has nothing on disk: the previous run
     goes back where it was, unchanged, and the message says so (no `--resume`)."""
     from mnistsum_cli import report
@@ -427,9 +427,9 @@ def test_ctrl_c_in_the_first_epoch_puts_the_previous_run_back(workdir: Path, run
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 3)
     assert code == 130
     line = assert_one_line_error(err, out)
-    assert "before the first epoch was saved: the previous run is back in artifacts" in line and "--resume" not in line
+    assert "before the first epoch was saved: the previous run is still in artifacts, unchanged" in line and "--resume" not in line
     assert snapshot(artifacts) == before
-    assert not list((artifacts / "previous").iterdir())
+    assert not (artifacts / "previous").exists()
 
 
 def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -438,7 +438,7 @@ def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mnistsum_cli.prepare, "write_split", interrupted)
+    monkeypatch.setattr(mnistsum_cli.prepare, "split_bytes", interrupted)
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     assert code == 130
     assert "Traceback" not in err and "Traceback" not in out

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import DataDir, RunDir
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, select_device
 from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.paths import DataDir, RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)

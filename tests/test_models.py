@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
+from mnistsum_cli.checkpoint import load_model, save_model
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.modelio import load_model, save_model
 from mnistsum_cli.models import ARCHITECTURES, build_model
+from mnistsum_cli.paths import MODEL_FORMAT
+from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 
 BATCH = 4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 from pathlib import Path
@@ -10,8 +11,9 @@ import pytest
 from matplotlib.colors import LogNorm
 from rich.console import Console
 
-from conftest import assert_one_line_error, snapshot
-from mnistsum_cli.artifacts import DataDir, RunDir
+from conftest import assert_one_line_error, leftovers, snapshot
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
 
 
@@ -25,10 +27,6 @@ def history(epochs_done: int, planned: int) -> dict:
 
 
 # --------------------------------------------------------------------------- point 3: all or nothing
-
-
-def leftovers(artifacts: Path) -> list[str]:
-    return [path.name for path in artifacts.iterdir() if path.name.startswith(".")]
 
 
 def test_plot_with_a_stale_evaluation_changes_nothing(workdir: Path, run_cli) -> None:
@@ -57,10 +55,10 @@ def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, mon
     before = snapshot(artifacts / "plots")
 
     def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mnistsum_cli.plot, "write_json", disk_full)  # the manifest, written last
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr(mnistsum_cli.plot, "json_bytes", disk_full)  # the manifest, written last
+    with pytest.raises(MnistsumError, match=f"cannot write {artifacts}/: No space left on device; nothing was changed"):
         plot(RunDir(artifacts), data=DataDir(workdir / "data"))
     assert snapshot(artifacts / "plots") == before
     assert not leftovers(artifacts)

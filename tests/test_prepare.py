@@ -11,12 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, visible
 from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import METADATA_KEY, SPLITS, DataDir, read_dataset
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
+from mnistsum_cli.paths import SPLITS, DataDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
+from mnistsum_cli.splits import METADATA_KEY, read_dataset
 
 EXPECTED_SCHEMA = pa.schema(
     [
@@ -51,7 +52,7 @@ def _meta(table: pa.Table) -> dict:
 
 def test_writes_three_files_with_narrow_schema(mnist: Mnist, tmp_path: Path) -> None:
     data = _prepare(mnist, tmp_path / "data")
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["test.parquet", "train.parquet", "val.parquet"]
+    assert visible(tmp_path / "data") == ["test.parquet", "train.parquet", "val.parquet"]
     for split, table in _tables(data).items():
         schema = table.schema
         assert schema.remove_metadata().equals(EXPECTED_SCHEMA), (split, schema)
@@ -122,7 +123,7 @@ def test_limit_larger_than_data_keeps_everything(mnist: Mnist, tmp_path: Path) -
 def test_val_size_too_large_is_an_error(mnist: Mnist, tmp_path: Path, val_size: int) -> None:
     with pytest.raises(MnistsumError, match="val-size"):
         _prepare(mnist, tmp_path / "data", val_size=val_size)
-    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+    assert not (tmp_path / "data").exists() or not visible(tmp_path / "data")
 
 
 @pytest.mark.parametrize("options", [{"val_size": 0}, {"val_size": -5}, {"limit": 0}, {"limit": -1}])

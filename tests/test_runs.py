@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
-from mnistsum_cli.artifacts import RunDir, set_aside_run
 from mnistsum_cli.config import PRESETS, TrainConfig
+from mnistsum_cli.paths import RunDir
 from mnistsum_cli.runs import choose_config, few_steps_warning
+from mnistsum_cli.setaside import aside_folder, set_aside
+from mnistsum_cli.store import commit
 
 
 def run_id(artifacts: Path) -> str:
@@ -92,28 +94,15 @@ def test_train_over_an_incomplete_run_says_it_was_resumable_and_keeps_it(workdir
     assert [r["epoch"] for r in json.loads((workdir / kept / "history.json").read_text())["epochs"]] == [1, 2]
 
 
-def test_set_aside_moves_all_files_or_none(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_set_aside_moves_the_whole_run_in_one_commit(workdir: Path) -> None:
     run = RunDir(workdir / "artifacts")
-    before = snapshot(run.root)
-    calls = []
-    real_rename = os.rename
-
-    def failing_rename(source, target):
-        calls.append(source)
-        if len(calls) == 3:
-            raise OSError("disk trouble")
-        real_rename(source, target)
-
-    monkeypatch.setattr(os, "rename", failing_rename)
-    with pytest.raises(OSError, match="disk trouble"):
-        set_aside_run(run)
-    monkeypatch.setattr(os, "rename", real_rename)
-    assert snapshot(run.root) == before, "a failed move puts every file back"
-    assert not list(run.previous.iterdir()), "no half-moved run is left"
-
-    kept = set_aside_run(run)
-    assert kept is not None and snapshot(kept) == before
-    assert set_aside_run(run) is None, "nothing left to keep"
+    before = {name: data for name, data in snapshot(run.root).items() if not name.startswith(".mnistsum-")}
+    kept = aside_folder(run)
+    assert kept == run.previous / run_id(run.root)
+    with commit(run.root) as change:
+        set_aside(change, run, kept)
+    assert snapshot(kept) == before
+    assert aside_folder(run) is None, "nothing left to keep"
 
 
 # --------------------------------------------------------------------------- point 5: the preset fits the device
@@ -170,15 +159,15 @@ def test_ctrl_c_during_the_save_reports_the_saved_epoch(
 ) -> None:
     """Ctrl-C while epoch 1 is written: the save completes (Ctrl-C is held), the epoch's line
     is never printed, and the message names the epoch that is on disk."""
-    import mnistsum_cli.train
+    import mnistsum_cli.checkpoint
 
-    real_write = mnistsum_cli.train.write_safetensors
+    real_bytes = mnistsum_cli.checkpoint.safetensors_bytes
 
     def ctrl_c_while_saving(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
-        real_write(*args, **kwargs)
+        return real_bytes(*args, **kwargs)
 
-    monkeypatch.setattr(mnistsum_cli.train, "write_safetensors", ctrl_c_while_saving)
+    monkeypatch.setattr(mnistsum_cli.checkpoint, "safetensors_bytes", ctrl_c_while_saving)
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", epochs)
     assert code == 130
     line = assert_one_line_error(err, out)
@@ -222,7 +211,7 @@ def test_ctrl_c_in_the_first_epoch_of_a_first_run(fake_mnist: FakeMnist, in_tmp:
     assert not (in_tmp / "artifacts" / "train_state.json").exists()
 
 
-def test_a_new_run_that_fails_before_saving_puts_the_previous_run_back(
+def test_a_new_run_that_fails_before_saving_leaves_the_previous_run_in_place(
     workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mnistsum_cli.train

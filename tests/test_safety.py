@@ -50,7 +50,7 @@ def pickle_uses(tree: ast.AST) -> list[str]:
 
 def test_package_sources_found() -> None:
     names = {p.name for p in SOURCES}
-    assert {"cli.py", "artifacts.py", "train.py", "modelio.py"} <= names
+    assert {"cli.py", "store.py", "train.py", "checkpoint.py"} <= names
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=[p.name for p in SOURCES])

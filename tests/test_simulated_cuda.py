@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import DataDir, RunDir
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.evaluate import evaluate_model
 from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
 from mnistsum_cli.models import ARCHITECTURES
+from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.predict import predict_row
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.train import TrainData, train

@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir, read_safetensors
+from conftest import VAL_SIZE, FakeMnist, leftovers, visible
+from mnistsum_cli.checkpoint import RunState, load_model, model_weights
 from mnistsum_cli.config import PRESETS, TrainConfig
 from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.modelio import load_model
+from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.train import RunState, TrainData, lr_at, train
+from mnistsum_cli.tensorfiles import read_safetensors
+from mnistsum_cli.train import TrainData, lr_at, train
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -99,7 +100,7 @@ def test_run_folder_contents(straight_run) -> None:
     run, state, _ = straight_run
     for path in (run.model, run.checkpoint, run.history, run.train_state, run.config):
         assert path.is_file() and path.stat().st_size > 0, path
-    assert not [p.name for p in run.root.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers(run.root)
     assert state.epoch == CONFIG.epochs
     assert len(state.history) == CONFIG.epochs
 
@@ -142,7 +143,7 @@ def test_interrupt_then_resume_equals_uninterrupted(straight_run, train_data: Tr
     assert _metadata(run_b.checkpoint)["epoch"] == 2
     assert json.loads(run_b.train_state.read_text())["epoch"] == 2
     assert len(json.loads(run_b.history.read_text())["epochs"]) == 2
-    assert not [p.name for p in run_b.root.iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers(run_b.root)
 
     reporter = Recorder()
     state_b = train(CONFIG, train_data, run_b, CPU, resume=True, reporter=reporter)
@@ -225,7 +226,7 @@ def test_kept_epoch_is_the_best_on_validation(straight_run) -> None:
     assert state.best_epoch == best + 1
     assert _metadata(run.model)["epoch"] == best + 1
     kept = _tensors(run.model)
-    last = {name[len("model.") :]: t for name, t in _tensors(run.checkpoint).items() if name.startswith("model.")}
+    last = model_weights(_tensors(run.checkpoint))
     assert set(kept) == set(last)
     same_as_last = all(torch.equal(kept[name], last[name]) for name in kept)
     assert same_as_last == (best + 1 == CONFIG.epochs)
@@ -309,7 +310,7 @@ def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: b
     """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
     replace the live optimizer's, and its moments take the live parameters' layout."""
     from mnistsum_cli.models import build_model
-    from mnistsum_cli.train import load_optimizer, optimizer_tensors
+    from mnistsum_cli.checkpoint import load_optimizer, optimizer_tensors
 
     def optimizer(fused: bool) -> torch.optim.Optimizer:
         model = build_model("fastnet-small").to(memory_format=torch.channels_last)

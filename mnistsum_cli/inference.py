@@ -1,19 +1,14 @@
-"""Running a model over a split, and saving / rebuilding models from safetensors alone."""
+"""Running a model over a split: batched, in eval mode and fp32, the same for validation,
+`evaluate` and `predict`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from mnistsum_cli import __version__
-from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
 from mnistsum_cli.data import SplitTensors, normalise
-from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.models import build_model
 
 EVAL_BATCH_SIZE = 2048
 EVAL_PRECISION = "fp32"  # validation, evaluate and predict never autocast: one precision, one answer
@@ -52,21 +47,3 @@ def predict(model: nn.Module, split: SplitTensors, batch_size: int = EVAL_BATCH_
         outputs["sum_loss"].append(nn.functional.cross_entropy(sum_logits, split.sums[rows], reduction="none"))
     model.train(was_training)
     return Predictions(**{name: torch.cat(parts) for name, parts in outputs.items()})
-
-
-def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Weights plus everything needed to rebuild the model (arch) and to trace it (metadata)."""
-    meta = {"format": MODEL_FORMAT, "package_version": __version__, **metadata}
-    write_safetensors(path, model.state_dict(), meta)
-
-
-def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from model.safetensors: weights + metadata, no pickle."""
-    tensors, meta = read_safetensors(path, stage="train", expected_format=MODEL_FORMAT)
-    model = build_model(str(meta.get("arch")))
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise MnistsumError(f"{path} does not fit architecture {meta.get('arch')!r} ({reason}): rerun `mnistsum train`") from None
-    return model.to(device).eval(), meta

@@ -1,4 +1,4 @@
-"""Safe artifact I/O: atomic writes, and reads that turn any damage into a MnistsumError."""
+"""The Parquet splits: reads that turn any damage into a MnistsumError naming `prepare`."""
 
 from __future__ import annotations
 
@@ -11,115 +11,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.artifacts import (
-    CHECKPOINT_FORMAT,
-    METADATA_KEY,
-    MODEL_FORMAT,
-    SPLITS,
-    DataDir,
-    read_dataset,
-    read_json,
-    read_safetensors,
-    read_split,
-    write_atomic,
-    write_json,
-    write_safetensors,
-)
+from conftest import FUZZ, VAL_SIZE, FakeMnist, mutate
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import load_mnist, resolve_source
+from mnistsum_cli.paths import SPLITS, DataDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
-
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path: Path, error: BaseException) -> None:
-    path = tmp_path / "thing.json"
-    write_json(path, {"version": 1})
-    before = path.read_bytes()
-
-    def half_write(tmp: Path) -> None:
-        tmp.write_text('{"version": 2, "trunc')
-        raise error
-
-    with pytest.raises(type(error)):
-        write_atomic(path, half_write)
-    assert path.read_bytes() == before
-    assert json.loads(path.read_text()) == {"version": 1}
-    assert _leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["thing.json"]
-
-
-def test_failed_first_write_creates_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "new.bin"
-
-    def fail(tmp: Path) -> None:
-        tmp.write_bytes(b"partial")
-        raise OSError("no space left")
-
-    with pytest.raises(OSError):
-        write_atomic(path, fail)
-    assert not path.exists()
-    assert list((tmp_path / "sub").iterdir()) == []
-
-
-def test_successful_write_replaces_file(tmp_path: Path) -> None:
-    path = tmp_path / "thing.bin"
-    path.write_bytes(b"old")
-    write_atomic(path, lambda tmp: tmp.write_bytes(b"new contents"))
-    assert path.read_bytes() == b"new contents"
-    assert _leftovers(tmp_path) == []
-
-
-@pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_failed_safetensors_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
-    import safetensors.torch
-
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, {"w": torch.arange(4.0)}, {"format": MODEL_FORMAT})
-    before = path.read_bytes()
-
-    def half_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\x10\x00\x00\x00half a header")
-        raise error
-
-    monkeypatch.setattr(safetensors.torch, "save_file", half_save)
-    with pytest.raises(type(error)):
-        write_safetensors(path, {"w": torch.zeros(4)}, {"format": MODEL_FORMAT})
-    assert path.read_bytes() == before
-    assert _leftovers(tmp_path) == []
-    monkeypatch.undo()
-    tensors, _ = read_safetensors(path, "train", MODEL_FORMAT)
-    assert torch.equal(tensors["w"], torch.arange(4.0))
-
-
-def test_shared_memory_tensors_fail_cleanly(tmp_path: Path) -> None:
-    path = tmp_path / "model.safetensors"
-    shared = torch.ones(4)
-    with pytest.raises(Exception):
-        write_safetensors(path, {"a": shared, "b": shared}, {"format": MODEL_FORMAT})
-    assert not path.exists()
-    assert _leftovers(tmp_path) == []
-
-
-def test_read_json_errors_name_the_stage(tmp_path: Path) -> None:
-    with pytest.raises(MnistsumError, match="mnistsum train"):
-        read_json(tmp_path / "history.json", stage="train")
-    (tmp_path / "bad.json").write_bytes(b"{\"a\": \xff")
-    with pytest.raises(MnistsumError, match="mnistsum evaluate"):
-        read_json(tmp_path / "bad.json", stage="evaluate")
+from mnistsum_cli.splits import METADATA_KEY, read_dataset, read_split
 
 
 # --------------------------------------------------------------------------- Parquet splits
@@ -326,59 +226,6 @@ def test_dataset_from_two_prepare_runs_is_refused(fake_mnist: FakeMnist, prepare
     assert read_dataset(prepared).dataset_id != read_dataset(other).dataset_id
 
 
-# --------------------------------------------------------------------------- safetensors
-
-
-@pytest.fixture
-def model_file(tmp_path: Path) -> Path:
-    path = tmp_path / "model.safetensors"
-    write_safetensors(
-        path,
-        {"layer.weight": torch.randn(8, 4), "layer.bias": torch.zeros(8), "count": torch.tensor(3)},
-        {"format": MODEL_FORMAT, "arch": "fastnet-small", "epoch": 2, "config": {"lr": 0.004}},
-    )
-    return path
-
-
-def test_safetensors_round_trip(model_file: Path) -> None:
-    tensors, meta = read_safetensors(model_file, "train", MODEL_FORMAT)
-    assert set(tensors) == {"layer.weight", "layer.bias", "count"}
-    assert meta == {"format": MODEL_FORMAT, "arch": "fastnet-small", "epoch": 2, "config": {"lr": 0.004}}
-
-
-def test_safetensors_missing(tmp_path: Path) -> None:
-    with pytest.raises(MnistsumError, match="mnistsum train"):
-        read_safetensors(tmp_path / "model.safetensors", "train", MODEL_FORMAT)
-
-
-def test_safetensors_garbage(model_file: Path) -> None:
-    model_file.write_bytes(b"this is not a safetensors file at all" * 10)
-    with pytest.raises(MnistsumError, match="mnistsum train"):
-        read_safetensors(model_file, "train", MODEL_FORMAT)
-
-
-@pytest.mark.parametrize("keep", [0, 4, 8, 20, -1])
-def test_safetensors_truncated(model_file: Path, keep: int) -> None:
-    content = model_file.read_bytes()
-    model_file.write_bytes(content[:keep] if keep >= 0 else content[:-5])
-    with pytest.raises(MnistsumError, match="mnistsum train"):
-        read_safetensors(model_file, "train", MODEL_FORMAT)
-
-
-def test_safetensors_wrong_format(model_file: Path, tmp_path: Path) -> None:
-    with pytest.raises(MnistsumError, match=CHECKPOINT_FORMAT):
-        read_safetensors(model_file, "train", CHECKPOINT_FORMAT)
-    from safetensors.torch import save_file
-
-    plain = tmp_path / "plain.safetensors"
-    save_file({"w": torch.ones(2)}, str(plain))  # no metadata at all
-    with pytest.raises(MnistsumError, match=MODEL_FORMAT):
-        read_safetensors(plain, "train", MODEL_FORMAT)
-    save_file({"w": torch.ones(2)}, str(plain), metadata={"format": "not json"})
-    with pytest.raises(MnistsumError):
-        read_safetensors(plain, "train", MODEL_FORMAT)
-
-
 # --------------------------------------------------------------------------- fuzzing
 
 
@@ -392,25 +239,6 @@ def _read_split_bytes(content: bytes, split: str = "train") -> None:
             pass
 
 
-def _read_safetensors_bytes(content: bytes) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.safetensors"
-        path.write_bytes(content)
-        try:
-            read_safetensors(path, "train", MODEL_FORMAT)
-        except MnistsumError:
-            pass
-
-
-def _mutate(content: bytes, cut: int, flips: list[int]) -> bytes:
-    data = bytearray(content[: max(0, len(content) - cut)])
-    for bit in flips:
-        if data:
-            position = bit % (8 * len(data))
-            data[position // 8] ^= 1 << (position % 8)
-    return bytes(data)
-
-
 @FUZZ
 @given(st.binary(max_size=4096))
 def test_fuzz_read_split_random_bytes(content: bytes) -> None:
@@ -421,42 +249,4 @@ def test_fuzz_read_split_random_bytes(content: bytes) -> None:
 @FUZZ
 @given(cut=st.integers(0, 2000), flips=st.lists(st.integers(0, 10**7), max_size=6))
 def test_fuzz_read_split_damaged_file(prepared: DataDir, cut: int, flips: list[int]) -> None:
-    _read_split_bytes(_mutate(prepared.split("train").read_bytes(), cut, flips))
-
-
-@FUZZ
-@given(st.binary(max_size=2048))
-def test_fuzz_read_safetensors_random_bytes(content: bytes) -> None:
-    _read_safetensors_bytes(content)
-    header = b'{"__metadata__":{"format":"\\"mnistsum-model/1\\""}}'
-    _read_safetensors_bytes(len(header).to_bytes(8, "little") + header + content)
-
-
-@FUZZ
-@given(cut=st.integers(0, 300), flips=st.lists(st.integers(0, 10**6), max_size=6))
-def test_fuzz_read_safetensors_damaged_file(cut: int, flips: list[int]) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "valid.safetensors"
-        write_safetensors(
-            path,
-            {"a.weight": torch.arange(24, dtype=torch.float32).reshape(4, 6), "a.count": torch.tensor(7)},
-            {"format": MODEL_FORMAT, "arch": "fastnet-small", "epoch": 1},
-        )
-        content = path.read_bytes()
-    _read_safetensors_bytes(_mutate(content, cut, flips))
-
-
-def test_written_files_get_the_usual_mode(tmp_path: Path) -> None:
-    """Temporary files are 0600; the renamed artifact must follow the umask like any file."""
-    import os
-
-    import torch
-
-    from mnistsum_cli.artifacts import write_json, write_safetensors
-
-    umask = os.umask(0)
-    os.umask(umask)
-    write_json(tmp_path / "a.json", {"x": 1})
-    write_safetensors(tmp_path / "b.safetensors", {"w": torch.zeros(2)}, {"format": "x"})
-    for name in ("a.json", "b.safetensors"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    _read_split_bytes(mutate(prepared.split("train").read_bytes(), cut, flips))

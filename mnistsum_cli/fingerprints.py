@@ -1,0 +1,55 @@
+"""What an artifact was made from, and when: content hashes of arrays and files, and time stamps.
+Later stages compare them to tell an up-to-date artifact from a stale one."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mnistsum_cli.paths import SPLIT_COLUMNS, SPLITS, RunDir
+
+if TYPE_CHECKING:  # numpy loads in the functions that use it: the CLI starts without it
+    import numpy as np
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """A short content hash of arrays (dtype, shape and bytes)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def plot_inputs(run: RunDir) -> dict[str, Any]:
+    """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
+    return {
+        "history": fingerprint_file(run.history) if run.history.exists() else None,
+        "model": fingerprint_file(run.model) if run.model.exists() else None,
+        "evaluations": {split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()},
+    }
+
+
+def dataset_fingerprint(columns: dict[str, dict[str, np.ndarray]], mnist_fingerprint: str) -> str:
+    """Identify a dataset by its rows and the MNIST files they point into."""
+    import numpy as np
+
+    arrays = [columns[split][name] for split in SPLITS for name in SPLIT_COLUMNS]
+    return fingerprint_arrays(np.frombuffer(mnist_fingerprint.encode(), np.uint8), *arrays)

@@ -1,0 +1,51 @@
+"""Setting the run in an artifacts folder aside into previous/<run id>/ when a new run starts.
+
+The move is part of the new run's first epoch commit (store.Change.move): until that epoch is
+saved the previous run stays where it is, whole, and a kill, a full disk or Ctrl-C before then
+leaves it untouched; after it, the previous run is whole in previous/<run id>/. There is never
+a run to put back.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Optional
+
+from mnistsum_cli.paths import RunDir
+from mnistsum_cli.store import Change
+
+
+def aside_folder(run: RunDir) -> Optional[Path]:
+    """Where the run now in `run` will be kept (an unused previous/<run id>/), or None when
+    there is nothing to keep."""
+    if not any(path.exists() for path in run.run_files()):
+        return None
+    return _unused_folder(run.previous / _run_id_on_disk(run))
+
+
+def set_aside(change: Change, run: RunDir, kept: Path) -> None:
+    """Add to `change` the moves of every file of the run in `run` into `kept`."""
+    for path in run.run_files():
+        if path.exists():
+            change.move(path, kept / path.name)
+
+
+def _run_id_on_disk(run: RunDir) -> str:
+    """The run id its JSON files record, or a time stamp when none is readable."""
+    for path in (run.train_state, run.history, run.config):
+        try:
+            run_id = json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(run_id, str) and run_id.isalnum():
+            return run_id
+    return "unknown-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
+def _unused_folder(path: Path) -> Path:
+    candidate, number = path, 2
+    while candidate.exists():
+        candidate, number = path.with_name(f"{path.name}-{number}"), number + 1
+    return candidate

@@ -1,0 +1,139 @@
+"""The Parquet splits `prepare` writes: their schema, writing them, and reading them back validated
+(any problem names `prepare` as the stage to rerun)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLIT_COLUMNS, SPLITS, DataDir
+from mnistsum_cli.store import read_consistently
+
+if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
+    import numpy as np
+    import pyarrow as pa
+
+METADATA_KEY = b"mnistsum"
+SPLIT_META_KEYS = ("split", "dataset_id", "mnist_fingerprint", "mnist_root")
+
+
+@functools.cache
+def split_schema() -> pa.Schema:
+    """The Parquet schema of a split: uint16 image_index, uint8 digit, number and sum."""
+    import pyarrow as pa
+
+    types = {"image_index": pa.uint16(), "digit": pa.uint8(), "number": pa.uint8(), "sum": pa.uint8()}
+    return pa.schema([pa.field(name, types[name], nullable=False) for name in SPLIT_COLUMNS])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's rows as numpy arrays, plus the metadata `prepare` recorded."""
+
+    name: str
+    image_index: np.ndarray
+    digit: np.ndarray
+    number: np.ndarray
+    sum: np.ndarray
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The three splits of one `prepare` run."""
+
+    splits: dict[str, Split]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.splits["train"].meta
+
+    @property
+    def dataset_id(self) -> str:
+        return self.meta["dataset_id"]
+
+
+def split_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """One split as a Parquet file in memory, with `prepare`'s metadata: a commit writes it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = split_schema()
+    table = pa.table(
+        {name: pa.array(columns[name], type=schema.field(name).type) for name in SPLIT_COLUMNS},
+        schema=schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()}),
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def read_split(data: DataDir, name: str) -> Split:
+    """Read and validate one split; any problem names `prepare` as the stage to rerun."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    path = data.split(name)
+    rerun = "rerun `mnistsum prepare`"
+    if not path.exists():
+        raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
+    try:
+        table = pq.read_table(path)
+        columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
+        raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
+    if not table.schema.remove_metadata().equals(split_schema()):
+        raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
+    try:
+        meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
+        mnist_size = int(meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]])
+        if not all(isinstance(meta.get(key), str) for key in SPLIT_META_KEYS):
+            raise KeyError
+    except (KeyError, TypeError, ValueError):
+        raise MnistsumError(f"{path} lacks mnistsum metadata: {rerun}") from None
+    if meta.get("split") != name:
+        raise MnistsumError(f"{path} holds the {meta.get('split')!r} split, not {name!r}: {rerun}")
+    if table.num_rows == 0:
+        raise MnistsumError(f"{path} has no rows: {rerun}")
+    if any(column.null_count for column in table.columns):
+        raise MnistsumError(f"{path} has missing values: {rerun}")
+    columns = {col: table.column(col).to_numpy() for col in SPLIT_COLUMNS}
+    problems = [
+        ("image_index", columns["image_index"] >= mnist_size, f"outside the MNIST {MNIST_SET_OF_SPLIT[name]} set"),
+        ("digit", columns["digit"] > 9, "outside 0-9"),
+        ("number", columns["number"] > 9, "outside 0-9"),
+        ("sum", columns["sum"] != columns["digit"].astype(np.int16) + columns["number"], "!= digit + number"),
+    ]
+    for column, bad, what in problems:
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise MnistsumError(
+                f"{path}: {int(bad.sum())} rows with {column} {what} (first: row {row}): {rerun}"
+            )
+    return Split(name=name, meta=meta, **columns)
+
+
+def read_dataset(data: DataDir) -> Dataset:
+    """Read all three splits and check they come from one `prepare` run (read between the data
+    folder's commits: a `prepare` running meanwhile never mixes in)."""
+    return read_consistently(data.root, lambda: _read_three(data))
+
+
+def _read_three(data: DataDir) -> Dataset:
+    splits = {name: read_split(data, name) for name in SPLITS}
+    ids = {split.meta["dataset_id"] for split in splits.values()}
+    if len(ids) != 1:
+        raise MnistsumError(
+            f"{data.root} mixes splits of different `prepare` runs: rerun `mnistsum prepare`"
+        )
+    return Dataset(splits=splits)
+
+
+def _schema_text() -> str:
+    return ", ".join(f"{field.name}: {field.type}" for field in split_schema())

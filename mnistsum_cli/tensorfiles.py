@@ -1,0 +1,50 @@
+"""Safetensors files (weights, checkpoints): JSON-encoded metadata, and reads that check the file's kind and turn any damage into a MnistsumError."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.store import commit
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
+    """A safetensors file of `tensors` with JSON-encoded metadata values (safetensors metadata
+    is str -> str), in memory: a commit writes it (see store.Change.write)."""
+    from safetensors.torch import save
+
+    encoded = {key: json.dumps(value) for key, value in metadata.items()}
+    return save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata=encoded)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, Any]) -> None:
+    """Replace one safetensors file, as a commit of its folder."""
+    data = safetensors_bytes(tensors, metadata)
+    with commit(path.parent) as change:
+        change.write(path.name, data)
+
+
+def read_safetensors(
+    path: Path, stage: str, expected_format: str, metadata_only: bool = False
+) -> tuple[dict, dict[str, Any]]:
+    """Load tensors (none when metadata_only) and decoded metadata, checking the file's kind."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+            tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = {key: json.loads(value) for key, value in raw.items()}
+    except Exception as error:  # safetensors raises several unrelated types on damage
+        raise MnistsumError(
+            f"{path} is not a valid safetensors file ({first_line(error)}): rerun `mnistsum {stage}`"
+        ) from None
+    if metadata.get("format") != expected_format:
+        raise MnistsumError(
+            f"{path} is not a {expected_format} file: rerun `mnistsum {stage}`"
+        )
+    return tensors, metadata
