@@ -360,7 +360,7 @@ def predict(
 def serve(
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback lets others use the model.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free port).")] = 8000,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
 ) -> None:

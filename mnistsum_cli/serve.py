@@ -220,7 +220,8 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
             raise RequestError(400, "the body is not valid JSON") from None
         if not isinstance(fields, dict):
             raise RequestError(400, "the JSON body must be an object with number and pixels")
-        return parse_pixels(fields.get("pixels")), parse_number(fields.get("number"))
+        number = parse_number(fields.get("number"))
+        return parse_pixels(fields.get("pixels")), number
     number = parse_number(request.query_params.get("number"))
     if not body:
         raise RequestError(400, "missing image: the request body is empty")
@@ -342,6 +343,7 @@ def serve(run: RunDir, host: str, port: int, device: torch.device, say: Callable
         torch.set_num_threads(1)  # one 28 x 28 image per request: more threads only add hand-offs
     follower = ModelFollower(run, device)
     sock = listening_socket(host, port)
+    port = sock.getsockname()[1]  # the one the system chose for --port 0
     if host not in LOOPBACK:
         warn(f"listening on {host}: anyone who can reach port {port} can use the model")
     shown = f"[{host}]" if ":" in host else host
