@@ -126,8 +126,9 @@ async function predict() {
   const seq = ++requestSeq;
   result.dataset.status = "waiting";
   statusLine.textContent = "Asking the model…";
-  const body = source === "pad" ? await padBlob() : source;
-  const type = ["image/png", "image/jpeg"].includes(body.type) ? body.type : "application/octet-stream";
+  const blob = source === "pad" ? await padBlob() : source;
+  const type = ["image/png", "image/jpeg"].includes(blob.type) ? blob.type : "application/octet-stream";
+  const body = await blob.arrayBuffer();  // bytes, not a file reference: one plain request body
   let answer;
   try {
     const response = await fetch(`/api/predict?number=${number}`, { method: "POST", body, headers: { "Content-Type": type } });
@@ -143,7 +144,7 @@ async function predict() {
   }
   if (seq !== requestSeq) return;
   showAnswer(answer);
-  statusLine.textContent = `Digit ${answer.digit}, ${answer.digit} + ${answer.number} → sum ${answer.sum} (run ${answer.run_id}).`;
+  statusLine.textContent = `Digit head: ${answer.digit}. Sum head, with number ${answer.number}: ${answer.sum}. (Run ${answer.run_id}.)`;
   result.dataset.status = "done";
   result.dataset.seq = String(seq);
   if (answer.run_id !== runId || answer.problem) loadCard();
