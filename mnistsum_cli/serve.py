@@ -3,9 +3,10 @@
 
 Only this command imports Starlette and uvicorn (the optional `serve` extra). The app never
 writes a file: it reads the static files shipped in the package, the run's model, evaluations
-and the plots its manifest lists, and nothing else. Requests are handled on the event loop, one
-at a time: preparing a drawing and running the small model take a few milliseconds, and one
-thread needs no lock around the model that follows the artifacts folder.
+and the plots its manifest lists, and nothing else. Decoding an image and running the model go
+to worker threads (PIL and torch release the GIL, so several cores serve); checking and
+swapping the model happen on the event loop alone, and each request keeps the ServedModel it
+started with, so no lock is needed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -225,8 +227,12 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     number = parse_number(request.query_params.get("number"))
     if not body:
         raise RequestError(400, "missing image: the request body is empty")
+    return await run_in_threadpool(prepared_upload, body), number
+
+
+def prepared_upload(body: bytes) -> np.ndarray:
     try:
-        return prepare_image(BytesIO(body), "image", IMAGE_FORMATS, MAX_PIXELS), number
+        return prepare_image(BytesIO(body), "image", IMAGE_FORMATS, MAX_PIXELS)
     except MnistsumError as error:
         raise RequestError(422, str(error)) from None
 
@@ -247,8 +253,8 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
     async def predict(request: Request) -> JSONResponse:
         image, number = await predict_input(request)
         served = follower.get()
-        digit_probs, sum_probs = head_probabilities(
-            served.model, torch.from_numpy(image[None]), torch.tensor([number]), device
+        digit_probs, sum_probs = await run_in_threadpool(
+            head_probabilities, served.model, torch.from_numpy(image[None]), torch.tensor([number]), device
         )
         digit_probs, sum_probs = digit_probs[0].tolist(), sum_probs[0].tolist()
         return JSONResponse({

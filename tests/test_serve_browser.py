@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -235,6 +236,7 @@ def test_drawn_digits_are_read_right(browser, mnist_run: RunDir, screenshots: Pa
             seen.append(page.seen())
             page.tab.screenshot(path=str(screenshots / f"drawn_{digit}.png"), full_page=True)
         Image.fromarray(np.concatenate(seen, axis=1)).resize((280 * 10, 28 * 10), Image.NEAREST).save(screenshots / "drawn_model_inputs.png")
+        (screenshots / "drawn_read.json").write_text(json.dumps({digit: {"digit": got, "sum_minus_number": total} for digit, (got, total) in read.items()}))
         digits_right = [digit for digit, (got, _) in read.items() if got == digit]
         sums_right = [digit for digit, (_, got) in read.items() if got == digit]
         assert len(digits_right) >= MIN_READ_RIGHT, read
