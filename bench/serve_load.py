@@ -157,7 +157,7 @@ def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[flo
 
 def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: float, predict_runs: int) -> dict:
     """The whole measurement: one server, one load run per client count, then `predict` runs."""
-    body = drawing_png()
+    body, load_before = drawing_png(), os.getloadavg()  # other jobs on the machine skew every figure
     process, address = start_server(artifacts)
     try:
         rows = [asdict(load(address, body, n, requests, max_seconds, process.pid)) for n in clients]
@@ -169,7 +169,8 @@ def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: f
         predict_times = predict_process_seconds(artifacts, image, predict_runs)
     return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "load_average_before": os.getloadavg(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "serve": rows,
         "serve_exit_code": exit_code,
         "predict_process_s": predict_times,
@@ -190,7 +191,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if min(args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
         raise SystemExit("error: --clients, --requests and --predict-runs must be 1 or more")
     results = run_bench(args.artifacts, args.clients, args.requests, args.max_seconds, args.predict_runs)
-    print(f"machine: {results['machine']}; load average before: {', '.join(f'{x:.2f}' for x in results['load_average_before'])}")
+    loads = " / ".join(", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after"))
+    print(f"machine: {results['machine']}; load average (1, 5, 15 min) before / after: {loads}")
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'RSS MiB start→end (max)':>24}")
     for row in results["serve"]:
         print(

@@ -366,7 +366,7 @@ def serve(
 ) -> None:
     """Serve a local page to draw a digit and pick a number, and a JSON API, until Ctrl-C.
 
-    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request. Needs the serve extra: pip install 'mnistsum[serve]'.
+    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request. Needs the serve extra: pip install 'mnistsum\\[serve]'.
     """
     try:
         from mnistsum_cli.serve import serve as serve_stage

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -341,8 +342,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def serve(run: RunDir, host: str, port: int, device: torch.device, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
     """Serve until Ctrl-C; every problem before the first request is a MnistsumError."""
-    import uvicorn
-
     if not run.root.is_dir():
         raise MnistsumError(f"--artifacts {run.root}: no such folder (the folder `mnistsum train` wrote)")
     if device.type == "cpu":

@@ -27,9 +27,9 @@ from mnistsum_cli.models import build_model
 from mnistsum_cli.predict import head_probabilities, prepare_image
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -292,13 +292,15 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
 # --------------------------------------------------------------------------- the command
 
 
-def test_serve_without_the_extra_says_how_to_install_it(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
+def test_serve_without_the_extra_says_how_to_install_it(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str) -> None:
     monkeypatch.delitem(sys.modules, "mnistsum_cli.serve", raising=False)
-    for name in [name for name in sys.modules if name == "starlette" or name.startswith("starlette.")]:
+    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
         monkeypatch.setitem(sys.modules, name, None)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu")
     assert code == 1
     assert "pip install 'mnistsum[serve]'" in assert_one_line_error(err, out)
+    assert "pip install 'mnistsum[serve]'" in " ".join(run_cli("serve", "--help")[1].split())
 
 
 def test_serve_refuses_what_it_cannot_serve(run_cli, tmp_path: Path, run: RunDir) -> None:
@@ -312,6 +314,8 @@ def test_serve_refuses_what_it_cannot_serve(run_cli, tmp_path: Path, run: RunDir
     assert code == 1 and "not a valid safetensors file" in assert_one_line_error(err, out)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--port", "70000")
     assert code == 2 and "--port" in assert_one_line_error(err, out)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--gpu", "0", "--cpu")
+    assert code == 2 and "exclude each other" in assert_one_line_error(err, out)  # the device policy of every command
 
 
 def test_a_busy_port_is_one_line(run_cli, run: RunDir) -> None:

@@ -230,7 +230,7 @@ def test_drawn_digits_are_read_right(browser, mnist_run: RunDir, screenshots: Pa
             page.tab.click("#clear")
             number = (digit * 7 + 3) % 10
             page.pick(number)
-            answer = page.answer(lambda: page.draw(strokes))
+            answer = page.answer(lambda strokes=strokes: page.draw(strokes))
             assert page.shown() == (str(answer["digit"]), str(answer["sum"]))
             read[digit] = (answer["digit"], answer["sum"] - number)
             seen.append(page.seen())

@@ -12,7 +12,7 @@ import pytest
 from mnistsum_cli.artifacts import RunDir
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
-from test_serve import write_model  # noqa: E402
+from test_serve import write_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
 
