@@ -13,13 +13,13 @@ from torch import nn
 
 from mnistsum_cli import __version__
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir
 from mnistsum_cli.setaside import set_aside
 from mnistsum_cli.store import commit, interrupts_deferred, read_json
-from mnistsum_cli.tensorfiles import read_safetensors, safetensors_bytes
+from mnistsum_cli.tensorfiles import decode_safetensors, read_safetensors, safetensors_bytes
 
 WEIGHTS_PREFIX = "model."  # checkpoint tensors: model.<name> are weights, optim.<id>.<key> optimizer state
 OPTIMIZER_PREFIX = "optim."
@@ -66,13 +66,24 @@ def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from model.safetensors: weights + metadata, no pickle."""
     tensors, meta = read_safetensors(path, stage="train", expected_format=MODEL_FORMAT)
+    return _rebuilt(tensors, meta, path, device), meta
+
+
+def load_model_bytes(data: bytes, path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """load_model on the bytes of `path`, read once by the caller."""
+    tensors, meta = decode_safetensors(data, path, stage="train", expected_format=MODEL_FORMAT)
+    return _rebuilt(tensors, meta, path, device), meta
+
+
+def _rebuilt(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path, device: torch.device) -> nn.Module:
     model = build_model(str(meta.get("arch")))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise MnistsumError(f"{path} does not fit architecture {meta.get('arch')!r} ({reason}): rerun `mnistsum train`") from None
-    return model.to(device).eval(), meta
+        raise MnistsumError(
+            f"{path} does not fit architecture {meta.get('arch')!r} ({first_line(error)}): rerun `mnistsum train`"
+        ) from None
+    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------- checkpoint.safetensors

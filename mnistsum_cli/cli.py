@@ -363,6 +363,28 @@ def predict(
         report.predictions_table(results)
 
 
+@app.command(cls=Command, epilog="Example: mnistsum serve --artifacts artifacts --cpu  (then open the URL it prints)")
+def serve(
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback lets others use the model.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free port).")] = 8000,
+    gpu: GpuOption = None,
+    cpu: CpuOption = False,
+) -> None:
+    """Serve a local page to draw a digit and pick a number, and a JSON API, until Ctrl-C.
+
+    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request. Needs the serve extra: pip install 'mnistsum\\[serve]'.
+    """
+    try:
+        from mnistsum_cli.serve import serve as serve_stage
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+            raise
+        raise MnistsumError(f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'") from None
+
+    serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), say=typer.echo, warn=report.warning)
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 

@@ -7,7 +7,7 @@ kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -27,29 +27,55 @@ MIN_CONTRAST = 0.05  # the least max - min grey (of 1) that can be a digit rathe
 INK_THRESHOLD = 0.1  # ink bounding box: pixels above this fraction of the strongest ink
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Read an image file as greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
+def load_image(
+    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None,
+    max_pixels: Optional[int] = None,
+) -> np.ndarray:
+    """Read an image (a file, or an open binary stream such as an upload) as greyscale float32
+    [H, W] in [0, 1], transparency composited onto white. `name` names it in errors (default:
+    the path); `formats` limits the decoders tried; `max_pixels` refuses larger images from their
+    header, before any pixel is decoded. Animated images are refused: which frame would be meant?"""
+    name = str(source) if name is None else name
     try:
-        with Image.open(path) as image:
+        with Image.open(source, formats=formats) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise MnistsumError(f"{name}: {image.width} x {image.height} pixels is over the limit of {max_pixels:,}")
+            if getattr(image, "n_frames", 1) > 1:
+                raise MnistsumError(f"{name}: an animated image ({image.n_frames} frames); give a single picture")
             image = ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
             if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
                 return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
             rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
     except FileNotFoundError:
-        raise MnistsumError(f"{path}: no such file") from None
+        raise MnistsumError(f"{name}: no such file") from None
     except PermissionError:
-        raise MnistsumError(f"{path}: permission denied") from None
+        raise MnistsumError(f"{name}: permission denied") from None
     except IsADirectoryError:
-        raise MnistsumError(f"{path}: is a folder, not an image") from None
+        raise MnistsumError(f"{name}: is a folder, not an image") from None
     except UnidentifiedImageError:
-        raise MnistsumError(f"{path}: not an image (expected PNG or JPEG)") from None
+        raise MnistsumError(f"{name}: not an image (expected PNG or JPEG)") from None
     except Image.DecompressionBombError:
-        raise MnistsumError(f"{path}: image too large to read safely") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise MnistsumError(f"{path}: cannot read image ({str(error).strip() or type(error).__name__})") from None
+        raise MnistsumError(f"{name}: image too large to read safely") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise MnistsumError(f"{name}: cannot read image ({str(error).strip() or type(error).__name__})") from None
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     grey = Image.alpha_composite(white, rgba).convert("L")
     return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def prepare_image(
+    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None,
+    max_pixels: Optional[int] = None,
+) -> np.ndarray:
+    """An image file or stream as the model's uint8 [28, 28] input: what `predict` and `serve`
+    both feed the model, so the page shows exactly what the command line would see. Errors
+    name the image (see load_image)."""
+    name = str(source) if name is None else name
+    grey = load_image(source, name, formats, max_pixels)
+    try:
+        return to_mnist(grey)
+    except MnistsumError as error:
+        raise MnistsumError(f"{name}: {error}") from None
 
 
 def _background(grey: np.ndarray) -> float:
@@ -88,11 +114,12 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_digits(
+def head_probabilities(
     model: nn.Module, images: torch.Tensor, numbers: torch.Tensor, device: torch.device
-) -> list[dict[str, int | float]]:
-    """Digit and sum predictions, with their softmax probabilities, for uint8 images [N, 28, 28]
-    and int64 numbers [N] in 0-9; the model runs in eval mode on `device` (where it must live)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities of the digit head [N, 10] and the sum head [N, 19], in fp32, for
+    uint8 images [N, 28, 28] and int64 numbers [N] in 0-9; the model runs in eval mode on
+    `device` (where it must live)."""
     if images.shape[1:] != (SIZE, SIZE) or images.shape[0] != numbers.shape[0]:
         raise ValueError(
             f"expected images [N, 28, 28] and numbers [N], got {tuple(images.shape)} and {tuple(numbers.shape)}"
@@ -103,8 +130,16 @@ def predict_digits(
     model.eval()
     digit_logits, sum_logits = model(normalise(images.to(device)), numbers.to(device))
     model.train(was_training)
-    digit_conf, digit = digit_logits.float().softmax(dim=1).max(dim=1)
-    sum_conf, total = sum_logits.float().softmax(dim=1).max(dim=1)
+    return digit_logits.float().softmax(dim=1), sum_logits.float().softmax(dim=1)
+
+
+def predict_digits(
+    model: nn.Module, images: torch.Tensor, numbers: torch.Tensor, device: torch.device
+) -> list[dict[str, int | float]]:
+    """Digit and sum predictions with their probabilities (see head_probabilities)."""
+    digit_probs, sum_probs = head_probabilities(model, images, numbers, device)
+    digit_conf, digit = digit_probs.max(dim=1)
+    sum_conf, total = sum_probs.max(dim=1)
     return [
         {"digit": d, "sum": s, "digit_confidence": dc, "sum_confidence": sc}
         for d, s, dc, sc in zip(digit.tolist(), total.tolist(), digit_conf.tolist(), sum_conf.tolist())
@@ -114,13 +149,7 @@ def predict_digits(
 def predict_files(paths: list[Path], number: int, run: RunDir, device: torch.device) -> list[dict[str, Any]]:
     """The `predict` command on image files: one result per file, with its path."""
     model, _ = load_model(run.model, device)
-    images = []
-    for path in paths:
-        try:
-            images.append(to_mnist(load_image(path)))
-        except MnistsumError as error:
-            message = str(error)
-            raise MnistsumError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    images = [prepare_image(path) for path in paths]
     results = predict_digits(model, torch.from_numpy(np.stack(images)), torch.full((len(paths),), number), device)
     return [{"image": str(path), "number": number, **result} for path, result in zip(paths, results)]
 

@@ -52,6 +52,10 @@ def notice(message: str) -> None:
     error_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
 
 
+def warning(message: str) -> None:
+    error_console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
 def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 

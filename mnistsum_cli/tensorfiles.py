@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,30 @@ def read_safetensors(
             tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except Exception as error:  # safetensors raises several unrelated types on damage
-        raise MnistsumError(
-            f"{path} is not a valid safetensors file ({first_line(error)}): rerun `mnistsum {stage}`"
-        ) from None
+        raise _not_safetensors(path, stage, error) from None
+    return tensors, _checked_kind(metadata, path, stage, expected_format)
+
+
+def decode_safetensors(data: bytes, path: Path, stage: str, expected_format: str) -> tuple[dict, dict[str, Any]]:
+    """read_safetensors on bytes already read from `path` (one read: a reader that must see one
+    consistent version of a file that writers replace)."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        (header_size,) = struct.unpack("<Q", data[:8])
+        raw = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        metadata = {key: json.loads(value) for key, value in raw.items()}
+    except Exception as error:  # as above, plus struct / JSON errors of the header
+        raise _not_safetensors(path, stage, error) from None
+    return tensors, _checked_kind(metadata, path, stage, expected_format)
+
+
+def _not_safetensors(path: Path, stage: str, error: BaseException) -> MnistsumError:
+    return MnistsumError(f"{path} is not a valid safetensors file ({first_line(error)}): rerun `mnistsum {stage}`")
+
+
+def _checked_kind(metadata: dict[str, Any], path: Path, stage: str, expected_format: str) -> dict[str, Any]:
     if metadata.get("format") != expected_format:
-        raise MnistsumError(
-            f"{path} is not a {expected_format} file: rerun `mnistsum {stage}`"
-        )
-    return tensors, metadata
+        raise MnistsumError(f"{path} is not a {expected_format} file: rerun `mnistsum {stage}`")
+    return metadata

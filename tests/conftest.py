@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
-from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX
+from mnistsum_cli.paths import RunDir
+from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -298,3 +299,9 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
     monkeypatch.setattr(mnistsum_cli.store.os, "replace", counted("replace", real_replace))
     monkeypatch.setattr(mnistsum_cli.store, "_remove_staged", lambda change: None)  # a killed writer cleans nothing
     return steps
+
+
+def publish_model(run: RunDir, data: bytes) -> None:
+    """Publish `data` as the run's model.safetensors, as train does (one commit of the folder)."""
+    with commit(run.root) as change:
+        change.write(run.model.name, data)

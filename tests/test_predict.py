@@ -204,7 +204,13 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
-UNREADABLE = [_text_as_png, _empty_file, _truncated_png, _truncated_jpeg, _missing, _folder]
+def _animated_gif(path: Path) -> Path:
+    frames = [Image.new("L", (32, 32), value) for value in (0, 255)]
+    frames[0].save(path / "blink.gif", save_all=True, append_images=frames[1:], duration=100)
+    return path / "blink.gif"
+
+
+UNREADABLE = [_text_as_png, _empty_file, _truncated_png, _truncated_jpeg, _missing, _folder, _animated_gif]
 
 
 @pytest.mark.parametrize("make", UNREADABLE, ids=lambda make: make.__name__[1:])

@@ -1,0 +1,209 @@
+"""Load on `mnistsum serve`: N concurrent clients on loopback post a drawn digit (a 280 x 280
+PNG, as the page sends) for a bounded number of requests and seconds; reports requests/s,
+p50/p95/p99 latency, errors and the server's memory (RSS) over the run, side by side with
+what a user pays without the server: `mnistsum predict` of one file as a process.
+
+    python bench/serve_load.py --artifacts artifacts --clients 8 --requests 10000
+
+The server is started here (`python -m mnistsum_cli serve --cpu --port 0`) and stopped with
+Ctrl-C at the end; the clients are threads of this process with one keep-alive connection
+each, so client and server share the machine's cores, as they would on a user's laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = 3
+
+
+def drawing_png() -> bytes:
+    """A seven in black ink on a white 280 x 280 pad, PNG-encoded."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (280, 280), "white")
+    ImageDraw.Draw(image).line([(84, 56), (196, 56), (126, 238)], fill="black", width=22, joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
+    """`mnistsum serve` on a free loopback port; returns the process and its host:port."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(artifacts), "--cpu", "--port", "0"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = process.stdout.readline()
+    if " at http://" not in first:
+        process.kill()
+        raise SystemExit(f"serve did not start: {first}{process.stderr.read()}".strip())
+    return process, urlsplit(first.split(" at ")[1].split()[0]).netloc
+
+
+def stop_server(process: subprocess.Popen) -> int:
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=60)
+    finally:
+        process.kill()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    rss_start_mib: float  # after the first tenth of the requests (warm)
+    rss_end_mib: float
+    rss_max_mib: float
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(share * len(sorted_values)))]
+
+
+def load(address: str, body: bytes, clients: int, requests: int, max_seconds: float, server_pid: int) -> LoadResult:
+    """`requests` POST /api/predict spread over `clients` threads, stopping early at `max_seconds`."""
+    host, port = address.rsplit(":", 1)
+    latencies: list[float] = []
+    errors, issued = [0], [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        while time.monotonic() < deadline:
+            with lock:
+                if issued[0] >= requests:
+                    break
+                issued[0] += 1
+            start = time.perf_counter()
+            try:
+                connection.request("POST", f"/api/predict?number={NUMBER}", body, {"Content-Type": "image/png"})
+                response = connection.getresponse()
+                ok = response.status == 200 and b'"digit"' in response.read()
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                ok = False
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+                errors[0] += not ok
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    rss_samples: list[float] = []
+    while any(thread.is_alive() for thread in threads):
+        time.sleep(0.2)
+        if len(latencies) >= requests // 10:  # warm: model loaded, caches filled
+            rss_samples.append(rss_mib(server_pid))
+    seconds = time.perf_counter() - started
+    rss_samples.append(rss_mib(server_pid))
+    ordered = sorted(latencies)
+    return LoadResult(
+        clients=clients, requests=len(ordered), errors=errors[0], seconds=round(seconds, 2),
+        requests_per_s=round(len(ordered) / seconds, 1),
+        p50_ms=round(1000 * percentile(ordered, 0.50), 2), p95_ms=round(1000 * percentile(ordered, 0.95), 2),
+        p99_ms=round(1000 * percentile(ordered, 0.99), 2),
+        rss_start_mib=round(rss_samples[0], 1), rss_end_mib=round(rss_samples[-1], 1), rss_max_mib=round(max(rss_samples), 1),
+    )  # fmt: skip
+
+
+def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[float]:
+    """Wall seconds of `mnistsum predict IMAGE --number N --cpu` as a fresh process, `runs` times."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "mnistsum_cli", "predict", str(image), "--number", str(NUMBER), "--cpu", "--artifacts", str(artifacts)],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True,
+        )  # fmt: skip
+        times.append(round(time.perf_counter() - start, 3))
+    return times
+
+
+def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: float, predict_runs: int) -> dict:
+    """The whole measurement: one server, one load run per client count, then `predict` runs."""
+    body, load_before = drawing_png(), os.getloadavg()  # other jobs on the machine skew every figure
+    process, address = start_server(artifacts)
+    try:
+        rows = [asdict(load(address, body, n, requests, max_seconds, process.pid)) for n in clients]
+    finally:
+        exit_code = stop_server(process)
+    with tempfile.TemporaryDirectory() as folder:
+        image = Path(folder) / "seven.png"
+        image.write_bytes(body)
+        predict_times = predict_process_seconds(artifacts, image, predict_runs)
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "serve": rows,
+        "serve_exit_code": exit_code,
+        "predict_process_s": predict_times,
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="a trained run (default: artifacts)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one run each (default: 1 8)")
+    parser.add_argument("--requests", type=int, default=10_000, help="requests per run (default: 10000)")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="stop a run after this long (default: 600)")
+    parser.add_argument("--predict-runs", type=int, default=3, help="`predict` processes to time (default: 3)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not (args.artifacts / "model.safetensors").is_file():
+        raise SystemExit(f"error: {args.artifacts}/model.safetensors not found: train a model first")
+    if min(args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
+        raise SystemExit("error: --clients, --requests and --predict-runs must be 1 or more")
+    results = run_bench(args.artifacts, args.clients, args.requests, args.max_seconds, args.predict_runs)
+    loads = " / ".join(", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after"))
+    print(f"machine: {results['machine']}; load average (1, 5, 15 min) before / after: {loads}")
+    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'RSS MiB start→end (max)':>24}")
+    for row in results["serve"]:
+        print(
+            f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_s']:>7} {row['p50_ms']:>7} "
+            f"{row['p95_ms']:>7} {row['p99_ms']:>7} {row['rss_start_mib']:>11} → {row['rss_end_mib']} ({row['rss_max_mib']})"
+        )
+    times = sorted(results["predict_process_s"])
+    print(f"`mnistsum predict` of one file as a process: median {1000 * times[len(times) // 2]:.0f} ms ({len(times)} runs: {times})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""`mnistsum serve` without a browser: every route and every refused request through Starlette's
+test client, the model following the artifacts folder, and the command's own errors and Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import assert_one_line_error, publish_model, snapshot
+from mnistsum_cli.checkpoint import save_model
+from mnistsum_cli.fingerprints import fingerprint_file
+from mnistsum_cli.paths import RunDir
+from mnistsum_cli.store import write_json
+from mnistsum_cli.models import build_model
+from mnistsum_cli.predict import head_probabilities, prepare_image
+
+starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
+from starlette.testclient import TestClient
+
+from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def write_model(run: RunDir, run_id: str, seed: int) -> None:
+    """An untrained lean model (random weights from `seed`) saved as `train` saves one."""
+    torch.manual_seed(seed)
+    save_model(run.model, build_model("lean"), {"arch": "lean", "run_id": run_id, "epoch": 2, "dataset_id": "d0"})
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "artifacts")
+    write_model(run, "run1", seed=0)
+    return run
+
+
+@pytest.fixture
+def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.chdir(tmp_path)
+    return TestClient(create_app(ModelFollower(run, CPU)), raise_server_exceptions=False)
+
+
+def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
+    """Black ink on white, as the page's drawing pad sends it."""
+    image = Image.new("L", (size, size), 255)
+    ImageDraw.Draw(image).line([(0.3 * size, 0.2 * size), (0.7 * size, 0.2 * size), (0.45 * size, 0.85 * size)], fill=0, width=size // 12)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def expected(run: RunDir, image: np.ndarray, number: int) -> tuple[list[float], list[float]]:
+    """What the model answers when called directly, as `predict` calls it."""
+    from mnistsum_cli.checkpoint import load_model
+
+    model, _ = load_model(run.model, CPU)
+    digit, total = head_probabilities(model, torch.from_numpy(image[None]), torch.tensor([number]), CPU)
+    return digit[0].tolist(), total[0].tolist()
+
+
+def assert_refused(response, status: int, words: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    message = response.json()["error"]
+    assert "\n" not in message and words in message, message
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def test_page_and_its_files_come_from_the_app_with_a_strict_policy(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for path, kind in (("/app.js", "javascript"), ("/style.css", "text/css"), ("/favicon.svg", "svg")):
+        response = client.get(path)
+        assert response.status_code == 200 and kind in response.headers["content-type"], path
+        text = response.text.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a name, not a request
+        assert "http:" not in text and "https:" not in text, path
+    for path in ("/", "/app.js", "/healthz", "/api/model", "/nope"):
+        headers = client.get(path).headers
+        assert headers["content-security-policy"].startswith("default-src 'self'"), path
+        assert headers["x-content-type-options"] == "nosniff", path
+    assert "https:" not in page.text and "http:" not in page.text
+    for needle in ('id="pad"', 'id="numbers"', 'id="clear"', 'type="file"', 'id="seen"', "28 x 28", "sum is computed"):
+        assert needle in page.text, needle
+
+
+def test_healthz_and_model_card(client: TestClient, run: RunDir) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "run_id": "run1", "problem": None}
+    card = client.get("/api/model").json()
+    assert (card["run_id"], card["arch"], card["epoch"], card["problem"]) == ("run1", "lean", 2, None)
+    assert card["sha256"] == fingerprint_file(run.model)
+    assert card["evaluations"] == {} and card["plots"] == []
+
+
+def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient, run: RunDir) -> None:
+    sha = fingerprint_file(run.model)
+    write_json(run.evaluation("test"), {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0, "model": {"sha256": sha}})
+    write_json(run.evaluation("val"), {"rows": 10, "digit_accuracy": 0.5, "sum_accuracy": 0.5, "model": {"sha256": "another model"}})
+    run.plots.mkdir()
+    png = drawn_seven(40)
+    for name in ("loss.png", "unlisted.png"):
+        (run.plots / name).write_bytes(png)
+    write_json(run.plots_manifest, {"inputs": {"model": sha}, "files": ["loss.png", "../config.json", "/etc/passwd"]})
+    card = client.get("/api/model").json()
+    assert card["evaluations"] == {"test": {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0}}
+    assert card["plots"] == ["/plots/loss.png"]
+    response = client.get("/plots/loss.png")
+    assert response.status_code == 200 and response.content == png and response.headers["content-type"] == "image/png"
+    assert_refused(client.get("/plots/unlisted.png"), 404, "manifest")
+    write_json(run.plots_manifest, {"inputs": {"model": "another model"}, "files": ["loss.png"]})
+    assert client.get("/api/model").json()["plots"] == []
+    assert_refused(client.get("/plots/loss.png"), 404, "manifest")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/plots/..%2f..%2fartifacts%2fmodel.safetensors", "/plots/%2e%2e/model.safetensors", "/plots/%2e%2e%2fconfig.json",
+        "/plots/%2Fetc%2Fpasswd", "/plots//etc/passwd", "/static/../../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd",
+        "/app.js/..%2f..%2fserve.py", "/etc/passwd", "/mnistsum_cli/serve.py", "/static/app.js",
+    ],
+)  # fmt: skip
+def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str) -> None:
+    run.plots.mkdir()
+    write_json(run.plots_manifest, {"inputs": {"model": fingerprint_file(run.model)}, "files": ["loss.png"]})
+    response = client.get(path)
+    assert response.status_code == 404, (path, response.status_code)
+    assert response.json() == {"error": "not found"} or "manifest" in response.json()["error"]
+
+
+def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) -> None:
+    body = drawn_seven()
+    response = client.post("/api/predict?number=4", content=body, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    image = prepare_image(io.BytesIO(body), "seven")
+    digit_probs, sum_probs = expected(run, image, 4)
+    assert answer["input"] == image.tolist()
+    assert np.allclose(answer["digit_probabilities"], digit_probs, atol=1e-6)
+    assert np.allclose(answer["sum_probabilities"], sum_probs, atol=1e-6)
+    assert answer["digit"] == int(np.argmax(digit_probs)) and answer["sum"] == int(np.argmax(sum_probs))
+    assert (answer["number"], answer["run_id"], answer["problem"]) == (4, "run1", None)
+    assert len(answer["digit_probabilities"]) == 10 and len(answer["sum_probabilities"]) == 19
+
+
+def test_predict_jpeg_and_pixels(client: TestClient, run: RunDir) -> None:
+    jpeg = drawn_seven(fmt="JPEG")
+    answer = client.post("/api/predict?number=0", content=jpeg, headers={"Content-Type": "image/jpeg"}).json()
+    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist()
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    pixels[6:22, 13:16] = 255
+    response = client.post("/api/predict", json={"number": 9, "pixels": pixels.tolist()})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["input"] == pixels.tolist() and answer["number"] == 9
+    assert np.allclose(answer["digit_probabilities"], expected(run, pixels, 9)[0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- refused requests
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def animated(fmt: str) -> bytes:
+    frames = [Image.new("L", (32, 32), value) for value in (0, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], duration=100)
+    return buffer.getvalue()
+
+
+def blank_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (280, 280), "white").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PNG = {"Content-Type": "image/png"}
+REFUSED = {
+    "no number": (lambda: ("/api/predict", drawn_seven(), PNG), 400, "missing field: number"),
+    "number 10": (lambda: ("/api/predict?number=10", drawn_seven(), PNG), 400, "0-9"),
+    "number -1": (lambda: ("/api/predict?number=-1", drawn_seven(), PNG), 400, "0-9"),
+    "number x": (lambda: ("/api/predict?number=x", drawn_seven(), PNG), 400, "0-9"),
+    "empty body": (lambda: ("/api/predict?number=1", b"", PNG), 400, "empty"),
+    "not an image": (lambda: ("/api/predict?number=1", b"hello, world" * 10, PNG), 422, "not an image"),
+    "truncated png": (lambda: ("/api/predict?number=1", drawn_seven()[:300], PNG), 422, "cannot read image"),
+    "animated gif": (lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}), 422, "PNG or JPEG"),
+    "animated png": (lambda: ("/api/predict?number=1", animated("PNG"), PNG), 422, "animated"),
+    "empty canvas": (lambda: ("/api/predict?number=1", blank_png(), PNG), 422, "blank"),
+    "over pixel limit": (lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG), 422, f"limit of {MAX_PIXELS:,}"),
+    "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "too large"),
+    "text body": (lambda: ("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
+    "bad json": (lambda: ("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
+    "json list": (lambda: ("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
+    "json no number": (lambda: ("/api/predict", json.dumps({"pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "number"),
+    "json bool number": (lambda: ("/api/predict", json.dumps({"number": True, "pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "0-9"),
+    "json no pixels": (lambda: ("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}), 400, "missing field: pixels"),
+    "json 27 rows": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[9] * 28] * 27}).encode(), {"Content-Type": "application/json"}), 400, "28 rows"),
+    "json ragged": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[9] * 28] * 27 + [[1]]}).encode(), {"Content-Type": "application/json"}), 400, "28 rows"),
+    "json 256": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[256] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "0-255"),
+    "json blank": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 422, "blank"),
+    "too big": (lambda: ("/api/predict?number=1", b"\0" * (MAX_BODY + 1), PNG), 413, "limit"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(client: TestClient, run: RunDir, tmp_path: Path, case: str) -> None:
+    make, status, words = REFUSED[case]
+    path, body, headers = make()
+    before = snapshot(tmp_path)
+    assert_refused(client.post(path, content=body, headers=headers), status, words)
+    assert client.get("/healthz").status_code == 200
+    assert snapshot(tmp_path) == before  # the server writes nothing, not even for bad input
+
+
+def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir) -> None:
+    """413 from a false Content-Length, and from a streamed body with none once 2 MB arrived
+    (driven at the ASGI level: the test client would collect the whole body first)."""
+    response = client.post("/api/predict?number=1", content=b"\0" * 10, headers={**PNG, "Content-Length": str(MAX_BODY + 1)})
+    assert_refused(response, 413, "limit")
+
+    app, chunk, pulled, sent = create_app(ModelFollower(run, CPU)), 256 * 1024, [], []
+
+    async def receive() -> dict:
+        pulled.append(chunk)
+        return {"type": "http.request", "body": b"\0" * chunk, "more_body": len(pulled) < 64}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/api/predict", "raw_path": b"/api/predict", "query_string": b"number=1", "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
+
+
+def test_wrong_method_and_unknown_route(client: TestClient) -> None:
+    assert_refused(client.get("/api/predict"), 405, "method not allowed")
+    assert_refused(client.post("/api/model"), 405, "method not allowed")
+    assert_refused(client.get("/api/nothing"), 404, "not found")
+
+
+# --------------------------------------------------------------------------- following the run
+
+
+def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir) -> None:
+    body = drawn_seven()
+    first = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    write_model(run, "run2", seed=1)  # a new `train` publishes its model
+    second = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    assert second["run_id"] == "run2" and second["problem"] is None
+    assert second["digit_probabilities"] != first["digit_probabilities"]
+    assert np.allclose(second["digit_probabilities"], expected(run, np.array(second["input"], dtype=np.uint8), 2)[0], atol=1e-6)
+
+    publish_model(run, b"not a model")  # unreadable: run2 keeps serving
+    third = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    assert third["run_id"] == "run2" and third["digit_probabilities"] == second["digit_probabilities"]
+    assert "not a valid safetensors file" in third["problem"] and "still serving run run2" in third["problem"]
+    assert client.get("/api/model").json()["problem"] == third["problem"]
+
+    run.model.unlink()
+    assert "not found" in client.get("/healthz").json()["problem"]
+    write_model(run, "run3", seed=2)
+    assert client.get("/healthz").json() == {"status": "ok", "run_id": "run3", "problem": None}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
+def test_serve_without_the_extra_says_how_to_install_it(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    monkeypatch.delitem(sys.modules, "mnistsum_cli.serve", raising=False)
+    for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu")
+    assert code == 1
+    assert "pip install 'mnistsum[serve]'" in assert_one_line_error(err, out)
+    assert "pip install 'mnistsum[serve]'" in " ".join(run_cli("serve", "--help")[1].split())
+
+
+def test_serve_refuses_what_it_cannot_serve(run_cli, tmp_path: Path, run: RunDir) -> None:
+    code, out, err = run_cli("serve", "--artifacts", tmp_path / "nowhere", "--cpu")
+    assert code == 1 and "no such folder" in assert_one_line_error(err, out)
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli("serve", "--artifacts", tmp_path / "empty", "--cpu")
+    assert code == 1 and "run `mnistsum train` first" in assert_one_line_error(err, out)
+    run.model.write_bytes(b"\0" * 100)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu")
+    assert code == 1 and "not a valid safetensors file" in assert_one_line_error(err, out)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--port", "70000")
+    assert code == 2 and "--port" in assert_one_line_error(err, out)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--gpu", "0", "--cpu")
+    assert code == 2 and "exclude each other" in assert_one_line_error(err, out)  # the device policy of every command
+
+
+def test_a_busy_port_is_one_line(run_cli, run: RunDir) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu", "--port", busy.getsockname()[1])
+    assert code == 1 and "cannot listen on 127.0.0.1" in assert_one_line_error(err, out)
+
+
+def start_serve(run: RunDir, *options: str) -> tuple[subprocess.Popen, str]:
+    """`mnistsum serve` as a process on a free port; returns it and the first line it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(run.root), "--cpu", "--port", "0", *options],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    return process, process.stdout.readline()
+
+
+def test_ctrl_c_stops_with_one_line_and_no_traceback(run: RunDir) -> None:
+    process, first = start_serve(run, "--host", "0.0.0.0")
+    try:
+        assert first.startswith("serving run run1 from") and "http://0.0.0.0:" in first, first
+        port = int(first.split("http://0.0.0.0:")[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert connection.recv(100).startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert out.strip() == "stopped"
+    assert "Traceback" not in err and err.strip() == "warning: listening on 0.0.0.0: anyone who can reach port " f"{port} can use the model"
