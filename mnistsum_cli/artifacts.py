@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import MnistsumError, first_line
 
 if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
     import numpy as np
@@ -337,24 +337,20 @@ def read_safetensors(
     if not path.exists():
         raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        # numpy, not torch, when no tensor is wanted: `status` and an up-to-date `run` need no torch
+        with safe_open(str(path), framework="numpy" if metadata_only else "pt") as handle:
             raw = handle.metadata() or {}
             tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except Exception as error:  # safetensors raises several unrelated types on damage
         raise MnistsumError(
-            f"{path} is not a valid safetensors file ({_first_line(error)}): rerun `mnistsum {stage}`"
+            f"{path} is not a valid safetensors file ({first_line(error)}): rerun `mnistsum {stage}`"
         ) from None
     if metadata.get("format") != expected_format:
         raise MnistsumError(
             f"{path} is not a {expected_format} file: rerun `mnistsum {stage}`"
         )
     return tensors, metadata
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 # --------------------------------------------------------------------------- parquet splits
@@ -423,7 +419,7 @@ def read_split(data: DataDir, name: str) -> Split:
         table = pq.read_table(path)
         columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
-        raise MnistsumError(f"{path} is not a valid Parquet file ({_first_line(error)}): {rerun}") from None
+        raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
     if not table.schema.remove_metadata().equals(split_schema()):
         raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
     try:

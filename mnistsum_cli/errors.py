@@ -24,3 +24,10 @@ class OutputClosed(Exception):
     128 + SIGPIPE, as Unix tools do."""
 
     exit_code = 141
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty), for
+    one-line reports of errors raised by libraries."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, DataDir, Dataset, RunDir, fingerprint_file, now_iso, write_json
-from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
+from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, Dataset, RunDir, fingerprint_file, now_iso, write_json
+from mnistsum_cli.data import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import EVAL_PRECISION, load_model, predict
+from mnistsum_cli.prepared import PreparedData
 
 MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
@@ -87,17 +87,11 @@ def provenance(model_path: Path, model_meta: dict[str, Any], dataset: Dataset) -
 
 
 def evaluate_model(
-    split: str,
-    data_dir: DataDir,
-    run: RunDir,
-    device: torch.device,
-    mnist_dir: Optional[Path] = None,
-    force: bool = False,
-    mnist: Optional[Mnist] = None,
+    split: str, prepared: PreparedData, run: RunDir, device: torch.device, force: bool = False
 ) -> dict[str, Any]:
     """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON."""
     model, meta = load_model(run.model, device)
-    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+    dataset, mnist = prepared.dataset, prepared.mnist
     check_model_matches(meta, dataset, force)
     rows = dataset.splits[split]
     metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)

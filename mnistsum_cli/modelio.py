@@ -12,7 +12,7 @@ from torch import nn
 from mnistsum_cli import __version__
 from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
 from mnistsum_cli.data import SplitTensors, normalise
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.models import build_model
 
 EVAL_BATCH_SIZE = 2048
@@ -67,6 +67,7 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, A
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise MnistsumError(f"{path} does not fit architecture {meta.get('arch')!r} ({reason}): rerun `mnistsum train`") from None
+        raise MnistsumError(
+            f"{path} does not fit architecture {meta.get('arch')!r} ({first_line(error)}): rerun `mnistsum train`"
+        ) from None
     return model.to(device).eval(), meta

@@ -21,7 +21,6 @@ from mnistsum_cli.artifacts import (  # noqa: E402
     MNIST_SET_OF_SPLIT,
     MODEL_FORMAT,
     SPLITS,
-    DataDir,
     RunDir,
     fingerprint_file,
     plot_inputs,
@@ -30,9 +29,9 @@ from mnistsum_cli.artifacts import (  # noqa: E402
     staged_folder,
     write_json,
 )
-from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.mnist import Mnist  # noqa: E402
+from mnistsum_cli.prepared import PreparedData  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -136,16 +135,10 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
     return evaluations
 
 
-def plot(
-    run: RunDir,
-    force: bool = False,
-    data: Optional[DataDir] = None,
-    mnist_dir: Optional[Path] = None,
-    mnist: Optional[Mnist] = None,
-) -> list[Path]:
+def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
-    plots/; returns the paths written. The gallery needs the images: from `mnist` when already
-    loaded, else through the dataset in `data`."""
+    plots/; returns the paths written. The galleries need the images: without `prepared`
+    there are none."""
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     if history.get("run_id") != model_meta.get("run_id") and not force:
@@ -155,11 +148,11 @@ def plot(
     if not history.get("epochs"):
         raise MnistsumError(f"{run.history} has no epochs: rerun `mnistsum train`")
     evaluations = current_evaluations(run, model_meta, force)
-    galleries = {}
-    if data is not None:
+    galleries, mnist = {}, None
+    if prepared is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
         if galleries:
-            _, mnist = load_dataset(data, mnist_dir, mnist)
+            mnist = prepared.mnist
     inputs = plot_inputs(run)
 
     figures: dict[str, plt.Figure] = {}

@@ -1,4 +1,4 @@
-"""Stage 4 and the training progress display (issue 10, points 3, 6 and 13)."""
+"""Stage 4 and the training progress display."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.console import Console
 from conftest import assert_one_line_error, snapshot
 from mnistsum_cli.artifacts import DataDir, RunDir
 from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
+from mnistsum_cli.prepared import PreparedData
 
 
 def history(epochs_done: int, planned: int) -> dict:
@@ -24,7 +25,7 @@ def history(epochs_done: int, planned: int) -> dict:
     return {"epochs": records, "best_epoch": epochs_done, "config": {"epochs": planned}}
 
 
-# --------------------------------------------------------------------------- point 3: all or nothing
+# --------------------------------------------------------------------------- all or nothing
 
 
 def leftovers(artifacts: Path) -> list[str]:
@@ -61,7 +62,7 @@ def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, mon
 
     monkeypatch.setattr(mnistsum_cli.plot, "write_json", disk_full)  # the manifest, written last
     with pytest.raises(OSError, match="No space"):
-        plot(RunDir(artifacts), data=DataDir(workdir / "data"))
+        plot(RunDir(artifacts), prepared=PreparedData(DataDir(workdir / "data")))
     assert snapshot(artifacts / "plots") == before
     assert not leftovers(artifacts)
 
@@ -76,7 +77,7 @@ def test_plots_are_published_with_their_manifest(workdir: Path, run_cli) -> None
     assert not leftovers(workdir / "artifacts")
 
 
-# --------------------------------------------------------------------------- point 13: readable figures
+# --------------------------------------------------------------------------- readable figures
 
 
 def test_curves_of_an_incomplete_run_say_so() -> None:
@@ -114,7 +115,7 @@ def test_gallery_explains_its_caption_colours() -> None:
     assert any("red caption: the digit is wrong" in text and "black caption" in text for text in texts), texts
 
 
-# --------------------------------------------------------------------------- point 6: progress
+# --------------------------------------------------------------------------- progress
 
 
 def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:

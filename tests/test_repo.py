@@ -1,5 +1,5 @@
 """The repository's own folders: data/ and artifacts/ are kept with a README, their contents
-and the README's artifacts-* folders are ignored (issue 10, point 14)."""
+and the artifacts-* folders of docs/performance.md's commands are ignored."""
 
 from __future__ import annotations
 
