@@ -149,13 +149,13 @@ def train(
     from mnistsum_cli.runs import choose_config, continue_command, run_training
     from mnistsum_cli.train import SilentReporter, saved_config
 
-    run = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
+    run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     if resume:
         if preset_name is not None:
             raise BadOption("--resume continues with the checkpoint's settings: drop --preset")
-        saved = saved_config(run)
+        saved = saved_config(run_dir)
         if saved is None:
-            raise MnistsumError(f"nothing to resume in {run.root}: run `mnistsum train` without --resume")
+            raise MnistsumError(f"nothing to resume in {run_dir.root}: run `mnistsum train` without --resume")
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
         if resume:
             config = saved.with_overrides(**settings)
@@ -168,16 +168,16 @@ def train(
             outcome = run_training(
                 config,
                 PreparedData(DataDir(data), mnist_dir),
-                run,
+                run_dir,
                 device,
                 resume=resume,
-                continue_with=continue_command("train --resume", run),
+                continue_with=continue_command("train --resume", run_dir),
                 notify=notify,
                 reporter=reporter,
                 group=group,
             )
         if group.is_main:
-            report.train_summary(outcome, run, f"{device} x {group.world_size} processes" if group.active else str(device))
+            report.train_summary(outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device))
 
 
 @app.command(cls=Command, epilog="Example: mnistsum evaluate --split test --json > metrics.json")
@@ -198,12 +198,12 @@ def evaluate(
     from mnistsum_cli.evaluate import evaluate_model
     from mnistsum_cli.prepared import PreparedData
 
-    run = RunDir(artifacts)
-    metrics = evaluate_model(split, PreparedData(DataDir(data), mnist_dir), run, _device(gpu, cpu), force)
+    run_dir = RunDir(artifacts)
+    metrics = evaluate_model(split, PreparedData(DataDir(data), mnist_dir), run_dir, _device(gpu, cpu), force)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
-        report.evaluation_summary(metrics, run.evaluation(split))
+        report.evaluation_summary(metrics, run_dir.evaluation(split))
 
 
 @app.command(cls=Command, epilog="Example: mnistsum plot --artifacts artifacts")
@@ -297,18 +297,18 @@ def run(
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
     from mnistsum_cli.prepared import PreparedData
 
-    prepared, run = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
+    prepared, run_dir = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
     device = functools.cache(lambda: _device(gpu, cpu))  # found when a stage needs it: that loads torch
     if gpu is not None:
         device()  # a --gpu that cannot work is refused before any stage runs
-    config, chosen = wanted_config(run, preset_name, {**settings, "seed": seed}, lambda: device().type)
+    config, chosen = wanted_config(run_dir, preset_name, {**settings, "seed": seed}, lambda: device().type)
     _notice_if(chosen)
     prepare_options = wanted_prepare_options(prepared, seed, val_size, limit)
     with report.ProgressReporter() as reporter:
-        stages = run_pipeline(prepare_options, config, split, prepared, run, device, report.notice, reporter, force)
+        stages = run_pipeline(prepare_options, config, split, prepared, run_dir, device, report.notice, reporter, force)
         for stage, skipped, result in stages:
             device_name = str(device()) if stage == "train" and skipped is None else ""
-            report.stage_done(stage, skipped, result, prepared.folder, run, device_name, prepare_options.seed)
+            report.stage_done(stage, skipped, result, prepared.folder, run_dir, device_name, prepare_options.seed)
 
 
 @app.command(cls=Command, epilog="Example: mnistsum status --json")

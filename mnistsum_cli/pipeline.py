@@ -70,14 +70,14 @@ def prepare_status(
     return StageStatus("prepare", CURRENT, f"dataset {meta['dataset_id']}", artifacts, figures)
 
 
-def train_status(run: RunDir, dataset: Optional[DatasetHeader], wanted: Optional[TrainConfig] = None) -> StageStatus:
-    artifacts = [str(path) for path in (run.model, run.history, run.checkpoint, run.config)]
-    if not run.train_state.exists():
+def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optional[TrainConfig] = None) -> StageStatus:
+    artifacts = [str(path) for path in (run_dir.model, run_dir.history, run_dir.checkpoint, run_dir.config)]
+    if not run_dir.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:
-        counters = read_json(run.train_state, stage="train")
+        counters = read_json(run_dir.train_state, stage="train")
         config = TrainConfig.from_dict(counters["config"])
-        _, meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
+        _, meta = read_safetensors(run_dir.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     except (MnistsumError, KeyError, TypeError) as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {
@@ -87,7 +87,7 @@ def train_status(run: RunDir, dataset: Optional[DatasetHeader], wanted: Optional
         "val_digit_accuracy": meta["val_digit_accuracy"],
         "val_sum_accuracy": meta["val_sum_accuracy"],
     }
-    if dataset is None or meta.get("dataset_id") != dataset.dataset_id:
+    if header is None or meta.get("dataset_id") != header.dataset_id:
         return StageStatus("train", STALE, "trained on another dataset", artifacts, figures)
     if wanted is not None and wanted != config:
         detail = f"trained with other settings ({', '.join(config.changes_to(wanted))})"
@@ -98,8 +98,8 @@ def train_status(run: RunDir, dataset: Optional[DatasetHeader], wanted: Optional
     return StageStatus("train", CURRENT, f"{config.arch}, {counters['epoch']} epochs", artifacts, figures)
 
 
-def evaluate_status(run: RunDir, dataset: Optional[DatasetHeader], split: str = "test") -> StageStatus:
-    path = run.evaluation(split)
+def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str = "test") -> StageStatus:
+    path = run_dir.evaluation(split)
     if not path.exists():
         return StageStatus("evaluate", MISSING, f"run `mnistsum evaluate --split {split}`", [str(path)])
     try:
@@ -108,27 +108,27 @@ def evaluate_status(run: RunDir, dataset: Optional[DatasetHeader], split: str = 
         model_sha = metrics["model"]["sha256"]
     except (MnistsumError, KeyError, TypeError) as error:
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
-    if not run.model.exists() or fingerprint_file(run.model) != model_sha:
+    if not run_dir.model.exists() or fingerprint_file(run_dir.model) != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
-    if dataset is None or metrics.get("dataset_id") != dataset.dataset_id:
+    if header is None or metrics.get("dataset_id") != header.dataset_id:
         return StageStatus("evaluate", STALE, "evaluated on another dataset", [str(path)], figures)
     return StageStatus("evaluate", CURRENT, f"{split} split", [str(path)], figures)
 
 
-def plot_status(run: RunDir) -> StageStatus:
-    if not run.plots_manifest.exists():
-        return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run.plots)])
+def plot_status(run_dir: RunDir) -> StageStatus:
+    if not run_dir.plots_manifest.exists():
+        return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run_dir.plots)])
     try:
-        manifest = read_json(run.plots_manifest, stage="plot")
-        files = [run.plots / name for name in manifest["files"]]
+        manifest = read_json(run_dir.plots_manifest, stage="plot")
+        files = [run_dir.plots / name for name in manifest["files"]]
         inputs = manifest["inputs"]
     except (MnistsumError, KeyError, TypeError) as error:
-        return StageStatus("plot", INVALID, str(error), [str(run.plots)])
+        return StageStatus("plot", INVALID, str(error), [str(run_dir.plots)])
     artifacts = [str(path) for path in files]
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):
         return StageStatus("plot", STALE, "some plots are missing", artifacts, figures)
-    if inputs != plot_inputs(run):
+    if inputs != plot_inputs(run_dir):
         return StageStatus("plot", STALE, "drawn from older history or evaluations", artifacts, figures)
     return StageStatus("plot", CURRENT, f"{len(files)} plots", artifacts, figures)
 
@@ -141,10 +141,10 @@ def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
         return None
 
 
-def status(prepared: PreparedData, run: RunDir, split: str = "test") -> list[StageStatus]:
+def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it."""
     header = dataset_header(prepared)
-    return [prepare_status(prepared), train_status(run, header), evaluate_status(run, header, split), plot_status(run)]
+    return [prepare_status(prepared), train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)]
 
 
 def wanted_prepare_options(
@@ -162,11 +162,11 @@ def wanted_prepare_options(
 
 
 def wanted_config(
-    run: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: Callable[[], str]
+    run_dir: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: Callable[[], str]
 ) -> tuple[TrainConfig, Optional[str]]:
     """The training settings `run` asks for: the named preset, else the saved run's, else the
     device's preset; flags override. Also a notice when the preset was chosen for the user."""
-    saved = saved_run(run)
+    saved = saved_run(run_dir)
     return choose_config(preset_name, overrides, device_type, saved.config if saved else None)
 
 
@@ -175,7 +175,7 @@ def run_pipeline(
     config: TrainConfig,
     split: str,
     prepared: PreparedData,
-    run: RunDir,
+    run_dir: RunDir,
     device: Callable[[], torch.device],
     notify: Callable[[str], None],
     reporter: Reporter,
@@ -198,7 +198,7 @@ def run_pipeline(
     def train_stage(status: StageStatus) -> Any:
         resume = status.state == INCOMPLETE and not force
         return run_training(
-            config, prepared, run, device(), resume=resume, continue_with=continue_command("run", run),
+            config, prepared, run_dir, device(), resume=resume, continue_with=continue_command("run", run_dir),
             notify=notify, reporter=reporter,
         )
 
@@ -206,18 +206,18 @@ def run_pipeline(
     def evaluate_stage(status: StageStatus) -> Any:
         from mnistsum_cli.evaluate import evaluate_model
 
-        return evaluate_model(split, prepared, run, device())
+        return evaluate_model(split, prepared, run_dir, device())
 
     def plot_stage(status: StageStatus) -> Any:
         from mnistsum_cli.plot import plot
 
-        return plot(run, prepared=prepared)
+        return plot(run_dir, prepared=prepared)
 
     stages = [
         ("prepare", lambda: prepare_status(prepared, prepare_options, check_mnist=True), prepare_stage),
-        ("train", lambda: train_status(run, dataset_header(prepared), config), train_stage),
-        ("evaluate", lambda: evaluate_status(run, dataset_header(prepared), split), evaluate_stage),
-        ("plot", lambda: plot_status(run), plot_stage),
+        ("train", lambda: train_status(run_dir, dataset_header(prepared), config), train_stage),
+        ("evaluate", lambda: evaluate_status(run_dir, dataset_header(prepared), split), evaluate_stage),
+        ("plot", lambda: plot_status(run_dir), plot_stage),
     ]
     for stage, check, act in stages:
         status = check()
