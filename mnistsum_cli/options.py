@@ -23,7 +23,9 @@ DataOption = Annotated[
 ArtifactsOption = Annotated[
     Path,
     typer.Option(
-        "--artifacts", help="Folder of weights, history, evaluations and plots (train writes it).", rich_help_panel=PATHS
+        "--artifacts",
+        help="Folder of weights, history, evaluations and plots (train writes it).",
+        rich_help_panel=PATHS,
     ),
 ]
 OutOption = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated: --data / --artifacts.")]
@@ -39,9 +41,12 @@ MnistDirOption = Annotated[
     ),
 ]
 GpuOption = Annotated[
-    Optional[int], typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE)
+    Optional[int],
+    typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE),
 ]
-CpuOption = Annotated[bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)]
+CpuOption = Annotated[
+    bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)
+]
 SplitOption = Annotated[Literal[SPLITS], typer.Option(help="Split to measure.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]
 
@@ -60,16 +65,21 @@ PresetOption = Annotated[
 ]
 RunSeedOption = Annotated[
     Optional[int],
-    typer.Option(help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False),
+    typer.Option(
+        help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False
+    ),
 ]
 RunValSizeOption = Annotated[
     Optional[int],
     typer.Option(
-        min=1, help=f"MNIST train images held out for validation (default: the data's, else {DEFAULT_VAL_SIZE}).", show_default=False
+        min=1,
+        help=f"MNIST train images held out for validation (default: the data's, else {DEFAULT_VAL_SIZE}).",
+        show_default=False,
     ),
 ]
 RunLimitOption = Annotated[
-    Optional[int], typer.Option(min=1, help="Keep at most N rows per split (default: the data's, else all).", show_default=False)
+    Optional[int],
+    typer.Option(min=1, help="Keep at most N rows per split (default: the data's, else all).", show_default=False),
 ]
 
 # --------------------------------------------------------------------------- training settings
@@ -111,7 +121,9 @@ def with_setting_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [param for param in inspect.signature(command).parameters.values() if param.name != "settings"]
         options = [
-            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=setting_option(name, kind, setting))
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=setting_option(name, kind, setting)
+            )
             for name, kind, setting in declared
         ]
 

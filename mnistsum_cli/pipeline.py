@@ -93,7 +93,9 @@ def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optio
         detail = f"trained with other settings ({', '.join(config.changes_to(wanted))})"
         return StageStatus("train", STALE, detail, artifacts, figures)
     if counters["epoch"] < config.epochs:
-        detail = f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
+        detail = (
+            f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
+        )
         return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
     return StageStatus("train", CURRENT, f"{config.arch}, {counters['epoch']} epochs", artifacts, figures)
 
@@ -144,7 +146,12 @@ def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
 def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it."""
     header = dataset_header(prepared)
-    return [prepare_status(prepared), train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)]
+    return [
+        prepare_status(prepared),
+        train_status(run_dir, header),
+        evaluate_status(run_dir, header, split),
+        plot_status(run_dir),
+    ]
 
 
 def wanted_prepare_options(
@@ -189,6 +196,7 @@ def run_pipeline(
     the splits again after `prepare` rewrote them); `device()` is asked only when a stage
     needs it.
     """
+
     def prepare_stage(status: StageStatus) -> Any:
         nonlocal prepared
         columns = prepare(prepared.any_mnist, prepare_options, prepared.folder)
@@ -198,8 +206,14 @@ def run_pipeline(
     def train_stage(status: StageStatus) -> Any:
         resume = status.state == INCOMPLETE and not force
         return run_training(
-            config, prepared, run_dir, device(), resume=resume, continue_with=continue_command("run", run_dir),
-            notify=notify, reporter=reporter,
+            config,
+            prepared,
+            run_dir,
+            device(),
+            resume=resume,
+            continue_with=continue_command("run", run_dir),
+            notify=notify,
+            reporter=reporter,
         )
 
     # evaluate and plot import their modules when they run: an up-to-date `run` loads no torch

@@ -234,7 +234,7 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
         table.add_row(
             escape(where), str(result["number"]), digit, percent(result["digit_confidence"]),
             total, percent(result["sum_confidence"]),
-        )  # fmt: skip
+        )
     console.print(table)
 
 

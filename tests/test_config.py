@@ -130,6 +130,8 @@ def test_shell_completion_offers_the_names(words: str, expected: set[str]) -> No
         "COMP_WORDS": words,
         "COMP_CWORD": str(len(words.split(" ")) - 1),
     }
-    result = subprocess.run([sys.executable, "-m", "mnistsum_cli"], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnistsum_cli"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert set(result.stdout.split()) == expected

@@ -54,7 +54,7 @@ def test_cpu_flag_never_touches_cuda(two_gpus: list) -> None:
     "capability, amp, expected",
     [((9, 0), True, torch.bfloat16), ((8, 0), True, torch.bfloat16), ((7, 5), True, torch.float16),
      ((6, 0), True, torch.float16), ((9, 0), False, None)],
-)  # fmt: skip
+)
 def test_training_precision_follows_the_gpu(monkeypatch: pytest.MonkeyPatch, capability, amp: bool, expected) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert autocast_dtype(CUDA0, amp) is expected

@@ -21,7 +21,7 @@ def history(epochs_done: int, planned: int) -> dict:
         {"epoch": e, **{f"{split}_{key}": value for split in ("train", "val")
                         for key, value in (("digit_accuracy", 0.5 + 0.05 * e), ("sum_accuracy", 0.1 * e))}}
         for e in range(1, epochs_done + 1)
-    ]  # fmt: skip
+    ]
     return {"epochs": records, "best_epoch": epochs_done, "config": {"epochs": planned}}
 
 

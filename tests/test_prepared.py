@@ -38,7 +38,9 @@ def test_the_header_agrees_with_the_rows(own_mnist: tuple[Path, DataDir]) -> Non
     assert header.rows == {name: len(split) for name, split in dataset.splits.items()}
 
 
-def test_unchanged_mnist_is_told_from_its_stamps(own_mnist: tuple[Path, DataDir], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unchanged_mnist_is_told_from_its_stamps(
+    own_mnist: tuple[Path, DataDir], monkeypatch: pytest.MonkeyPatch
+) -> None:
     root, folder = own_mnist
 
     def no_reading(source):
@@ -77,7 +79,18 @@ def test_a_run_reads_the_splits_and_mnist_once(
 
 
 def test_an_up_to_date_run_loads_neither_torch_nor_mnist(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
-    args = ["run", "--mnist-dir", str(fake_mnist.root), "--val-size", str(VAL_SIZE), "--preset", "cpu", "--cpu", "--epochs", "1"]
+    args = [
+        "run",
+        "--mnist-dir",
+        str(fake_mnist.root),
+        "--val-size",
+        str(VAL_SIZE),
+        "--preset",
+        "cpu",
+        "--cpu",
+        "--epochs",
+        "1",
+    ]
     code, out, err = run_cli(*args)  # draws the plots: now every stage is up to date
     assert code == 0, err
     code = (
@@ -86,8 +99,12 @@ def test_an_up_to_date_run_loads_neither_torch_nor_mnist(workdir: Path, fake_mni
         "print('LOADED:', *[name for name in ('torch', 'torchvision', 'matplotlib') if name in sys.modules])"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("up to date") == 4, result.stdout

@@ -99,7 +99,7 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
     with sim.running():
         with pytest.raises(KeyboardInterrupt):
             train(config, train_data(prepared, torch.device("cpu")), run, torch.device("cpu"),
-                  reporter=PhaseReporter(sim.log, interrupt_after=1))  # fmt: skip
+                  reporter=PhaseReporter(sim.log, interrupt_after=1))
         sim.store.edit_metadata(
             run.checkpoint, "param_groups", lambda groups: [{**g, "fused": None, "foreach": True} for g in groups]
         )
@@ -118,7 +118,7 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
         ((9, 0), {"max_rotation": 10.0, "max_zoom": 0.1, "label_smoothing": 0.1, "deterministic": True}, "torch.bfloat16", "bf16"),
     ],
     ids=["fp16-pre-ampere", "fp32-contiguous", "augmented-deterministic"],
-)  # fmt: skip
+)
 def test_training_variants_on_cuda(
     capability, overrides, conv_dtype: str, precision: str, prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

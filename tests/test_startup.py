@@ -32,7 +32,7 @@ def test_the_cli_starts_without_heavy_libraries(argv) -> None:
     call = "" if argv is None else f"\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     result = python(
         "import sys\nfrom mnistsum_cli.cli import main" + call
-        + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"  # fmt: skip
+        + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
     )
     assert result.returncode == 0, result.stderr
     loaded = [line for line in result.stdout.splitlines() if line.startswith("LOADED:")]
