@@ -52,6 +52,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
 def _device(gpu: Optional[int], cpu: bool) -> "torch.device":
     from mnistsum_cli.devices import select_device
 

@@ -115,7 +115,7 @@ PRESET_NOTES: dict[str, str] = {
     "cpu": "quick training on the CPU; the default there",
     "cpu-v1": "the previous cpu preset",
     "best": "the default, twice as long, with label smoothing 0.1",
-    "lenet": "the LeNet design (EVA8 assignment)",
+    "lenet": "the LeNet design of the EVA8 assignment",
     "convnet": "the conv/BatchNorm classifier design",
 }
 
