@@ -33,8 +33,9 @@ class Setting:
     choices: Optional[tuple[str, ...]] = None
 
     def problem(self, value: Any) -> Optional[str]:
-        """Why `value` is refused, or None (the bounds click checks are checked again here, so
-        that settings read from a file obey the same rules)."""
+        """Why `value` is refused, or None: the whole rule in one place. On the command line
+        click's range and choice types apply min, max and choices first (and show them in
+        --help); the option's callback asks this for the rest."""
         if isinstance(value, float) and not math.isfinite(value):
             return f"{value} is not a finite number"
         if self.above is not None and not value > self.above:
