@@ -1,4 +1,5 @@
-"""Time to target test accuracy: the classic seed-002 pipeline against mnistsum's, on one device.
+"""Time to target test accuracy: the classic pipeline of the conv/BatchNorm classifier design against
+mnistsum's, on one device.
 
 All runs train on the rows of one `prepare` run (same images, same random numbers) and are
 scored on the same test split after every epoch, with the clock stopped.
@@ -27,22 +28,31 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from mnistsum_cli.artifacts import CHECKPOINT_FORMAT, MNIST_SET_OF_SPLIT, DataDir, Dataset, RunDir, Split, read_safetensors
+from mnistsum_cli.artifacts import (
+    CHECKPOINT_FORMAT,
+    MNIST_SET_OF_SPLIT,
+    DataDir,
+    Dataset,
+    RunDir,
+    Split,
+    read_safetensors,
+)
 from mnistsum_cli.config import PRESETS, TrainConfig, preset
-from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
+from mnistsum_cli.data import SplitTensors, split_tensors
 from mnistsum_cli.devices import select_device
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import MNIST_DIR_ENV, Mnist, load_mnist, resolve_source
 from mnistsum_cli.modelio import predict
 from mnistsum_cli.models import ARCHITECTURES, build_model
 from mnistsum_cli.prepare import PrepareOptions, prepare
+from mnistsum_cli.prepared import PreparedData
 from mnistsum_cli.train import TrainData, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # what --preset, --target and --baseline-epochs default to, per mode
 MODES: dict[str, dict[str, Any]] = {
     "default": {"presets": ["default"], "target": 0.985, "baseline_epochs": 10},
-    # issue 12: the previous and the new `cpu` preset to 99 %; the baseline (~5 min an epoch
+    # the previous and the current `cpu` preset to 99 %; the baseline (~5 min an epoch
     # on two cores) is capped, so its speed-ups are lower bounds
     "cpu": {"presets": ["cpu-v1", "cpu"], "target": 0.99, "baseline_epochs": 1},
 }
@@ -125,21 +135,21 @@ def epoch_text(summary: dict[str, Any], index: int) -> str:
     return f"{e['seconds']:.1f} · {100 * e['digit']:.2f} / {100 * e['sum']:.2f}"
 
 
-# --------------------------------------------------------------------------- (a) the seed-002 recipe
+# --------------------------------------------------------------------------- (a) the classic recipe
 
 
-class SeedMnist(torchvision.datasets.MNIST):
-    """Seed 002's dataset: a PIL image through per-item transforms, the number one-hot, two
+class ClassicMnist(torchvision.datasets.MNIST):
+    """The design's dataset: a PIL image through per-item transforms, the number one-hot, two
     targets; the rows (image, number) come from our Parquet split, so the data equals mnistsum's."""
 
     def __init__(self, root: Path, rows: Split) -> None:
-        seed_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+        classic_transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
         train = MNIST_SET_OF_SPLIT[rows.name] == "train"
-        super().__init__(str(root), train=train, download=False, transform=seed_transform)
+        super().__init__(str(root), train=train, download=False, transform=classic_transform)
         self.rows = rows
 
     @property
-    def raw_folder(self) -> str:  # torchvision would look in <root>/SeedMnist/raw
+    def raw_folder(self) -> str:  # torchvision would look in <root>/ClassicMnist/raw
         return os.path.join(self.root, "MNIST", "raw")
 
     def __len__(self) -> int:
@@ -152,9 +162,9 @@ class SeedMnist(torchvision.datasets.MNIST):
 
 
 def run_baseline(args: argparse.Namespace, dataset: Dataset, mnist: Mnist, device: torch.device, result: RunResult) -> None:
-    torch.backends.cudnn.benchmark = False  # the seed's default
+    torch.backends.cudnn.benchmark = False  # the design's default
     torch.manual_seed(args.seed)
-    train_set = SeedMnist(mnist.root, dataset.splits["train"])
+    train_set = ClassicMnist(mnist.root, dataset.splits["train"])
     loader = DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed),
@@ -250,8 +260,8 @@ def parse_args() -> argparse.Namespace:
         help=f"torchvision MNIST root (default: ${MNIST_DIR_ENV}, else ../shared/mnist)")  # fmt: skip
     add("--limit", type=int, help="rows per split, for quick runs")
     add("--cpu-mode", action="store_true",
-        help="issue 12 on the CPU: presets cpu-v1 and cpu, target 99%%, the baseline capped at 1 epoch")  # fmt: skip
-    add("--baseline-epochs", type=int, help="epochs of the seed-002 run (default: 10; --cpu-mode: 1)")
+        help="on the CPU: presets cpu-v1 and cpu, target 99%%, the baseline capped at 1 epoch")  # fmt: skip
+    add("--baseline-epochs", type=int, help="epochs of the classic run (default: 10; --cpu-mode: 1)")
     add("--epochs", type=int, help="epochs of the mnistsum runs (default: the preset's)")
     add("--preset", dest="presets", action="append", choices=list(PRESETS),
         help="mnistsum preset; repeat to time several (default: default; --cpu-mode: cpu-v1 and cpu)")  # fmt: skip
@@ -283,13 +293,14 @@ def main() -> None:
         mnist = load_mnist(resolve_source(args.mnist_dir))
         data_dir = DataDir(Path(tmp) / "data")
         prepare(mnist, PrepareOptions(seed=args.seed, limit=args.limit), data_dir)
-        dataset, mnist = load_dataset(data_dir, None, mnist)
+        prepared = PreparedData(data_dir, mnist=mnist)
+        dataset, mnist = prepared.dataset, prepared.mnist
         rows = {name: len(split) for name, split in dataset.splits.items()}
         console.print(f"dataset {dataset.dataset_id}: rows {rows}; target {args.target:.1%} on both heads")
         test = split_tensors(dataset, mnist, "test", device)
 
         settings = {"arch": "convnet", "epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": 1e-3, "num_workers": args.num_workers}
-        results = [RunResult("seed-002 classic", settings, test)]
+        results = [RunResult("classic convnet", settings, test)]
         run_baseline(args, dataset, mnist, device, results[0])
         for name in args.presets:
             config = preset(name).with_overrides(epochs=args.epochs, seed=args.seed)

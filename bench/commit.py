@@ -66,7 +66,7 @@ def time_commits(artifacts: Path, repeat: int) -> dict[str, list[float]]:
     """save_epoch and the per-file writes, alternated, on the run `train` left in `artifacts`."""
     import torch
 
-    from mnistsum_cli.checkpoint import Learner, RunState, load_checkpoint, save_epoch
+    from mnistsum_cli.checkpoint import Learner, load_checkpoint, save_epoch
     from mnistsum_cli.config import TrainConfig
     from mnistsum_cli.models import build_model
     from mnistsum_cli.paths import RunDir

@@ -1,29 +1,46 @@
 """The `mnistsum` command line: parse options, call a stage, print what it did."""
 
+import functools
 import json
-import math
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from mnistsum_cli import __version__, report
-from mnistsum_cli.commands import Command, Group
-from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
+from mnistsum_cli.commands import Command, CommandGroup
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
-from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
+from mnistsum_cli.options import (
+    ArtifactsOption,
+    CpuOption,
+    DataOption,
+    ForceOption,
+    GpuOption,
+    LimitOption,
+    MnistDirOption,
+    OutOption,
+    PresetOption,
+    RunLimitOption,
+    RunSeedOption,
+    RunValSizeOption,
+    Settings,
+    SplitOption,
+    ValSizeOption,
+    with_setting_options,
+)
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, DataDir, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
+from mnistsum_cli.torchrun import torchrun_rank
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
     import torch
 
 
 app = typer.Typer(
-    cls=Group,
+    cls=CommandGroup,
     name="mnistsum",
     help="Predict the digit in an MNIST image and its sum with a random number 0-9.\n\n"
     "Stages, in order: [bold]prepare[/] → [bold]train[/] → [bold]evaluate[/] → [bold]plot[/]; "
@@ -34,102 +51,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-# --------------------------------------------------------------------------- shared options
-
-
-def _choice(allowed: List[str]) -> Callable[[Optional[str]], Optional[str]]:
-    def check(value: Optional[str]) -> Optional[str]:
-        if value is not None and value not in allowed:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
-        return value
-
-    return check
-
-
-def _positive(value: Optional[float]) -> Optional[float]:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise typer.BadParameter(f"{value} must be a finite number greater than 0")
-    return value
-
-
-def _non_negative(value: Optional[float]) -> Optional[float]:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise typer.BadParameter(f"{value} must be a finite number, 0 or more")
-    return value
-
-
-PATHS, DEVICE, SETTINGS = "Paths", "Device", "Training settings (override the preset)"
-
-DataOption = Annotated[
-    Path, typer.Option("--data", help="Folder of the Parquet splits (prepare writes it).", rich_help_panel=PATHS)
-]
-ArtifactsOption = Annotated[
-    Path,
-    typer.Option("--artifacts", help="Folder of weights, history, evaluations and plots (train writes it).", rich_help_panel=PATHS),
-]
-OutOption = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated: --data / --artifacts.")]
-MnistDirOption = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--mnist-dir",
-        envvar=MNIST_DIR_ENV,
-        help="Existing MNIST folder (holding MNIST/raw/*-ubyte); nothing is downloaded. "
-        "Without it, prepare downloads into data/ and later stages use the folder prepare read.",
-        show_default=False,
-        rich_help_panel=PATHS,
-    ),
-]
-GpuOption = Annotated[
-    Optional[int], typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE)
-]
-CpuOption = Annotated[bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)]
-SplitOption = Annotated[str, typer.Option(callback=_choice(list(SPLITS)), help="Split to measure.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]
-
-ValSizeOption = Annotated[int, typer.Option(min=1, help="MNIST train images held out for validation.")]
-LimitOption = Annotated[
-    Optional[int], typer.Option(min=1, help="Keep at most N rows per split (quick runs).", show_default=False)
-]
-PresetOption = Annotated[
-    Optional[str],
-    typer.Option(
-        "--preset",
-        callback=_choice(list(PRESETS)),
-        help="Named settings; without it: default on a GPU, cpu on the CPU.\n\n\b\n"  # \b: keep the line breaks
-        + "\n".join(f"[bold]{name}[/]: {describe_preset(name)}" for name in PRESETS),
-        show_default=False,
-    ),
-]
-
-
-def _setting(*names: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, show_default=False, rich_help_panel=SETTINGS, **kwargs)
-
-
-ArchOption = Annotated[
-    Optional[str], _setting(callback=_choice(list(ARCHITECTURE_NAMES)), help=f"Architecture: {', '.join(ARCHITECTURE_NAMES)}.")
-]
-EpochsOption = Annotated[Optional[int], _setting(min=1, help="Passes over the training split.")]
-BatchSizeOption = Annotated[Optional[int], _setting(min=2, help="Rows per step (BatchNorm needs 2 or more).")]
-LrOption = Annotated[Optional[float], _setting(callback=_positive, help="Peak learning rate (one-cycle).")]
-WeightDecayOption = Annotated[
-    Optional[float], _setting(callback=_non_negative, help="AdamW weight decay of conv and linear weights.")
-]
-LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Label smoothing of both losses.")]
-MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
-MaxRotationOption = Annotated[Optional[float], _setting(min=0.0, max=180.0, help="Random-rotation augmentation, ± degrees.")]
-MaxZoomOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Random scaling by 1 ± this.")]
-SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
-AmpOption = Annotated[
-    Optional[bool], _setting("--amp/--no-amp", help="Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs.")
-]
-DeterministicOption = Annotated[
-    Optional[bool],
-    _setting("--deterministic/--no-deterministic", help="CUDA: bit-exact reruns and resumes (no cuDNN autotuning; slower)."),
-]
-ChannelsLastOption = Annotated[Optional[bool], _setting("--channels-last/--no-channels-last", help="channels_last memory format.")]
-CompileOption = Annotated[Optional[bool], _setting("--compile/--no-compile", help="torch.compile the model.")]
 
 
 def _device(gpu: Optional[int], cpu: bool) -> "torch.device":
@@ -170,7 +91,7 @@ def root(
     ] = False,
 ) -> None:
     """Predict the digit in an MNIST image and its sum with a random number 0-9."""
-    if _torchrun_rank() is not None and context.invoked_subcommand != "train":
+    if torchrun_rank() is not None and context.invoked_subcommand != "train":
         raise BadOption(f"`mnistsum {context.invoked_subcommand}` runs in one process: start it without torchrun (only `train` runs under torchrun)")
 
 
@@ -207,22 +128,9 @@ def prepare(
     epilog="Examples: mnistsum train --gpu 0 · mnistsum train --preset cpu --cpu · "
     "mnistsum train --arch lenet --epochs 5 · mnistsum train --resume"
 )
+@with_setting_options()
 def train(
     preset_name: PresetOption = None,
-    arch: ArchOption = None,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    lr: LrOption = None,
-    weight_decay: WeightDecayOption = None,
-    label_smoothing: LabelSmoothingOption = None,
-    max_shift: MaxShiftOption = None,
-    max_rotation: MaxRotationOption = None,
-    max_zoom: MaxZoomOption = None,
-    seed: SeedOption = None,
-    amp: AmpOption = None,
-    channels_last: ChannelsLastOption = None,
-    compile_model: CompileOption = None,
-    deterministic: DeterministicOption = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run saved in --artifacts with its settings.")
     ] = False,
@@ -232,48 +140,52 @@ def train(
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
     out: OutOption = None,
+    *,
+    settings: Settings,
 ) -> None:
     """Train the two-headed model (stage 2).
 
     Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts moves to <artifacts>/previous/<run id>/ when the first epoch is saved.
     """
-    from mnistsum_cli.distributed import process_group
-    from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
     from mnistsum_cli.checkpoint import saved_config
+    from mnistsum_cli.distributed import process_group
+    from mnistsum_cli.prepared import PreparedData
+    from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
     from mnistsum_cli.train import SilentReporter
 
-    run = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
-    overrides = dict(
-        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, max_shift=max_shift, max_rotation=max_rotation,
-        max_zoom=max_zoom, seed=seed, amp=amp, channels_last=channels_last, compile=compile_model,
-        deterministic=deterministic,
-    )  # fmt: skip
+    run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     if resume:
         if preset_name is not None:
             raise BadOption("--resume continues with the checkpoint's settings: drop --preset")
-        saved = saved_config(run)
+        saved = saved_config(run_dir)
         if saved is None:
-            raise MnistsumError(f"nothing to resume in {run.root}: run `mnistsum train` without --resume")
-        done = saved_run(run)
-        if done is not None and done.complete and saved.with_overrides(**overrides) == saved == done.config:
-            report.run_complete(run, done.epoch)
+            raise MnistsumError(f"nothing to resume in {run_dir.root}: run `mnistsum train` without --resume")
+        done = saved_run(run_dir)
+        if done is not None and done.complete and saved.with_overrides(**settings) == saved == done.config:
+            report.run_complete(run_dir, done.epoch)
             return
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
         if resume:
-            config = saved.with_overrides(**overrides)
+            config = saved.with_overrides(**settings)
         else:
-            config, chosen = choose_config(preset_name, overrides, device.type)
+            config, chosen = choose_config(preset_name, settings, lambda: device.type)
             if group.is_main:
                 _notice_if(chosen)
         notify = report.notice if group.is_main else (lambda message: None)  # under torchrun rank 0 alone speaks
         with report.ProgressReporter() if group.is_main else nullcontext(SilentReporter()) as reporter:
             outcome = run_training(
-                config, DataDir(data), run, device, resume=resume, continue_with=continue_command("train --resume", run),
-                notify=notify, reporter=reporter, mnist_dir=mnist_dir, group=group,
-            )  # fmt: skip
+                config,
+                PreparedData(DataDir(data), mnist_dir),
+                run_dir,
+                device,
+                resume=resume,
+                continue_with=continue_command("train --resume", run_dir),
+                notify=notify,
+                reporter=reporter,
+                group=group,
+            )
         if group.is_main:
-            report.train_summary(outcome, run, f"{device} x {group.world_size} processes" if group.active else str(device))
+            report.train_summary(outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device))
 
 
 @app.command(cls=Command, epilog="Example: mnistsum evaluate --split test --json > metrics.json")
@@ -292,13 +204,14 @@ def evaluate(
     Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency (predicted sum = predicted digit + number); written to evaluation_<split>.json.
     """
     from mnistsum_cli.evaluate import evaluate_model
+    from mnistsum_cli.prepared import PreparedData
 
-    run = RunDir(artifacts)
-    metrics = evaluate_model(split, DataDir(data), run, _device(gpu, cpu), mnist_dir, force)
+    run_dir = RunDir(artifacts)
+    metrics = evaluate_model(split, PreparedData(DataDir(data), mnist_dir), run_dir, _device(gpu, cpu), force)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
-        report.evaluation_summary(metrics, run.evaluation(split))
+        report.evaluation_summary(metrics, run_dir.evaluation(split))
 
 
 @app.command(cls=Command, epilog="Example: mnistsum plot --artifacts artifacts")
@@ -313,8 +226,9 @@ def plot(
     Curves from history.json; for each current evaluation, confusion heatmaps and a gallery of the rows it got wrong. PNGs go to <artifacts>/plots.
     """
     from mnistsum_cli.plot import plot as plot_stage
+    from mnistsum_cli.prepared import PreparedData
 
-    report.written(plot_stage(RunDir(artifacts), force, DataDir(data), mnist_dir))
+    report.written(plot_stage(RunDir(artifacts), force, PreparedData(DataDir(data), mnist_dir)))
 
 
 @app.command(
@@ -345,6 +259,7 @@ def predict(
     Images are brought to MNIST form: greyscale, inverted when the background is light, the digit scaled to 20 px and centred by its centre of mass in 28 x 28.
     """
     from mnistsum_cli.predict import predict_files, predict_row
+    from mnistsum_cli.prepared import PreparedData
 
     if index is None and not images:
         raise BadOption("give image files with --number N, or --index K to predict a dataset row")
@@ -354,7 +269,7 @@ def predict(
         raise BadOption("--number N (0-9) is required with image files")
     device = _device(gpu, cpu)
     if index is not None:
-        results = [predict_row(index, split, number, DataDir(data), RunDir(artifacts), device, mnist_dir)]
+        results = [predict_row(index, split, number, PreparedData(DataDir(data), mnist_dir), RunDir(artifacts), device)]
     else:
         results = predict_files(images, number, RunDir(artifacts), device)
     if as_json:
@@ -389,22 +304,12 @@ def serve(
 
 
 @app.command(cls=Command, epilog="Example: mnistsum run --mnist-dir ~/mnist --preset cpu --cpu")
+@with_setting_options(exclude=("seed",))
 def run(
     preset_name: PresetOption = None,
-    arch: ArchOption = None,
-    epochs: EpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    lr: LrOption = None,
-    seed: Annotated[
-        Optional[int], typer.Option(help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False)
-    ] = None,
-    val_size: Annotated[
-        Optional[int],
-        typer.Option(min=1, help=f"MNIST train images held out for validation (default: the data's, else {DEFAULT_VAL_SIZE}).", show_default=False),
-    ] = None,
-    limit: Annotated[
-        Optional[int], typer.Option(min=1, help="Keep at most N rows per split (default: the data's, else all).", show_default=False)
-    ] = None,
+    seed: RunSeedOption = None,
+    val_size: RunValSizeOption = None,
+    limit: RunLimitOption = None,
     split: SplitOption = "test",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, up to date or not.")] = False,
     gpu: GpuOption = None,
@@ -412,25 +317,28 @@ def run(
     data: DataOption = DEFAULT_DATA,
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
+    *,
+    settings: Settings,
 ) -> None:
     """Run prepare → train → evaluate → plot, skipping stages already up to date.
 
     A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run moves the previous one to <artifacts>/previous/<run id>/ when its first epoch is saved. --force redoes every stage.
     """
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
+    from mnistsum_cli.prepared import PreparedData
 
-    folder, run = DataDir(data), RunDir(artifacts)
-    device = _device(gpu, cpu)
-    overrides = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    config, chosen = wanted_config(run, preset_name, overrides, device.type)
+    prepared, run_dir = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
+    device = functools.cache(lambda: _device(gpu, cpu))  # found when a stage needs it: that loads torch
+    if gpu is not None:
+        device()  # a --gpu that cannot work is refused before any stage runs
+    config, chosen = wanted_config(run_dir, preset_name, {**settings, "seed": seed}, lambda: device().type)
     _notice_if(chosen)
-    prepare_options = wanted_prepare_options(folder, seed, val_size, limit)
+    prepare_options = wanted_prepare_options(prepared, seed, val_size, limit)
     with report.ProgressReporter() as reporter:
-        stages = run_pipeline(
-            prepare_options, config, split, folder, run, device, report.notice, reporter, mnist_dir, force
-        )
+        stages = run_pipeline(prepare_options, config, split, prepared, run_dir, device, report.notice, reporter, force)
         for stage, skipped, result in stages:
-            report.stage_done(stage, skipped, result, folder, run, str(device), prepare_options.seed)
+            device_name = str(device()) if stage == "train" and skipped is None else ""
+            report.stage_done(stage, skipped, result, prepared.folder, run_dir, device_name, prepare_options.seed)
 
 
 @app.command(cls=Command, epilog="Example: mnistsum status --json")
@@ -442,8 +350,9 @@ def status(
 ) -> None:
     """Show each stage's artifacts: present, up to date or stale, with key figures."""
     from mnistsum_cli.pipeline import status as pipeline_status
+    from mnistsum_cli.prepared import PreparedData
 
-    stages = pipeline_status(DataDir(data), RunDir(artifacts), split)
+    stages = pipeline_status(PreparedData(DataDir(data)), RunDir(artifacts), split)
     if as_json:
         typer.echo(json.dumps([stage.to_dict() for stage in stages]))
     else:
@@ -472,7 +381,7 @@ def _quiet_stdout() -> None:
 
 def _main(argv: Optional[List[str]]) -> None:
     command = typer.main.get_command(app)
-    quiet = (_torchrun_rank() or 0) != 0  # under torchrun rank 0 alone reports; the ranks agree on errors
+    quiet = (torchrun_rank() or 0) != 0  # under torchrun rank 0 alone reports; the ranks agree on errors
     try:
         code = command.main(args=argv, prog_name="mnistsum", standalone_mode=False)
     except MnistsumError as error:
@@ -494,14 +403,6 @@ def _main(argv: Optional[List[str]]) -> None:
     if code == 130 and not quiet:  # Typer turns Ctrl-C outside our handlers into exit code 130
         report.error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
-
-
-def _torchrun_rank() -> Optional[int]:
-    """This process's rank when torchrun started it, else None (read from the environment
-    torchrun sets: importing torch here would slow down every command)."""
-    if all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return int(os.environ["RANK"])
-    return None
 
 
 def _is_usage_error(error: Exception) -> bool:

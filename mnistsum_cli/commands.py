@@ -31,6 +31,6 @@ class Command(TyperCommand):
             raise OutputClosed() from None
 
 
-class Group(TyperGroup):
+class CommandGroup(TyperGroup):
     def get_params(self, ctx: Any) -> list:
         return _hide_flag_placeholders(super().get_params(ctx))

@@ -1,9 +1,15 @@
-"""Training hyperparameters, in one place, and the named presets that set them."""
+"""Training settings, each declared once with its command-line help and bounds, and the named
+presets that set them.
+
+A setting is a TrainConfig field made with `setting(...)`: `train` and `run` derive their
+`--<name>` options from these fields (mnistsum_cli/options.py), so adding a field adds the option.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional, get_type_hints
 
 from mnistsum_cli.errors import MnistsumError
 
@@ -13,69 +19,105 @@ ARCHITECTURE_NAMES = ("fastnet", "fastnet-small", "fastnet-wide", "lean", "lenet
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How a training setting appears on the command line: its help and the values it takes.
+
+    `min`/`max` are inclusive bounds, `above` an exclusive lower bound, `choices` the only
+    values allowed; a float setting is always finite.
+    """
+
+    help: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+    above: Optional[float] = None
+    choices: Optional[tuple[str, ...]] = None
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why `value` is refused, or None: the whole rule in one place. On the command line
+        click's range and choice types apply min, max and choices first (and show them in
+        --help); the option's callback asks this for the rest."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{value} is not a finite number"
+        if self.above is not None and not value > self.above:
+            return f"{value} must be greater than {self.above:g}"
+        if self.min is not None and value < self.min:
+            return f"{value} is below {self.min:g}"
+        if self.max is not None and value > self.max:
+            return f"{value} is above {self.max:g}"
+        if self.choices is not None and value not in self.choices:
+            return f"{value!r} is not one of {', '.join(self.choices)}"
+        return None
+
+
+def setting(default: Any, help: str, **bounds: Any) -> Any:
+    """A TrainConfig field carrying its Setting (see Setting for `bounds`)."""
+    return field(default=default, metadata={"setting": Setting(help, **bounds)})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "fastnet"
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 6e-3  # peak of the one-cycle schedule (AdamW)
-    weight_decay: float = 5e-4
-    warmup: float = 0.2  # share of the steps spent rising to the peak lr
-    label_smoothing: float = 0.0
-    max_shift: int = 2  # random shift augmentation, pixels; 0 turns it off
-    max_rotation: float = 0.0  # random rotation augmentation, ± degrees; 0 turns it off
-    max_zoom: float = 0.0  # random scaling by 1 ± this; 0 turns it off
-    seed: int = 0
-    amp: bool = True  # mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU)
-    channels_last: bool = True  # NHWC memory format (faster convolutions on GPU and CPU)
-    compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # CUDA: no cuDNN autotuning, deterministic algorithms (slower)
+    arch: str = setting("fastnet", "Network architecture.", choices=ARCHITECTURE_NAMES)
+    epochs: int = setting(10, "Passes over the training split.", min=1)
+    batch_size: int = setting(1024, "Rows per step (BatchNorm needs 2 or more).", min=2)
+    lr: float = setting(6e-3, "Peak learning rate (one-cycle).", above=0)
+    weight_decay: float = setting(5e-4, "AdamW weight decay of conv and linear weights.", min=0)
+    warmup: float = setting(0.2, "Share of the steps spent rising to the peak learning rate.", min=0, max=1)
+    label_smoothing: float = setting(0.0, "Label smoothing of both losses.", min=0, max=0.5)
+    max_shift: int = setting(2, "Random-shift augmentation, pixels; 0 turns it off.", min=0, max=8)
+    max_rotation: float = setting(0.0, "Random-rotation augmentation, ± degrees; 0 turns it off.", min=0, max=180)
+    max_zoom: float = setting(0.0, "Random scaling by 1 ± this; 0 turns it off.", min=0, max=0.5)
+    seed: int = setting(0, "Seed of weights, shuffling and augmentation.")
+    amp: bool = setting(True, "Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU).")
+    channels_last: bool = setting(True, "channels_last (NHWC) memory format.")
+    compile: bool = setting(False, "torch.compile the model.")
+    deterministic: bool = setting(False, "CUDA: bit-exact reruns and resumes (no cuDNN autotuning; slower).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {field.name for field in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise MnistsumError(f"unknown training settings {sorted(unknown)}")
         return cls(**data)
 
-    def with_overrides(self, **overrides: Any) -> "TrainConfig":
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
         """Replace the settings given (None means: keep the preset's)."""
         return replace(self, **{key: value for key, value in overrides.items() if value is not None})
 
-    def changes_to(self, other: "TrainConfig") -> list[str]:
+    def changes_to(self, other: TrainConfig) -> list[str]:
         """The settings `other` changes, as 'name old → new'."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{key} {mine[key]} → {theirs[key]}" for key in mine if mine[key] != theirs[key]]
 
 
+def setting_fields() -> list[tuple[str, type, Setting]]:
+    """(name, type, Setting) of every training setting, in declaration order."""
+    types = get_type_hints(TrainConfig)
+    return [(each.name, types[each.name], each.metadata["setting"]) for each in fields(TrainConfig)]
+
+
 PRESETS: dict[str, TrainConfig] = {
-    # time-to-accuracy on a GPU; what `mnistsum train` uses there with no --preset
     "default": TrainConfig(),
-    # the CPU setting: lean, 2 epochs, no shifts; on 2 idle cores (AMD EPYC, AVX2) 9.0-9.3 s of
-    # training loop, 13-14 s for `mnistsum train`, 99.09-99.21 % test digit / 99.06-99.22 % sum (seeds 0-4)
     "cpu": TrainConfig(arch="lean", epochs=2, batch_size=128, lr=1e-2, max_shift=0),
-    # the cpu preset before issue 12: 99.39 % test digit and sum accuracy in 35-60 s of training loop
     "cpu-v1": TrainConfig(arch="fastnet-small", epochs=2, batch_size=128, lr=4e-3),
-    # the most accurate setting: the default, twice as long, with label smoothing
     "best": TrainConfig(epochs=20, label_smoothing=0.1),
-    # the seeds' architectures with settings that suit them
     "lenet": TrainConfig(arch="lenet", epochs=15, batch_size=128, lr=2e-3, max_shift=0),
     "convnet": TrainConfig(arch="convnet", epochs=8, batch_size=128, lr=2e-3, max_shift=0),
 }
 DEFAULT_PRESET = "default"
 
-# What each preset is for and roughly how long it takes (the times measured in README's
-# Performance section); describe_preset adds the settings themselves.
+# What each preset is for; describe_preset adds the settings themselves. Times and accuracies
+# are measured in docs/performance.md, not stated here.
 PRESET_NOTES: dict[str, str] = {
-    "default": "for a GPU; about 15 min on 2 CPU cores",
-    "cpu": "quick; about 10 s of training on 2 CPU cores",
-    "cpu-v1": "the previous cpu preset; 0.5-1 min on 2 CPU cores",
-    "best": "label smoothing 0.1; about 20 min on 2 CPU cores",
-    "lenet": "seed 000's network; about 14 min on 2 CPU cores",
-    "convnet": "seed 002's network; about 25 min on 2 CPU cores",
+    "default": "time to accuracy on a GPU; the default there",
+    "cpu": "quick training on the CPU; the default there",
+    "cpu-v1": "the previous cpu preset",
+    "best": "the default, twice as long, with label smoothing 0.1",
+    "lenet": "the LeNet design of the EVA8 assignment",
+    "convnet": "the conv/BatchNorm classifier design",
 }
 
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
-from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir
-from mnistsum_cli.splits import Dataset, read_dataset
+from mnistsum_cli.mnist import Mnist
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT
+from mnistsum_cli.splits import Dataset
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -30,16 +28,6 @@ class SplitTensors:
 
     def __len__(self) -> int:
         return len(self.digits)
-
-
-def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:
-    """Refuse MNIST files other than the ones `prepare` read."""
-    expected = dataset.meta["mnist_fingerprint"]
-    if mnist.fingerprint != expected:
-        raise MnistsumError(
-            f"MNIST in {mnist.root} (fingerprint {mnist.fingerprint}) is not the MNIST the dataset "
-            f"was prepared from ({dataset.meta['mnist_root']}, {expected}): rerun `mnistsum prepare`"
-        )
 
 
 def split_tensors(dataset: Dataset, mnist: Mnist, split: str, device: torch.device) -> SplitTensors:
@@ -61,16 +49,6 @@ def split_tensors(dataset: Dataset, mnist: Mnist, split: str, device: torch.devi
         numbers=to_device(rows.number, torch.int64),
         sums=to_device(rows.sum, torch.int64),
     )
-
-
-def load_dataset(data: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist] = None) -> tuple[Dataset, Mnist]:
-    """The prepared splits and the MNIST they index: `mnist` when already loaded, else
-    --mnist-dir, else the folder `prepare` read."""
-    dataset = read_dataset(data)
-    if mnist is None:
-        mnist = load_mnist(resolve_source(mnist_dir, prepared_root=Path(dataset.meta["mnist_root"])))
-    check_mnist_matches(dataset, mnist)
-    return dataset, mnist
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,9 @@ from mnistsum_cli.data import SplitTensors
 from mnistsum_cli.devices import select_device
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
 from mnistsum_cli.store import sigint_recorded
-
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+from mnistsum_cli.torchrun import TORCHRUN_VARIABLES, torchrun_rank
 
 Result = TypeVar("Result")
-
-
-def launched_by_torchrun() -> bool:
-    return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
 class RankFailed(MnistsumError):
@@ -186,7 +181,7 @@ def process_group(gpu: Optional[int], cpu: bool, notify: Callable[[str], None]) 
     """The group and device this process trains with: under torchrun a joined process group
     (left when the block ends normally), otherwise one process on the device --gpu/--cpu choose.
     Rank 0 alone passes notices to `notify`."""
-    if not launched_by_torchrun():
+    if torchrun_rank() is None:
         device, notice = select_device(gpu, cpu)
         if notice:
             notify(notice)

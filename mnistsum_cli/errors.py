@@ -27,6 +27,7 @@ class OutputClosed(Exception):
 
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's text (libraries raise multi-line messages), or its type."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """The first line of an error's message (its type's name when the message is empty), for
+    one-line reports of errors raised by libraries."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from mnistsum_cli.checkpoint import load_model
-from mnistsum_cli.data import SplitTensors, load_dataset, split_tensors
+from mnistsum_cli.data import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.fingerprints import fingerprint_file, now_iso
 from mnistsum_cli.inference import EVAL_PRECISION, predict
-from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, DataDir, RunDir
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, RunDir
+from mnistsum_cli.prepared import PreparedData
 from mnistsum_cli.splits import Dataset
 from mnistsum_cli.store import folder_lock, write_json
 
@@ -91,19 +91,13 @@ def provenance(model_path: Path, model_meta: dict[str, Any], dataset: Dataset) -
 
 
 def evaluate_model(
-    split: str,
-    data_dir: DataDir,
-    run: RunDir,
-    device: torch.device,
-    mnist_dir: Optional[Path] = None,
-    force: bool = False,
-    mnist: Optional[Mnist] = None,
+    split: str, prepared: PreparedData, run: RunDir, device: torch.device, force: bool = False
 ) -> dict[str, Any]:
     """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON (holding
     the artifacts folder's lock throughout, so that the model cannot change under it)."""
     with folder_lock(run.root, "evaluate", "--artifacts", create=False):
         model, meta = load_model(run.model, device)
-        dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+        dataset, mnist = prepared.dataset, prepared.mnist
         check_model_matches(meta, dataset, force)
         rows = dataset.splits[split]
         metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)

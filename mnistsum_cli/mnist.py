@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
     import numpy as np
 
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.fingerprints import fingerprint_arrays
 
 MNIST_DIR_ENV = "MNISTSUM_MNIST_DIR"
@@ -42,6 +42,7 @@ class Mnist:
     labels: dict[str, np.ndarray]
     root: Path
     fingerprint: str
+    stamps: dict[str, list[int]] = field(default_factory=dict)  # file_stamps() of the files read
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -71,6 +72,19 @@ def _torchvision_root(folder: Path) -> Path:
     return folder
 
 
+def file_stamps(source: MnistSource) -> dict[str, list[int]]:
+    """[size, modification time in ns] of each raw MNIST file present: when a dataset recorded
+    the same stamps, its MNIST files are unchanged and need not be read to tell."""
+    stamps = {}
+    for name in RAW_FILES:
+        try:
+            stat = (source.raw_dir / name).stat()
+        except OSError:
+            continue
+        stamps[name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
 def load_mnist(source: MnistSource) -> Mnist:
     """Read both MNIST sets with torchvision.datasets.MNIST, downloading when allowed."""
     import numpy as np
@@ -83,6 +97,7 @@ def load_mnist(source: MnistSource) -> Mnist:
                 f"MNIST not found: {source.raw_dir} lacks {', '.join(missing)}; point --mnist-dir "
                 f"(or ${MNIST_DIR_ENV}) at a folder holding MNIST/raw/*-ubyte"
             )
+    stamps = file_stamps(source)
     images, labels = {}, {}
     for name, train in (("train", True), ("test", False)):
         try:
@@ -93,11 +108,13 @@ def load_mnist(source: MnistSource) -> Mnist:
         labels[name] = dataset.targets.numpy().astype(np.int64)
         _check_set(source, name, images[name], labels[name])
     fingerprint = fingerprint_arrays(images["train"], labels["train"], images["test"], labels["test"])
-    return Mnist(images=images, labels=labels, root=source.root.resolve(), fingerprint=fingerprint)
+    if source.download:  # the files were only now written
+        stamps = file_stamps(source)
+    return Mnist(images=images, labels=labels, root=source.root.resolve(), fingerprint=fingerprint, stamps=stamps)
 
 
 def _load_failure(source: MnistSource, error: Exception) -> str:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = first_line(error)
     if source.download:
         return (
             f"could not download MNIST into {source.raw_dir} ({reason}); without network access, "

@@ -122,10 +122,10 @@ class LeanNet(ConvDigitNet):
 
 
 class LeNetSum(nn.Module):
-    """Seed 000: LeNet with ReLU convs and sigmoid FC layers; its softmax output, stacked with
-    the raw number, feeds three sigmoid FC layers that give the sum.
+    """The LeNet design (EVA8 assignment): LeNet with ReLU convs and sigmoid FC layers; its
+    softmax output, stacked with the raw number, feeds three sigmoid FC layers that give the sum.
 
-    The seed applies softmax/sigmoid after FC3 and FC_A_3; here those layers return logits
+    The design applies softmax/sigmoid after FC3 and FC_A_3; here those layers return logits
     (the activation is monotonic, so predictions are the same) and the loss applies softmax.
     """
 
@@ -160,7 +160,7 @@ class LeNetSum(nn.Module):
 
 
 class ConvNetSum(nn.Module):
-    """Seed 002: two 5x5 convs, a 1x1 conv to 10 maps, max-pool, a BatchNorm MLP to the digit;
+    """The conv/BatchNorm classifier design: two 5x5 convs, a 1x1 conv to 10 maps, max-pool, a BatchNorm MLP to the digit;
     the digit logits concatenated with the one-hot number go through a 20 → 50 → 19 mix MLP."""
 
     def __init__(self) -> None:

@@ -7,17 +7,15 @@ what its flags ask for, where a flag left out keeps what the artifacts were made
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
-from mnistsum_cli.mnist import MnistSource, resolve_source
-from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, DataDir, RunDir
-from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
+from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
+from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
+from mnistsum_cli.prepared import DatasetHeader, PreparedData
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-from mnistsum_cli.splits import Dataset, read_dataset
 from mnistsum_cli.store import folder_lock, read_consistently, read_json
 from mnistsum_cli.tensorfiles import read_safetensors
 
@@ -45,32 +43,36 @@ class StageStatus:
         return asdict(self)
 
 
-def prepare_status(data: DataDir, wanted: Optional[PrepareOptions] = None, mnist_fingerprint: Optional[str] = None) -> StageStatus:
-    artifacts = [str(data.split(split)) for split in SPLITS]
-    if not any(data.split(split).exists() for split in SPLITS):
+def prepare_status(
+    prepared: PreparedData, wanted: Optional[PrepareOptions] = None, check_mnist: bool = False
+) -> StageStatus:
+    """The splits' state from their metadata; `check_mnist`: also whether MNIST changed since."""
+    folder = prepared.folder
+    artifacts = [str(folder.split(split)) for split in SPLITS]
+    if not any(folder.split(split).exists() for split in SPLITS):
         return StageStatus("prepare", MISSING, "run `mnistsum prepare`", artifacts)
     try:
-        dataset = read_dataset(data)
+        header = prepared.header
     except MnistsumError as error:
         return StageStatus("prepare", INVALID, str(error), artifacts)
-    meta = dataset.meta
-    figures = {"rows": {name: len(rows) for name, rows in dataset.splits.items()}, "seed": meta["seed"]}
+    meta = header.meta
+    figures = {"rows": header.rows, "seed": meta["seed"]}
     if wanted is not None and not wanted.matches(meta):
         detail = f"made with seed {meta['seed']}, val size {meta['val_size']}, limit {meta['limit']}"
         return StageStatus("prepare", STALE, detail, artifacts, figures)
-    if mnist_fingerprint is not None and mnist_fingerprint != meta["mnist_fingerprint"]:
+    if check_mnist and not prepared.mnist_unchanged():
         return StageStatus("prepare", STALE, "made from other MNIST files", artifacts, figures)
     return StageStatus("prepare", CURRENT, f"dataset {meta['dataset_id']}", artifacts, figures)
 
 
-def train_status(run: RunDir, dataset: Optional[Dataset], wanted: Optional[TrainConfig] = None) -> StageStatus:
-    artifacts = [str(path) for path in (run.model, run.history, run.checkpoint, run.config)]
-    if not run.train_state.exists():
+def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optional[TrainConfig] = None) -> StageStatus:
+    artifacts = [str(path) for path in (run_dir.model, run_dir.history, run_dir.checkpoint, run_dir.config)]
+    if not run_dir.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:
-        counters = read_json(run.train_state, stage="train")
+        counters = read_json(run_dir.train_state, stage="train")
         config = TrainConfig.from_dict(counters["config"])
-        _, meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
+        _, meta = read_safetensors(run_dir.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     except (MnistsumError, KeyError, TypeError) as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {
@@ -80,19 +82,21 @@ def train_status(run: RunDir, dataset: Optional[Dataset], wanted: Optional[Train
         "val_digit_accuracy": meta["val_digit_accuracy"],
         "val_sum_accuracy": meta["val_sum_accuracy"],
     }
-    if dataset is None or meta.get("dataset_id") != dataset.dataset_id:
+    if header is None or meta.get("dataset_id") != header.dataset_id:
         return StageStatus("train", STALE, "trained on another dataset", artifacts, figures)
     if wanted is not None and wanted != config:
         detail = f"trained with other settings ({', '.join(config.changes_to(wanted))})"
         return StageStatus("train", STALE, detail, artifacts, figures)
     if counters["epoch"] < config.epochs:
-        detail = f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
+        detail = (
+            f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
+        )
         return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
     return StageStatus("train", CURRENT, f"{config.arch}, {counters['epoch']} epochs", artifacts, figures)
 
 
-def evaluate_status(run: RunDir, dataset: Optional[Dataset], split: str = "test") -> StageStatus:
-    path = run.evaluation(split)
+def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str = "test") -> StageStatus:
+    path = run_dir.evaluation(split)
     if not path.exists():
         return StageStatus("evaluate", MISSING, f"run `mnistsum evaluate --split {split}`", [str(path)])
     try:
@@ -101,50 +105,56 @@ def evaluate_status(run: RunDir, dataset: Optional[Dataset], split: str = "test"
         model_sha = metrics["model"]["sha256"]
     except (MnistsumError, KeyError, TypeError) as error:
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
-    if not run.model.exists() or fingerprint_file(run.model) != model_sha:
+    if not run_dir.model.exists() or fingerprint_file(run_dir.model) != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
-    if dataset is None or metrics.get("dataset_id") != dataset.dataset_id:
+    if header is None or metrics.get("dataset_id") != header.dataset_id:
         return StageStatus("evaluate", STALE, "evaluated on another dataset", [str(path)], figures)
     return StageStatus("evaluate", CURRENT, f"{split} split", [str(path)], figures)
 
 
-def plot_status(run: RunDir) -> StageStatus:
-    if not run.plots_manifest.exists():
-        return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run.plots)])
+def plot_status(run_dir: RunDir) -> StageStatus:
+    if not run_dir.plots_manifest.exists():
+        return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run_dir.plots)])
     try:
-        manifest = read_json(run.plots_manifest, stage="plot")
-        files = [run.plots / name for name in manifest["files"]]
+        manifest = read_json(run_dir.plots_manifest, stage="plot")
+        files = [run_dir.plots / name for name in manifest["files"]]
         inputs = manifest["inputs"]
     except (MnistsumError, KeyError, TypeError) as error:
-        return StageStatus("plot", INVALID, str(error), [str(run.plots)])
+        return StageStatus("plot", INVALID, str(error), [str(run_dir.plots)])
     artifacts = [str(path) for path in files]
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):
         return StageStatus("plot", STALE, "some plots are missing", artifacts, figures)
-    if inputs != plot_inputs(run):
+    if inputs != plot_inputs(run_dir):
         return StageStatus("plot", STALE, "drawn from older history or evaluations", artifacts, figures)
     return StageStatus("plot", CURRENT, f"{len(files)} plots", artifacts, figures)
 
 
-def status(data: DataDir, run: RunDir, split: str = "test") -> list[StageStatus]:
+def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
+    """The splits' header, or None when there are no valid splits."""
+    try:
+        return prepared.header
+    except MnistsumError:
+        return None
+
+
+def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it. Each
     folder is read between commits (a `train` running meanwhile never shows a mix of epochs)."""
-    try:
-        dataset: Optional[Dataset] = read_dataset(data)
-    except MnistsumError:
-        dataset = None
-    return [prepare_status(data)] + read_consistently(
-        run.root, lambda: [train_status(run, dataset), evaluate_status(run, dataset, split), plot_status(run)]
+    header = dataset_header(prepared)
+    return [prepare_status(prepared)] + read_consistently(
+        run_dir.root,
+        lambda: [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)],
     )
 
 
-def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optional[int], limit: Optional[int]) -> PrepareOptions:
+def wanted_prepare_options(
+    prepared: PreparedData, seed: Optional[int], val_size: Optional[int], limit: Optional[int]
+) -> PrepareOptions:
     """The prepare flags given; each one left out keeps the value the data folder was made
     with (the default when there is no valid dataset)."""
-    try:
-        meta = read_dataset(data).meta
-    except MnistsumError:
-        meta = {"seed": 0, "val_size": DEFAULT_VAL_SIZE, "limit": None}
+    header = dataset_header(prepared)
+    meta = header.meta if header is not None else {"seed": 0, "val_size": DEFAULT_VAL_SIZE, "limit": None}
     return PrepareOptions(
         seed=meta["seed"] if seed is None else seed,
         val_size=meta["val_size"] if val_size is None else val_size,
@@ -152,20 +162,12 @@ def wanted_prepare_options(data: DataDir, seed: Optional[int], val_size: Optiona
     )
 
 
-def mnist_source(data: DataDir, mnist_dir: Optional[Path]) -> MnistSource:
-    """--mnist-dir when given, else the folder the data in `data` was prepared from, else the
-    download folder."""
-    try:
-        prepared_root: Optional[Path] = Path(read_dataset(data).meta["mnist_root"])
-    except MnistsumError:
-        prepared_root = None
-    return resolve_source(mnist_dir, prepared_root=prepared_root)
-
-
-def wanted_config(run: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: str) -> tuple[TrainConfig, Optional[str]]:
+def wanted_config(
+    run_dir: RunDir, preset_name: Optional[str], overrides: dict[str, Any], device_type: Callable[[], str]
+) -> tuple[TrainConfig, Optional[str]]:
     """The training settings `run` asks for: the named preset, else the saved run's, else the
     device's preset; flags override. Also a notice when the preset was chosen for the user."""
-    saved = saved_run(run)
+    saved = saved_run(run_dir)
     return choose_config(preset_name, overrides, device_type, saved.config if saved else None)
 
 
@@ -173,72 +175,86 @@ def run_pipeline(
     prepare_options: PrepareOptions,
     config: TrainConfig,
     split: str,
-    data: DataDir,
-    run: RunDir,
-    device: torch.device,
+    prepared: PreparedData,
+    run_dir: RunDir,
+    device: Callable[[], torch.device],
     notify: Callable[[str], None],
     reporter: Reporter,
-    mnist_dir: Optional[Path] = None,
     force: bool = False,
 ) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
     """prepare → train → evaluate → plot, skipping stages that are up to date (unless forced).
 
     Yields (stage, the status that made it skip or None, what the stage returned). Before a
     stage runs, `notify` hears why. An interrupted training run with the same settings is
-    resumed; a new run sets the previous one aside. Holds both folders' locks throughout.
+    resumed; a new run sets the previous one aside. The splits and MNIST are read once (and
+    the splits again after `prepare` rewrote them); `device()` is asked only when a stage
+    needs it. Holds both folders' locks throughout.
     """
-
-    with folder_lock(data.root, "run", "--data"), folder_lock(run.root, "run", "--artifacts"):
-        yield from _run_stages(prepare_options, config, split, data, run, device, notify, reporter, mnist_dir, force)
+    with folder_lock(prepared.folder.root, "run", "--data"), folder_lock(run_dir.root, "run", "--artifacts"):
+        yield from _run_stages(prepare_options, config, split, prepared, run_dir, device, notify, reporter, force)
 
 
 def _run_stages(
     prepare_options: PrepareOptions,
     config: TrainConfig,
     split: str,
-    data: DataDir,
-    run: RunDir,
-    device: torch.device,
+    prepared: PreparedData,
+    run_dir: RunDir,
+    device: Callable[[], torch.device],
     notify: Callable[[str], None],
     reporter: Reporter,
-    mnist_dir: Optional[Path],
     force: bool,
 ) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
-    from mnistsum_cli.evaluate import evaluate_model
-    from mnistsum_cli.mnist import load_mnist
-    from mnistsum_cli.plot import plot
-    from mnistsum_cli.prepare import prepare
 
-    mnist = load_mnist(mnist_source(data, mnist_dir))
+    def prepare_stage(status: StageStatus) -> Any:
+        nonlocal prepared
+        columns = prepare(prepared.any_mnist, prepare_options, prepared.folder)
+        prepared = prepared.rewritten()
+        return columns
 
-    def train_stage(state: StageStatus) -> Any:
-        resume = state.state == INCOMPLETE and not force
+    def train_stage(status: StageStatus) -> Any:
+        resume = status.state == INCOMPLETE and not force
         return run_training(
-            config, data, run, device, resume=resume, continue_with=continue_command("run", run),
-            notify=notify, reporter=reporter, mnist=mnist,
-        )  # fmt: skip
+            config,
+            prepared,
+            run_dir,
+            device(),
+            resume=resume,
+            continue_with=continue_command("run", run_dir),
+            notify=notify,
+            reporter=reporter,
+        )
+
+    # evaluate and plot import their modules when they run: an up-to-date `run` loads no torch
+    def evaluate_stage(status: StageStatus) -> Any:
+        from mnistsum_cli.evaluate import evaluate_model
+
+        return evaluate_model(split, prepared, run_dir, device())
+
+    def plot_stage(status: StageStatus) -> Any:
+        from mnistsum_cli.plot import plot
+
+        return plot(run_dir, prepared=prepared)
 
     stages = [
-        ("prepare", lambda: prepare_status(data, prepare_options, mnist.fingerprint),
-         lambda state: prepare(mnist, prepare_options, data)),
-        ("train", lambda: train_status(run, read_dataset(data), config), train_stage),
-        ("evaluate", lambda: evaluate_status(run, read_dataset(data), split),
-         lambda state: evaluate_model(split, data, run, device, mnist=mnist)),
-        ("plot", lambda: plot_status(run), lambda state: plot(run, data=data, mnist=mnist)),
-    ]  # fmt: skip
+        ("prepare", lambda: prepare_status(prepared, prepare_options, check_mnist=True), prepare_stage),
+        ("train", lambda: train_status(run_dir, dataset_header(prepared), config), train_stage),
+        ("evaluate", lambda: evaluate_status(run_dir, dataset_header(prepared), split), evaluate_stage),
+        ("plot", lambda: plot_status(run_dir), plot_stage),
+    ]
     for stage, check, act in stages:
-        state = check()
-        if force or not state.current:
-            notify(why_it_runs(stage, state, force))
-            yield stage, None, act(state)
+        status = check()
+        if force or not status.current:
+            notify(why_it_runs(stage, status, force))
+            yield stage, None, act(status)
         else:
-            yield stage, state, None
+            yield stage, status, None
 
 
-def why_it_runs(stage: str, state: StageStatus, force: bool) -> str:
+def why_it_runs(stage: str, status: StageStatus, force: bool) -> str:
     if force:
         return f"{stage}: --force, running it"
-    if state.state == MISSING:
+    if status.state == MISSING:
         return f"{stage}: not done yet, running it"
-    action = "resuming it" if state.state == INCOMPLETE else "running it"
-    return f"{stage}: {state.state}: {state.detail}; {action}"
+    action = "resuming it" if status.state == INCOMPLETE else "running it"
+    return f"{stage}: {status.state}: {status.detail}; {action}"

@@ -18,13 +18,13 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
 
-from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.mnist import Mnist  # noqa: E402
-from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, DataDir, RunDir
-from mnistsum_cli.store import commit, folder_lock, json_bytes, read_json, write_file
-from mnistsum_cli.tensorfiles import read_safetensors
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, RunDir  # noqa: E402
+from mnistsum_cli.prepared import PreparedData  # noqa: E402
+from mnistsum_cli.store import commit, folder_lock, json_bytes, read_json, write_file  # noqa: E402
+from mnistsum_cli.tensorfiles import read_safetensors  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -128,21 +128,15 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
     return evaluations
 
 
-def plot(
-    run: RunDir,
-    force: bool = False,
-    data: Optional[DataDir] = None,
-    mnist_dir: Optional[Path] = None,
-    mnist: Optional[Mnist] = None,
-) -> list[Path]:
+def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
-    plots/; returns the paths written. The gallery needs the images: from `mnist` when already
-    loaded, else through the dataset in `data`. Holds the artifacts folder's lock throughout."""
+    plots/; returns the paths written. The galleries need the images: without `prepared`
+    there are none. Holds the artifacts folder's lock throughout."""
     with folder_lock(run.root, "plot", "--artifacts", create=False):
-        return _plot(run, force, data, mnist_dir, mnist)
+        return _plot(run, force, prepared)
 
 
-def _plot(run: RunDir, force: bool, data: Optional[DataDir], mnist_dir: Optional[Path], mnist: Optional[Mnist]) -> list[Path]:
+def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Path]:
     history = read_json(run.history, stage="train")
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
     if history.get("run_id") != model_meta.get("run_id") and not force:
@@ -152,11 +146,11 @@ def _plot(run: RunDir, force: bool, data: Optional[DataDir], mnist_dir: Optional
     if not history.get("epochs"):
         raise MnistsumError(f"{run.history} has no epochs: rerun `mnistsum train`")
     evaluations = current_evaluations(run, model_meta, force)
-    galleries = {}
-    if data is not None:
+    galleries, mnist = {}, None
+    if prepared is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
         if galleries:
-            _, mnist = load_dataset(data, mnist_dir, mnist)
+            mnist = prepared.mnist
     inputs = plot_inputs(run)
 
     figures: dict[str, plt.Figure] = {}

@@ -15,10 +15,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 from mnistsum_cli.checkpoint import load_model
-from mnistsum_cli.data import load_dataset, normalise
+from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
+from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, RunDir
+from mnistsum_cli.prepared import PreparedData
 
 SIZE = 28  # the MNIST field
 BOX = 20  # the longer side of the ink
@@ -158,15 +158,13 @@ def predict_row(
     index: int,
     split: str,
     number: Optional[int],
-    data: DataDir,
+    prepared: PreparedData,
     run: RunDir,
     device: torch.device,
-    mnist_dir: Optional[Path] = None,
-    mnist: Optional[Mnist] = None,
 ) -> dict[str, Any]:
     """The `predict` command on row `index` of a prepared split (its number unless one is given)."""
     model, _ = load_model(run.model, device)
-    dataset, mnist = load_dataset(data, mnist_dir, mnist)
+    dataset, mnist = prepared.dataset, prepared.mnist
     rows = dataset.splits[split]
     if not 0 <= index < len(rows):
         raise BadOption(f"--index {index}: the {split} split has rows 0-{len(rows) - 1}")

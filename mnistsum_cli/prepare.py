@@ -82,6 +82,7 @@ def prepare(mnist: Mnist, options: PrepareOptions, out: DataDir) -> dict[str, di
                 "limit": options.limit,
                 "mnist_root": str(mnist.root),
                 "mnist_fingerprint": mnist.fingerprint,
+                "mnist_files": mnist.stamps,
                 "mnist_sizes": mnist.sizes,
                 "package_version": __version__,
                 "created_at": created_at,

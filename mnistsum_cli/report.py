@@ -63,7 +63,7 @@ def percent(value: float) -> str:
 # --------------------------------------------------------------------------- prepare
 
 
-def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], data: DataDir, seed: int) -> None:
+def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], folder: DataDir, seed: int) -> None:
     table = Table(title=f"mnistsum prepare (seed {seed})")
     table.add_column("split")
     table.add_column("rows", justify="right")
@@ -79,7 +79,7 @@ def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], data: DataD
             histogram(cols["sum"], 19),
         )
     console.print(table)
-    written([data.split(split) for split in columns])
+    written([folder.split(split) for split in columns])
 
 
 def histogram(values: np.ndarray, bins: int) -> str:
@@ -247,21 +247,21 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
         table.add_row(
             escape(where), str(result["number"]), digit, percent(result["digit_confidence"]),
             total, percent(result["sum_confidence"]),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
 # --------------------------------------------------------------------------- run and status
 
 
-def stage_done(stage: str, skipped: StageStatus | None, result: Any, data: DataDir, run: RunDir, device: str, seed: int) -> None:
+def stage_done(stage: str, skipped: StageStatus | None, result: Any, folder: DataDir, run: RunDir, device: str, seed: int) -> None:
     """What `mnistsum run` prints after each stage."""
     if skipped is not None:
         console.print(f"[green]✓[/] {stage}: up to date ({escape(skipped.detail)}), skipped", soft_wrap=True)
         return
     console.rule(stage)
     if stage == "prepare":
-        prepare_summary(result, data, seed)
+        prepare_summary(result, folder, seed)
     elif stage == "train":
         train_summary(result, run, device)
     elif stage == "evaluate":

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
-from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DataDir, RunDir
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, RunDir
 from mnistsum_cli.setaside import aside_folder
 from mnistsum_cli.store import folder_lock, read_json
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # torch loads only when training starts
     import torch
 
     from mnistsum_cli.distributed import Group
-    from mnistsum_cli.mnist import Mnist
+    from mnistsum_cli.prepared import PreparedData
     from mnistsum_cli.train import Reporter, TrainOutcome
 
 MIN_STEPS_PER_EPOCH = 20  # fewer optimizer steps per epoch and a model barely leaves chance
@@ -56,19 +56,24 @@ def saved_run(run: RunDir) -> Optional[SavedRun]:
 
 
 def choose_config(
-    preset_name: Optional[str], overrides: dict[str, Any], device_type: str, saved: Optional[TrainConfig] = None
+    preset_name: Optional[str],
+    overrides: dict[str, Any],
+    device_type: Callable[[], str],
+    saved: Optional[TrainConfig] = None,
 ) -> tuple[TrainConfig, Optional[str]]:
     """The settings to train with, and a notice when they were chosen for the user.
 
     A named preset wins; else the settings of the saved run (`run` keeps them); else the
-    preset that fits the device. Flags override each of them.
+    preset that fits the device (`device_type` is asked only then: finding the device loads
+    torch). Flags override each of them.
     """
     if preset_name is not None:
         return preset(preset_name).with_overrides(**overrides), None
     if saved is not None:
         return saved.with_overrides(**overrides), None
-    name = preset_for_device(device_type)
-    where = "a GPU" if device_type == "cuda" else "the CPU"
+    kind = device_type()
+    name = preset_for_device(kind)
+    where = "a GPU" if kind == "cuda" else "the CPU"
     notice = f"no --preset: using `{name}` on {where}: {describe_preset(name)}; --preset NAME picks another"
     return preset(name).with_overrides(**overrides), notice
 
@@ -122,7 +127,7 @@ def interrupted_message(run: RunDir, continue_with: str, kept: Optional[Path], u
 
 def run_training(
     config: TrainConfig,
-    data_dir: DataDir,
+    prepared: PreparedData,
     run: RunDir,
     device: torch.device,
     *,
@@ -130,16 +135,14 @@ def run_training(
     continue_with: str,
     notify: Callable[[str], None],
     reporter: Reporter,
-    mnist_dir: Optional[Path] = None,
-    mnist: Optional[Mnist] = None,
     group: Optional[Group] = None,
 ) -> TrainOutcome:
     """train_model, keeping the user's runs safe: hold the artifacts folder's lock, check the
-    inputs, warn about too few steps per epoch, have the first epoch's commit set the previous
-    run aside (saying where), and turn Ctrl-C into a message built from what is saved. Under
-    torchrun (`group`) rank 0 alone locks, moves runs and speaks."""
-    from mnistsum_cli.data import load_dataset
+    inputs before anything moves, warn about too few steps per epoch, have the first epoch's
+    commit set the previous run aside (saying where), and turn Ctrl-C into a message built from
+    what is saved. Under torchrun (`group`) rank 0 alone locks, moves runs and speaks."""
     from mnistsum_cli.distributed import SINGLE_PROCESS
+    from mnistsum_cli.prepared import check_mnist_matches
     from mnistsum_cli.train import batching, train_model
 
     group = group or SINGLE_PROCESS
@@ -147,8 +150,8 @@ def run_training(
         # rank 0 alone writes, so it alone holds the lock; every rank stops when it cannot
         group.agree(lambda: held.enter_context(folder_lock(run.root, "train", "--artifacts")) if group.is_main else None)
         started = time.perf_counter()
-        dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
-        rows = len(dataset.splits["train"])
+        rows = len(prepared.dataset.splits["train"])
+        check_mnist_matches(prepared.dataset, prepared.any_mnist)  # before the previous run moves
         warning = few_steps_warning(rows, *batching(rows, config))
         if warning is not None:
             notify(warning)
@@ -157,9 +160,7 @@ def run_training(
             previous, kept = saved_run(run), aside_folder(run)
         checked = time.perf_counter() - started
         try:
-            outcome = train_model(
-                config, data_dir, run, device, resume=resume, reporter=reporter, mnist=mnist, group=group, kept=kept
-            )
+            outcome = train_model(config, prepared, run, device, resume=resume, reporter=reporter, group=group, kept=kept)
         except BaseException as error:
             moved = kept is not None and kept.exists()
             if isinstance(error, KeyboardInterrupt):

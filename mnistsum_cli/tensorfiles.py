@@ -36,7 +36,8 @@ def read_safetensors(
     if not path.exists():
         raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        # numpy, not torch, when no tensor is wanted: `status` and an up-to-date `run` need no torch
+        with safe_open(str(path), framework="numpy" if metadata_only else "pt") as handle:
             raw = handle.metadata() or {}
             tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = {key: json.loads(value) for key, value in raw.items()}

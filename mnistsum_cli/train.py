@@ -14,15 +14,15 @@ from torch import nn
 from mnistsum_cli import __version__
 from mnistsum_cli.checkpoint import Learner, RunState, load_checkpoint, save_epoch
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import SplitTensors, augment, load_dataset, normalise, split_tensors
+from mnistsum_cli.data import SplitTensors, augment, normalise, split_tensors
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name
 from mnistsum_cli.distributed import SINGLE_PROCESS, Group
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.inference import predict
-from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.models import build_model
-from mnistsum_cli.paths import DataDir, RunDir
+from mnistsum_cli.paths import RunDir
+from mnistsum_cli.prepared import PreparedData
 
 
 class Reporter(Protocol):
@@ -61,7 +61,7 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW; weight decay on conv/linear weights only; the fused kernel on every device (one
-    launch per step on CUDA, 5 % faster training than the foreach kernel on the CPU)."""
+    launch per step on CUDA, and faster than the foreach kernel on the CPU: docs/performance.md)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [
@@ -80,9 +80,14 @@ def batching(rows: int, config: TrainConfig) -> tuple[int, int]:
     return batch_size, rows // batch_size
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Each epoch's randomness depends on (seed, epoch) only, so resume is exact."""
+    return seed * 100_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Each epoch's shuffling and augmentation depend on (seed, epoch) only, so resume is exact."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    """The epoch's shuffling and augmentation."""
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
 
 
 def train_epoch(
@@ -142,9 +147,7 @@ def train_epoch(
     }
 
 
-def measure(
-    model: nn.Module, split: SplitTensors, config: TrainConfig, prefix: str, group: Group = SINGLE_PROCESS
-) -> dict[str, float]:
+def measure(model: nn.Module, split: SplitTensors, prefix: str, group: Group = SINGLE_PROCESS) -> dict[str, float]:
     """Losses and accuracies over a split; each rank predicts its share, the sums are all-reduced."""
     shard = group.shard_split(split)
     predictions = predict(model, shard)
@@ -217,12 +220,12 @@ def train(
 
     for epoch in range(state.epoch, config.epochs):
         reporter.epoch_start(epoch + 1, config.epochs, steps, batch_size)
-        torch.manual_seed(config.seed * 100_003 + epoch)  # anything drawing on the global RNG
+        torch.manual_seed(epoch_seed(config.seed, epoch))  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
         record.update(train_epoch(model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group))
         group.average_buffers(model)
-        record.update(measure(model, data.val, config, "val", group))
+        record.update(measure(model, data.val, "val", group))
         record["seconds"] = time.perf_counter() - started
         record["world_size"] = group.world_size
         state.history.append(record)
@@ -237,9 +240,9 @@ def train(
     return state
 
 
-def load_train_data(data_dir: DataDir, mnist_dir: Optional[Path], mnist: Optional[Mnist], device: torch.device) -> TrainData:
+def load_train_data(prepared: PreparedData, device: torch.device) -> TrainData:
     """The train and val splits on `device`, checked against the MNIST they index."""
-    dataset, mnist = load_dataset(data_dir, mnist_dir, mnist)
+    dataset, mnist = prepared.dataset, prepared.mnist
     return TrainData(
         train=split_tensors(dataset, mnist, "train", device),
         val=split_tensors(dataset, mnist, "val", device),
@@ -256,20 +259,18 @@ class TrainOutcome:
 
 def train_model(
     config: TrainConfig,
-    data_dir: DataDir,
+    prepared: PreparedData,
     run: RunDir,
     device: torch.device,
-    mnist_dir: Optional[Path] = None,
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
-    mnist: Optional[Mnist] = None,
     group: Group = SINGLE_PROCESS,
     kept: Optional[Path] = None,
 ) -> TrainOutcome:
     """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
     (and propagates: the caller says what is on disk)."""
     started = time.perf_counter()
-    data = group.agree(lambda: load_train_data(data_dir, mnist_dir, mnist, device))
+    data = group.agree(lambda: load_train_data(prepared, device))
     loaded = time.perf_counter()
     try:
         state = train(config, data, run, device, resume=resume, reporter=reporter, group=group, kept=kept)

@@ -40,7 +40,7 @@ SHAPE_ONLY = {  # ops that launch no kernel: left out of the per-step count
     "view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "t", "transpose", "expand",
     "slice", "select", "alias", "detach", "as_strided", "permute", "unflatten", "split", "lift_fresh",
     "empty", "empty_like", "empty_strided", "device", "_record_function_enter_new", "_record_function_exit",
-}  # fmt: skip
+}
 
 
 def _package_frame() -> str:

@@ -443,3 +443,9 @@ def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeyp
     assert code == 130
     assert "Traceback" not in err and "Traceback" not in out
     assert not list(in_tmp.rglob("*.parquet"))
+
+
+def test_resume_with_nothing_saved_says_so(in_tmp: Path, run_cli) -> None:
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 1
+    assert "nothing to resume in artifacts" in assert_one_line_error(err, out)

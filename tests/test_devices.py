@@ -15,6 +15,7 @@ from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, select_device
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.paths import DataDir, RunDir
+from mnistsum_cli.prepared import PreparedData
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -53,7 +54,7 @@ def test_cpu_flag_never_touches_cuda(two_gpus: list) -> None:
     "capability, amp, expected",
     [((9, 0), True, torch.bfloat16), ((8, 0), True, torch.bfloat16), ((7, 5), True, torch.float16),
      ((6, 0), True, torch.float16), ((9, 0), False, None)],
-)  # fmt: skip
+)
 def test_training_precision_follows_the_gpu(monkeypatch: pytest.MonkeyPatch, capability, amp: bool, expected) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert autocast_dtype(CUDA0, amp) is expected
@@ -101,7 +102,9 @@ def test_out_of_memory_is_one_line_with_advice(
 
     monkeypatch.setattr(mnistsum_cli.train, "train", out_of_memory)
     with pytest.raises(MnistsumError, match="smaller --batch-size"):
-        mnistsum_cli.train.train_model(TrainConfig(batch_size=4096), data, RunDir(tmp_path / "run"), torch.device("cpu"))
+        mnistsum_cli.train.train_model(
+            TrainConfig(batch_size=4096), PreparedData(data), RunDir(tmp_path / "run"), torch.device("cpu")
+        )
 
 
 def test_bench_refuses_a_negative_gpu() -> None:

@@ -167,12 +167,3 @@ def test_architecture_names_match_the_registry() -> None:
     from mnistsum_cli.config import ARCHITECTURE_NAMES
 
     assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES
-
-
-def test_every_preset_has_a_one_line_description() -> None:
-    from mnistsum_cli.config import PRESET_NOTES, describe_preset
-
-    assert list(PRESET_NOTES) == list(PRESETS)
-    for name, config in PRESETS.items():
-        description = describe_preset(name)
-        assert description.startswith(f"{config.arch}, {config.epochs} epochs") and "\n" not in description

@@ -1,4 +1,4 @@
-"""Stage 4 and the training progress display (issue 10, points 3, 6 and 13)."""
+"""Stage 4 and the training progress display."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from conftest import assert_one_line_error, leftovers, snapshot
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
+from mnistsum_cli.prepared import PreparedData
 
 
 def history(epochs_done: int, planned: int) -> dict:
@@ -22,11 +23,11 @@ def history(epochs_done: int, planned: int) -> dict:
         {"epoch": e, **{f"{split}_{key}": value for split in ("train", "val")
                         for key, value in (("digit_accuracy", 0.5 + 0.05 * e), ("sum_accuracy", 0.1 * e))}}
         for e in range(1, epochs_done + 1)
-    ]  # fmt: skip
+    ]
     return {"epochs": records, "best_epoch": epochs_done, "config": {"epochs": planned}}
 
 
-# --------------------------------------------------------------------------- point 3: all or nothing
+# --------------------------------------------------------------------------- all or nothing
 
 
 def test_plot_with_a_stale_evaluation_changes_nothing(workdir: Path, run_cli) -> None:
@@ -59,7 +60,7 @@ def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, mon
 
     monkeypatch.setattr(mnistsum_cli.plot, "json_bytes", disk_full)  # the manifest, written last
     with pytest.raises(MnistsumError, match=f"cannot write {artifacts}/: No space left on device; nothing was changed"):
-        plot(RunDir(artifacts), data=DataDir(workdir / "data"))
+        plot(RunDir(artifacts), prepared=PreparedData(DataDir(workdir / "data")))
     assert snapshot(artifacts / "plots") == before
     assert not leftovers(artifacts)
 
@@ -74,7 +75,7 @@ def test_plots_are_published_with_their_manifest(workdir: Path, run_cli) -> None
     assert not leftovers(workdir / "artifacts")
 
 
-# --------------------------------------------------------------------------- point 13: readable figures
+# --------------------------------------------------------------------------- readable figures
 
 
 def test_curves_of_an_incomplete_run_say_so() -> None:
@@ -112,7 +113,7 @@ def test_gallery_explains_its_caption_colours() -> None:
     assert any("red caption: the digit is wrong" in text and "black caption" in text for text in texts), texts
 
 
-# --------------------------------------------------------------------------- point 6: progress
+# --------------------------------------------------------------------------- progress
 
 
 def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:

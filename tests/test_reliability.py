@@ -23,16 +23,16 @@ import torch
 from conftest import VAL_SIZE, Crash, FakeMnist, assert_one_line_error, crash_at, leftovers, snapshot
 from mnistsum_cli.checkpoint import Learner, load_checkpoint, load_model
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.mnist import load_mnist, resolve_source
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.pipeline import CURRENT, INCOMPLETE, status
 from mnistsum_cli.prepare import PrepareOptions, prepare
+from mnistsum_cli.prepared import PreparedData
 from mnistsum_cli.setaside import aside_folder
 from mnistsum_cli.splits import read_dataset
 from mnistsum_cli.store import LOCK, folder_lock
-from mnistsum_cli.train import TrainData, make_optimizer, train
+from mnistsum_cli.train import load_train_data, make_optimizer, train
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=2, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -63,8 +63,7 @@ def world(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> di
     mnist = load_mnist(resolve_source(fake_mnist.root))
     data = DataDir(root / "data")
     prepare(mnist, PrepareOptions(seed=0, val_size=VAL_SIZE), data)
-    dataset, mnist = load_dataset(data, None, mnist)
-    train_data = TrainData(split_tensors(dataset, mnist, "train", CPU), split_tensors(dataset, mnist, "val", CPU), dataset.dataset_id)
+    train_data = load_train_data(PreparedData(data, mnist=mnist), CPU)
     complete, half = RunDir(root / "complete"), RunDir(root / "half")
     train(CONFIG, train_data, complete, CPU)
     with pytest.raises(KeyboardInterrupt):
@@ -98,7 +97,7 @@ def _captured_commit(world: dict, base: RunDir, config: TrainConfig, epoch: int,
 
 
 def _train_state(world: dict, run: RunDir) -> tuple[str, dict]:
-    stages = {stage.stage: stage for stage in status(world["data"], run)}
+    stages = {stage.stage: stage for stage in status(PreparedData(world["data"]), run)}
     return stages["train"].state, stages["train"].figures
 
 

@@ -1,5 +1,5 @@
 """The repository's own folders: data/ and artifacts/ are kept with a README, their contents
-and the README's artifacts-* folders are ignored (issue 10, point 14)."""
+and the artifacts-* folders of docs/performance.md's commands are ignored."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_generated_files_are_ignored_but_the_readmes_are_not() -> None:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
 
     for path in ("data/train.parquet", "data/MNIST/raw/t10k-images-idx3-ubyte", "artifacts/model.safetensors",
-                 "artifacts/previous/0123/history.json", "artifacts-cpu/model.safetensors"):  # fmt: skip
+                 "artifacts/previous/0123/history.json", "artifacts-cpu/model.safetensors"):
         assert ignored(path), path
     for path in ("data/README.md", "artifacts/README.md"):
         assert not ignored(path), path

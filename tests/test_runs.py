@@ -1,10 +1,9 @@
 """Training runs through the CLI: which settings are used, keeping the previous run when a new
-one starts, warnings, and what an interrupt reports (issue 10, points 1, 2, 5, 7 and 8)."""
+one starts, warnings, and what an interrupt reports."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -28,7 +27,7 @@ def train_state(run_cli) -> str:
     return {stage["stage"]: stage["state"] for stage in json.loads(out)}["train"]
 
 
-# --------------------------------------------------------------------------- point 1: status and run agree
+# --------------------------------------------------------------------------- status and run agree
 
 
 def test_run_without_flags_keeps_the_settings_of_the_saved_run(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
@@ -60,7 +59,7 @@ def test_run_with_other_settings_names_them_and_keeps_the_previous_run(
     assert history["config"]["epochs"] == 2 and history["config"]["arch"] == PRESETS["cpu"].arch
 
 
-# --------------------------------------------------------------------------- point 2: the previous run is kept
+# --------------------------------------------------------------------------- the previous run is kept
 
 
 def test_train_keeps_the_previous_run_and_says_where(workdir: Path, run_cli) -> None:
@@ -105,18 +104,18 @@ def test_set_aside_moves_the_whole_run_in_one_commit(workdir: Path) -> None:
     assert aside_folder(run) is None, "nothing left to keep"
 
 
-# --------------------------------------------------------------------------- point 5: the preset fits the device
+# --------------------------------------------------------------------------- the preset fits the device
 
 
 @pytest.mark.parametrize("device_type, name", [("cpu", "cpu"), ("cuda", "default")])
 def test_no_preset_picks_the_one_for_the_device(device_type: str, name: str) -> None:
-    config, notice = choose_config(None, {"epochs": 1}, device_type)
+    config, notice = choose_config(None, {"epochs": 1}, lambda: device_type)
     assert config == PRESETS[name].with_overrides(epochs=1)
     assert f"`{name}`" in notice
-    forced, notice = choose_config("default", {}, device_type)
+    forced, notice = choose_config("default", {}, lambda: device_type)
     assert forced == PRESETS["default"] and notice is None
     saved = TrainConfig(arch="lenet", epochs=3)
-    assert choose_config(None, {"lr": 0.1}, device_type, saved) == (saved.with_overrides(lr=0.1), None)
+    assert choose_config(None, {"lr": 0.1}, lambda: device_type, saved) == (saved.with_overrides(lr=0.1), None)
 
 
 def test_train_without_preset_on_the_cpu(workdir: Path, run_cli) -> None:
@@ -132,7 +131,7 @@ def test_train_without_preset_on_the_cpu(workdir: Path, run_cli) -> None:
     assert json.loads((workdir / "artifacts" / "config.json").read_text())["config"]["arch"] == PRESETS["default"].arch
 
 
-# --------------------------------------------------------------------------- point 7: too few steps
+# --------------------------------------------------------------------------- too few steps
 
 
 def test_few_steps_warning() -> None:
@@ -150,7 +149,7 @@ def test_train_warns_about_too_few_steps(workdir: Path, run_cli) -> None:
     assert "optimizer step" not in err
 
 
-# --------------------------------------------------------------------------- point 8: interrupts say what is on disk
+# --------------------------------------------------------------------------- interrupts say what is on disk
 
 
 @pytest.mark.parametrize("epochs, expected", [(2, "epoch 1 of 2 is saved"), (1, "all 1 epochs are in")])

@@ -23,15 +23,15 @@ from PIL import Image, ImageDraw
 from conftest import assert_one_line_error, publish_model, snapshot
 from mnistsum_cli.checkpoint import save_model
 from mnistsum_cli.fingerprints import fingerprint_file
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.store import write_json
 from mnistsum_cli.models import build_model
+from mnistsum_cli.paths import RunDir
 from mnistsum_cli.predict import head_probabilities, prepare_image
+from mnistsum_cli.store import write_json
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app
+from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

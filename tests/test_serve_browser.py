@@ -24,8 +24,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import _main, publish_model
-from mnistsum_cli.paths import RunDir
 from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.paths import RunDir
 from mnistsum_cli.predict import prepare_image
 from strokes import DIGIT_STROKES
 

@@ -17,14 +17,14 @@ import torch
 
 from conftest import VAL_SIZE, FakeMnist
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.evaluate import evaluate_model
 from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
 from mnistsum_cli.models import ARCHITECTURES
 from mnistsum_cli.paths import DataDir, RunDir
 from mnistsum_cli.predict import predict_row
 from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.train import TrainData, train
+from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.train import TrainData, load_train_data, train
 from simulated_cuda import CUDA, OPS_PER_STEP, PhaseReporter, SimulatedCuda, checkpoint_metadata, simulate_cuda
 
 BATCH = 64  # the fixture's 320 training rows: 5 steps an epoch
@@ -39,12 +39,7 @@ def prepared(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def train_data(prepared: tuple[DataDir, Mnist], device: torch.device) -> TrainData:
-    dataset, mnist = load_dataset(prepared[0], None, prepared[1])
-    return TrainData(
-        train=split_tensors(dataset, mnist, "train", device),
-        val=split_tensors(dataset, mnist, "val", device),
-        dataset_id=dataset.dataset_id,
-    )
+    return load_train_data(PreparedData(prepared[0], mnist=prepared[1]), device)
 
 
 def assert_clean(sim: SimulatedCuda) -> None:
@@ -77,9 +72,9 @@ def test_every_stage_on_cuda(arch: str, prepared, tmp_path: Path, monkeypatch: p
     with sim.running():
         reporter = train_interrupted_then_resumed(sim, config, train_data(prepared, CUDA), run)
         sim.log.phase = "evaluate"
-        metrics = evaluate_model("test", data, run, CUDA, mnist=mnist)
+        metrics = evaluate_model("test", PreparedData(data, mnist=mnist), run, CUDA)
         sim.log.phase = "predict"
-        predict_row(3, "test", None, data, run, CUDA, mnist=mnist)
+        predict_row(3, "test", None, PreparedData(data, mnist=mnist), run, CUDA)
     assert_clean(sim)
 
     assert sim.log.count("step", "_fused_adamw_") > 0, "the fused kernel did not run"
@@ -104,7 +99,7 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
     with sim.running():
         with pytest.raises(KeyboardInterrupt):
             train(config, train_data(prepared, torch.device("cpu")), run, torch.device("cpu"),
-                  reporter=PhaseReporter(sim.log, interrupt_after=1))  # fmt: skip
+                  reporter=PhaseReporter(sim.log, interrupt_after=1))
         sim.store.edit_metadata(
             run.checkpoint, "param_groups", lambda groups: [{**g, "fused": None, "foreach": True} for g in groups]
         )
@@ -123,7 +118,7 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
         ((9, 0), {"max_rotation": 10.0, "max_zoom": 0.1, "label_smoothing": 0.1, "deterministic": True}, "torch.bfloat16", "bf16"),
     ],
     ids=["fp16-pre-ampere", "fp32-contiguous", "augmented-deterministic"],
-)  # fmt: skip
+)
 def test_training_variants_on_cuda(
     capability, overrides, conv_dtype: str, precision: str, prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,6 @@ from mnistsum_cli.paths import SPLITS, DataDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.splits import METADATA_KEY, read_dataset, read_split
 
-
 # --------------------------------------------------------------------------- Parquet splits
 
 

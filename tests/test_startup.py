@@ -1,5 +1,5 @@
 """The command line before any stage runs: fast start-up without the heavy libraries, help
-texts, deprecated folder options, and a quiet exit on a closed pipe (issue 10, points 4, 10-12)."""
+texts, deprecated folder options, and a quiet exit on a closed pipe."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_the_cli_starts_without_heavy_libraries(argv) -> None:
     call = "" if argv is None else f"\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     result = python(
         "import sys\nfrom mnistsum_cli.cli import main" + call
-        + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"  # fmt: skip
+        + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
     )
     assert result.returncode == 0, result.stderr
     loaded = [line for line in result.stdout.splitlines() if line.startswith("LOADED:")]
@@ -62,7 +62,7 @@ def test_training_help(run_cli) -> None:
     for name in PRESETS:
         assert f"{name}: {describe_preset(name)}" in text, name
     assert "--epochs <int range> [x>=1] Passes over the training split." in text
-    assert "--weight-decay <float> AdamW weight decay" in text
+    assert "--weight-decay <float range> [x>=0] AdamW weight decay" in text
 
 
 def test_predict_help_says_number_replaces_the_rows(run_cli) -> None:

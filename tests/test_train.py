@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import VAL_SIZE, FakeMnist, leftovers, visible
+from conftest import VAL_SIZE, FakeMnist, leftovers
 from mnistsum_cli.checkpoint import RunState, load_model, model_weights
 from mnistsum_cli.config import PRESETS, TrainConfig
-from mnistsum_cli.data import load_dataset, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import load_mnist, resolve_source
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
+from mnistsum_cli.prepared import PreparedData
 from mnistsum_cli.tensorfiles import read_safetensors
-from mnistsum_cli.train import TrainData, lr_at, train
+from mnistsum_cli.train import TrainData, load_train_data, lr_at, train
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -31,12 +31,7 @@ def train_data(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) 
     mnist = load_mnist(resolve_source(fake_mnist.root))
     data_dir = DataDir(tmp_path_factory.mktemp("train_data") / "data")
     prepare(mnist, PrepareOptions(seed=0, val_size=VAL_SIZE), data_dir)
-    dataset, mnist = load_dataset(data_dir, None, mnist)
-    return TrainData(
-        train=split_tensors(dataset, mnist, "train", CPU),
-        val=split_tensors(dataset, mnist, "val", CPU),
-        dataset_id=dataset.dataset_id,
-    )
+    return load_train_data(PreparedData(data_dir, mnist=mnist), CPU)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -309,8 +304,8 @@ def test_fused_resume_equals_uninterrupted(train_data: TrainData, tmp_path: Path
 def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
     """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
     replace the live optimizer's, and its moments take the live parameters' layout."""
-    from mnistsum_cli.models import build_model
     from mnistsum_cli.checkpoint import load_optimizer, optimizer_tensors
+    from mnistsum_cli.models import build_model
 
     def optimizer(fused: bool) -> torch.optim.Optimizer:
         model = build_model("fastnet-small").to(memory_format=torch.channels_last)
