@@ -6,8 +6,11 @@ kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pi
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 
 import numpy as np
 import torch
@@ -25,28 +28,59 @@ BOX = 20  # the longer side of the ink
 CENTRE = 14  # where the ink's centre of mass goes, in pixel indices (as in MNIST)
 MIN_CONTRAST = 0.05  # the least max - min grey (of 1) that can be a digit rather than noise
 INK_THRESHOLD = 0.1  # ink bounding box: pixels above this fraction of the strongest ink
+# The largest image read: 16.8 MP holds a 12 MP phone photo; a digit needs far less, and a
+# larger image (PIL's warning starts at 89 MP) costs gigabytes to decode.
+MAX_PIXELS = 4096 * 4096
+MAX_PIXELS_TEXT = "4096 x 4096"
+
+
+def open_image(file: BinaryIO, name: str) -> Image.Image:
+    """Decode an image from an open file (on disk or uploaded), refusing what is not an image
+    or is larger than MAX_PIXELS before decoding it; the EXIF rotation is applied. Errors name
+    `name`. The one place that decides which images are read."""
+    too_large = f"{name}: larger than {MAX_PIXELS_TEXT} pixels, far more than a digit needs: scale it down"
+    try:
+        with warnings.catch_warnings():  # PIL warns above 89 MP: the limit below speaks instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)
+        width, height = image.size  # from the header: nothing is decoded yet
+        if width * height > MAX_PIXELS:
+            raise MnistsumError(f"{too_large} ({width} x {height})")
+        image.load()
+        return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
+    except UnidentifiedImageError:
+        raise MnistsumError(f"{name}: not an image (expected PNG or JPEG)") from None
+    except Image.DecompressionBombError:  # PIL's own limit, above 179 MP, refuses in Image.open
+        raise MnistsumError(too_large) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise MnistsumError(f"{name}: cannot read image ({str(error).strip() or type(error).__name__})") from None
 
 
 def load_image(path: Path) -> np.ndarray:
-    """Read an image file as greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
+    """Read an image file as greyscale float32 [H, W] in [0, 1]. Only a regular file: a FIFO
+    or a device would block or never end (it is opened without blocking, then checked)."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
-            if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
-                return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise MnistsumError(f"{path}: no such file") from None
     except PermissionError:
         raise MnistsumError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise MnistsumError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise MnistsumError(f"{path}: not an image (expected PNG or JPEG)") from None
-    except Image.DecompressionBombError:
-        raise MnistsumError(f"{path}: image too large to read safely") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise MnistsumError(f"{path}: cannot read image ({str(error).strip() or type(error).__name__})") from None
+    except OSError as error:
+        raise MnistsumError(f"{path}: cannot open ({error.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+        raise MnistsumError(f"{path}: {kind}, not an image")
+    with os.fdopen(fd, "rb") as file, open_image(file, str(path)) as image:
+        return greyscale(image)
+
+
+def greyscale(image: Image.Image) -> np.ndarray:
+    """Any PIL image → greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
+    if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
+        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     grey = Image.alpha_composite(white, rgba).convert("L")
     return np.asarray(grey, dtype=np.float32) / 255.0
