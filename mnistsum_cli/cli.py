@@ -1,6 +1,5 @@
 """The `mnistsum` command line: parse options, call a stage, print what it did."""
 
-import json
 import math
 import os
 import sys
@@ -13,8 +12,8 @@ import typer
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, Group
 from mnistsum_cli.artifacts import DEFAULT_ARTIFACTS, DEFAULT_DATA, SPLITS, DataDir, RunDir
-from mnistsum_cli.config import ARCHITECTURE_NAMES, PRESETS, describe_preset
-from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
+from mnistsum_cli.config import ARCHITECTURE_NAMES, MAX_SEED, PRESETS, describe_preset
+from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed, OutputFailed
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
@@ -120,7 +119,7 @@ LabelSmoothingOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, hel
 MaxShiftOption = Annotated[Optional[int], _setting(min=0, max=8, help="Random-shift augmentation, pixels.")]
 MaxRotationOption = Annotated[Optional[float], _setting(min=0.0, max=180.0, help="Random-rotation augmentation, ± degrees.")]
 MaxZoomOption = Annotated[Optional[float], _setting(min=0.0, max=0.5, help="Random scaling by 1 ± this.")]
-SeedOption = Annotated[Optional[int], _setting(help="Seed of weights, shuffling and augmentation.")]
+SeedOption = Annotated[Optional[int], _setting(min=0, max=MAX_SEED, help="Seed of weights, shuffling and augmentation.")]
 AmpOption = Annotated[
     Optional[bool], _setting("--amp/--no-amp", help="Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs.")
 ]
@@ -179,7 +178,7 @@ def root(
 
 @app.command(cls=Command, epilog="Example: mnistsum prepare --mnist-dir ~/mnist --seed 0 --limit 2000")
 def prepare(
-    seed: Annotated[int, typer.Option(help="Seed of the random numbers and the val split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random numbers and the val split.")] = 0,
     val_size: ValSizeOption = DEFAULT_VAL_SIZE,
     limit: LimitOption = None,
     data: DataOption = DEFAULT_DATA,
@@ -289,7 +288,7 @@ def evaluate(
     run = RunDir(artifacts)
     metrics = evaluate_model(split, DataDir(data), run, _device(gpu, cpu), mnist_dir, force)
     if as_json:
-        typer.echo(json.dumps(metrics))
+        report.print_json(metrics)
     else:
         report.evaluation_summary(metrics, run.evaluation(split))
 
@@ -351,7 +350,7 @@ def predict(
     else:
         results = predict_files(images, number, RunDir(artifacts), device)
     if as_json:
-        typer.echo(json.dumps(results[0] if len(results) == 1 else results))
+        report.print_json(results[0] if len(results) == 1 else results)
     else:
         report.predictions_table(results)
 
@@ -367,7 +366,10 @@ def run(
     batch_size: BatchSizeOption = None,
     lr: LrOption = None,
     seed: Annotated[
-        Optional[int], typer.Option(help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False)
+        Optional[int],
+        typer.Option(
+            min=0, max=MAX_SEED, help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False
+        ),
     ] = None,
     val_size: Annotated[
         Optional[int],
@@ -416,7 +418,7 @@ def status(
 
     stages = pipeline_status(DataDir(data), RunDir(artifacts), split)
     if as_json:
-        typer.echo(json.dumps([stage.to_dict() for stage in stages]))
+        report.print_json([stage.to_dict() for stage in stages])
     else:
         report.status_table(stages)
 
@@ -427,11 +429,58 @@ def status(
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the CLI; every failure is one line on stderr and an exit code (1 failure, 2 usage,
     130 Ctrl-C, 141 when the reader of stdout went away, as in `mnistsum evaluate | head`)."""
+    _degrade_unencodable_output()
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
-        _main(argv)
+        try:
+            _main(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, while it can be reported
     except (OutputClosed, BrokenPipeError):
         _quiet_stdout()
         sys.exit(OutputClosed.exit_code)
+    except OutputFailed as error:
+        report.error(f"cannot write to standard output: {error}")
+        _quiet_stdout()
+        sys.exit(OutputFailed.exit_code)
+    finally:
+        sys.stdout = stdout
+
+
+def _degrade_unencodable_output() -> None:
+    """Characters the terminal's encoding lacks (the bars and arrows under LC_ALL=C, where
+    Python writes ASCII) print as '?' rather than stop a command whose files are written."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+class _GuardedStdout:
+    """sys.stdout whose write errors (`> /dev/full`) raise OutputFailed, so that they are told
+    apart from errors writing the artifacts; a closed pipe stays a BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputFailed(error) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputFailed(error) from None
 
 
 def _quiet_stdout() -> None:

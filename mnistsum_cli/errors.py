@@ -24,3 +24,13 @@ class OutputClosed(Exception):
     128 + SIGPIPE, as Unix tools do."""
 
     exit_code = 141
+
+
+class OutputFailed(Exception):
+    """Writing stdout failed for another reason than a closed pipe (`> /dev/full`, a full disk
+    under `> file`): one line on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
