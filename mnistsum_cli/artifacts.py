@@ -50,7 +50,6 @@ def split_schema() -> pa.Schema:
 
 
 METADATA_KEY = b"mnistsum"
-SPLIT_META_KEYS = ("split", "dataset_id", "mnist_fingerprint", "mnist_root")
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
 
@@ -419,20 +418,22 @@ def read_split(data: DataDir, name: str) -> Split:
     rerun = "rerun `mnistsum prepare`"
     if not path.exists():
         raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
+    if not path.is_file():
+        raise MnistsumError(f"{path} is not a file (a folder or a device): {rerun}")
     try:
         table = pq.read_table(path)
-        columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
+        columns_found = _schema_text(table.schema)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({_first_line(error)}): {rerun}") from None
     if not table.schema.remove_metadata().equals(split_schema()):
-        raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
+        raise MnistsumError(f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}")
     try:
         meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
-        mnist_size = int(meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]])
-        if not all(isinstance(meta.get(key), str) for key in SPLIT_META_KEYS):
-            raise KeyError
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, ValueError):
         raise MnistsumError(f"{path} lacks mnistsum metadata: {rerun}") from None
+    from mnistsum_cli.schemas import SPLIT_META  # schemas reads artifacts' constants
+
+    mnist_size = SPLIT_META.check(meta, f"{path} metadata")["mnist_sizes"][MNIST_SET_OF_SPLIT[name]]
     if meta.get("split") != name:
         raise MnistsumError(f"{path} holds the {meta.get('split')!r} split, not {name!r}: {rerun}")
     if table.num_rows == 0:
@@ -463,9 +464,13 @@ def read_dataset(data: DataDir) -> Dataset:
         raise MnistsumError(
             f"{data.root} mixes splits of different `prepare` runs: rerun `mnistsum prepare`"
         )
+    columns = {name: {col: getattr(split, col) for col in SPLIT_COLUMNS} for name, split in splits.items()}
+    if dataset_fingerprint(columns, splits["train"].meta["mnist_fingerprint"]) != ids.pop():
+        raise MnistsumError(f"{data.root}: the rows are not the ones `prepare` recorded (dataset id): rerun `mnistsum prepare`")
     return Dataset(splits=splits)
 
 
-def _schema_text() -> str:
-    return ", ".join(f"{field.name}: {field.type}" for field in split_schema())
+def _schema_text(schema: pa.Schema) -> str:
+    """Columns as 'name: type', with nullability when a column allows nulls (the split's never do)."""
+    return ", ".join(f"{field.name}: {field.type}{' (nullable)' if field.nullable else ''}" for field in schema)
 

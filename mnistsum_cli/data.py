@@ -32,12 +32,20 @@ class SplitTensors:
 
 
 def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:
-    """Refuse MNIST files other than the ones `prepare` read."""
+    """Refuse MNIST files other than the ones `prepare` read, and set sizes other than these
+    files' (read_split checked each image_index against the recorded sizes: so every row
+    points into MNIST)."""
     expected = dataset.meta["mnist_fingerprint"]
     if mnist.fingerprint != expected:
         raise MnistsumError(
             f"MNIST in {mnist.root} (fingerprint {mnist.fingerprint}) is not the MNIST the dataset "
             f"was prepared from ({dataset.meta['mnist_root']}, {expected}): rerun `mnistsum prepare`"
+        )
+    recorded = dataset.meta["mnist_sizes"]
+    if recorded != mnist.sizes:
+        raise MnistsumError(
+            f"the dataset records MNIST set sizes {recorded}, but MNIST in {mnist.root} has {mnist.sizes}: "
+            "rerun `mnistsum prepare`"
         )
 
 

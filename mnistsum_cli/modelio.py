@@ -14,6 +14,7 @@ from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safeten
 from mnistsum_cli.data import SplitTensors, normalise
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.models import build_model
+from mnistsum_cli.schemas import MODEL_META
 
 EVAL_BATCH_SIZE = 2048
 EVAL_PRECISION = "fp32"  # validation, evaluate and predict never autocast: one precision, one answer
@@ -63,10 +64,10 @@ def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from model.safetensors: weights + metadata, no pickle."""
     tensors, meta = read_safetensors(path, stage="train", expected_format=MODEL_FORMAT)
-    model = build_model(str(meta.get("arch")))
+    model = build_model(MODEL_META.check(meta, path)["arch"])
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[0]
-        raise MnistsumError(f"{path} does not fit architecture {meta.get('arch')!r} ({reason}): rerun `mnistsum train`") from None
+        raise MnistsumError(f"{path} does not fit architecture {meta['arch']!r} ({reason}): rerun `mnistsum train`") from None
     return model.to(device).eval(), meta

@@ -19,7 +19,6 @@ from mnistsum_cli.artifacts import (
     fingerprint_file,
     plot_inputs,
     read_dataset,
-    read_json,
     read_safetensors,
 )
 from mnistsum_cli.config import TrainConfig
@@ -27,6 +26,7 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import MnistSource, resolve_source
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
+from mnistsum_cli.schemas import EVALUATION, MODEL_META, PLOTS_MANIFEST, TRAIN_STATE
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
     import torch
@@ -75,10 +75,11 @@ def train_status(run: RunDir, dataset: Optional[Dataset], wanted: Optional[Train
     if not run.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:
-        counters = read_json(run.train_state, stage="train")
+        counters = TRAIN_STATE.read_json(run.train_state)
         config = TrainConfig.from_dict(counters["config"])
         _, meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-    except (MnistsumError, KeyError, TypeError) as error:
+        MODEL_META.check(meta, run.model)
+    except MnistsumError as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {
         "arch": config.arch,
@@ -103,11 +104,11 @@ def evaluate_status(run: RunDir, dataset: Optional[Dataset], split: str = "test"
     if not path.exists():
         return StageStatus("evaluate", MISSING, f"run `mnistsum evaluate --split {split}`", [str(path)])
     try:
-        metrics = read_json(path, stage="evaluate")
-        figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
-        model_sha = metrics["model"]["sha256"]
-    except (MnistsumError, KeyError, TypeError) as error:
+        metrics = EVALUATION.read_json(path)
+    except MnistsumError as error:
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
+    figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
+    model_sha = metrics["model"]["sha256"]
     if not run.model.exists() or fingerprint_file(run.model) != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
     if dataset is None or metrics.get("dataset_id") != dataset.dataset_id:
@@ -119,11 +120,11 @@ def plot_status(run: RunDir) -> StageStatus:
     if not run.plots_manifest.exists():
         return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run.plots)])
     try:
-        manifest = read_json(run.plots_manifest, stage="plot")
-        files = [run.plots / name for name in manifest["files"]]
-        inputs = manifest["inputs"]
-    except (MnistsumError, KeyError, TypeError) as error:
+        manifest = PLOTS_MANIFEST.read_json(run.plots_manifest)
+    except MnistsumError as error:
         return StageStatus("plot", INVALID, str(error), [str(run.plots)])
+    files = [run.plots / name for name in manifest["files"]]
+    inputs = manifest["inputs"]
     artifacts = [str(path) for path in files]
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):

@@ -25,7 +25,6 @@ from mnistsum_cli.artifacts import (  # noqa: E402
     RunDir,
     fingerprint_file,
     plot_inputs,
-    read_json,
     read_safetensors,
     staged_folder,
     write_json,
@@ -33,6 +32,7 @@ from mnistsum_cli.artifacts import (  # noqa: E402
 from mnistsum_cli.data import load_dataset  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.mnist import Mnist  # noqa: E402
+from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -126,14 +126,27 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
         path = run.evaluation(split)
         if not path.exists():
             continue
-        metrics = read_json(path, stage="evaluate")
-        if metrics.get("model", {}).get("sha256") != model_sha and not force:
+        metrics = EVALUATION.read_json(path)
+        if metrics["model"]["sha256"] != model_sha and not force:
             raise MnistsumError(
                 f"{path} evaluates another model than {run.model}: rerun `mnistsum evaluate --split {split}`"
                 " (or pass --force)"
             )
         evaluations[split] = metrics
     return evaluations
+
+
+def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]], mnist: Mnist) -> None:
+    """Every misclassified image_index points into the MNIST set of its split (the schema
+    cannot know the set's size; MNIST, loaded here, does)."""
+    for split, examples in galleries.items():
+        size = mnist.sizes[MNIST_SET_OF_SPLIT[split]]
+        outside = [example["image_index"] for example in examples if example["image_index"] >= size]
+        if outside:
+            raise MnistsumError(
+                f"{run.evaluation(split)}: misclassified image_index {outside[0]} is outside the MNIST "
+                f"{MNIST_SET_OF_SPLIT[split]} set ({size} images): rerun `mnistsum evaluate --split {split}`"
+            )
 
 
 def plot(
@@ -146,25 +159,25 @@ def plot(
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The gallery needs the images: from `mnist` when already
     loaded, else through the dataset in `data`."""
-    history = read_json(run.history, stage="train")
+    history = HISTORY.read_json(run.history)
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-    if history.get("run_id") != model_meta.get("run_id") and not force:
+    MODEL_META.check(model_meta, run.model)
+    if history["run_id"] != model_meta["run_id"] and not force:
         raise MnistsumError(
             f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --force)"
         )
-    if not history.get("epochs"):
-        raise MnistsumError(f"{run.history} has no epochs: rerun `mnistsum train`")
     evaluations = current_evaluations(run, model_meta, force)
     galleries = {}
     if data is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
         if galleries:
             _, mnist = load_dataset(data, mnist_dir, mnist)
+            check_gallery_indices(run, galleries, mnist)
     inputs = plot_inputs(run)
 
     figures: dict[str, plt.Figure] = {}
     try:
-        draw_all(figures, history, model_meta.get("arch", "?"), evaluations, galleries, mnist)
+        draw_all(figures, history, model_meta["arch"], evaluations, galleries, mnist)
         with staged_folder(run.plots) as staging:
             for name, figure in figures.items():
                 figure.savefig(staging / name, format="png", dpi=120, bbox_inches="tight")

@@ -18,7 +18,6 @@ from mnistsum_cli.artifacts import (
     RunDir,
     interrupts_deferred,
     now_iso,
-    read_json,
     read_safetensors,
     write_json,
     write_safetensors,
@@ -31,6 +30,7 @@ from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.modelio import predict, save_model
 from mnistsum_cli.models import build_model
+from mnistsum_cli.schemas import CHECKPOINT_META, HISTORY, TRAIN_STATE
 
 
 class Reporter(Protocol):
@@ -92,9 +92,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def batching(rows: int, config: TrainConfig) -> tuple[int, int]:
     """(batch size, steps per epoch): fixed-size batches; the remainder of a permutation waits
     for another epoch. A split smaller than one batch is one batch."""
+    if rows < 2:
+        raise BadOption(
+            f"the training split has {rows} row{'s' if rows != 1 else ''}; training needs 2 or more (BatchNorm): "
+            "rerun `mnistsum prepare` with a smaller --val-size or a larger --limit (or none)"
+        )
     batch_size = min(config.batch_size, rows)
     if batch_size < 2:
-        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size or --limit")
+        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size")
     return batch_size, rows // batch_size
 
 
@@ -278,9 +283,10 @@ def load_checkpoint(
     data: TrainData,
 ) -> RunState:
     """Restore a run saved by save_epoch, refusing one made with other data or settings."""
-    counters = read_json(run.train_state, stage="train")
+    counters = TRAIN_STATE.read_json(run.train_state)
     tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
-    history = read_json(run.history, stage="train")
+    CHECKPOINT_META.check(meta, run.checkpoint)
+    history = HISTORY.read_json(run.history)
     if not (counters.get("run_id") == meta.get("run_id") == history.get("run_id")):
         raise MnistsumError(f"{run.root} holds files of different training runs: start afresh without --resume")
     if counters.get("epoch") != meta.get("epoch"):
@@ -309,7 +315,7 @@ def saved_config(run: RunDir) -> Optional[TrainConfig]:
     if not run.checkpoint.exists():
         return None
     _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT, metadata_only=True)
-    return TrainConfig.from_dict(meta["config"])
+    return TrainConfig.from_dict(CHECKPOINT_META.check(meta, run.checkpoint)["config"])
 
 
 # --------------------------------------------------------------------------- the stage

@@ -386,7 +386,7 @@ def test_resume_of_a_finished_run_changes_no_weights(workdir: Path, run_cli) -> 
 def test_val_size_too_large_keeps_existing_data(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
     before = snapshot(workdir)
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", 400)
-    assert code == 1
+    assert code == 2
     assert "--val-size" in assert_one_line_error(err, out)
     assert snapshot(workdir) == before
 
