@@ -38,7 +38,7 @@ def open_image(file: BinaryIO, name: str) -> Image.Image:
     """Decode an image from an open file (on disk or uploaded), refusing what is not an image
     or is larger than MAX_PIXELS before decoding it; the EXIF rotation is applied. Errors name
     `name`. The one place that decides which images are read."""
-    too_large = f"{name}: larger than {MAX_PIXELS_TEXT} pixels, far more than a digit needs: scale it down"
+    too_large = f"{name}: over {MAX_PIXELS_TEXT} pixels, far more than a digit needs: scale it down"
     try:
         with warnings.catch_warnings():  # PIL warns above 89 MP: the limit below speaks instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
