@@ -70,7 +70,7 @@ def load_image(path: Path) -> np.ndarray:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+        kind = "is a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
         raise MnistsumError(f"{path}: {kind}, not an image")
     with os.fdopen(fd, "rb") as file, open_image(file, str(path)) as image:
         return greyscale(image)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from mnistsum_cli.artifacts import NUM_DIGITS, NUM_SUMS, SPLITS, read_json
 from mnistsum_cli.config import ARCHITECTURE_NAMES, MAX_SEED, TrainConfig
@@ -211,14 +211,18 @@ class Schema:
     stage: str
     record: Record
     about: str
+    rules: tuple[tuple[str, Callable[[dict], bool]], ...] = ()  # (what must hold, test) across fields
 
     def check(self, data: Any, path: Path | str) -> Any:
         """`data` if it fits the declaration; else one MnistsumError naming the file, the
         field and the stage to rerun."""
         try:
             self.record.check(data, "")
+            for rule, holds in self.rules:
+                if not holds(data):
+                    raise _Invalid("", f"does not satisfy {rule}")
         except _Invalid as invalid:
-            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" holds {invalid.problem[3:]}"
+            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" {invalid.problem.replace('is ', 'holds ', 1)}"
             raise MnistsumError(f"{path}{what}: rerun `mnistsum {self.stage}`") from None
         return data
 
@@ -296,6 +300,7 @@ HISTORY = Schema(
         }
     ),
     "Rewritten after every epoch.",
+    rules=(("best_epoch <= the number of epochs", lambda history: history["best_epoch"] <= len(history["epochs"])),),
 )
 
 TRAIN_STATE = Schema(
@@ -313,6 +318,7 @@ TRAIN_STATE = Schema(
         }
     ),
     "What `train --resume`, `status` and `run` read first.",
+    rules=(("best_epoch <= epoch", lambda state: state["best_epoch"] <= state["epoch"]),),
 )
 
 RUN_CONFIG = Schema(
@@ -476,7 +482,8 @@ def markdown() -> str:
         "Fields not listed are ignored (except in the training settings).",
     ]
     for schema in SCHEMAS:
-        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}", ""]
+        rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
+        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}", ""]
         parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
     parts += ["", "## training settings", "", "Every field optional (the default of `TrainConfig`); no others allowed.", ""]
     parts += ["| field | type |", "| --- | --- |"]

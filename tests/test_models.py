@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mnistsum_cli.artifacts import MODEL_FORMAT, read_safetensors, write_safetensors
-from mnistsum_cli.config import PRESETS
+from mnistsum_cli.config import PRESETS, TrainConfig
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.modelio import load_model, save_model
@@ -74,6 +74,12 @@ def test_forward_shapes_and_one_step(arch: str) -> None:
     assert not torch.allclose(with_numbers, with_other_numbers)
 
 
+def model_metadata(arch: str) -> dict:
+    """What training records in model.safetensors (besides format and version)."""
+    return {"arch": arch, "run_id": "r1", "dataset_id": "abc", "config": TrainConfig().to_dict(), "epoch": 1,
+            "val_digit_accuracy": 0.5, "val_sum_accuracy": 0.25}  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
@@ -89,7 +95,7 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
         expected = model(images, numbers)
 
     path = tmp_path / "model.safetensors"
-    save_model(path, model, {"arch": arch, "epoch": 1, "dataset_id": "abc"})
+    save_model(path, model, model_metadata(arch))
     loaded, meta = load_model(path, torch.device("cpu"))
     assert meta["arch"] == arch and meta["epoch"] == 1 and meta["dataset_id"] == "abc"
     assert meta["format"] == MODEL_FORMAT
@@ -108,15 +114,15 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
 
 def test_load_model_refuses_weights_of_another_arch(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
-    save_model(path, build_model("fastnet-small"), {"arch": "lenet"})
-    with pytest.raises(MnistsumError, match="mnistsum train"):
+    save_model(path, build_model("fastnet-small"), model_metadata("lenet"))
+    with pytest.raises(MnistsumError, match="does not fit architecture 'lenet'.*mnistsum train"):
         load_model(path, torch.device("cpu"))
 
 
 def test_load_model_refuses_unknown_arch(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
-    save_model(path, build_model("fastnet-small"), {"arch": "no-such-arch"})
-    with pytest.raises(MnistsumError):
+    save_model(path, build_model("fastnet-small"), model_metadata("no-such-arch"))
+    with pytest.raises(MnistsumError, match="arch is 'no-such-arch', expected one of fastnet"):
         load_model(path, torch.device("cpu"))
 
 

@@ -139,6 +139,8 @@ def test_numbers_take_integers_and_nan() -> None:
         (SPLIT_META, {"split": "train", "dataset_id": "a", "seed": -1}, "seed is -1"),
         (TRAIN_STATE, [], "holds a list"),
         (EVALUATION, {"model": None}, "split is missing"),
+        (HISTORY, {**_history(), "best_epoch": 2}, "does not satisfy best_epoch <= the number of epochs"),
+        (TRAIN_STATE, {"run_id": "a", "dataset_id": "b", "config": {}, "epoch": 1, "best_epoch": 2}, "best_epoch <= epoch"),
     ],
 )
 def test_each_schema_names_its_stage(schema: Schema, data: Any, problem: str) -> None:
