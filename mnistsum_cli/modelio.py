@@ -65,9 +65,16 @@ def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, A
     """Rebuild a model from model.safetensors: weights + metadata, no pickle."""
     tensors, meta = read_safetensors(path, stage="train", expected_format=MODEL_FORMAT)
     model = build_model(MODEL_META.check(meta, path)["arch"])
+    load_weights(model, tensors, path, meta["arch"])
+    return model.to(device).eval(), meta
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Copy saved weights into `model`; missing, extra or misshapen tensors (weights of another
+    architecture, or damage) are one line naming the first mismatch."""
     try:
         model.load_state_dict(tensors)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0]
-        raise MnistsumError(f"{path} does not fit architecture {meta['arch']!r} ({reason}): rerun `mnistsum train`") from None
-    return model.to(device).eval(), meta
+    except RuntimeError as error:  # "Error(s) in loading state_dict for X:" then one line per mismatch
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0]
+        raise MnistsumError(f"{path} does not fit architecture {arch!r} ({reason}): rerun `mnistsum train`") from None

@@ -28,7 +28,7 @@ from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, prec
 from mnistsum_cli.distributed import SINGLE_PROCESS, Group
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import Mnist
-from mnistsum_cli.modelio import predict, save_model
+from mnistsum_cli.modelio import load_weights, predict, save_model
 from mnistsum_cli.models import build_model
 from mnistsum_cli.schemas import CHECKPOINT_META, HISTORY, TRAIN_STATE
 
@@ -297,7 +297,7 @@ def load_checkpoint(
     if saved != config:
         raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
     weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
-    model.load_state_dict(weights)
+    load_weights(model, weights, run.checkpoint, config.arch)
     load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
     if scaler.is_enabled() and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])

@@ -301,6 +301,22 @@ def test_resume_with_a_json_file_holding_an_array(workdir: Path, run_cli, name: 
     assert snapshot(workdir) == before
 
 
+def test_resume_with_a_misshapen_checkpoint_tensor(workdir: Path, run_cli) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = workdir / "artifacts" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(path))
+    name = next(name for name in tensors if name.startswith("model.") and name.endswith(".weight"))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, str(path), metadata=meta)
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "checkpoint.safetensors does not fit architecture" in line and "size mismatch" in line
+
+
 def _rewrite_model_metadata(path: Path, edit) -> None:
     from safetensors.torch import load_file, save_file
 
