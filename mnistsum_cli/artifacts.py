@@ -311,8 +311,8 @@ def read_json(path: Path, stage: str) -> Any:
         raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MnistsumError(f"{path} is unreadable ({error}): rerun `mnistsum {stage}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+        raise MnistsumError(f"{path} is unreadable ({_first_line(error)}): rerun `mnistsum {stage}`") from None
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -429,7 +429,7 @@ def read_split(data: DataDir, name: str) -> Split:
         raise MnistsumError(f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}")
     try:
         meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise MnistsumError(f"{path} lacks mnistsum metadata: {rerun}") from None
     from mnistsum_cli.schemas import SPLIT_META  # schemas reads artifacts' constants
 

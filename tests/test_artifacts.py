@@ -120,6 +120,9 @@ def test_read_json_errors_name_the_stage(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_bytes(b"{\"a\": \xff")
     with pytest.raises(MnistsumError, match="mnistsum evaluate"):
         read_json(tmp_path / "bad.json", stage="evaluate")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # json's recursion limit
+    with pytest.raises(MnistsumError, match="deep.json is unreadable .*mnistsum plot"):
+        read_json(tmp_path / "deep.json", stage="plot")
 
 
 # --------------------------------------------------------------------------- Parquet splits
@@ -286,8 +289,9 @@ def test_incomplete_metadata(data_copy: DataDir, change) -> None:
         read_split(data_copy, "train")
 
 
-def test_metadata_not_json(data_copy: DataDir) -> None:
-    table = pq.read_table(data_copy.split("train")).replace_schema_metadata({METADATA_KEY: b"{not json"})
+@pytest.mark.parametrize("content", [b"{not json", b"[" * 100_000 + b"]" * 100_000], ids=["not json", "too deep"])
+def test_metadata_not_json(data_copy: DataDir, content: bytes) -> None:
+    table = pq.read_table(data_copy.split("train")).replace_schema_metadata({METADATA_KEY: content})
     pq.write_table(table, data_copy.split("train"))
     with pytest.raises(MnistsumError, match="metadata"):
         read_split(data_copy, "train")

@@ -405,6 +405,14 @@ def test_run_on_metadata_with_a_seed_that_is_text(workdir: Path, fake_mnist: Fak
 # --------------------------------------------------------------------------- output that cannot take everything
 
 
+def test_status_json_with_a_folder_name_that_is_not_utf8(in_tmp: Path, run_cli) -> None:
+    folder = os.fsdecode(b"run-\xff")
+    code, out, err = run_cli("status", "--artifacts", folder, "--json")
+    assert code == 0, err
+    out.encode("utf-8")
+    assert any("run-\\xff" in artifact for stage in json.loads(out) for artifact in stage["artifacts"])
+
+
 def _mnistsum(*args: object, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     """The CLI in a child process (for what a real stdout does: its encoding, a full device)."""
     return subprocess.run(
