@@ -428,7 +428,7 @@ EVALUATION = Schema(
             "created_at": Field(Str(), "UTC time, ISO 8601", required=False),
         }
     ),
-    "Written by `evaluate --split <split>`; `plot` draws it.",
+    "One per split (`evaluate --split <split>`); `plot` draws it.",
 )
 
 PLOTS_MANIFEST = Schema(
