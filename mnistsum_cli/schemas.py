@@ -179,7 +179,7 @@ class Record(Kind):
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             found = "a list" if isinstance(value, list) else _shown(value)
-            raise _Invalid(where, f"is {found}, expected an object")
+            raise _Invalid(where, f"{'is' if where else 'holds'} {found}, expected an object")  # "holds": the whole file
         for name, field in self.fields.items():
             inner = f"{where}.{name}" if where else name
             if name not in value:
@@ -222,7 +222,7 @@ class Schema:
                 if not holds(data):
                     raise _Invalid("", f"does not satisfy {rule}")
         except _Invalid as invalid:
-            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" {invalid.problem.replace('is ', 'holds ', 1)}"
+            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" {invalid.problem}"
             raise MnistsumError(f"{path}{what}: rerun `mnistsum {self.stage}`") from None
         return data
 
