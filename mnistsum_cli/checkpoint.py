@@ -17,8 +17,9 @@ from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir
+from mnistsum_cli.schemas import CHECKPOINT_META, HISTORY, MODEL_META, TRAIN_STATE
 from mnistsum_cli.setaside import set_aside
-from mnistsum_cli.store import commit, interrupts_deferred, read_json
+from mnistsum_cli.store import commit, interrupts_deferred
 from mnistsum_cli.tensorfiles import decode_safetensors, read_safetensors, safetensors_bytes
 
 WEIGHTS_PREFIX = "model."  # checkpoint tensors: model.<name> are weights, optim.<id>.<key> optimizer state
@@ -76,14 +77,20 @@ def load_model_bytes(data: bytes, path: Path, device: torch.device) -> tuple[nn.
 
 
 def _rebuilt(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path, device: torch.device) -> nn.Module:
-    model = build_model(str(meta.get("arch")))
+    model = build_model(MODEL_META.check(meta, path)["arch"])
+    load_weights(model, tensors, path, meta["arch"])
+    return model.to(device).eval()
+
+
+def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """Copy saved weights into `model`; missing, extra or misshapen tensors (weights of another
+    architecture, or damage) are one line naming the first mismatch."""
     try:
         model.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise MnistsumError(
-            f"{path} does not fit architecture {meta.get('arch')!r} ({first_line(error)}): rerun `mnistsum train`"
-        ) from None
-    return model.to(device).eval()
+    except RuntimeError as error:  # "Error(s) in loading state_dict for X:" then one line per mismatch
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else first_line(error)
+        raise MnistsumError(f"{path} does not fit architecture {arch!r} ({reason}): rerun `mnistsum train`") from None
 
 
 # --------------------------------------------------------------------------- checkpoint.safetensors
@@ -161,9 +168,10 @@ def save_epoch(
 
 def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_id: str) -> RunState:
     """Restore a run saved by save_epoch into `learner`, refusing one made with other data or settings."""
-    counters = read_json(run.train_state, stage="train")
+    counters = TRAIN_STATE.read_json(run.train_state)
     tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
-    history = read_json(run.history, stage="train")
+    CHECKPOINT_META.check(meta, run.checkpoint)
+    history = HISTORY.read_json(run.history)
     if not (counters.get("run_id") == meta.get("run_id") == history.get("run_id")):
         raise MnistsumError(f"{run.root} holds files of different training runs: start afresh without --resume")
     if counters.get("epoch") != meta.get("epoch"):
@@ -173,7 +181,7 @@ def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_
     saved = TrainConfig.from_dict(meta["config"])
     if saved != config:
         raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
-    learner.model.load_state_dict(model_weights(tensors))
+    load_weights(learner.model, model_weights(tensors), run.checkpoint, config.arch)
     load_optimizer(learner.optimizer, tensors, meta["param_groups"])
     if learner.scaler.is_enabled() and meta.get("grad_scaler"):
         learner.scaler.load_state_dict(meta["grad_scaler"])
@@ -191,4 +199,4 @@ def saved_config(run: RunDir) -> Optional[TrainConfig]:
     if not run.checkpoint.exists():
         return None
     _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT, metadata_only=True)
-    return TrainConfig.from_dict(meta["config"])
+    return TrainConfig.from_dict(CHECKPOINT_META.check(meta, run.checkpoint)["config"])

@@ -1,18 +1,18 @@
 """The `mnistsum` command line: parse options, call a stage, print what it did."""
 
 import functools
-import json
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, CommandGroup
-from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed
+from mnistsum_cli.config import MAX_SEED
+from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed, OutputFailed
 from mnistsum_cli.options import (
     ArtifactsOption,
     CpuOption,
@@ -100,7 +100,7 @@ def root(
 
 @app.command(cls=Command, epilog="Example: mnistsum prepare --mnist-dir ~/mnist --seed 0 --limit 2000")
 def prepare(
-    seed: Annotated[int, typer.Option(help="Seed of the random numbers and the val split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the random numbers and the val split.")] = 0,
     val_size: ValSizeOption = DEFAULT_VAL_SIZE,
     limit: LimitOption = None,
     data: DataOption = DEFAULT_DATA,
@@ -151,6 +151,7 @@ def train(
     from mnistsum_cli.distributed import process_group
     from mnistsum_cli.prepared import PreparedData
     from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
+    from mnistsum_cli.schemas import HISTORY
     from mnistsum_cli.train import SilentReporter
 
     run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
@@ -162,6 +163,7 @@ def train(
             raise MnistsumError(f"nothing to resume in {run_dir.root}: run `mnistsum train` without --resume")
         done = saved_run(run_dir)
         if done is not None and done.complete and saved.with_overrides(**settings) == saved == done.config:
+            HISTORY.read_json(run_dir.history)  # complete means whole: a damaged history is an error, not "done"
             report.run_complete(run_dir, done.epoch)
             return
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
@@ -209,7 +211,7 @@ def evaluate(
     run_dir = RunDir(artifacts)
     metrics = evaluate_model(split, PreparedData(DataDir(data), mnist_dir), run_dir, _device(gpu, cpu), force)
     if as_json:
-        typer.echo(json.dumps(metrics))
+        report.print_json(metrics)
     else:
         report.evaluation_summary(metrics, run_dir.evaluation(split))
 
@@ -273,7 +275,7 @@ def predict(
     else:
         results = predict_files(images, number, RunDir(artifacts), device)
     if as_json:
-        typer.echo(json.dumps(results[0] if len(results) == 1 else results))
+        report.print_json(results[0] if len(results) == 1 else results)
     else:
         report.predictions_table(results)
 
@@ -354,7 +356,7 @@ def status(
 
     stages = pipeline_status(PreparedData(DataDir(data)), RunDir(artifacts), split)
     if as_json:
-        typer.echo(json.dumps([stage.to_dict() for stage in stages]))
+        report.print_json([stage.to_dict() for stage in stages])
     else:
         report.status_table(stages)
 
@@ -365,11 +367,58 @@ def status(
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the CLI; every failure is one line on stderr and an exit code (1 failure, 2 usage,
     130 Ctrl-C, 141 when the reader of stdout went away, as in `mnistsum evaluate | head`)."""
+    _degrade_unencodable_output()
+    stdout = sys.stdout
+    sys.stdout = _GuardedStdout(stdout)
     try:
-        _main(argv)
+        try:
+            _main(argv)
+        finally:
+            sys.stdout.flush()  # what is still buffered fails here, while it can be reported
     except (OutputClosed, BrokenPipeError):
         _quiet_stdout()
         sys.exit(OutputClosed.exit_code)
+    except OutputFailed as error:
+        report.error(f"cannot write to standard output: {error}")
+        _quiet_stdout()
+        sys.exit(OutputFailed.exit_code)
+    finally:
+        sys.stdout = stdout
+
+
+def _degrade_unencodable_output() -> None:
+    """Characters the terminal's encoding lacks (the bars and arrows under LC_ALL=C, where
+    Python writes ASCII) print as '?' rather than stop a command whose files are written."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+class _GuardedStdout:
+    """sys.stdout whose write errors (`> /dev/full`) raise OutputFailed, so that they are told
+    apart from errors writing the artifacts; a closed pipe stays a BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputFailed(error) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as error:
+            raise OutputFailed(error) from None
 
 
 def _quiet_stdout() -> None:

@@ -17,6 +17,10 @@ from mnistsum_cli.errors import MnistsumError
 # keeps the two in step).
 ARCHITECTURE_NAMES = ("fastnet", "fastnet-small", "fastnet-wide", "lean", "lenet", "convnet")
 
+# Seeds are 0 .. 2**32 - 1 (`prepare --seed`, `train --seed`): NumPy refuses negative seeds, and
+# each epoch's torch seed, seed * 100_003 + epoch, must stay below torch's limit of 2**64.
+MAX_SEED = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -66,7 +70,7 @@ class TrainConfig:
     max_shift: int = setting(2, "Random-shift augmentation, pixels; 0 turns it off.", min=0, max=8)
     max_rotation: float = setting(0.0, "Random-rotation augmentation, ± degrees; 0 turns it off.", min=0, max=180)
     max_zoom: float = setting(0.0, "Random scaling by 1 ± this; 0 turns it off.", min=0, max=0.5)
-    seed: int = setting(0, "Seed of weights, shuffling and augmentation.")
+    seed: int = setting(0, "Seed of weights, shuffling and augmentation.", min=0, max=MAX_SEED)
     amp: bool = setting(True, "Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU).")
     channels_last: bool = setting(True, "channels_last (NHWC) memory format.")
     compile: bool = setting(False, "torch.compile the model.")
@@ -77,10 +81,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {field.name for field in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise MnistsumError(f"unknown training settings {sorted(unknown)}")
+        """Settings read from an artifact, which its schema checked (schemas.SETTINGS)."""
         return cls(**data)
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:

@@ -31,3 +31,13 @@ def first_line(error: BaseException) -> str:
     one-line reports of errors raised by libraries."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+class OutputFailed(Exception):
+    """Writing stdout failed for another reason than a closed pipe (`> /dev/full`, a full disk
+    under `> file`): one line on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
-from mnistsum_cli.config import PRESETS, Setting, describe_preset, setting_fields
+from mnistsum_cli.config import MAX_SEED, PRESETS, Setting, describe_preset, setting_fields
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.paths import SPLITS
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
@@ -66,6 +66,8 @@ PresetOption = Annotated[
 RunSeedOption = Annotated[
     Optional[int],
     typer.Option(
+        min=0,
+        max=MAX_SEED,
         help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False
     ),
 ]

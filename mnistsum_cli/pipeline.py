@@ -16,7 +16,8 @@ from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
 from mnistsum_cli.prepared import DatasetHeader, PreparedData
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-from mnistsum_cli.store import folder_lock, read_consistently, read_json
+from mnistsum_cli.schemas import EVALUATION, MODEL_META, PLOTS_MANIFEST, TRAIN_STATE
+from mnistsum_cli.store import folder_lock, read_consistently
 from mnistsum_cli.tensorfiles import read_safetensors
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
@@ -53,6 +54,7 @@ def prepare_status(
         return StageStatus("prepare", MISSING, "run `mnistsum prepare`", artifacts)
     try:
         header = prepared.header
+        prepared.dataset  # the rows too (milliseconds): edited rows no longer match the dataset id
     except MnistsumError as error:
         return StageStatus("prepare", INVALID, str(error), artifacts)
     meta = header.meta
@@ -70,10 +72,11 @@ def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optio
     if not run_dir.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:
-        counters = read_json(run_dir.train_state, stage="train")
+        counters = TRAIN_STATE.read_json(run_dir.train_state)
         config = TrainConfig.from_dict(counters["config"])
         _, meta = read_safetensors(run_dir.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-    except (MnistsumError, KeyError, TypeError) as error:
+        MODEL_META.check(meta, run_dir.model)
+    except MnistsumError as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {
         "arch": config.arch,
@@ -100,11 +103,11 @@ def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str
     if not path.exists():
         return StageStatus("evaluate", MISSING, f"run `mnistsum evaluate --split {split}`", [str(path)])
     try:
-        metrics = read_json(path, stage="evaluate")
-        figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
-        model_sha = metrics["model"]["sha256"]
-    except (MnistsumError, KeyError, TypeError) as error:
+        metrics = EVALUATION.read_json(path)
+    except MnistsumError as error:
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
+    figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
+    model_sha = metrics["model"]["sha256"]
     if not run_dir.model.exists() or fingerprint_file(run_dir.model) != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
     if header is None or metrics.get("dataset_id") != header.dataset_id:
@@ -116,11 +119,11 @@ def plot_status(run_dir: RunDir) -> StageStatus:
     if not run_dir.plots_manifest.exists():
         return StageStatus("plot", MISSING, "run `mnistsum plot`", [str(run_dir.plots)])
     try:
-        manifest = read_json(run_dir.plots_manifest, stage="plot")
-        files = [run_dir.plots / name for name in manifest["files"]]
-        inputs = manifest["inputs"]
-    except (MnistsumError, KeyError, TypeError) as error:
+        manifest = PLOTS_MANIFEST.read_json(run_dir.plots_manifest)
+    except MnistsumError as error:
         return StageStatus("plot", INVALID, str(error), [str(run_dir.plots)])
+    files = [run_dir.plots / name for name in manifest["files"]]
+    inputs = manifest["inputs"]
     artifacts = [str(path) for path in files]
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):

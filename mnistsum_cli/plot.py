@@ -23,7 +23,8 @@ from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.mnist import Mnist  # noqa: E402
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, RunDir  # noqa: E402
 from mnistsum_cli.prepared import PreparedData  # noqa: E402
-from mnistsum_cli.store import commit, folder_lock, json_bytes, read_json, write_file  # noqa: E402
+from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
+from mnistsum_cli.store import commit, folder_lock, json_bytes, write_file  # noqa: E402
 from mnistsum_cli.tensorfiles import read_safetensors  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
@@ -118,14 +119,27 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
         path = run.evaluation(split)
         if not path.exists():
             continue
-        metrics = read_json(path, stage="evaluate")
-        if metrics.get("model", {}).get("sha256") != model_sha and not force:
+        metrics = EVALUATION.read_json(path)
+        if metrics["model"]["sha256"] != model_sha and not force:
             raise MnistsumError(
                 f"{path} evaluates another model than {run.model}: rerun `mnistsum evaluate --split {split}`"
                 " (or pass --force)"
             )
         evaluations[split] = metrics
     return evaluations
+
+
+def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]], mnist: Mnist) -> None:
+    """Every misclassified image_index points into the MNIST set of its split (the schema
+    cannot know the set's size; MNIST, loaded here, does)."""
+    for split, examples in galleries.items():
+        size = mnist.sizes[MNIST_SET_OF_SPLIT[split]]
+        outside = [example["image_index"] for example in examples if example["image_index"] >= size]
+        if outside:
+            raise MnistsumError(
+                f"{run.evaluation(split)}: misclassified image_index {outside[0]} is outside the MNIST "
+                f"{MNIST_SET_OF_SPLIT[split]} set ({size} images): rerun `mnistsum evaluate --split {split}`"
+            )
 
 
 def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
@@ -137,25 +151,25 @@ def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = No
 
 
 def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Path]:
-    history = read_json(run.history, stage="train")
+    history = HISTORY.read_json(run.history)
     _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-    if history.get("run_id") != model_meta.get("run_id") and not force:
+    MODEL_META.check(model_meta, run.model)
+    if history["run_id"] != model_meta["run_id"] and not force:
         raise MnistsumError(
             f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --force)"
         )
-    if not history.get("epochs"):
-        raise MnistsumError(f"{run.history} has no epochs: rerun `mnistsum train`")
     evaluations = current_evaluations(run, model_meta, force)
     galleries, mnist = {}, None
     if prepared is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
         if galleries:
             mnist = prepared.mnist
+            check_gallery_indices(run, galleries, mnist)
     inputs = plot_inputs(run)
 
     figures: dict[str, plt.Figure] = {}
     try:
-        draw_all(figures, history, model_meta.get("arch", "?"), evaluations, galleries, mnist)
+        draw_all(figures, history, model_meta["arch"], evaluations, galleries, mnist)
         with commit(run.root, "plot", "--artifacts") as change:
             staging = change.folder_of(run.plots)
             for name, figure in figures.items():

@@ -6,6 +6,9 @@ kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pi
 
 from __future__ import annotations
 
+import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Optional, Union
 
@@ -25,53 +28,77 @@ BOX = 20  # the longer side of the ink
 CENTRE = 14  # where the ink's centre of mass goes, in pixel indices (as in MNIST)
 MIN_CONTRAST = 0.05  # the least max - min grey (of 1) that can be a digit rather than noise
 INK_THRESHOLD = 0.1  # ink bounding box: pixels above this fraction of the strongest ink
+# The largest image read: 16.8 MP holds a 12 MP phone photo; a digit needs far less, and a
+# larger image (PIL's warning starts at 89 MP) costs gigabytes to decode.
+MAX_PIXELS = 4096 * 4096
+MAX_PIXELS_TEXT = "4096 x 4096"
 
 
-def load_image(
-    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None,
-    max_pixels: Optional[int] = None,
-) -> np.ndarray:
-    """Read an image (a file, or an open binary stream such as an upload) as greyscale float32
-    [H, W] in [0, 1], transparency composited onto white. `name` names it in errors (default:
-    the path); `formats` limits the decoders tried; `max_pixels` refuses larger images from their
-    header, before any pixel is decoded. Animated images are refused: which frame would be meant?"""
-    name = str(source) if name is None else name
+def open_image(file: BinaryIO, name: str, formats: Optional[tuple[str, ...]] = None) -> Image.Image:
+    """Decode an image from an open file (on disk or uploaded), refusing what is not an image,
+    an animated image (which frame would be meant?) or one larger than MAX_PIXELS before
+    decoding it; the EXIF rotation is applied. `formats` limits the decoders tried; errors name
+    `name`. The one place that decides which images are read."""
+    too_large = f"{name}: over {MAX_PIXELS_TEXT} pixels, far more than a digit needs: scale it down"
     try:
-        with Image.open(source, formats=formats) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
-                raise MnistsumError(f"{name}: {image.width} x {image.height} pixels is over the limit of {max_pixels:,}")
-            if getattr(image, "n_frames", 1) > 1:
-                raise MnistsumError(f"{name}: an animated image ({image.n_frames} frames); give a single picture")
-            image = ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
-            if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
-                return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
-    except FileNotFoundError:
-        raise MnistsumError(f"{name}: no such file") from None
-    except PermissionError:
-        raise MnistsumError(f"{name}: permission denied") from None
-    except IsADirectoryError:
-        raise MnistsumError(f"{name}: is a folder, not an image") from None
+        with warnings.catch_warnings():  # PIL warns above 89 MP: the limit below speaks instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file, formats=formats)
+        width, height = image.size  # from the header: nothing is decoded yet
+        if width * height > MAX_PIXELS:
+            raise MnistsumError(f"{too_large} ({width} x {height})")
+        if getattr(image, "n_frames", 1) > 1:
+            raise MnistsumError(f"{name}: an animated image ({image.n_frames} frames); give a single picture")
+        image.load()
+        return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
     except UnidentifiedImageError:
         raise MnistsumError(f"{name}: not an image (expected PNG or JPEG)") from None
-    except Image.DecompressionBombError:
-        raise MnistsumError(f"{name}: image too large to read safely") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except Image.DecompressionBombError:  # PIL's own limit, above 179 MP, refuses in Image.open
+        raise MnistsumError(too_large) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise MnistsumError(f"{name}: cannot read image ({str(error).strip() or type(error).__name__})") from None
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read an image file as greyscale float32 [H, W] in [0, 1]. Only a regular file: a FIFO
+    or a device would block or never end (it is opened without blocking, then checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise MnistsumError(f"{path}: no such file") from None
+    except PermissionError:
+        raise MnistsumError(f"{path}: permission denied") from None
+    except OSError as error:
+        raise MnistsumError(f"{path}: cannot open ({error.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "is a folder" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+        raise MnistsumError(f"{path}: {kind}, not an image")
+    with os.fdopen(fd, "rb") as file, open_image(file, str(path)) as image:
+        return greyscale(image)
+
+
+def greyscale(image: Image.Image) -> np.ndarray:
+    """Any PIL image → greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
+    if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
+        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     grey = Image.alpha_composite(white, rgba).convert("L")
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 
-def prepare_image(
-    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None,
-    max_pixels: Optional[int] = None,
-) -> np.ndarray:
+def prepare_image(source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None) -> np.ndarray:
     """An image file or stream as the model's uint8 [28, 28] input: what `predict` and `serve`
     both feed the model, so the page shows exactly what the command line would see. Errors
-    name the image (see load_image)."""
-    name = str(source) if name is None else name
-    grey = load_image(source, name, formats, max_pixels)
+    name the image (`name`, default the path)."""
+    if isinstance(source, Path):
+        name, grey = name or str(source), load_image(source)
+    else:
+        name = name or "image"
+        with open_image(source, name, formats) as image:
+            grey = greyscale(image)
     try:
         return to_mnist(grey)
     except MnistsumError as error:

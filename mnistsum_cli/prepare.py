@@ -9,7 +9,7 @@ if TYPE_CHECKING:  # numpy loads where it is used: the CLI starts without it
     import numpy as np
 
 from mnistsum_cli import __version__
-from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.errors import BadOption
 from mnistsum_cli.fingerprints import dataset_fingerprint, now_iso
 from mnistsum_cli.mnist import Mnist
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLITS, DataDir
@@ -42,9 +42,7 @@ def build_splits(mnist: Mnist, options: PrepareOptions) -> dict[str, dict[str, n
 
     n_train = mnist.sizes["train"]
     if options.val_size >= n_train:
-        raise MnistsumError(
-            f"--val-size {options.val_size} leaves no training images: MNIST train has {n_train}"
-        )
+        raise BadOption(f"--val-size {options.val_size} leaves no training images: MNIST train has {n_train}")
     rng = np.random.default_rng(options.seed)
     train_order = rng.permutation(n_train)
     indices = {

@@ -8,7 +8,6 @@ stage needs them (`dataset`, `mnist`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Optional
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.mnist import Mnist, MnistSource, file_stamps, load_mnist, resolve_source
 from mnistsum_cli.paths import SPLITS, DataDir
-from mnistsum_cli.splits import METADATA_KEY, SPLIT_META_KEYS, Dataset, read_dataset, split_schema
+from mnistsum_cli.splits import Dataset, read_dataset, split_metadata, split_schema
 from mnistsum_cli.store import read_consistently
 
 
@@ -48,6 +47,8 @@ def _read_header(folder: DataDir) -> DatasetHeader:
         path = folder.split(name)
         if not path.exists():
             raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
+        if not path.is_file():
+            raise MnistsumError(f"{path} is not a file (a folder or a device): {rerun}")
         try:
             parquet = pq.ParquetFile(path)
             schema, rows[name] = parquet.schema_arrow, parquet.metadata.num_rows
@@ -55,12 +56,7 @@ def _read_header(folder: DataDir) -> DatasetHeader:
             raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
         if not schema.remove_metadata().equals(split_schema()):
             raise MnistsumError(f"{path} does not have the columns of a split: {rerun}")
-        try:
-            metas[name] = json.loads((schema.metadata or {})[METADATA_KEY])
-            if not all(isinstance(metas[name].get(key), str) for key in SPLIT_META_KEYS):
-                raise KeyError
-        except (KeyError, TypeError, ValueError):
-            raise MnistsumError(f"{path} lacks mnistsum metadata: {rerun}") from None
+        metas[name] = split_metadata(schema, path)
         if metas[name]["split"] != name:
             raise MnistsumError(f"{path} holds the {metas[name]['split']!r} split, not {name!r}: {rerun}")
     if len({meta["dataset_id"] for meta in metas.values()}) != 1:
@@ -69,12 +65,20 @@ def _read_header(folder: DataDir) -> DatasetHeader:
 
 
 def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:
-    """Refuse MNIST files other than the ones `prepare` read."""
+    """Refuse MNIST files other than the ones `prepare` read, and set sizes other than these
+    files' (read_split checked each image_index against the recorded sizes: so every row
+    points into MNIST)."""
     expected = dataset.meta["mnist_fingerprint"]
     if mnist.fingerprint != expected:
         raise MnistsumError(
             f"MNIST in {mnist.root} (fingerprint {mnist.fingerprint}) is not the MNIST the dataset "
             f"was prepared from ({dataset.meta['mnist_root']}, {expected}): rerun `mnistsum prepare`"
+        )
+    recorded = dataset.meta["mnist_sizes"]
+    if recorded != mnist.sizes:
+        raise MnistsumError(
+            f"the dataset records MNIST set sizes {recorded}, but MNIST in {mnist.root} has {mnist.sizes}: "
+            "rerun `mnistsum prepare`"
         )
 
 

@@ -45,11 +45,37 @@ error_console = Console(stderr=True, highlight=False)
 
 def error(message: str) -> None:
     """One line on stderr, never wrapped."""
-    error_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(printable(message))}", soft_wrap=True)
 
 
 def notice(message: str) -> None:
-    error_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+    error_console.print(f"[yellow]note:[/] {escape(printable(message))}", soft_wrap=True)
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: the bytes of a file name that are not UTF-8 (Python holds them as
+    lone surrogates, which no UTF-8 output or JSON reader accepts) shown as \\xNN."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def print_json(data: Any) -> None:
+    """`data` as one line of JSON on stdout, every string valid Unicode (see printable)."""
+    import json
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return printable(value)
+        if isinstance(value, dict):
+            return {clean(key): clean(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(item) for item in value]
+        return value
+
+    print(json.dumps(clean(data)), flush=True)
 
 
 def warning(message: str) -> None:
@@ -83,11 +109,11 @@ def prepare_summary(columns: Mapping[str, Mapping[str, np.ndarray]], folder: Dat
 
 
 def histogram(values: np.ndarray, bins: int) -> str:
-    """A one-line bar chart of the counts of 0..bins-1."""
+    """A one-line bar chart of the counts of 0..bins-1 (in ASCII where stdout is not Unicode)."""
     import numpy as np
 
     counts = np.bincount(values.astype(np.int64), minlength=bins)
-    blocks = " ▁▂▃▄▅▆▇█"
+    blocks = " ▁▂▃▄▅▆▇█" if console.encoding.startswith("utf") else " .:-=+*#@"
     top = counts.max() or 1
     return "".join(blocks[int(round(8 * count / top))] for count in counts)
 
@@ -211,7 +237,7 @@ def evaluation_summary(metrics: dict[str, Any], path: Path) -> None:
     per_digit.add_row(*(f"{100 * v:.1f}" for v in metrics["per_digit_accuracy"].values()))
     console.print(per_digit)
     console.print(confusion_table("digit confusion (rows: true, columns: predicted)", metrics["digit_confusion"]))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {escape(printable(str(path)))}")
 
 
 def confusion_table(title: str, matrix: list[list[int]]) -> Table:
@@ -227,7 +253,7 @@ def confusion_table(title: str, matrix: list[list[int]]) -> Table:
 
 def written(paths: list[Path]) -> None:
     for path in paths:
-        console.print(f"wrote {path}", soft_wrap=True)
+        console.print(f"wrote {escape(printable(str(path)))}", soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- predict
@@ -245,7 +271,7 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
             digit += f" (true {result['true_digit']})"
             total += f" (true {result['true_sum']})"
         table.add_row(
-            escape(where), str(result["number"]), digit, percent(result["digit_confidence"]),
+            escape(printable(where)), str(result["number"]), digit, percent(result["digit_confidence"]),
             total, percent(result["sum_confidence"]),
         )
     console.print(table)
@@ -279,7 +305,7 @@ def status_table(stages: list[StageStatus]) -> None:
         table.add_column(column)
     for stage in stages:
         style = styles.get(stage.state, "red")
-        table.add_row(stage.stage, f"[{style}]{stage.state}[/]", escape(stage.detail), escape(figures_text(stage.figures)))
+        table.add_row(stage.stage, f"[{style}]{stage.state}[/]", escape(printable(stage.detail)), escape(figures_text(stage.figures)))
     console.print(table)
 
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from mnistsum_cli.config import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.errors import Interrupted, MnistsumError
 from mnistsum_cli.paths import DEFAULT_ARTIFACTS, RunDir
+from mnistsum_cli.schemas import TRAIN_STATE
 from mnistsum_cli.setaside import aside_folder
-from mnistsum_cli.store import folder_lock, read_json
+from mnistsum_cli.store import folder_lock
 
 if TYPE_CHECKING:  # torch loads only when training starts
     import torch
@@ -44,15 +45,12 @@ def saved_run(run: RunDir) -> Optional[SavedRun]:
     if not run.train_state.exists():
         return None
     try:
-        state = read_json(run.train_state, stage="train")
-        return SavedRun(
-            run_id=str(state["run_id"]),
-            config=TrainConfig.from_dict(state["config"]),
-            epoch=int(state["epoch"]),
-            best_epoch=int(state["best_epoch"]),
-        )
-    except (MnistsumError, KeyError, TypeError, ValueError):
+        state = TRAIN_STATE.read_json(run.train_state)
+    except MnistsumError:
         return None
+    return SavedRun(
+        run_id=state["run_id"], config=TrainConfig.from_dict(state["config"]), epoch=state["epoch"], best_epoch=state["best_epoch"]
+    )
 
 
 def choose_config(

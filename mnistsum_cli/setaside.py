@@ -37,7 +37,7 @@ def _run_id_on_disk(run: RunDir) -> str:
     for path in (run.train_state, run.history, run.config):
         try:
             run_id = json.loads(path.read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(run_id, str) and run_id.isalnum():
             return run_id

@@ -6,9 +6,11 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.fingerprints import dataset_fingerprint
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLIT_COLUMNS, SPLITS, DataDir
 from mnistsum_cli.store import read_consistently
 
@@ -17,7 +19,6 @@ if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the 
     import pyarrow as pa
 
 METADATA_KEY = b"mnistsum"
-SPLIT_META_KEYS = ("split", "dataset_id", "mnist_fingerprint", "mnist_root")
 
 
 @functools.cache
@@ -83,20 +84,17 @@ def read_split(data: DataDir, name: str) -> Split:
     rerun = "rerun `mnistsum prepare`"
     if not path.exists():
         raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
+    if not path.is_file():
+        raise MnistsumError(f"{path} is not a file (a folder or a device): {rerun}")
     try:
         table = pq.read_table(path)
-        columns_found = ", ".join(f"{field.name}: {field.type}" for field in table.schema)
+        columns_found = _schema_text(table.schema)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
     if not table.schema.remove_metadata().equals(split_schema()):
-        raise MnistsumError(f"{path} has columns {columns_found}; expected {_schema_text()}: {rerun}")
-    try:
-        meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
-        mnist_size = int(meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]])
-        if not all(isinstance(meta.get(key), str) for key in SPLIT_META_KEYS):
-            raise KeyError
-    except (KeyError, TypeError, ValueError):
-        raise MnistsumError(f"{path} lacks mnistsum metadata: {rerun}") from None
+        raise MnistsumError(f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}")
+    meta = split_metadata(table.schema, path)
+    mnist_size = meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]]
     if meta.get("split") != name:
         raise MnistsumError(f"{path} holds the {meta.get('split')!r} split, not {name!r}: {rerun}")
     if table.num_rows == 0:
@@ -132,8 +130,23 @@ def _read_three(data: DataDir) -> Dataset:
         raise MnistsumError(
             f"{data.root} mixes splits of different `prepare` runs: rerun `mnistsum prepare`"
         )
+    columns = {name: {col: getattr(split, col) for col in SPLIT_COLUMNS} for name, split in splits.items()}
+    if dataset_fingerprint(columns, splits["train"].meta["mnist_fingerprint"]) != ids.pop():
+        raise MnistsumError(f"{data.root}: the rows are not the ones `prepare` recorded (dataset id): rerun `mnistsum prepare`")
     return Dataset(splits=splits)
 
 
-def _schema_text() -> str:
-    return ", ".join(f"{field.name}: {field.type}" for field in split_schema())
+def split_metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
+    """`prepare`'s metadata in a split's Parquet schema, checked against its schema."""
+    from mnistsum_cli.schemas import SPLIT_META  # schemas reads this module's constants
+
+    try:
+        meta = json.loads((schema.metadata or {})[METADATA_KEY])
+    except (KeyError, ValueError, RecursionError):
+        raise MnistsumError(f"{path} lacks mnistsum metadata: rerun `mnistsum prepare`") from None
+    return SPLIT_META.check(meta, f"{path} metadata")
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    """Columns as 'name: type', with nullability when a column allows nulls (the split's never do)."""
+    return ", ".join(f"{field.name}: {field.type}{' (nullable)' if field.nullable else ''}" for field in schema)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import MnistsumError, first_line
 
 LOCK = ".mnistsum-lock"
 JOURNAL = ".mnistsum-journal.json"
@@ -330,8 +330,8 @@ def read_json(path: Path, stage: str) -> Any:
         raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MnistsumError(f"{path} is unreadable ({error}): rerun `mnistsum {stage}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+        raise MnistsumError(f"{path} is unreadable ({first_line(error)}): rerun `mnistsum {stage}`") from None
 
 
 # --------------------------------------------------------------------------- Ctrl-C

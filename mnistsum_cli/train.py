@@ -74,9 +74,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def batching(rows: int, config: TrainConfig) -> tuple[int, int]:
     """(batch size, steps per epoch): fixed-size batches; the remainder of a permutation waits
     for another epoch. A split smaller than one batch is one batch."""
+    if rows < 2:
+        raise BadOption(
+            f"the training split has {rows} row{'s' if rows != 1 else ''}; training needs 2 or more (BatchNorm): "
+            "rerun `mnistsum prepare` with a smaller --val-size or a larger --limit (or none)"
+        )
     batch_size = min(config.batch_size, rows)
     if batch_size < 2:
-        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size or --limit")
+        raise BadOption("training needs batches of 2 rows or more (BatchNorm): raise --batch-size")
     return batch_size, rows // batch_size
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
@@ -29,6 +34,7 @@ def _commands() -> list[str]:
 COMMANDS = _commands()
 assert {"prepare", "train", "evaluate", "plot"} <= set(COMMANDS), COMMANDS
 ARTIFACTS = ["model.safetensors", "checkpoint.safetensors", "history.json", "train_state.json", "config.json"]
+REPO = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -283,6 +289,167 @@ def test_garbage_history(workdir: Path, run_cli) -> None:
     assert "mnistsum train" in assert_one_line_error(err, out)
 
 
+@pytest.mark.parametrize("name", ["history.json", "train_state.json"])
+def test_resume_with_a_json_file_holding_an_array(workdir: Path, run_cli, name: str) -> None:
+    path = workdir / "artifacts" / name
+    path.write_text(json.dumps([json.loads(path.read_text())]))
+    before = snapshot(workdir)
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{name} holds a list, expected an object" in line and "mnistsum train" in line
+    assert snapshot(workdir) == before
+
+
+def test_resume_with_a_misshapen_checkpoint_tensor(fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch) -> None:
+    """An interrupted run (a complete one has nothing to resume) whose checkpoint is damaged."""
+    from safetensors.torch import load_file, save_file
+
+    assert run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)[0] == 0
+    ctrl_c_after_epoch()
+    assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)[0] == 130
+    ctrl_c_after_epoch(False)
+    path = in_tmp / "artifacts" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(path))
+    name = next(name for name in tensors if name.startswith("model.") and name.endswith(".weight"))
+    tensors[name] = torch.zeros(3)
+    save_file(tensors, str(path), metadata=meta)
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "checkpoint.safetensors does not fit architecture" in line and "size mismatch" in line
+
+
+def _rewrite_model_metadata(path: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    edit(meta)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+
+
+def test_status_on_model_metadata_without_epoch(workdir: Path, run_cli) -> None:
+    _rewrite_model_metadata(workdir / "artifacts" / "model.safetensors", lambda meta: meta.pop("epoch"))
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    train = {stage["stage"]: stage for stage in json.loads(out)}["train"]
+    assert train["state"] == "invalid" and "epoch is missing" in train["detail"]
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    assert "model.safetensors: epoch is missing" in assert_one_line_error(err, out)
+
+
+def _rewrite_splits(data: Path, edit) -> None:
+    """Rewrite each split's metadata (and rows) with edit(split, columns, meta), keeping its schema."""
+    for split in ("train", "val", "test"):
+        table = pq.read_table(data / f"{split}.parquet")
+        columns = {name: table.column(name).to_numpy().copy() for name in table.schema.names}
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+        edit(split, columns, meta)
+        schema = table.schema.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+        pq.write_table(pa.table(columns, schema=schema), data / f"{split}.parquet")
+
+
+PAST_MNIST = {
+    "train": ["train", "--preset", "cpu", "--cpu", "--epochs", "1"],
+    "evaluate": ["evaluate", "--cpu"],
+    "predict": ["predict", "--index", "0", "--cpu"],
+    "plot": ["plot"],
+}
+
+
+@pytest.mark.parametrize("command", PAST_MNIST, ids=list(PAST_MNIST))
+def test_recorded_mnist_sizes_raised(workdir: Path, run_cli, command: str) -> None:
+    """Metadata claiming larger MNIST sets than the files it was prepared from: refused where
+    MNIST is loaded, before any image_index is looked up."""
+    _rewrite_splits(workdir / "data", lambda split, columns, meta: meta.update(mnist_sizes={"train": 500, "test": 500}))
+    before = snapshot(workdir / "artifacts")
+    code, out, err = run_cli(*PAST_MNIST[command])
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "MNIST set sizes" in line and "mnistsum prepare" in line
+    assert snapshot(workdir / "artifacts") == before
+
+
+@pytest.mark.parametrize("command", [*PAST_MNIST, "status"], ids=[*PAST_MNIST, "status"])
+def test_image_index_past_mnist_with_raised_sizes(workdir: Path, run_cli, command: str) -> None:
+    """Rows pointing past MNIST, with sizes raised to let them pass: every reader, `status`
+    included, sees that the rows are not the ones prepare recorded."""
+
+    def past(split, columns, meta):
+        meta.update(mnist_sizes={"train": 500, "test": 500})
+        columns["image_index"][-1] = 450
+
+    _rewrite_splits(workdir / "data", past)
+    if command == "status":
+        code, out, err = run_cli("status", "--json")
+        assert code == 0, err
+        prepare = json.loads(out)[0]
+        assert prepare["state"] == "invalid" and "dataset id" in prepare["detail"]
+        return
+    code, out, err = run_cli(*PAST_MNIST[command])
+    assert code == 1
+    assert "dataset id" in assert_one_line_error(err, out)
+
+
+def test_run_on_metadata_with_a_seed_that_is_text(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
+    """Damaged metadata is an invalid dataset: `run` says so and prepares it again."""
+    _rewrite_splits(workdir / "data", lambda split, columns, meta: meta.update(seed="zero"))
+    code, out, err = run_cli("status", "--json")
+    assert "seed is 'zero'" in json.loads(out)[0]["detail"]
+    code, out, err = run_cli("run", "--cpu", "--val-size", VAL_SIZE, "--epochs", 1, "--mnist-dir", fake_mnist.root)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "prepare: invalid" in err and "seed is 'zero'" in err
+    assert json.loads(pq.read_schema(workdir / "data" / "train.parquet").metadata[METADATA_KEY])["seed"] == 0
+
+
+# --------------------------------------------------------------------------- output that cannot take everything
+
+
+def test_status_json_with_a_folder_name_that_is_not_utf8(in_tmp: Path, run_cli) -> None:
+    folder = os.fsdecode(b"run-\xff")
+    code, out, err = run_cli("status", "--artifacts", folder, "--json")
+    assert code == 0, err
+    out.encode("utf-8")
+    assert any("run-\\xff" in artifact for stage in json.loads(out) for artifact in stage["artifacts"])
+
+
+def _mnistsum(*args: object, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI in a child process (for what a real stdout does: its encoding, a full device)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mnistsum_cli", *map(str, args)],
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
+        timeout=300,
+    )  # fmt: skip
+
+
+ASCII_ONLY = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
+
+
+def test_ascii_only_stdout(workdir: Path, fake_mnist: FakeMnist) -> None:
+    """Under LC_ALL=C Python writes ASCII: the histograms, arrows and rules degrade, nothing fails."""
+    for args in (["prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE], ["evaluate", "--cpu"], ["status"]):
+        done = _mnistsum(*args, env=ASCII_ONLY, cwd=workdir)
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"Traceback" not in done.stderr
+        assert done.stdout.isascii()
+        assert b"wrote" in done.stdout or args[0] == "status"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["status", "--json"], ["evaluate", "--cpu"]], ids=["status --json", "evaluate"])
+def test_stdout_on_a_full_device(workdir: Path, args: list[str]) -> None:
+    with open("/dev/full", "wb") as full:
+        done = _mnistsum(*args, cwd=workdir, stdout=full, stderr=subprocess.PIPE)
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    assert err.strip() == "error: cannot write to standard output: No space left on device", err
+
+
 # --------------------------------------------------------------------------- devices
 
 
@@ -338,6 +505,11 @@ BAD_VALUES = [
     ["prepare", "--limit", "0"],
     ["prepare", "--limit", "-5"],
     ["prepare", "--seed", "zero"],
+    ["prepare", "--seed", "-1"],
+    ["prepare", "--seed", "4294967296"],
+    ["train", "--seed", "99999999999999999999999"],
+    ["train", "--seed", "-1"],
+    ["run", "--seed", "-1"],
     ["evaluate", "--split", "validation"],
     ["evaluate", "--split", "nope", "--json"],
     ["status", "--split", "nope"],
@@ -358,14 +530,15 @@ def test_bad_option_values(workdir: Path, fake_mnist: FakeMnist, run_cli, args: 
     assert snapshot(workdir) == before, "a refused command changed existing files"
 
 
-def test_batchnorm_model_on_a_one_row_split(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
-    """--limit 1 gives batches of one row; an architecture with BatchNorm1d (convnet) cannot
-    train on those: that must be a one-line error (or work), never a traceback."""
+def test_one_training_row_names_the_prepare_options(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    """--limit 1 leaves one training row, too few for BatchNorm whatever the batch size: the
+    advice names the prepare options that fix it, not --batch-size."""
     code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--limit", 1)
     assert code == 0, err
     code, out, err = run_cli("train", "--arch", "convnet", "--cpu", "--epochs", 1)
-    if code != 0:
-        assert_one_line_error(err, out)
+    assert code == 2
+    line = assert_one_line_error(err, out)
+    assert "1 row" in line and "--val-size" in line and "--limit" in line and "--batch-size" not in line
 
 
 def test_resume_refuses_changed_settings(workdir: Path, run_cli) -> None:
@@ -386,7 +559,7 @@ def test_resume_of_a_finished_run_changes_no_weights(workdir: Path, run_cli) -> 
 def test_val_size_too_large_keeps_existing_data(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
     before = snapshot(workdir)
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", 400)
-    assert code == 1
+    assert code == 2
     assert "--val-size" in assert_one_line_error(err, out)
     assert snapshot(workdir) == before
 

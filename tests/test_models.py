@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import model_metadata
 from mnistsum_cli.checkpoint import load_model, save_model
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.data import normalise
@@ -90,7 +91,7 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
         expected = model(images, numbers)
 
     path = tmp_path / "model.safetensors"
-    save_model(path, model, {"arch": arch, "epoch": 1, "dataset_id": "abc"})
+    save_model(path, model, model_metadata(arch))
     loaded, meta = load_model(path, torch.device("cpu"))
     assert meta["arch"] == arch and meta["epoch"] == 1 and meta["dataset_id"] == "abc"
     assert meta["format"] == MODEL_FORMAT
@@ -109,15 +110,15 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
 
 def test_load_model_refuses_weights_of_another_arch(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
-    save_model(path, build_model("fastnet-small"), {"arch": "lenet"})
-    with pytest.raises(MnistsumError, match="mnistsum train"):
+    save_model(path, build_model("fastnet-small"), model_metadata("lenet"))
+    with pytest.raises(MnistsumError, match="does not fit architecture 'lenet'.*mnistsum train"):
         load_model(path, torch.device("cpu"))
 
 
 def test_load_model_refuses_unknown_arch(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
-    save_model(path, build_model("fastnet-small"), {"arch": "no-such-arch"})
-    with pytest.raises(MnistsumError):
+    save_model(path, build_model("fastnet-small"), model_metadata("no-such-arch"))
+    with pytest.raises(MnistsumError, match="arch is 'no-such-arch', expected one of fastnet"):
         load_model(path, torch.device("cpu"))
 
 

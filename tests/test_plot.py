@@ -136,3 +136,68 @@ def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pyte
         reporter.epoch_end({**record, "seconds": 1.0})
         assert "epoch 2/3" in screen.getvalue()
         assert len(reporter.progress.tasks) == 1  # the run line stays for epoch 3
+
+
+# --------------------------------------------------------------------------- damaged inputs: one line
+
+
+def _edit_json(path: Path, edit) -> None:
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def _set(*keys, value=None):
+    """An edit that sets (value given) or removes (no value) the field at keys; returns the document."""
+
+    def edit(document):
+        inner = document
+        for key in keys[:-1]:
+            inner = inner[key]
+        if value is None:
+            del inner[keys[-1]]
+        else:
+            inner[keys[-1]] = value
+        return document
+
+    return edit
+
+
+HISTORY_DAMAGE = {
+    "no epoch": _set("epochs", 0, "epoch"),
+    "no train_digit_loss": _set("epochs", 0, "train_digit_loss"),
+    "no best_epoch": _set("best_epoch"),
+    "epochs not a list": _set("epochs", value={"1": {}}),
+    "string values": _set("epochs", 0, "val_sum_accuracy", value="0.9"),
+    "top-level array": lambda history: [history],
+}
+
+
+@pytest.mark.parametrize("damage", HISTORY_DAMAGE, ids=list(HISTORY_DAMAGE))
+def test_plot_on_a_damaged_history(workdir: Path, run_cli, damage: str) -> None:
+    artifacts = workdir / "artifacts"
+    _edit_json(artifacts / "history.json", HISTORY_DAMAGE[damage])
+    code, out, err = run_cli("plot")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "history.json" in line and "rerun `mnistsum train`" in line
+    assert not (artifacts / "plots").exists()
+
+
+EVALUATION_DAMAGE = {
+    "no digit_confusion": (_set("digit_confusion"), "digit_confusion is missing"),
+    "ragged confusion": (_set("digit_confusion", 3, value=[0] * 9), "digit_confusion[3] has 9 entries, expected 10"),
+    "model null": (lambda metrics: {**metrics, "model": None}, "model is None, expected an object"),
+    "image_index past MNIST": (_set("misclassified", 0, "image_index", value=60_000), "image_index 60000 is outside the MNIST test set"),
+}
+
+
+@pytest.mark.parametrize("damage", EVALUATION_DAMAGE, ids=list(EVALUATION_DAMAGE))
+def test_plot_on_a_damaged_evaluation(workdir: Path, run_cli, damage: str) -> None:
+    artifacts = workdir / "artifacts"
+    edit, problem = EVALUATION_DAMAGE[damage]
+    assert json.loads((artifacts / "evaluation_test.json").read_text())["misclassified"], "the gallery case needs a wrong row"
+    _edit_json(artifacts / "evaluation_test.json", edit)
+    code, out, err = run_cli("plot")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "evaluation_test.json" in line and problem in line and "mnistsum evaluate" in line
+    assert not (artifacts / "plots").exists()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import struct
+import warnings
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -12,9 +17,10 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from conftest import PNG_MAGIC, assert_one_line_error
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.models import build_model
-from mnistsum_cli.predict import load_image, predict_digits, to_mnist
+from mnistsum_cli.predict import MAX_PIXELS, load_image, predict_digits, to_mnist
 
 # A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
 SEVEN = [(0.1, 0.05), (0.9, 0.05), (0.45, 0.95)]
@@ -317,3 +323,75 @@ def test_predict_digits_rejects_numbers_out_of_range() -> None:
     images = torch.zeros((2, 28, 28), dtype=torch.uint8)
     with pytest.raises(MnistsumError, match="0-9"):
         predict_digits(build_model("fastnet-small"), images, torch.tensor([3, 10]), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- what is not a plain, sane image file
+
+
+@pytest.fixture
+def no_hang():
+    """Fail (rather than hang the suite) if the test blocks for 20 s."""
+
+    def timeout(signum, frame):
+        raise TimeoutError("blocked")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path, no_hang) -> None:
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    with pytest.raises(MnistsumError, match=r"digit.png: not a regular file \(a pipe or a device\), not an image$"):
+        load_image(fifo)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of width x height, all black: a few kB that decode to width*height pixels."""
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return PNG_MAGIC + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(13_000, 13_000), (4097, 4096), (8193, 2049)])
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path, width: int, height: int) -> None:
+    path = _write(tmp_path / "huge.png", _png_header_only(width, height))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(MnistsumError, match=rf"huge.png: over 4096 x 4096 pixels.*\({width} x {height}\)"):
+            load_image(path)
+    assert not caught, [str(warning.message) for warning in caught]
+
+
+def test_an_image_at_the_pixel_limit_is_read(tmp_path: Path) -> None:
+    assert MAX_PIXELS == 4096 * 4096
+    assert load_image(_write(tmp_path / "big.png", _png_header_only(4096, 4096))).shape == (4096, 4096)
+
+
+def test_predict_on_a_decompression_bomb(workdir: Path, run_cli) -> None:
+    _write(workdir / "bomb.png", _png_header_only(13_000, 13_000))
+    code, out, err = run_cli("predict", "bomb.png", "--number", 3, "--cpu")
+    assert code == 1
+    assert "over 4096 x 4096 pixels" in assert_one_line_error(err, out)
+    assert "DecompressionBomb" not in err
+
+
+def test_file_names_that_are_not_utf8_in_json(workdir: Path, run_cli) -> None:
+    name = os.fsdecode(b"caf\xe9 7.png")  # Latin-1 bytes: Python holds the \xe9 as a lone surrogate
+    _save(_rgb_black_on_white(), workdir / name)
+    code, out, err = run_cli("predict", name, "--number", 3, "--json", "--cpu")
+    assert code == 0, err
+    out.encode("utf-8")  # no lone surrogate escapes into the output
+    assert "\\udc" not in out
+    assert json.loads(out)["image"] == "caf\\xe9 7.png"
+    code, out, err = run_cli("predict", name, "--number", 3, "--cpu")
+    assert code == 0, err
+    assert "caf\\xe9 7.png" in out

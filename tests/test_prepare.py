@@ -181,8 +181,9 @@ def test_cli_limit_and_seed(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> Non
 
 
 def test_cli_val_size_too_large(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
+    """A bad option value: a usage error (exit 2), as README says, though MNIST is read first."""
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", 400)
-    assert code == 1
+    assert code == 2
     line = assert_one_line_error(err, out)
     assert "--val-size" in line
     assert not (in_tmp / "data" / "train.parquet").exists()

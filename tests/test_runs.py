@@ -104,6 +104,20 @@ def test_set_aside_moves_the_whole_run_in_one_commit(workdir: Path) -> None:
     assert aside_folder(run) is None, "nothing left to keep"
 
 
+def test_set_aside_a_run_whose_json_files_are_unreadable(tmp_path: Path) -> None:
+    """Damaged JSON (a list, nesting past the parser's limit) names no run id: the run is kept
+    under a time stamp rather than stopping the new run with a traceback."""
+    run = RunDir(tmp_path / "artifacts")
+    run.root.mkdir()
+    run.train_state.write_text("[" * 100_000 + "]" * 100_000)
+    run.history.write_text("[1, 2]")
+    kept = aside_folder(run)
+    assert kept is not None and kept.name.startswith("unknown-")
+    with commit(run.root) as change:
+        set_aside(change, run, kept)
+    assert sorted(path.name for path in kept.iterdir()) == ["history.json", "train_state.json"]
+
+
 # --------------------------------------------------------------------------- the preset fits the device
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import assert_one_line_error, publish_model, snapshot
+from conftest import assert_one_line_error, model_metadata, publish_model, snapshot
 from mnistsum_cli.checkpoint import save_model
 from mnistsum_cli.fingerprints import fingerprint_file
 from mnistsum_cli.models import build_model
@@ -31,7 +31,7 @@ from mnistsum_cli.store import write_json
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli.serve import MAX_BODY, MAX_PIXELS, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli.serve import MAX_BODY, ModelFollower, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -40,7 +40,7 @@ CPU = torch.device("cpu")
 def write_model(run: RunDir, run_id: str, seed: int) -> None:
     """An untrained lean model (random weights from `seed`) saved as `train` saves one."""
     torch.manual_seed(seed)
-    save_model(run.model, build_model("lean"), {"arch": "lean", "run_id": run_id, "epoch": 2, "dataset_id": "d0"})
+    save_model(run.model, build_model("lean"), model_metadata("lean", run_id, epoch=2))
 
 
 @pytest.fixture
@@ -210,8 +210,8 @@ REFUSED = {
     "animated gif": (lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}), 422, "PNG or JPEG"),
     "animated png": (lambda: ("/api/predict?number=1", animated("PNG"), PNG), 422, "animated"),
     "empty canvas": (lambda: ("/api/predict?number=1", blank_png(), PNG), 422, "blank"),
-    "over pixel limit": (lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG), 422, f"limit of {MAX_PIXELS:,}"),
-    "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "too large"),
+    "over pixel limit": (lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG), 422, "over 4096 x 4096 pixels"),
+    "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "over 4096 x 4096 pixels"),
     "text body": (lambda: ("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
     "bad json": (lambda: ("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
     "json list": (lambda: ("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),

@@ -44,11 +44,14 @@ def _columns_and_meta(data: DataDir, split: str) -> tuple[dict[str, np.ndarray],
     return columns, json.loads(table.schema.metadata[METADATA_KEY])
 
 
-def _write_raw(path: Path, columns: dict[str, np.ndarray], meta: dict | None, types: dict | None = None) -> None:
-    """Write a Parquet file bypassing the package's writer (and its checks)."""
+def _write_raw(
+    path: Path, columns: dict[str, np.ndarray], meta: dict | None, types: dict | None = None, nullable: bool = False
+) -> None:
+    """Write a Parquet file bypassing the package's writer (and its checks); columns are
+    non-null, as prepare writes them, unless `nullable`."""
     types = {"image_index": pa.uint16(), "digit": pa.uint8(), "number": pa.uint8(), "sum": pa.uint8(), **(types or {})}
-    arrays = {name: pa.array(values, type=types[name]) for name, values in columns.items()}
-    table = pa.table(arrays)
+    schema = pa.schema([pa.field(name, types[name], nullable=nullable) for name in columns])
+    table = pa.table({name: pa.array(values, type=types[name]) for name, values in columns.items()}, schema=schema)
     if meta is not None:
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
     pq.write_table(table, path)
@@ -124,6 +127,40 @@ def test_column_name_not_utf8(data_copy: DataDir) -> None:
         read_split(data_copy, "train")
 
 
+def test_nullable_columns_are_named_as_such(data_copy: DataDir) -> None:
+    """Columns of the right types that allow nulls: the message must show what differs, not
+    the same column list twice."""
+    columns, meta = _columns_and_meta(data_copy, "train")
+    _write_raw(data_copy.split("train"), columns, meta, nullable=True)
+    with pytest.raises(MnistsumError) as error:
+        read_split(data_copy, "train")
+    found, expected = str(error.value).split(" has columns ")[1].split("; expected ")
+    assert "image_index: uint16 (nullable)" in found
+    assert "nullable" not in expected and expected.split(":")[0] == "image_index"
+
+
+def test_a_folder_named_like_a_split(data_copy: DataDir) -> None:
+    data_copy.split("val").unlink()
+    data_copy.split("val").mkdir()
+    with pytest.raises(MnistsumError, match=r"val.parquet is not a file .*mnistsum prepare") as error:
+        read_split(data_copy, "val")
+    assert "has columns" not in str(error.value)
+
+
+def test_rows_changed_after_prepare_are_refused(data_copy: DataDir) -> None:
+    """Rows edited in place (here an image_index that still fits the recorded MNIST sizes, raised
+    to match) no longer hash to the dataset id every reader trusts, `status` included."""
+    for split in SPLITS:
+        columns, meta = _columns_and_meta(data_copy, split)
+        meta["mnist_sizes"] = {"train": 500, "test": 500}
+        if split == "train":
+            columns["image_index"][-1] = 450  # past the 400 fake MNIST train images
+        _write_raw(data_copy.split(split), columns, meta)
+    read_split(data_copy, "train")  # each file on its own fits its metadata
+    with pytest.raises(MnistsumError, match="dataset id.*mnistsum prepare"):
+        read_dataset(data_copy)
+
+
 def test_missing_metadata(data_copy: DataDir) -> None:
     columns, _ = _columns_and_meta(data_copy, "train")
     _write_raw(data_copy.split("train"), columns, None)
@@ -148,8 +185,9 @@ def test_incomplete_metadata(data_copy: DataDir, change) -> None:
         read_split(data_copy, "train")
 
 
-def test_metadata_not_json(data_copy: DataDir) -> None:
-    table = pq.read_table(data_copy.split("train")).replace_schema_metadata({METADATA_KEY: b"{not json"})
+@pytest.mark.parametrize("content", [b"{not json", b"[" * 100_000 + b"]" * 100_000], ids=["not json", "too deep"])
+def test_metadata_not_json(data_copy: DataDir, content: bytes) -> None:
+    table = pq.read_table(data_copy.split("train")).replace_schema_metadata({METADATA_KEY: content})
     pq.write_table(table, data_copy.split("train"))
     with pytest.raises(MnistsumError, match="metadata"):
         read_split(data_copy, "train")

@@ -101,6 +101,9 @@ def test_read_json_errors_name_the_stage(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_bytes(b"{\"a\": \xff")
     with pytest.raises(MnistsumError, match="mnistsum evaluate"):
         read_json(tmp_path / "bad.json", stage="evaluate")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # json's recursion limit
+    with pytest.raises(MnistsumError, match="deep.json is unreadable .*mnistsum plot"):
+        read_json(tmp_path / "deep.json", stage="plot")
 
 
 # --------------------------------------------------------------------------- a crash at every write and rename

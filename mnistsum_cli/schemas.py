@@ -1,0 +1,492 @@
+"""What each artifact holds, declared once, and the one check of what is read against it.
+
+A file edited by hand, cut short or written by another version must end as one line naming
+the file, the field and the stage to rerun, never as a KeyError or an IndexError deep in a
+later stage. So every reader passes what it read through `Schema.check` (JSON files through
+`Schema.read_json`) before using any field. The declarations also render docs/schemas.md
+(`markdown()`), so the documentation cannot drift from what is checked.
+
+Records accept fields they do not declare (newer versions may add some), except the
+training settings, which must all be known to rebuild a TrainConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from mnistsum_cli.config import ARCHITECTURE_NAMES, MAX_SEED, TrainConfig
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, SPLITS
+from mnistsum_cli.store import read_json
+
+
+class _Invalid(Exception):
+    """A value that does not fit its declaration: where (a field path) and what is wrong."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(where, problem)
+        self.where, self.problem = where, problem
+
+
+def _shown(value: Any) -> str:
+    """A value in a message: short, one line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --------------------------------------------------------------------------- kinds of value
+
+
+class Kind:
+    """The kind of one value: `check` raises _Invalid, `text` describes it for the docs."""
+
+    def check(self, value: Any, where: str) -> None:
+        raise NotImplementedError
+
+    def text(self) -> str:
+        raise NotImplementedError
+
+
+def _range_text(low: Optional[float], high: Optional[float]) -> str:
+    if low is not None and high is not None:
+        return f" {low:g}-{high:g}" if isinstance(low, float) else f" {low}-{high}"
+    if low is not None:
+        return f" >= {low}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Int(Kind):
+    low: Optional[int] = None
+    high: Optional[int] = None
+
+    def check(self, value: Any, where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(where, f"is {_shown(value)}, expected an integer{_range_text(self.low, self.high)}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise _Invalid(where, f"is {value}, expected an integer{_range_text(self.low, self.high)}")
+
+    def text(self) -> str:
+        return f"integer{_range_text(self.low, self.high)}"
+
+
+@dataclass(frozen=True)
+class Float(Kind):
+    """A JSON number (integers included); NaN and infinity are allowed: a diverged run records them."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    def check(self, value: Any, where: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(where, f"is {_shown(value)}, expected a number{_range_text(self.low, self.high)}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise _Invalid(where, f"is {value}, expected a number{_range_text(self.low, self.high)}")
+
+    def text(self) -> str:
+        return f"number{_range_text(self.low, self.high)}"
+
+
+@dataclass(frozen=True)
+class Str(Kind):
+    choices: Sequence[str] = ()
+
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, str):
+            raise _Invalid(where, f"is {_shown(value)}, expected a string")
+        if self.choices and value not in self.choices:
+            raise _Invalid(where, f"is {_shown(value)}, expected one of {', '.join(self.choices)}")
+
+    def text(self) -> str:
+        return f"one of {', '.join(self.choices)}" if self.choices else "string"
+
+
+@dataclass(frozen=True)
+class Bool(Kind):
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, bool):
+            raise _Invalid(where, f"is {_shown(value)}, expected true or false")
+
+    def text(self) -> str:
+        return "true/false"
+
+
+@dataclass(frozen=True)
+class Nullable(Kind):
+    kind: Kind
+
+    def check(self, value: Any, where: str) -> None:
+        if value is not None:
+            self.kind.check(value, where)
+
+    def text(self) -> str:
+        return f"{self.kind.text()} or null"
+
+
+@dataclass(frozen=True)
+class ListOf(Kind):
+    item: Kind
+    length: Optional[int] = None  # exact length, when fixed
+    min_length: int = 0
+
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, list):
+            raise _Invalid(where, f"is {_shown(value)}, expected a list")
+        if self.length is not None and len(value) != self.length:
+            raise _Invalid(where, f"has {len(value)} entries, expected {self.length}")
+        if len(value) < self.min_length:
+            raise _Invalid(where, f"has {len(value)} entries, expected at least {self.min_length}")
+        for index, item in enumerate(value):
+            self.item.check(item, f"{where}[{index}]")
+
+    def text(self) -> str:
+        size = f"{self.length} " if self.length is not None else ""
+        return f"{'non-empty ' if self.min_length else ''}list of {size}{self.item.text()}"
+
+
+@dataclass(frozen=True)
+class MapOf(Kind):
+    """An object whose keys are data (split names, digits), all mapping to one kind of value."""
+
+    value: Kind
+
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            raise _Invalid(where, f"is {_shown(value)}, expected an object")
+        for key, item in value.items():
+            self.value.check(item, f"{where}.{key}")
+
+    def text(self) -> str:
+        return f"object of {self.value.text()}"
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: Kind
+    meaning: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Record(Kind):
+    """An object with named fields; `closed`: fields not declared here are refused."""
+
+    fields: dict[str, Field]
+    title: str = "object"  # how the docs name it
+    closed: bool = False
+
+    def check(self, value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            found = "a list" if isinstance(value, list) else _shown(value)
+            raise _Invalid(where, f"{'is' if where else 'holds'} {found}, expected an object")  # "holds": the whole file
+        for name, field in self.fields.items():
+            inner = f"{where}.{name}" if where else name
+            if name not in value:
+                if field.required:
+                    raise _Invalid(inner, "is missing")
+                continue
+            field.kind.check(value[name], inner)
+        unknown = sorted(set(value) - set(self.fields)) if self.closed else []
+        if unknown:
+            raise _Invalid(where or "it", f"has unknown fields {', '.join(map(str, unknown))}")
+
+    def text(self) -> str:
+        return self.title
+
+
+def matrix(size: int) -> ListOf:
+    """A square matrix of counts, as a list of rows."""
+    return ListOf(ListOf(Int(0), length=size), length=size)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One artifact: its file, the stage that writes it (named in errors), its fields."""
+
+    file: str
+    stage: str
+    record: Record
+    about: str
+    rules: tuple[tuple[str, Callable[[dict], bool]], ...] = ()  # (what must hold, test) across fields
+
+    def check(self, data: Any, path: Path | str) -> Any:
+        """`data` if it fits the declaration; else one MnistsumError naming the file, the
+        field and the stage to rerun."""
+        try:
+            self.record.check(data, "")
+            for rule, holds in self.rules:
+                if not holds(data):
+                    raise _Invalid("", f"does not satisfy {rule}")
+        except _Invalid as invalid:
+            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" {invalid.problem}"
+            raise MnistsumError(f"{path}{what}: rerun `mnistsum {self.stage}`") from None
+        return data
+
+    def read_json(self, path: Path) -> Any:
+        """Read a JSON artifact of this kind and check it."""
+        return self.check(read_json(path, stage=self.stage), path)
+
+
+def _settings() -> Record:
+    """TrainConfig's fields, typed from the dataclass: one declaration of the settings."""
+    kinds = {"str": Str(), "int": Int(), "float": Float(), "bool": Bool()}
+    special = {"arch": Str(ARCHITECTURE_NAMES), "seed": Int(0, MAX_SEED), "epochs": Int(1), "batch_size": Int(1)}
+    return Record(
+        {f.name: Field(special.get(f.name, kinds[str(f.type)]), "", required=False) for f in fields(TrainConfig)},
+        title="training settings",
+        closed=True,
+    )
+
+
+SETTINGS = _settings()
+RUN_ID = Field(Str(), "the training run (random hex), shared by all of its files")
+DATASET_ID = Field(Str(), "the dataset trained on (hash of the rows and of MNIST)")
+CONFIG = Field(SETTINGS, "the training settings (TrainConfig); missing ones take their defaults")
+PROCESSES = {
+    "world_size": Field(Int(1), "training processes (torchrun)", required=False),
+    "backend": Field(Nullable(Str()), "torch.distributed backend, null for one process", required=False),
+}
+METRIC_NAMES = ("digit_loss", "sum_loss", "loss", "digit_accuracy", "sum_accuracy")
+
+SPLIT_META = Schema(
+    "train.parquet, val.parquet, test.parquet: schema metadata under key `mnistsum`",
+    "prepare",
+    Record(
+        {
+            "split": Field(Str(SPLITS), "which split the file holds"),
+            "dataset_id": Field(Str(), "hash of the three splits' rows and of the MNIST files; equal in all three"),
+            "seed": Field(Int(0, MAX_SEED), "`prepare --seed`"),
+            "val_size": Field(Int(1), "`prepare --val-size`"),
+            "limit": Field(Nullable(Int(1)), "`prepare --limit`"),
+            "mnist_root": Field(Str(), "the MNIST folder read"),
+            "mnist_fingerprint": Field(Str(), "hash of the MNIST images and labels read"),
+            "mnist_sizes": Field(
+                Record({name: Field(Int(1), f"images in the MNIST {name} set") for name in ("train", "test")}),
+                "images per MNIST set; image_index is below it (checked against MNIST when it is loaded)",
+            ),
+            "package_version": Field(Str(), "mnistsum version that wrote it", required=False),
+            "created_at": Field(Str(), "UTC time, ISO 8601", required=False),
+        }
+    ),
+    "The rows are the columns image_index (uint16), digit, number, sum (uint8), none null.",
+)
+
+EPOCH_RECORD = Record(
+    {
+        "epoch": Field(Int(1), "1, 2, ..."),
+        **{f"{split}_{name}": Field(Float(), f"{split} {name.replace('_', ' ')}") for split in ("train", "val") for name in METRIC_NAMES},
+        "lr_end": Field(Float(), "learning rate at the epoch's last step", required=False),
+        "seconds": Field(Float(), "wall time of the epoch", required=False),
+        "world_size": Field(Int(1), "training processes", required=False),
+    },
+    title="epoch record",
+)
+
+HISTORY = Schema(
+    "history.json",
+    "train",
+    Record(
+        {
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "config": CONFIG,
+            "best_epoch": Field(Int(1), "the epoch model.safetensors holds"),
+            "epochs": Field(ListOf(EPOCH_RECORD, min_length=1), "one epoch record per epoch done"),
+            **PROCESSES,
+        }
+    ),
+    "Rewritten after every epoch.",
+    rules=(("best_epoch <= the number of epochs", lambda history: history["best_epoch"] <= len(history["epochs"])),),
+)
+
+TRAIN_STATE = Schema(
+    "train_state.json",
+    "train",
+    Record(
+        {
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "config": CONFIG,
+            "epoch": Field(Int(1), "epochs saved (the checkpoint's)"),
+            "best_epoch": Field(Int(1), "the epoch model.safetensors holds"),
+            "updated_at": Field(Str(), "UTC time, ISO 8601", required=False),
+            **PROCESSES,
+        }
+    ),
+    "What `train --resume`, `status` and `run` read first.",
+    rules=(("best_epoch <= epoch", lambda state: state["best_epoch"] <= state["epoch"]),),
+)
+
+RUN_CONFIG = Schema(
+    "config.json",
+    "train",
+    Record(
+        {
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "config": CONFIG,
+            "device": Field(Str(), "torch device trained on", required=False),
+            "precision": Field(Str(), "fp32, bf16 or fp16", required=False),
+            "torch_version": Field(Str(), "", required=False),
+            "package_version": Field(Str(), "", required=False),
+            "started_at": Field(Str(), "UTC time, ISO 8601", required=False),
+            **PROCESSES,
+        }
+    ),
+    "The run's settings and environment, for people and for setting a run aside.",
+)
+
+MODEL_META = Schema(
+    "model.safetensors: header metadata (each value JSON-encoded)",
+    "train",
+    Record(
+        {
+            "format": Field(Str(), "mnistsum-model/1"),
+            "arch": Field(Str(ARCHITECTURE_NAMES), "the architecture the weights fit"),
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "config": CONFIG,
+            "epoch": Field(Int(1), "the epoch of these weights (the best on val)"),
+            "val_digit_accuracy": Field(Float(0.0, 1.0), "at that epoch"),
+            "val_sum_accuracy": Field(Float(0.0, 1.0), "at that epoch"),
+            "package_version": Field(Str(), "", required=False),
+            **PROCESSES,
+        }
+    ),
+    "Tensors: the model's state_dict.",
+)
+
+CHECKPOINT_META = Schema(
+    "checkpoint.safetensors: header metadata (each value JSON-encoded)",
+    "train",
+    Record(
+        {
+            "format": Field(Str(), "mnistsum-checkpoint/1"),
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "config": CONFIG,
+            "epoch": Field(Int(1), "epochs done"),
+            "param_groups": Field(ListOf(Record({})), "AdamW's param groups"),
+            "grad_scaler": Field(Record({}, title="object"), "GradScaler state (fp16 only; else empty)", required=False),
+            **PROCESSES,
+        }
+    ),
+    "Tensors: `model.<name>` weights, `optim.<param>.<key>` AdamW state.",
+)
+
+MISCLASSIFIED_ROW = Record(
+    {
+        "row": Field(Int(0), "row of the split"),
+        "image_index": Field(Int(0), "image in the MNIST set of the split (checked against MNIST when it is loaded)"),
+        "number": Field(Int(0, 9), "the row's number"),
+        "digit": Field(Int(0, NUM_DIGITS - 1), "true digit"),
+        "sum": Field(Int(0, NUM_SUMS - 1), "true sum"),
+        "predicted_digit": Field(Int(0, NUM_DIGITS - 1), ""),
+        "predicted_sum": Field(Int(0, NUM_SUMS - 1), ""),
+        "digit_confidence": Field(Float(0.0, 1.0), "softmax probability of the predicted digit"),
+        "sum_confidence": Field(Float(0.0, 1.0), "softmax probability of the predicted sum"),
+    },
+    title="misclassified row",
+)
+
+EVALUATION = Schema(
+    "evaluation_<split>.json",
+    "evaluate",
+    Record(
+        {
+            "split": Field(Str(SPLITS), "the split measured"),
+            "rows": Field(Int(1), "rows measured"),
+            "device": Field(Str(), "torch device", required=False),
+            "precision": Field(Str(), "fp32", required=False),
+            **{name: Field(Float(0.0, 1.0), "share of the rows") for name in ("digit_accuracy", "sum_accuracy", "consistency")},
+            "digit_loss": Field(Float(), "mean cross-entropy of the digit head"),
+            "sum_loss": Field(Float(), "mean cross-entropy of the sum head"),
+            "per_digit_accuracy": Field(MapOf(Float(0.0, 1.0)), "digit accuracy of each true digit, keyed \"0\"-\"9\""),
+            "digit_confusion": Field(matrix(NUM_DIGITS), "counts; rows: true digit, columns: predicted"),
+            "sum_confusion": Field(matrix(NUM_SUMS), "counts; rows: true sum, columns: predicted"),
+            "misclassified_count": Field(Int(0), "rows with a wrong digit or sum"),
+            "misclassified": Field(ListOf(MISCLASSIFIED_ROW), "the first 100 of them"),
+            "model": Field(
+                Record(
+                    {
+                        "path": Field(Str(), "model.safetensors measured"),
+                        "sha256": Field(Str(), "its content hash (16 hex digits): tells a stale evaluation"),
+                        "run_id": Field(Nullable(Str()), ""),
+                        "arch": Field(Nullable(Str()), ""),
+                        "epoch": Field(Nullable(Int(1)), ""),
+                        "dataset_id": Field(Nullable(Str()), "dataset the model was trained on"),
+                    },
+                    title="model provenance",
+                ),
+                "the model measured",
+            ),
+            "dataset_id": Field(Str(), "the dataset measured"),
+            "created_at": Field(Str(), "UTC time, ISO 8601", required=False),
+        }
+    ),
+    "One per split (`evaluate --split <split>`); `plot` draws it.",
+)
+
+PLOTS_MANIFEST = Schema(
+    "plots/manifest.json",
+    "plot",
+    Record(
+        {
+            "inputs": Field(
+                Record(
+                    {
+                        "history": Field(Nullable(Str()), "hash of history.json drawn"),
+                        "model": Field(Nullable(Str()), "hash of model.safetensors"),
+                        "evaluations": Field(MapOf(Str()), "hash of each evaluation drawn, by split"),
+                    },
+                    title="input hashes",
+                ),
+                "what the plots were drawn from: `status` compares it with the files now",
+            ),
+            "files": Field(ListOf(Str()), "the PNG files in plots/"),
+        }
+    ),
+    "Written last, with the PNGs, in one folder swap.",
+)
+
+SCHEMAS = (SPLIT_META, HISTORY, TRAIN_STATE, RUN_CONFIG, MODEL_META, CHECKPOINT_META, EVALUATION, PLOTS_MANIFEST)
+
+
+# --------------------------------------------------------------------------- documentation
+
+
+def _rows(record: Record, prefix: str = "") -> list[str]:
+    """Table rows of a record; nested records (but not the settings) are flattened as a.b, a[].b."""
+    rows = []
+    for name, field in record.fields.items():
+        kind = field.kind
+        inner = kind.item if isinstance(kind, ListOf) and isinstance(kind.item, Record) else kind
+        optional = "" if field.required else " (optional)"
+        rows.append(f"| `{prefix}{name}` | {kind.text()}{optional} | {field.meaning} |")
+        if isinstance(inner, Record) and inner.fields and inner is not SETTINGS:
+            rows += _rows(inner, f"{prefix}{name}{'[]' if inner is not kind else ''}.")
+    return rows
+
+
+def markdown() -> str:
+    """docs/schemas.md: one table per artifact (a test keeps the file equal to this)."""
+    parts = [
+        "# Artifact schemas",
+        "",
+        "Generated from `mnistsum_cli/schemas.py`, which every reader checks its input against: a file that",
+        "does not fit is refused in one line naming the file, the field and the stage to rerun.",
+        "Fields not listed are ignored (except in the training settings).",
+    ]
+    for schema in SCHEMAS:
+        rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
+        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}", ""]
+        parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
+    parts += ["", "## training settings", "", "Every field optional (the default of `TrainConfig`); no others allowed.", ""]
+    parts += ["| field | type |", "| --- | --- |"]
+    parts += [f"| `{name}` | {field.kind.text()} |" for name, field in SETTINGS.fields.items()]
+    return "\n".join(parts) + "\n"
