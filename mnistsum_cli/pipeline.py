@@ -53,12 +53,12 @@ def prepare_status(
     if not any(folder.split(split).exists() for split in SPLITS):
         return StageStatus("prepare", MISSING, "run `mnistsum prepare`", artifacts)
     try:
-        header = prepared.header
-        prepared.dataset  # the rows too (milliseconds): edited rows no longer match the dataset id
+        # the rows too, not only the header (milliseconds): edited rows no longer match the dataset id
+        dataset = prepared.dataset
     except MnistsumError as error:
         return StageStatus("prepare", INVALID, str(error), artifacts)
-    meta = header.meta
-    figures = {"rows": header.rows, "seed": meta["seed"]}
+    meta = dataset.meta
+    figures = {"rows": {name: len(split) for name, split in dataset.splits.items()}, "seed": meta["seed"]}
     if wanted is not None and not wanted.matches(meta):
         detail = f"made with seed {meta['seed']}, val size {meta['val_size']}, limit {meta['limit']}"
         return StageStatus("prepare", STALE, detail, artifacts, figures)
