@@ -290,8 +290,7 @@ def load_checkpoint(
     saved = TrainConfig.from_dict(meta["config"])
     if saved != config:
         raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
-    weights = {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
-    model.load_state_dict(weights)
+    model.load_state_dict(_model_weights(tensors))
     load_optimizer(optimizer, {n: t for n, t in tensors.items() if n.startswith("optim.")}, meta["param_groups"])
     if scaler.is_enabled() and meta.get("grad_scaler"):
         scaler.load_state_dict(meta["grad_scaler"])
@@ -302,6 +301,19 @@ def load_checkpoint(
         best_epoch=int(counters["best_epoch"]),
         history=history["epochs"][:epoch],
     )
+
+
+def _model_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name[len("model.") :]: t for name, t in tensors.items() if name.startswith("model.")}
+
+
+def checkpoint_model(run: RunDir, device: torch.device) -> nn.Module:
+    """The model as the last saved epoch left it (model.safetensors holds the best epoch instead),
+    for scoring a run while it trains."""
+    tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
+    model = build_model(TrainConfig.from_dict(meta["config"]).arch)
+    model.load_state_dict(_model_weights(tensors))
+    return model.to(device)
 
 
 def saved_config(run: RunDir) -> Optional[TrainConfig]:
