@@ -194,6 +194,16 @@ def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_
     )
 
 
+def checkpoint_model(run: RunDir, device: torch.device) -> nn.Module:
+    """The model as the last saved epoch left it (model.safetensors holds the best epoch instead),
+    for scoring a run while it trains."""
+    tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
+    config = TrainConfig.from_dict(CHECKPOINT_META.check(meta, run.checkpoint)["config"])
+    model = build_model(config.arch)
+    load_weights(model, model_weights(tensors), run.checkpoint, config.arch)
+    return model.to(device)
+
+
 def saved_config(run: RunDir) -> Optional[TrainConfig]:
     """The settings of the run saved in `run`, for `--resume` to start from."""
     if not run.checkpoint.exists():

@@ -8,6 +8,7 @@ the training loop reads the same either way.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -24,6 +25,18 @@ from mnistsum_cli.store import sigint_recorded
 from mnistsum_cli.torchrun import TORCHRUN_VARIABLES, torchrun_rank
 
 Result = TypeVar("Result")
+
+# DDP's switch for "no buffer broadcast at each forward". torch 2.14 renamed it
+# `forward_sync_buffers` and deprecated `broadcast_buffers` (with a warning); before 2.14 only
+# `broadcast_buffers` exists. The two differ in one thing: `broadcast_buffers=False` also skips
+# the buffer broadcast when DDP is built. That broadcast is a no-op here: `train()` wraps the model
+# right after building it under the same seed on every rank (BatchNorm buffers start as the same
+# constants), and a resume loads the same checkpoint into every rank afterwards.
+_LOCAL_BUFFERS = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class RankFailed(MnistsumError):
@@ -87,7 +100,7 @@ class Group:
             return model
         device = next(model.parameters()).device
         device_ids = [device] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **_LOCAL_BUFFERS)
 
     def average_buffers(self, model: nn.Module) -> None:
         """Make BatchNorm's running statistics the mean over the ranks, identical everywhere,

@@ -9,17 +9,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, visible
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.distributed import TORCHRUN_VARIABLES, Group, RankFailed, process_group
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
+from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.prepared import PreparedData
@@ -150,6 +153,19 @@ def test_shards_cover_every_row_once(rows: int, world_size: int) -> None:
     shards = [Group(rank=rank, world_size=world_size).shard(torch.arange(rows)) for rank in range(world_size)]
     assert torch.equal(torch.cat(shards), torch.arange(rows))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_ddp_keeps_batchnorm_statistics_local() -> None:
+    """DDP must not broadcast buffers at each forward (`average_buffers` averages them once an
+    epoch), whatever this torch calls the switch, and without a deprecation warning."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            wrapped = Group(rank=0, world_size=1, backend="gloo").wrap(build_model("fastnet-small"))
+        assert wrapped.broadcast_buffers is False
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- interrupt and resume, 1 <-> 2 processes

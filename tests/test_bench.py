@@ -1,0 +1,36 @@
+"""bench/bench.py end to end on the CPU with tiny sizes: a smoke test that the benchmark still
+runs against the package (its numbers are measured by running it, not here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TEST_MNIST_ENV
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_classic_pipeline_and_presets(shared_mnist: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPOSITORY / "bench" / "bench.py"), "--cpu", "--mnist-dir", str(shared_mnist),
+               "--limit", "300", "--baseline-epochs", "1", "--num-workers", "0", "--preset", "cpu", "--preset", "lenet",
+               "--epochs", "1", "--target", "0.2", "--sum-target", "0.1", "--json-out", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != TEST_MNIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")])
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dataset"]["rows"] == {"train": 300, "val": 300, "test": 300}
+    assert report["target"] == {"digit": 0.2, "sum": 0.1}
+    runs = {run["name"]: run for run in report["runs"]}
+    assert list(runs) == ["classic pipeline", "mnistsum cpu/lean", "mnistsum lenet/lenet"]
+    for run in runs.values():
+        assert len(run["epochs"]) == 1 and run["train_seconds"] > 0
+        assert 0 < run["images_per_second"] and 0 <= run["final_digit_accuracy"] <= 1
+    assert runs["classic pipeline"]["images_per_second"] == 300 / runs["classic pipeline"]["train_seconds"]
+    assert "speedup" not in runs["classic pipeline"] and "speedup_vs_first" in runs["mnistsum lenet/lenet"]
+    assert "time to 20.0% digit and 10.0% sum test accuracy" in " ".join(result.stdout.split())
