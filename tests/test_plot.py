@@ -82,13 +82,13 @@ def test_plots_are_published_with_their_manifest(workdir: Path, run_cli) -> None
 def test_curves_of_an_incomplete_run_say_so() -> None:
     assert incomplete_note(history(3, 10)) == " (incomplete: 3 of 10 epochs)"
     assert incomplete_note(history(10, 10)) == ""
-    figure = curves(history(3, 10), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", scale=100)
+    figure = curves(history(3, 10), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", "", scale=100)
     assert figure._suptitle.get_text() == "Accuracy (incomplete: 3 of 10 epochs)"
 
 
 def test_accuracy_panels_share_one_y_range() -> None:
     panels = [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")]
-    figure = curves(history(4, 4), panels, "accuracy (%)", "Accuracy", scale=100, share_y=True)
+    figure = curves(history(4, 4), panels, "accuracy (%)", "Accuracy", "", scale=100, share_y=True)
     left, right = figure.axes[:2]
     assert left.get_ylim() == right.get_ylim()
     assert left.get_ylim()[0] <= 10 and left.get_ylim()[1] >= 70  # covers both heads' values
