@@ -58,10 +58,13 @@ def curves(
     scale: float = 1.0,
     log: bool = False,
     share_y: bool = False,
+    zoom: bool = False,
 ) -> plt.Figure:
     """One column per (history key without its split, label): the train curve through the epochs
     (per step, raw and smoothed, when history.json has per-step records; else per epoch), val at
-    the end of each epoch, the kept epoch, and the learning rate in a strip below."""
+    the end of each epoch, the kept epoch, and the learning rate in a strip below. `zoom` (values in %):
+    the y axis ends at 100 and starts just below the val values and the 10th percentile of the smoothed train curve,
+    so that the last points of accuracy are not squeezed by the first steps' climb."""
     records = history["epochs"]
     steps = [row for record in records for row in record.get("steps", [])]
     figure, axes = plt.subplots(
@@ -69,6 +72,7 @@ def curves(
         sharey="row" if share_y else False, gridspec_kw={"height_ratios": [4, 1]}, layout="constrained",
     )  # fmt: skip
     epochs = np.array([record["epoch"] for record in records])
+    bottoms: list[float] = []
     for column, (key, label) in enumerate(panels):
         axis, lr_axis = axes[0, column], axes[1, column]
         val = np.array([record[f"val_{key}"] for record in records]) * scale
@@ -76,7 +80,10 @@ def curves(
             x = np.array([row["epoch"] for row in steps])
             train = np.array([row[f"train_{key}"] for row in steps]) * scale
             axis.plot(x, train, color="C0", alpha=0.25, linewidth=0.7, label="train, per step")
-            axis.plot(x, smoothed(train, len(steps) // len(records)), color="C0", linewidth=1.8, label="train, smoothed")
+            trend = smoothed(train, len(steps) // len(records))
+            axis.plot(x, trend, color="C0", linewidth=1.8, label="train, smoothed")
+            if zoom:
+                bottoms.append(min(float(np.percentile(trend, 10)), float(val.min())))
             lr_axis.plot(x, [row["lr"] for row in steps], color="C2", linewidth=1.2)
         else:  # history.json written before per-step records: one point per epoch
             train = np.array([record[f"train_{key}"] for record in records]) * scale
@@ -99,6 +106,10 @@ def curves(
         lr_axis.set_xlabel("epoch")
         lr_axis.set_xlim(0 if steps else 0.5, len(records) + (0.05 if steps else 0.5))
         lr_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in axes[0]:
+        if bottoms:
+            low = min(bottoms)
+            axis.set_ylim(max(0.0, low - 0.1 * (100 - low)), 100.2)
     figure.suptitle(title + incomplete_note(history))
     figure.supxlabel(caption, fontsize=8, color="dimgrey")
     return figure
@@ -123,6 +134,12 @@ def settings_caption(history: dict[str, Any], run_info: dict[str, Any]) -> str:
         f"{history['world_size']} processes" if history.get("world_size", 1) > 1 else None,
     ]
     return " · ".join(part for part in parts if part)
+
+
+def incomplete_note(history: dict[str, Any]) -> str:
+    """' (incomplete: 3 of 10 epochs)' for a run that stopped early, else ''."""
+    done, planned = len(history["epochs"]), history.get("config", {}).get("epochs", 0)
+    return f" (incomplete: {done} of {planned} epochs)" if done < planned else ""
 
 
 def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
@@ -258,7 +275,7 @@ def draw_all(
     )  # fmt: skip
     figures["accuracy.png"] = curves(
         history, [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")], "accuracy (%)",
-        f"Accuracy ({arch})", caption, scale=100, share_y=True,
+        f"Accuracy ({arch})", caption, scale=100, share_y=True, zoom=True,
     )  # fmt: skip
     for split, metrics in evaluations.items():
         for head, label in HEADS:
