@@ -321,6 +321,8 @@ def compare_runs(histories: list[dict[str, Any]], labels: list[str], caption: st
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.grid(alpha=0.3)
         axes[2].set_yscale("log")
+        for axis in axes:  # one epoch axis for all three, from the start of training
+            axis.set_xlim(0, max(len(history["epochs"]) for history in histories) + 0.05)
         axes[0].legend(fontsize=8)
         figure.supxlabel(caption, fontsize=8, color="dimgrey")
         write_atomic(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
