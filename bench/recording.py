@@ -5,6 +5,8 @@ by side in one process, interleaved A B B A ... so that a change in machine load
     MNISTSUM_MNIST_DIR=/work/shared/mnist python bench/recording.py [--rows N] [--repeats R]
 
 Settings: the `cpu` preset, one epoch per measurement (its first epoch: warm-up, rising lr).
+On a loaded machine whole epochs vary more than the difference, so the bookkeeping itself is
+also timed: the recorder's add() against the running sum's, per step, interleaved.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import mnistsum_cli.train as train_module
 from mnistsum_cli.artifacts import DataDir, RunDir
 from mnistsum_cli.config import preset
 from mnistsum_cli.distributed import Group
+from mnistsum_cli.metrics import StepRecorder
 from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.train import load_train_data, train
@@ -66,6 +69,20 @@ def timed_epoch(data, config, tmp: Path, totals_only: bool) -> float:
     return seconds[0]
 
 
+def bookkeeping_per_step(steps: int, repeats: int = 200) -> tuple[float, float]:
+    """Median seconds per step of StepRecorder.add and of TotalsOnly.add, interleaved."""
+    sums = torch.rand(4)
+    times: dict[type, list[float]] = {StepRecorder: [], TotalsOnly: []}
+    for repeat in range(repeats):
+        for kind in (StepRecorder, TotalsOnly) if repeat % 2 == 0 else (TotalsOnly, StepRecorder):
+            recorder = kind(steps, torch.device("cpu"))
+            started = time.perf_counter()
+            for step in range(steps):
+                recorder.add(step, sums, 0.01)
+            times[kind].append((time.perf_counter() - started) / steps)
+    return statistics.median(times[StepRecorder]), statistics.median(times[TotalsOnly])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=None, help="training rows (prepare --limit; default: all)")
@@ -90,6 +107,10 @@ def main() -> None:
     ratios = [a / b for a, b in zip(times[False], times[True])]
     print(f"median: recording {statistics.median(times[False]):.3f} s, totals only {statistics.median(times[True]):.3f} s; "
           f"per-repeat ratio median {statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f})")  # fmt: skip
+    recorder, totals = bookkeeping_per_step(steps)
+    step = min(times[True]) / steps  # the fastest epoch: the smallest step time, the largest share
+    print(f"bookkeeping per step: recorder {1e6 * recorder:.1f} us, running sum {1e6 * totals:.1f} us; "
+          f"difference {100 * (recorder - totals) / step:+.3f} % of a step ({1e3 * step:.2f} ms in the fastest epoch)")
 
 
 if __name__ == "__main__":

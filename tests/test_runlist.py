@@ -57,8 +57,8 @@ def test_runs_lists_every_folder(many_runs: Path, run_cli) -> None:
     assert states[4].startswith("unreadable: ") and "damaged/history.json is unreadable" in states[4]
     complete = [row for row in listed if row["state"] == "complete"]
     assert len(complete) == 2 and {row["lr"] for row in complete} == {0.01, 0.005}
-    evaluated = json.loads((many_runs / "artifacts" / "previous" / complete[0]["run_id"] / "evaluation_test.json").read_text())
     first = next(row for row in complete if row["lr"] == 0.01)
+    evaluated = json.loads((Path(first["folder"]) / "evaluation_test.json").read_text())
     assert first["test_digit_accuracy"] == evaluated["digit_accuracy"]
     assert first["test_sum_accuracy"] == evaluated["sum_accuracy"]
     assert next(row for row in complete if row["lr"] == 0.005)["test_digit_accuracy"] is None
