@@ -134,6 +134,13 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run saved in --artifacts with its settings.")
     ] = False,
+    tensorboard: Annotated[
+        bool, typer.Option("--tensorboard", help="Also write TensorBoard events (needs the tensorboard package).")
+    ] = False,
+    tensorboard_dir: Annotated[
+        Optional[Path],
+        typer.Option("--tensorboard-dir", help="Where --tensorboard writes (implies it): DIR/<run id>/ (default: <artifacts>/tensorboard).", show_default=False),
+    ] = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
     data: DataOption = DEFAULT_DATA,
@@ -152,6 +159,7 @@ def train(
     from mnistsum_cli.prepared import PreparedData
     from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
     from mnistsum_cli.schemas import HISTORY
+    from mnistsum_cli.tensorboard_log import FOLDER, check_installed, tensorboard_events
     from mnistsum_cli.train import SilentReporter
 
     run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
@@ -166,6 +174,9 @@ def train(
             HISTORY.read_json(run_dir.history)  # complete means whole: a damaged history is an error, not "done"
             report.run_complete(run_dir, done.epoch)
             return
+    if tensorboard or tensorboard_dir is not None:
+        check_installed()
+        tensorboard_dir = tensorboard_dir or run_dir.root / FOLDER
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
         if resume:
             config = saved.with_overrides(**settings)
@@ -175,17 +186,18 @@ def train(
                 _notice_if(chosen)
         notify = report.notice if group.is_main else (lambda message: None)  # under torchrun rank 0 alone speaks
         with report.ProgressReporter() if group.is_main else nullcontext(SilentReporter()) as reporter:
-            outcome = run_training(
-                config,
-                PreparedData(DataDir(data), mnist_dir),
-                run_dir,
-                device,
-                resume=resume,
-                continue_with=continue_command("train --resume", run_dir),
-                notify=notify,
-                reporter=reporter,
-                group=group,
-            )
+            with tensorboard_events(reporter, run_dir, tensorboard_dir if group.is_main else None) as reporter:
+                outcome = run_training(
+                    config,
+                    PreparedData(DataDir(data), mnist_dir),
+                    run_dir,
+                    device,
+                    resume=resume,
+                    continue_with=continue_command("train --resume", run_dir),
+                    notify=notify,
+                    reporter=reporter,
+                    group=group,
+                )
         if group.is_main:
             report.train_summary(outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device))
 
@@ -359,6 +371,64 @@ def status(
         report.print_json([stage.to_dict() for stage in stages])
     else:
         report.status_table(stages)
+
+
+# --------------------------------------------------------------------------- runs side by side
+
+
+@app.command(
+    "runs", cls=Command,
+    epilog="Examples: mnistsum runs · mnistsum runs --sort val_sum_accuracy · mnistsum runs --csv > runs.csv",
+)  # fmt: skip
+def runs_command(
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every column of every run as a JSON list.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print every column of every run as CSV.")] = False,
+    sort: Annotated[str, typer.Option("--sort", help="Column to sort by, e.g. started, val_sum_accuracy, arch.")] = "started",
+) -> None:
+    """List the training runs in --artifacts: the current one and each kept in previous/.
+
+    One row per run: id, start, state (complete, or interrupted at epoch k of n), the settings that differ between the runs (the others in the caption), device, precision, processes, training seconds, kept epoch, val and test accuracy. --json and --csv print all settings.
+    """
+    from mnistsum_cli.runlist import as_csv as csv_text
+    from mnistsum_cli.runlist import differing_settings, list_runs
+
+    if as_json and as_csv:
+        raise BadOption("pass --json or --csv, not both")
+    entries = list_runs(artifacts, sort)
+    if as_json:
+        report.print_json([entry.row for entry in entries])
+    elif as_csv:
+        typer.echo(csv_text(entries), nl=False)
+    else:
+        report.runs_table(entries, *differing_settings(entries), artifacts)
+
+
+@app.command(
+    cls=Command,
+    epilog="Examples: mnistsum compare 954dde2b 1f0c artifacts/previous/77aa01c3d5e2b4f0 · "
+    "mnistsum compare RUN RUN --out lenet-vs-convnet.png",
+)
+def compare(
+    run_names: Annotated[
+        List[str], typer.Argument(metavar="RUN...", help="Run ids (or unique prefixes) from `mnistsum runs`, or run folders.")
+    ],
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="PNG to write (default: <artifacts>/compare/<ids>.png).", show_default=False)
+    ] = None,
+) -> None:
+    """Draw runs side by side: val accuracy of both heads and train loss, labelled by what differs.
+
+    The current run's plots/ is left as it is.
+    """
+    from mnistsum_cli.plot import compare_runs
+    from mnistsum_cli.runlist import compare_labels, compare_path, find_run
+
+    entries = [find_run(artifacts, name) for name in run_names]
+    labels, caption = compare_labels(entries)
+    path = compare_runs([entry.history for entry in entries], labels, caption, out or compare_path(artifacts, entries))
+    report.written([path])
 
 
 # --------------------------------------------------------------------------- entry point

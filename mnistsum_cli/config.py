@@ -138,3 +138,9 @@ def preset(name: str) -> TrainConfig:
         return PRESETS[name]
     except KeyError:
         raise MnistsumError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None
+
+
+def preset_matching(config: TrainConfig) -> Optional[str]:
+    """The name of the preset these settings are, if any (runs record their settings, not the
+    preset they came from; a preset with changes is no preset)."""
+    return next((name for name, settings in PRESETS.items() if settings == config), None)

@@ -18,13 +18,14 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
 
+from mnistsum_cli.config import TrainConfig, preset_matching  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.mnist import Mnist  # noqa: E402
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, RunDir  # noqa: E402
 from mnistsum_cli.prepared import PreparedData  # noqa: E402
-from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
-from mnistsum_cli.store import commit, folder_lock, json_bytes, write_file  # noqa: E402
+from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META, RUN_CONFIG  # noqa: E402
+from mnistsum_cli.store import commit, folder_lock, json_bytes, replace_file, write_file  # noqa: E402
 from mnistsum_cli.tensorfiles import read_safetensors  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
@@ -32,28 +33,99 @@ GALLERY_SIZE = 48
 WRONG_DIGIT_COLOUR = "firebrick"
 
 
+def smoothed(values: np.ndarray, points_per_epoch: int) -> np.ndarray:
+    """A centred moving mean over a tenth of an epoch (shorter at the ends), so that the trend
+    of noisy per-step values reads through."""
+    window = max(1, points_per_epoch // 10)
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones(len(values)), kernel, "same")
+
+
 def curves(
-    history: dict[str, Any], panels: list[tuple[str, str]], ylabel: str, title: str, scale: float = 1.0, share_y: bool = False
+    history: dict[str, Any],
+    panels: list[tuple[str, str]],
+    ylabel: str,
+    title: str,
+    caption: str,
+    scale: float = 1.0,
+    log: bool = False,
+    share_y: bool = False,
+    zoom: bool = False,
 ) -> plt.Figure:
-    """One panel per (history key without its split, label): train and val lines over the epochs."""
-    epochs = [record["epoch"] for record in history["epochs"]]
+    """One column per (history key without its split, label): the train curve through the epochs
+    (per step, raw and smoothed, when history.json has per-step records; else per epoch), val at
+    the end of each epoch, the kept epoch, and the learning rate in a strip below. `zoom` (values in %):
+    the y axis ends at 100 and starts just below the val values and the 10th percentile of the smoothed train curve,
+    so that the last points of accuracy are not squeezed by the first steps' climb."""
+    records = history["epochs"]
+    steps = [row for record in records for row in record.get("steps", [])]
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, sharey=share_y, layout="constrained"
-    )
-    for axis, (key, label) in zip(axes[0], panels):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            values = [record[f"{split}_{key}"] * scale for record in history["epochs"]]
-            axis.plot(epochs, values, style, markersize=3, label=split)
-        axis.axvline(history["best_epoch"], color="grey", linestyle="--", linewidth=1, label="kept epoch")
+        2, len(panels), figsize=(5 * len(panels), 5), squeeze=False, sharex=True,
+        sharey="row" if share_y else False, gridspec_kw={"height_ratios": [4, 1]}, layout="constrained",
+    )  # fmt: skip
+    epochs = np.array([record["epoch"] for record in records])
+    bottoms: list[float] = []
+    for column, (key, label) in enumerate(panels):
+        axis, lr_axis = axes[0, column], axes[1, column]
+        val = np.array([record[f"val_{key}"] for record in records]) * scale
+        if steps:
+            x = np.array([row["epoch"] for row in steps])
+            train = np.array([row[f"train_{key}"] for row in steps]) * scale
+            axis.plot(x, train, color="C0", alpha=0.25, linewidth=0.7, label="train, per step")
+            trend = smoothed(train, len(steps) // len(records))
+            axis.plot(x, trend, color="C0", linewidth=1.8, label="train, smoothed")
+            if zoom:
+                bottoms.append(min(float(np.percentile(trend, 10)), float(val.min())))
+            lr_axis.plot(x, [row["lr"] for row in steps], color="C2", linewidth=1.2)
+        else:  # history.json written before per-step records: one point per epoch
+            train = np.array([record[f"train_{key}"] for record in records]) * scale
+            axis.plot(epochs, train, "-o", color="C0", markersize=3, label="train (epoch mean)")
+            lr_axis.plot(epochs, [record.get("lr_end", np.nan) for record in records], "o", color="C2", markersize=3)
+        axis.plot(epochs, val, "s", color="C1", markersize=6, markeredgecolor="black", markeredgewidth=0.6,
+                  label="val (end of epoch)", zorder=3)  # fmt: skip
+        for strip in (axis, lr_axis):
+            strip.axvline(history["best_epoch"], color="grey", linestyle="--", linewidth=1,
+                          label="kept epoch" if strip is axis else None)  # fmt: skip
+            strip.grid(alpha=0.3)
+        if log:
+            axis.set_yscale("log")
         axis.set_title(label)
-        axis.set_xlabel("epoch")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(ylabel)
         axis.yaxis.set_tick_params(labelleft=True)  # shared y: keep the numbers on every panel
-        axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=8)
+        lr_axis.set_ylabel("lr", fontsize=8)
+        lr_axis.tick_params(labelsize=7)
+        lr_axis.set_xlabel("epoch")
+        lr_axis.set_xlim(0 if steps else 0.5, len(records) + (0.05 if steps else 0.5))
+        lr_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in axes[0]:
+        if bottoms:
+            low = min(bottoms)
+            axis.set_ylim(max(0.0, low - 0.1 * (100 - low)), 100.2)
     figure.suptitle(title + incomplete_note(history))
+    figure.supxlabel(caption, fontsize=8, color="dimgrey")
     return figure
+
+
+def settings_caption(history: dict[str, Any], run_info: dict[str, Any]) -> str:
+    """The settings a curve comes from: arch, preset (when the settings are one), epochs, batch,
+    lr, and the device and precision config.json records (left out when it is unreadable)."""
+    settings = history.get("config", {})
+    try:
+        named = preset_matching(TrainConfig.from_dict(settings))
+    except (MnistsumError, TypeError):
+        named = None
+    parts = [
+        f"arch {settings.get('arch', '?')}",
+        f"preset {named}" if named else None,
+        f"{settings.get('epochs', '?')} epochs",
+        f"batch {settings.get('batch_size', '?')}",
+        f"peak lr {settings.get('lr', '?')}",
+        run_info.get("device"),
+        run_info.get("precision"),
+        f"{history['world_size']} processes" if history.get("world_size", 1) > 1 else None,
+    ]
+    return " · ".join(part for part in parts if part)
 
 
 def incomplete_note(history: dict[str, Any]) -> str:
@@ -142,6 +214,15 @@ def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]
             )
 
 
+def run_info(run: RunDir) -> dict[str, Any]:
+    """config.json's record of the run (device, precision), or {} when it is missing or unreadable:
+    it only adds to captions."""
+    try:
+        return RUN_CONFIG.read_json(run.config)
+    except MnistsumError:
+        return {}
+
+
 def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The galleries need the images: without `prepared`
@@ -166,10 +247,11 @@ def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Pa
             mnist = prepared.mnist
             check_gallery_indices(run, galleries, mnist)
     inputs = plot_inputs(run)
+    caption = settings_caption(history, run_info(run))
 
     figures: dict[str, plt.Figure] = {}
     try:
-        draw_all(figures, history, model_meta["arch"], evaluations, galleries, mnist)
+        draw_all(figures, history, model_meta["arch"], caption, evaluations, galleries, mnist)
         with commit(run.root, "plot", "--artifacts") as change:
             staging = change.folder_of(run.plots)
             for name, figure in figures.items():
@@ -181,9 +263,9 @@ def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Pa
     return [run.plots / name for name in figures]
 
 
-def png_bytes(figure: plt.Figure) -> bytes:
+def png_bytes(figure: plt.Figure, dpi: int = 120) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
 
 
@@ -191,6 +273,7 @@ def draw_all(
     figures: dict[str, plt.Figure],
     history: dict[str, Any],
     arch: str,
+    caption: str,
     evaluations: dict[str, dict[str, Any]],
     galleries: dict[str, list[dict[str, Any]]],
     mnist: Optional[Mnist],
@@ -198,11 +281,11 @@ def draw_all(
     """Draw every figure into `figures` (file name → figure), so the caller can close them all."""
     figures["loss.png"] = curves(
         history, [("digit_loss", "digit head"), ("sum_loss", "sum head"), ("loss", "total (digit + sum)")],
-        "cross-entropy", f"Loss per epoch ({arch})",
+        "cross-entropy (log scale)", f"Loss ({arch})", caption, log=True,
     )  # fmt: skip
     figures["accuracy.png"] = curves(
         history, [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")], "accuracy (%)",
-        f"Accuracy per epoch ({arch})", scale=100, share_y=True,
+        f"Accuracy ({arch})", caption, scale=100, share_y=True, zoom=True,
     )  # fmt: skip
     for split, metrics in evaluations.items():
         for head, label in HEADS:
@@ -213,3 +296,46 @@ def draw_all(
         title = (f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']} "
                  "(+number: true→predicted)")  # fmt: skip
         figures[f"misclassified_{split}.png"] = gallery(examples, images, title)
+
+
+# --------------------------------------------------------------------------- runs side by side
+
+
+def compare_runs(histories: list[dict[str, Any]], labels: list[str], caption: str, out: Path) -> Path:
+    """One figure of several runs: val accuracy of both heads at each epoch's end and the train
+    loss through the epochs (smoothed per step where recorded), one colour per run; written
+    atomically to `out`."""
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
+    try:
+        for colour, (history, label) in enumerate(zip(histories, labels)):
+            records = history["epochs"]
+            epochs = [record["epoch"] for record in records]
+            style = {"color": f"C{colour}", "label": label}
+            for axis, head in zip(axes[:2], ("digit", "sum")):
+                axis.plot(epochs, [100 * record[f"val_{head}_accuracy"] for record in records], "-s", markersize=5, **style)
+            steps = [row for record in records for row in record.get("steps", [])]
+            if steps:
+                loss = np.array([row["train_loss"] for row in steps])
+                axes[2].plot([row["epoch"] for row in steps], loss, alpha=0.15, linewidth=0.6, color=style["color"])
+                axes[2].plot([row["epoch"] for row in steps], smoothed(loss, len(steps) // len(records)), linewidth=1.6, **style)
+            else:
+                axes[2].plot(epochs, [record["train_loss"] for record in records], "-o", markersize=3, **style)
+        for axis, title, ylabel in (
+            (axes[0], "val accuracy, digit head", "accuracy (%)"),
+            (axes[1], "val accuracy, sum head", "accuracy (%)"),
+            (axes[2], "train loss (digit + sum), smoothed per step", "cross-entropy (log scale)"),
+        ):
+            axis.set_title(title)
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(ylabel)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.grid(alpha=0.3)
+        axes[2].set_yscale("log")
+        for axis in axes:  # one epoch axis for all three, from the start of training
+            axis.set_xlim(0, max(len(history["epochs"]) for history in histories) + 0.05)
+        axes[0].legend(fontsize=8)
+        figure.supxlabel(caption, fontsize=8, color="dimgrey")
+        replace_file(out, png_bytes(figure, dpi=100))
+    finally:
+        plt.close(figure)
+    return out

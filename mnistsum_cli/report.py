@@ -318,3 +318,28 @@ def figures_text(figures: dict[str, Any]) -> str:
             value = ", ".join(f"{k} {v:,}" for k, v in value.items())
         parts.append(f"{key.replace('_', ' ')}: {value}")
     return "\n".join(parts)
+
+
+def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: Path) -> None:
+    """`mnistsum runs`: one row per run; the settings equal for all go into the caption."""
+    from mnistsum_cli.runlist import settings_text
+
+    table = Table(title=f"runs in {folder}", caption=f"all runs: {settings_text(same)}" if same else None)
+    columns = ["run id", "started", "state", *differ, "device", "precision", "processes", "train s",
+               "kept", "val digit", "val sum", "test digit", "test sum"]  # fmt: skip
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        row = entry.row
+        if not entry.readable:
+            table.add_row(escape(str(row["folder"])), "", f"[red]{escape(row['state'])}[/]", *[""] * (len(columns) - 3))
+            continue
+        shown = [percent(row[key]) if row[key] is not None else "" for key in
+                 ("val_digit_accuracy", "val_sum_accuracy", "test_digit_accuracy", "test_sum_accuracy")]  # fmt: skip
+        state = row["state"] if row["state"] == "complete" else f"[yellow]{escape(row['state'])}[/]"
+        table.add_row(
+            row["run_id"], escape(str(row["started"] or "")), state, *[escape(str(row[name])) for name in differ],
+            escape(str(row["device"] or "")), escape(str(row["precision"] or "")), str(row["world_size"]),
+            f"{row['train_seconds']:.1f}", str(row["kept_epoch"] or ""), *shown,
+        )  # fmt: skip
+    console.print(table)

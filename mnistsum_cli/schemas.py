@@ -276,6 +276,16 @@ SPLIT_META = Schema(
     "The rows are the columns image_index (uint16), digit, number, sum (uint8), none null.",
 )
 
+STEP_RECORD = Record(
+    {
+        "step": Field(Int(1), "optimizer steps since the run began, at the window's end"),
+        "epoch": Field(Float(), "the same in epochs (fractional: 1.0 is the end of the first)"),
+        "lr": Field(Float(), "mean learning rate over the window"),
+        **{f"train_{name}": Field(Float(), f"train {name.replace('_', ' ')}, mean over the window") for name in METRIC_NAMES},
+    },
+    title="step record",
+)
+
 EPOCH_RECORD = Record(
     {
         "epoch": Field(Int(1), "1, 2, ..."),
@@ -283,6 +293,7 @@ EPOCH_RECORD = Record(
         "lr_end": Field(Float(), "learning rate at the epoch's last step", required=False),
         "seconds": Field(Float(), "wall time of the epoch", required=False),
         "world_size": Field(Int(1), "training processes", required=False),
+        "steps": Field(ListOf(STEP_RECORD), "train metrics through the epoch, one record per window of steps", required=False),
     },
     title="epoch record",
 )

@@ -251,6 +251,19 @@ def write_file(path: Path, data: bytes) -> None:
         os.close(descriptor)
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write a file that no run folder's commits manage (a figure at `compare --out`): whole or
+    not at all, through a temporary file beside it and one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    try:
+        write_file(temporary, data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _fsync_folder(folder: Path) -> None:
     descriptor = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:

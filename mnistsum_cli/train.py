@@ -20,6 +20,7 @@ from mnistsum_cli.distributed import SINGLE_PROCESS, Group
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.inference import predict
+from mnistsum_cli.metrics import StepRecorder
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import RunDir
 from mnistsum_cli.prepared import PreparedData
@@ -105,24 +106,26 @@ def train_epoch(
     epoch: int,
     reporter: Reporter,
     group: Group = SINGLE_PROCESS,
-) -> dict[str, float]:
-    """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy.
-    Every rank draws the same permutation and augmentation and trains on its share of each batch."""
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One pass over fixed-size batches of a fresh permutation; returns train loss/accuracy and
+    the per-step records (metrics.py). Every rank draws the same permutation and augmentation
+    and trains on its share of each batch."""
     device = data.images.device
     dtype = autocast_dtype(device, config.amp)
     batch_size, steps = batching(len(data), config)
     total_steps = steps * config.epochs
     generator = epoch_generator(config.seed, epoch, device)
     order = torch.randperm(len(data), device=device, generator=generator)
-    totals = torch.zeros(4, device=device)  # digit loss, sum loss, digit correct, sum correct
+    recorder = StepRecorder(steps, device)
     model.train()
     for step in range(steps):
         rows = order[step * batch_size : (step + 1) * batch_size]
         images = normalise(group.shard(augment(data.images[rows], config, generator)))
         rows = group.shard(rows)
         digits, sums = data.digits[rows], data.sums[rows]
+        lr = lr_at(epoch * steps + step, total_steps, config)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr_at(epoch * steps + step, total_steps, config)
+            param_group["lr"] = lr
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             digit_logits, sum_logits = step_model(images, data.numbers[rows])
         digit_loss = nn.functional.cross_entropy(digit_logits.float(), digits, label_smoothing=config.label_smoothing)
@@ -132,24 +135,20 @@ def train_epoch(
         scaler.step(optimizer)  # fp16 only: the fused kernel unscales and skips inf steps on the GPU
         scaler.update()
         with torch.no_grad():
-            totals += torch.stack(
-                [
-                    digit_loss.detach() * len(rows),
-                    sum_loss.detach() * len(rows),
-                    (digit_logits.argmax(1) == digits).sum(),
-                    (sum_logits.argmax(1) == sums).sum(),
-                ]
+            recorder.add(
+                step,
+                torch.stack(
+                    [
+                        digit_loss.detach() * len(rows),
+                        sum_loss.detach() * len(rows),
+                        (digit_logits.argmax(1) == digits).sum(),
+                        (sum_logits.argmax(1) == sums).sum(),
+                    ]
+                ),
+                lr,
             )
         reporter.step()
-    group.all_reduce_sum(totals)
-    digit_loss, sum_loss, digit_accuracy, sum_accuracy = (totals / (steps * batch_size)).tolist()
-    return {
-        "train_digit_loss": digit_loss,
-        "train_sum_loss": sum_loss,
-        "train_loss": digit_loss + sum_loss,
-        "train_digit_accuracy": digit_accuracy,
-        "train_sum_accuracy": sum_accuracy,
-    }
+    return recorder.read(group, batch_size, epoch)
 
 
 def measure(model: nn.Module, split: SplitTensors, prefix: str, group: Group = SINGLE_PROCESS) -> dict[str, float]:
@@ -228,11 +227,13 @@ def train(
         torch.manual_seed(epoch_seed(config.seed, epoch))  # anything drawing on the global RNG
         started = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
-        record.update(train_epoch(model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group))
+        totals, step_records = train_epoch(model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group)
+        record.update(totals)
         group.average_buffers(model)
         record.update(measure(model, data.val, "val", group))
         record["seconds"] = time.perf_counter() - started
         record["world_size"] = group.world_size
+        record["steps"] = step_records
         state.history.append(record)
         state.epoch = epoch + 1
         best = state.history[state.best_epoch - 1] if state.best_epoch else None

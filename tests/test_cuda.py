@@ -79,7 +79,7 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def history(run: RunDir) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads(run.history.read_text())["epochs"]]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "steps")} for r in json.loads(run.history.read_text())["epochs"]]
 
 
 # --------------------------------------------------------------------------- precision

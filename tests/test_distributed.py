@@ -105,6 +105,15 @@ def test_torchrun_records_world_size(torchrun_run) -> None:
     assert [r["world_size"] for r in json.loads(run.history.read_text())["epochs"]] == [2, 2]
 
 
+def test_torchrun_records_every_step_once(torchrun_run) -> None:
+    cwd, _ = torchrun_run
+    epochs = json.loads((cwd / "artifacts" / "history.json").read_text())["epochs"]
+    assert [row["step"] for record in epochs for row in record["steps"]] == list(range(1, 11))  # 2 epochs of 5 steps
+    for record in epochs:
+        mean = sum(row["train_sum_loss"] for row in record["steps"]) / len(record["steps"])
+        assert mean == pytest.approx(record["train_sum_loss"], rel=1e-5)
+
+
 def test_torchrun_model_evaluates_to_its_saved_val_metrics(torchrun_run, data_dir: Path, run_cli) -> None:
     cwd, _ = torchrun_run
     run = RunDir(cwd / "artifacts")
@@ -253,6 +262,14 @@ def test_without_batchnorm_one_and_two_processes_agree_to_rounding(spawned: Path
     assert set(one) == set(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    # rank 0 records the figures of the whole batch, not of its own 32 rows
+    steps_one, steps_two = ([row for r in history(folder) for row in r["steps"]] for folder in (run, RunDir(spawned / "no_batchnorm")))
+    assert [row["step"] for row in steps_two] == [row["step"] for row in steps_one] == list(range(1, 6))
+    for row_one, row_two in zip(steps_one, steps_two):
+        for key in ("train_digit_loss", "train_sum_loss"):
+            assert row_two[key] == pytest.approx(row_one[key], rel=1e-4), (row_one["step"], key)
+        for key in ("train_digit_accuracy", "train_sum_accuracy"):
+            assert row_two[key] == pytest.approx(row_one[key], abs=1 / 64 + 1e-9), (row_one["step"], key)
 
 
 def test_one_and_two_processes_reach_comparable_accuracy(spawned: Path, data_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 from conftest import assert_one_line_error, leftovers, snapshot
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import DataDir, RunDir
+from mnistsum_cli.pipeline import CURRENT, STALE
 from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
 from mnistsum_cli.prepared import PreparedData
 
@@ -81,13 +82,13 @@ def test_plots_are_published_with_their_manifest(workdir: Path, run_cli) -> None
 def test_curves_of_an_incomplete_run_say_so() -> None:
     assert incomplete_note(history(3, 10)) == " (incomplete: 3 of 10 epochs)"
     assert incomplete_note(history(10, 10)) == ""
-    figure = curves(history(3, 10), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", scale=100)
+    figure = curves(history(3, 10), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", "", scale=100)
     assert figure._suptitle.get_text() == "Accuracy (incomplete: 3 of 10 epochs)"
 
 
 def test_accuracy_panels_share_one_y_range() -> None:
     panels = [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")]
-    figure = curves(history(4, 4), panels, "accuracy (%)", "Accuracy", scale=100, share_y=True)
+    figure = curves(history(4, 4), panels, "accuracy (%)", "Accuracy", "", scale=100, share_y=True)
     left, right = figure.axes[:2]
     assert left.get_ylim() == right.get_ylim()
     assert left.get_ylim()[0] <= 10 and left.get_ylim()[1] >= 70  # covers both heads' values
@@ -201,3 +202,51 @@ def test_plot_on_a_damaged_evaluation(workdir: Path, run_cli, damage: str) -> No
     line = assert_one_line_error(err, out)
     assert "evaluation_test.json" in line and problem in line and "mnistsum evaluate" in line
     assert not (artifacts / "plots").exists()
+# --------------------------------------------------------------------------- per-step curves
+
+
+def with_steps(steps_per_epoch: int, epochs: int) -> dict:
+    """history(): plus per-step records whose train accuracy climbs through each epoch."""
+    result = history(epochs, epochs)
+    for record in result["epochs"]:
+        e = record["epoch"]
+        record["val_digit_loss"] = record["val_sum_loss"] = record["val_loss"] = 1.0 / e
+        record["steps"] = [
+            {"step": (e - 1) * steps_per_epoch + s, "epoch": e - 1 + s / steps_per_epoch, "lr": 0.01 * s / steps_per_epoch,
+             "train_digit_accuracy": 0.4 + 0.1 * e + 0.001 * s, "train_sum_accuracy": 0.1 * e}
+            for s in range(1, steps_per_epoch + 1)
+        ]  # fmt: skip
+    return result
+
+
+def test_curves_draw_every_step_val_per_epoch_and_the_lr() -> None:
+    figure = curves(with_steps(40, 3), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", "arch lean", scale=100)
+    axis, lr_axis = figure.axes[:2]
+    raw, smooth, val = (line for line in axis.get_lines() if line.get_label() in ("train, per step", "train, smoothed", "val (end of epoch)"))
+    assert len(raw.get_xdata()) == len(smooth.get_xdata()) == 120
+    assert raw.get_xdata()[0] == pytest.approx(1 / 40) and raw.get_xdata()[-1] == 3.0
+    assert list(val.get_xdata()) == [1, 2, 3] and list(val.get_ydata()) == pytest.approx([55, 60, 65])
+    assert max(lr_axis.get_lines()[0].get_ydata()) == pytest.approx(0.01)
+    assert figure._supxlabel.get_text() == "arch lean"
+
+
+def test_old_history_without_steps_still_plots(workdir: Path, run_cli) -> None:
+    path = workdir / "artifacts" / "history.json"
+    old = json.loads(path.read_text())
+    for record in old["epochs"]:
+        del record["steps"]
+    path.write_text(json.dumps(old))
+    code, out, err = run_cli("plot")
+    assert code == 0, err
+    assert (workdir / "artifacts" / "plots" / "loss.png").is_file()
+
+
+def test_plots_go_stale_when_a_step_record_changes(workdir: Path, run_cli) -> None:
+    assert run_cli("plot")[0] == 0
+    plot_state = lambda: next(s for s in json.loads(run_cli("status", "--json")[1]) if s["stage"] == "plot")["state"]  # noqa: E731
+    assert plot_state() == CURRENT
+    path = workdir / "artifacts" / "history.json"
+    changed = json.loads(path.read_text())
+    changed["epochs"][0]["steps"][0]["train_loss"] += 1.0
+    path.write_text(json.dumps(changed, indent=2) + "\n")
+    assert plot_state() == STALE

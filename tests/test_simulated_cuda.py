@@ -1,7 +1,8 @@
 """The CUDA path on a simulated cuda:0 (see simulated_cuda.py): training, validation,
 checkpointing, resume, evaluate and predict, for every architecture.
 
-Checked: no op mixes CPU and CUDA operands; no host sync inside the step loop; the fused AdamW
+Checked: no op mixes CPU and CUDA operands; no host sync inside the step loop (the per-step
+metrics stay on the device until the epoch ends, and every step is recorded); the fused AdamW
 operands share size and strides, fresh and after resume; losses and sum logits are fp32, convs
 run in the autocast dtype; everything written to safetensors is a CPU tensor. The aten ops per
 training step (about the kernel launches) are printed at the end of the session.
@@ -83,6 +84,8 @@ def test_every_stage_on_cuda(arch: str, prepared, tmp_path: Path, monkeypatch: p
         assert sim.log.dtypes(phase, "convolution") == {"torch.float32"}, f"{phase} is not fp32"
     assert metrics["device"] == "cuda:0" and metrics["precision"] == "fp32"
     assert json.loads(run.config.read_text())["precision"] == "bf16"
+    recorded = [row["step"] for record in json.loads(run.history.read_text())["epochs"] for row in record["steps"]]
+    assert recorded == list(range(1, 11)), "2 epochs of 5 steps: per-step records lost or repeated across the resume"
 
     steps = reporter.ops_per_step[1:]  # the first also counts the epoch's permutation
     assert len(set(steps)) == 1, f"ops per step vary: {steps}"

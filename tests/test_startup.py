@@ -15,7 +15,7 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
 from mnistsum_cli.config import PRESETS, describe_preset
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "starlette", "uvicorn", "PIL")
+HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "starlette", "uvicorn", "PIL", "tensorboard")
 
 
 def python(code: str, **kwargs) -> subprocess.CompletedProcess:
@@ -25,8 +25,9 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "argv",
-    [None, ["--help"], ["train", "--help"], ["run", "--help"], ["serve", "--help"], ["train", "--bogus"], ["train", "--arch", "nope"], ["--version"]],
-    ids=["import", "--help", "train --help", "run --help", "serve --help", "bad flag", "bad arch", "--version"],
+    [None, ["--help"], ["train", "--help"], ["run", "--help"], ["serve", "--help"], ["train", "--bogus"], ["train", "--arch", "nope"],
+     ["--version"], ["runs", "--artifacts", "."], ["compare", "--help"]],
+    ids=["import", "--help", "train --help", "run --help", "serve --help", "bad flag", "bad arch", "--version", "runs", "compare --help"],
 )
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
     call = "" if argv is None else f"\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
@@ -44,7 +45,7 @@ def flattened(text: str) -> str:
     return " ".join(text.replace("│", " ").split())
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare"])
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
     code, out, err = run_cli(command, "--help")

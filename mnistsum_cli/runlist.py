@@ -1,0 +1,172 @@
+"""The training runs an artifacts folder holds, one row each: the current run and every run kept in
+previous/<run id>/. Read from the JSON files a run writes (no torch), for `mnistsum runs` and
+`mnistsum compare`. A folder that is not a readable run is listed as such, never an error."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mnistsum_cli.config import TrainConfig
+from mnistsum_cli.errors import BadOption, MnistsumError
+from mnistsum_cli.paths import RunDir
+from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
+from mnistsum_cli.store import read_consistently
+
+# The columns of every row after the run's settings (TrainConfig's fields), in table order.
+FIGURES = (
+    "device", "precision", "world_size", "train_seconds", "kept_epoch",
+    "val_digit_accuracy", "val_sum_accuracy", "test_digit_accuracy", "test_sum_accuracy",
+)  # fmt: skip
+SETTINGS = tuple(TrainConfig().to_dict())
+COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, "folder")
+DEFAULT_SORT = "started"
+
+
+@dataclass
+class RunEntry:
+    """One folder: its row (COLUMNS; None where unknown) and, when it is a readable run, its history."""
+
+    folder: Path
+    row: dict[str, Any]
+    history: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @property
+    def readable(self) -> bool:
+        return self.history is not None
+
+
+def run_folders(artifacts: Path) -> list[Path]:
+    """The artifacts folder itself when it holds a run, then each folder in previous/."""
+    current = [artifacts] if any(path.exists() for path in RunDir(artifacts).run_files()) else []
+    previous = RunDir(artifacts).previous
+    kept = sorted(p for p in previous.iterdir() if p.is_dir() and not p.name.startswith(".")) if previous.is_dir() else []
+    return current + kept
+
+
+def read_run(folder: Path) -> RunEntry:
+    """The row of the run in `folder`; a folder without a readable history.json gets a row that
+    says why, with the rest left empty."""
+    run = RunDir(folder)
+    row: dict[str, Any] = dict.fromkeys(COLUMNS)
+    row["folder"] = str(folder)
+    if not run.history.exists():
+        row["state"] = "not a run (no history.json)"
+        return RunEntry(folder, row)
+    try:
+        history = read_consistently(run.root, lambda: HISTORY.read_json(run.history))
+        settings = TrainConfig.from_dict(history["config"]).to_dict()
+        records = history["epochs"]
+        kept = records[int(history["best_epoch"]) - 1] if history["best_epoch"] else None
+        done = len(records)
+        row.update(settings)
+        row.update(
+            run_id=str(history["run_id"]),
+            epochs_done=done,
+            state="complete" if done >= settings["epochs"] else f"interrupted at epoch {done} of {settings['epochs']}",
+            world_size=history.get("world_size", 1),
+            train_seconds=round(sum(record.get("seconds", 0.0) for record in records), 1),
+            kept_epoch=kept and kept["epoch"],
+            val_digit_accuracy=kept and kept["val_digit_accuracy"],
+            val_sum_accuracy=kept and kept["val_sum_accuracy"],
+        )
+    except MnistsumError as error:
+        row["state"] = f"unreadable: {error}"
+        return RunEntry(folder, row)
+    row.update(_run_info(run))
+    row.update(_test_figures(run, row))
+    return RunEntry(folder, row, history)
+
+
+def _run_info(run: RunDir) -> dict[str, Any]:
+    """Start time, device and precision from config.json (absent from runs older than it)."""
+    try:
+        info = RUN_CONFIG.read_json(run.config)
+    except MnistsumError:
+        return {}
+    return {"started": info.get("started_at"), "device": info.get("device"), "precision": info.get("precision")}
+
+
+def _test_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracies from evaluation_test.json when it evaluates this run's kept model."""
+    if not run.evaluation("test").exists():
+        return {}
+    try:
+        evaluation = EVALUATION.read_json(run.evaluation("test"))
+    except MnistsumError:
+        return {}
+    model = evaluation["model"]
+    if model.get("run_id") != row["run_id"] or model.get("epoch") != row["kept_epoch"]:
+        return {}
+    return {"test_digit_accuracy": evaluation["digit_accuracy"], "test_sum_accuracy": evaluation["sum_accuracy"]}
+
+
+def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:
+    """Every run in `artifacts`, sorted by column `sort` (empty values last)."""
+    if sort not in COLUMNS:
+        raise BadOption(f"--sort {sort!r} is not a column; choose from {', '.join(COLUMNS)}")
+    if not artifacts.is_dir():
+        raise MnistsumError(f"{artifacts} not found: run `mnistsum train` first (or pass --artifacts)")
+    entries = [read_run(folder) for folder in run_folders(artifacts)]
+    filled = sorted((e for e in entries if e.row[sort] is not None), key=lambda e: e.row[sort])
+    return filled + [e for e in entries if e.row[sort] is None]
+
+
+def differing_settings(entries: list[RunEntry]) -> tuple[list[str], dict[str, Any]]:
+    """The settings that differ between the readable runs, and those equal for all (name → value)."""
+    rows = [entry.row for entry in entries if entry.readable]
+    differ = [name for name in SETTINGS if len({json.dumps(row[name]) for row in rows}) > 1]
+    same = {name: rows[0][name] for name in SETTINGS if rows and name not in differ}
+    return differ, same
+
+
+def settings_text(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in settings.items())
+
+
+def as_csv(entries: list[RunEntry]) -> str:
+    """All columns, one line per run, for spreadsheets and pandas.read_csv."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(entry.row for entry in entries)
+    return out.getvalue()
+
+
+def find_run(artifacts: Path, name: str) -> RunEntry:
+    """A run named by its folder or by (a unique prefix of) its run id among the runs in `artifacts`."""
+    folder = Path(name)
+    if folder.is_dir():
+        entry = read_run(folder)
+        if not entry.readable:
+            raise MnistsumError(f"{folder} holds no readable run ({entry.row['state']})")
+        return entry
+    entries = [e for e in (read_run(f) for f in run_folders(artifacts)) if e.readable] if artifacts.is_dir() else []
+    matches = [e for e in entries if e.row["run_id"].startswith(name)] if name else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise MnistsumError(f"{name!r} is neither a run folder nor a run id in {artifacts}: see `mnistsum runs --artifacts {artifacts}`")
+    raise MnistsumError(f"{name!r} matches {len(matches)} runs in {artifacts}: give more of the run id")
+
+
+def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
+    """A label per run from the settings that differ between them (the run id where none does, or
+    to tell apart runs with equal labels), and a caption of the settings they share."""
+    differ, same = differing_settings(entries)
+    labels = [", ".join(f"{name} {entry.row[name]}" for name in differ) for entry in entries]
+    labels = [
+        f"{label} ({entry.row['run_id'][:8]})" if not label or labels.count(label) > 1 else label
+        for label, entry in zip(labels, entries)
+    ]
+    return labels, "all runs: " + settings_text(same) if same else ""
+
+
+def compare_path(artifacts: Path, entries: list[RunEntry]) -> Path:
+    """Where `compare` writes without --out: <artifacts>/compare/, beside (never inside) the
+    current run's plots/, named by the runs' ids."""
+    return artifacts / "compare" / ("-".join(entry.row["run_id"][:8] for entry in entries) + ".png")

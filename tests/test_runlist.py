@@ -1,0 +1,142 @@
+"""`mnistsum runs` and `mnistsum compare`: complete, interrupted and foreign runs in one folder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, snapshot
+from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.runlist import COLUMNS
+
+
+@pytest.fixture(scope="module")
+def many_runs(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """artifacts/ holding a run interrupted at epoch 1 of 2, and in previous/ two complete runs
+    (the first evaluated on test, the second with another lr), a folder of notes and a damaged run."""
+    from mnistsum_cli import report
+
+    root = tmp_path_factory.mktemp("many_runs")
+    data, artifacts = root / "data", root / "artifacts"
+    common = ("--preset", "cpu", "--cpu", "--data", data, "--artifacts", artifacts)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.delenv(MNIST_DIR_ENV, raising=False)
+        assert _main("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--data", data) == 0
+        assert _main("train", *common, "--epochs", 1) == 0
+        assert _main("evaluate", "--cpu", "--data", data, "--artifacts", artifacts) == 0
+        assert _main("train", *common, "--epochs", 1, "--lr", 0.005) == 0
+
+        def end_then_ctrl_c(self, record):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(report.ProgressReporter, "epoch_end", end_then_ctrl_c)
+        assert _main("train", *common, "--epochs", 2) == 130
+    (artifacts / "previous" / "notes").mkdir()
+    (artifacts / "previous" / "notes" / "todo.txt").write_text("not a run\n")
+    (artifacts / "previous" / "damaged").mkdir()
+    (artifacts / "previous" / "damaged" / "history.json").write_text("{")
+    return root
+
+
+def rows(run_cli, *args: object) -> list[dict]:
+    code, out, err = run_cli("runs", "--artifacts", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_runs_lists_every_folder(many_runs: Path, run_cli) -> None:
+    listed = rows(run_cli, many_runs / "artifacts")
+    assert len(listed) == 5
+    states = sorted(row["state"] for row in listed)
+    assert states[:4] == ["complete", "complete", "interrupted at epoch 1 of 2", "not a run (no history.json)"]
+    assert states[4].startswith("unreadable: ") and "damaged/history.json is unreadable" in states[4]
+    complete = [row for row in listed if row["state"] == "complete"]
+    assert len(complete) == 2 and {row["lr"] for row in complete} == {0.01, 0.005}
+    first = next(row for row in complete if row["lr"] == 0.01)
+    evaluated = json.loads((Path(first["folder"]) / "evaluation_test.json").read_text())
+    assert first["test_digit_accuracy"] == evaluated["digit_accuracy"]
+    assert first["test_sum_accuracy"] == evaluated["sum_accuracy"]
+    assert next(row for row in complete if row["lr"] == 0.005)["test_digit_accuracy"] is None
+    interrupted = next(row for row in listed if row["state"].startswith("interrupted"))
+    assert interrupted["folder"] == str(many_runs / "artifacts") and interrupted["epochs_done"] == 1
+    history = json.loads((many_runs / "artifacts" / "history.json").read_text())
+    assert interrupted["val_sum_accuracy"] == history["epochs"][0]["val_sum_accuracy"]
+    assert interrupted["train_seconds"] == pytest.approx(history["epochs"][0]["seconds"], abs=0.06)
+    for row in complete + [interrupted]:
+        assert (row["device"], row["precision"], row["world_size"], row["kept_epoch"]) == ("cpu", "fp32", 1, 1)
+
+
+def test_runs_table_shows_what_differs_and_captions_the_rest(many_runs: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, err = run_cli("runs", "--artifacts", many_runs / "artifacts")
+    assert code == 0 and err == "", err
+    header = next(line for line in out.splitlines() if "run id" in line)
+    assert {name for name in ("lr", "epochs", "arch", "batch_size") if f" {name} " in header} == {"epochs", "lr"}
+    assert "all runs: arch lean" in " ".join(out.split())
+    assert "interrupted at epoch 1 of 2" in out and "not a run" in out and "unreadable" in out
+    assert "Traceback" not in out + err
+
+
+def test_runs_csv_has_every_column(many_runs: Path, run_cli) -> None:
+    code, out, err = run_cli("runs", "--artifacts", many_runs / "artifacts", "--csv")
+    assert code == 0, err
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert list(table[0]) == list(COLUMNS) and len(table) == 5
+    assert {row["run_id"] for row in table} == {row["run_id"] or "" for row in rows(run_cli, many_runs / "artifacts")}
+
+
+@pytest.mark.parametrize("key", ["val_sum_accuracy", "lr", "started", "state"])
+def test_runs_sort(many_runs: Path, run_cli, key: str) -> None:
+    listed = rows(run_cli, many_runs / "artifacts", "--sort", key)
+    values = [row[key] for row in listed]
+    filled = [value for value in values if value is not None]
+    assert filled == sorted(filled) and values[: len(filled)] == filled
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sort", "speed"], "--sort 'speed' is not a column"),
+        (["--json", "--csv"], "pass --json or --csv, not both"),
+    ],
+)
+def test_runs_bad_options(many_runs: Path, run_cli, args, message: str) -> None:
+    code, out, err = run_cli("runs", "--artifacts", many_runs / "artifacts", *args)
+    assert code == 2 and message in assert_one_line_error(err, out)
+
+
+def test_runs_of_a_missing_folder(run_cli, tmp_path: Path) -> None:
+    code, out, err = run_cli("runs", "--artifacts", tmp_path / "nowhere")
+    assert code == 1 and "not found" in assert_one_line_error(err, out)
+
+
+def test_compare_by_id_and_by_folder(many_runs: Path, run_cli, tmp_path: Path) -> None:
+    artifacts = many_runs / "artifacts"
+    listed = [row for row in rows(run_cli, artifacts) if row["run_id"]]
+    complete = [row for row in listed if row["state"] == "complete"]
+    before = snapshot(artifacts)
+    code, out, err = run_cli("compare", complete[0]["run_id"][:6], complete[1]["folder"], "--artifacts", artifacts, "--out", tmp_path / "two.png")
+    assert code == 0, err
+    with Image.open(tmp_path / "two.png") as image:
+        assert image.format == "PNG" and image.width > 1000
+    assert snapshot(artifacts) == before
+
+    code, out, err = run_cli("compare", *[row["run_id"] for row in listed], "--artifacts", artifacts)
+    assert code == 0, err
+    written = artifacts / "compare" / ("-".join(row["run_id"][:8] for row in listed) + ".png")
+    assert out.strip() == f"wrote {written}"
+    assert written.is_file()
+    assert {k: v for k, v in snapshot(artifacts).items() if not k.startswith("compare/")} == before
+
+
+@pytest.mark.parametrize("name, message", [("ffff", "neither a run folder nor a run id"), ("previous/notes", "holds no readable run")])
+def test_compare_refuses_what_is_not_a_run(many_runs: Path, run_cli, name: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(many_runs / "artifacts")
+    code, out, err = run_cli("compare", name, "--artifacts", ".")
+    assert code == 1 and message in assert_one_line_error(err, out)
+    assert not (many_runs / "artifacts" / "compare" / "ffff.png").exists()
