@@ -264,6 +264,12 @@ SPLIT_META = Schema(
             "val_size": Field(Int(1), "`prepare --val-size`"),
             "limit": Field(Nullable(Int(1)), "`prepare --limit`"),
             "mnist_root": Field(Str(), "the MNIST folder read"),
+            "mnist_files": Field(
+                MapOf(ListOf(Int(0), length=2)),
+                "[size, modification time in ns] of each raw MNIST file read: unchanged stamps tell an "
+                "up-to-date check that MNIST need not be read",
+                required=False,
+            ),
             "mnist_fingerprint": Field(Str(), "hash of the MNIST images and labels read"),
             "mnist_sizes": Field(
                 Record({name: Field(Int(1), f"images in the MNIST {name} set") for name in ("train", "test")}),
