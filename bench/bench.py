@@ -108,20 +108,25 @@ class RunResult:
         total = (predictions.sum == self.test.sums).sum().item() / len(self.test)
         self.epochs.append({"epoch": len(self.epochs) + 1, "seconds": clock.seconds, "digit": digit, "sum": total})
         self.peak_bytes = clock.peak_bytes
-        console.print(f"  {self.name} epoch {len(self.epochs)}: {clock.seconds:.1f} s, digit {digit:.2%}, sum {total:.2%}")
+        console.print(
+            f"  {self.name} epoch {len(self.epochs)}: {clock.seconds:.1f} s, digit {digit:.2%}, sum {total:.2%}"
+        )
 
     def summary(self, target: Target) -> dict[str, Any]:
         reached = next((e for e in self.epochs if target.reached(e)), None)
         last = self.epochs[-1]
         return {
-            "name": self.name, "settings": self.settings, "epochs": self.epochs,
+            "name": self.name,
+            "settings": self.settings,
+            "epochs": self.epochs,
             "train_seconds": last["seconds"],
             "images_per_second": self.images / last["seconds"],
             "target_epoch": reached["epoch"] if reached else None,
             "time_to_target": reached["seconds"] if reached else None,
-            "final_digit_accuracy": last["digit"], "final_sum_accuracy": last["sum"],
+            "final_digit_accuracy": last["digit"],
+            "final_sum_accuracy": last["sum"],
             "peak_gpu_memory_bytes": self.peak_bytes,
-        }  # fmt: skip
+        }
 
 
 def speedup(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
@@ -187,16 +192,23 @@ class ClassicMnist(torchvision.datasets.MNIST):
         return self.transform(image), number, int(self.rows.digit[i]), int(self.rows.sum[i])
 
 
-def run_classic(args: argparse.Namespace, dataset: Dataset, mnist: Mnist, device: torch.device, result: RunResult) -> None:
+def run_classic(
+    args: argparse.Namespace, dataset: Dataset, mnist: Mnist, device: torch.device, result: RunResult
+) -> None:
     """The conv/BatchNorm classifier design as it was trained: DataLoader, Adam 1e-3, fp32."""
     torch.backends.cudnn.benchmark = False  # the design's default
     torch.manual_seed(args.seed)
     train_set = ClassicMnist(mnist.root, dataset.splits["train"])
     drop_last = len(train_set) % args.batch_size == 1  # BatchNorm1d cannot train on one row
     loader = DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed), drop_last=drop_last,
-    )  # fmt: skip
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+        drop_last=drop_last,
+    )
     model = build_model("convnet").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     clock = Clock(device)
@@ -236,7 +248,9 @@ class TimingReporter:
         self.result.score(self.clock, checkpoint_model(self.run, self.clock.device), self.images)
 
 
-def run_mnistsum(config: TrainConfig, data_dir: DataDir, mnist: Mnist, device: torch.device, result: RunResult, tmp: Path) -> None:
+def run_mnistsum(
+    config: TrainConfig, data_dir: DataDir, mnist: Mnist, device: torch.device, result: RunResult, tmp: Path
+) -> None:
     train_data = load_train_data(PreparedData(data_dir, mnist=mnist), device)
     run = RunDir(Path(tempfile.mkdtemp(prefix="run-", dir=tmp)))
     train(config, train_data, run, device, reporter=TimingReporter(run, device, result))
@@ -246,8 +260,12 @@ def run_mnistsum(config: TrainConfig, data_dir: DataDir, mnist: Mnist, device: t
 
 
 def print_tables(summaries: list[dict[str, Any]], target: Target) -> None:
-    per_epoch = Table("epoch", *(s["name"] for s in summaries), box=box.SIMPLE_HEAD,
-                      title="cumulative training s · test digit / sum accuracy, %")  # fmt: skip
+    per_epoch = Table(
+        "epoch",
+        *(s["name"] for s in summaries),
+        box=box.SIMPLE_HEAD,
+        title="cumulative training s · test digit / sum accuracy, %",
+    )
     for i in range(max(len(s["epochs"]) for s in summaries)):
         per_epoch.add_row(str(i + 1), *(epoch_text(s, i) for s in summaries))
     console.print(per_epoch)
@@ -281,16 +299,31 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     where.add_argument("--gpu", type=int, metavar="N", help="CUDA device N (default: cuda:0 when there is one)")
     where.add_argument("--cpu", action="store_true", help="run on the CPU")
     add = parser.add_argument
-    add("--mnist-dir", type=Path, default=Path(os.environ.get(MNIST_DIR_ENV) or REPO_ROOT.parent / "shared" / "mnist"),
-        help=f"torchvision MNIST root (default: ${MNIST_DIR_ENV}, else ../shared/mnist)")  # fmt: skip
+    add(
+        "--mnist-dir",
+        type=Path,
+        default=Path(os.environ.get(MNIST_DIR_ENV) or REPO_ROOT.parent / "shared" / "mnist"),
+        help=f"torchvision MNIST root (default: ${MNIST_DIR_ENV}, else ../shared/mnist)",
+    )
     add("--limit", type=int, help="rows per split, for quick runs")
-    add("--cpu-mode", action="store_true",
-        help="on the CPU: presets cpu-v1 and cpu, target 99%%, the classic pipeline capped at 1 epoch")  # fmt: skip
-    add("--baseline-epochs", type=int,
-        help="epochs of the classic pipeline (the conv/BatchNorm classifier design); 0 skips it (default: 10; --cpu-mode: 1)")  # fmt: skip
+    add(
+        "--cpu-mode",
+        action="store_true",
+        help="on the CPU: presets cpu-v1 and cpu, target 99%%, the classic pipeline capped at 1 epoch",
+    )
+    add(
+        "--baseline-epochs",
+        type=int,
+        help="epochs of the classic pipeline (the conv/BatchNorm classifier design); 0 skips it (default: 10; --cpu-mode: 1)",
+    )
     add("--epochs", type=int, help="epochs of the mnistsum runs (default: the preset's)")
-    add("--preset", dest="presets", action="append", choices=list(PRESETS),
-        help="mnistsum preset; repeat to time several (default: default; --cpu-mode: cpu-v1 and cpu)")  # fmt: skip
+    add(
+        "--preset",
+        dest="presets",
+        action="append",
+        choices=list(PRESETS),
+        help="mnistsum preset; repeat to time several (default: default; --cpu-mode: cpu-v1 and cpu)",
+    )
     add("--arch-too", action="append", default=[], choices=list(ARCHITECTURES), help="also run mnistsum with this arch")
     add("--batch-size", type=int, default=128, help="classic pipeline's batch size (default: 128)")
     add("--num-workers", type=int, default=2, help="classic pipeline's DataLoader workers (default: 2)")
@@ -317,7 +350,9 @@ def device_name(device: torch.device) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def run_all(args: argparse.Namespace, device: torch.device, tmp: Path, report: Callable[[dict[str, Any], list[RunResult]], None]) -> None:
+def run_all(
+    args: argparse.Namespace, device: torch.device, tmp: Path, report: Callable[[dict[str, Any], list[RunResult]], None]
+) -> None:
     """Prepare the rows once, then the classic pipeline (unless 0 epochs) and every preset
     (and extra arch), each scored on the test split after every epoch; `report` gets the
     results so far after each run, so a run cut short by a time limit keeps what finished."""
@@ -332,7 +367,13 @@ def run_all(args: argparse.Namespace, device: torch.device, tmp: Path, report: C
     test = split_tensors(dataset, mnist, "test", device)
     results: list[RunResult] = []
     if args.baseline_epochs:
-        settings = {"arch": "convnet", "epochs": args.baseline_epochs, "batch_size": args.batch_size, "lr": 1e-3, "num_workers": args.num_workers}
+        settings = {
+            "arch": "convnet",
+            "epochs": args.baseline_epochs,
+            "batch_size": args.batch_size,
+            "lr": 1e-3,
+            "num_workers": args.num_workers,
+        }
         results.append(RunResult(CLASSIC, settings, test))
         run_classic(args, dataset, mnist, device, results[-1])
         report(described, results)
@@ -348,7 +389,9 @@ def run_all(args: argparse.Namespace, device: torch.device, tmp: Path, report: C
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device, _ = select_device(args.gpu, args.cpu)
-    console.print(f"[bold]mnistsum bench[/] on {device} ({device_name(device)}); torch {torch.__version__}, torchvision {torchvision.__version__}")
+    console.print(
+        f"[bold]mnistsum bench[/] on {device} ({device_name(device)}); torch {torch.__version__}, torchvision {torchvision.__version__}"
+    )
     target = Target(args.target, args.sum_target)
     out = args.json_out or REPO_ROOT / "bench" / "results" / f"bench-{str(device).replace(':', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,10 +401,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         summaries[:] = [result.summary(target) for result in results]
         add_speedups(summaries)
         report = {
-            "device": str(device), "device_name": device_name(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "device": str(device),
+            "device_name": device_name(device),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
             "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
-            "dataset": dataset, "target": {"digit": target.digit, "sum": target.sum}, "runs": summaries,
-        }  # fmt: skip
+            "dataset": dataset,
+            "target": {"digit": target.digit, "sum": target.sum},
+            "runs": summaries,
+        }
         partial = out.with_name(out.name + ".partial")  # replaced whole: a kill never leaves half a file
         partial.write_text(json.dumps(report, indent=2) + "\n")
         partial.replace(out)

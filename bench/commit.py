@@ -52,13 +52,18 @@ def per_file_writes(run, learner, state, improved: bool, run_info: dict) -> None
     encode = lambda meta: {key: json.dumps(value) for key, value in meta.items()}  # noqa: E731
     if improved:
         tensors = {n: t.detach().contiguous() for n, t in learner.model.state_dict().items()}
-        atomic(run.model, lambda tmp: save_file(tensors, tmp, metadata=encode({"format": "mnistsum-model/1", **common})))
+        atomic(
+            run.model, lambda tmp: save_file(tensors, tmp, metadata=encode({"format": "mnistsum-model/1", **common}))
+        )
     optim, groups = optimizer_tensors(learner.optimizer)
     weights = {f"{WEIGHTS_PREFIX}{n}": t.detach().contiguous() for n, t in learner.model.state_dict().items()}
     meta = {"format": "mnistsum-checkpoint/1", **common, "epoch": state.epoch, "param_groups": groups}
     atomic(run.checkpoint, lambda tmp: save_file({**weights, **optim}, tmp, metadata=encode(meta)))
-    for path, data in ((run.history, {**common, "epochs": state.history}), (run.train_state, {**common, "epoch": state.epoch}),
-                       (run.config, run_info)):  # fmt: skip
+    for path, data in (
+        (run.history, {**common, "epochs": state.history}),
+        (run.train_state, {**common, "epoch": state.epoch}),
+        (run.config, run_info),
+    ):
         atomic(path, lambda tmp, data=data: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
@@ -76,7 +81,9 @@ def time_commits(artifacts: Path, repeat: int) -> dict[str, list[float]]:
     state_file = json.loads(run.train_state.read_text())
     config = TrainConfig.from_dict(state_file["config"])
     model = build_model(config.arch)
-    learner = Learner(model, make_optimizer(model, config, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False))
+    learner = Learner(
+        model, make_optimizer(model, config, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
+    )
     state = load_checkpoint(run, learner, config, state_file["dataset_id"])
     run_info = json.loads(run.config.read_text())
     targets = {"store": RunDir(artifacts.parent / "store"), "before": RunDir(artifacts.parent / "before")}
@@ -102,12 +109,16 @@ def main() -> None:
         root = Path(folder)
         before_tree = root / "before-tree"
         before_tree.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", options.before], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", options.before], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(before_tree)], input=archive, check=True)
         data, artifacts = root / "data", root / "artifacts"
         mnistsum(REPO, "prepare", "--mnist-dir", options.mnist_dir, "--limit", 2000, "--data", data)
         mnistsum(REPO, "train", "--preset", "cpu", "--cpu", "--data", data, "--artifacts", artifacts)
-        epoch_seconds = statistics.median(r["seconds"] for r in json.loads((artifacts / "history.json").read_text())["epochs"])
+        epoch_seconds = statistics.median(
+            r["seconds"] for r in json.loads((artifacts / "history.json").read_text())["epochs"]
+        )
 
         commits = time_commits(artifacts, options.repeat)
         status = {"before": [], "store": []}
@@ -123,7 +134,9 @@ def main() -> None:
     for name in ("before", "store"):
         share = 100 * statistics.median(commits[name]) / epoch_seconds
         print(f"  {name}: {share:.2f} % of the epoch")
-    print(f"{'status, median of 5 (s)':32}{statistics.median(status['before']):12.2f}{statistics.median(status['store']):12.2f}")
+    print(
+        f"{'status, median of 5 (s)':32}{statistics.median(status['before']):12.2f}{statistics.median(status['store']):12.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -64,9 +64,14 @@ class Sizes:
 
 REAL = Sizes(device=("--gpu", "0"), bench=(), classic_epochs=8, presets=OTHER_PRESETS, profile=(), slack=1)
 # a CPU shared with other work is slow: the dry run proves the steps, not the time they take
-DRY = Sizes(device=("--cpu",), bench=("--limit", "300", "--epochs", "1", "--num-workers", "0"), classic_epochs=1,
-            presets=OTHER_PRESETS[:2], profile=("--limit", "300", "--batch-size", "32", "--warmup", "2", "--steps", "2"),
-            slack=4)  # fmt: skip
+DRY = Sizes(
+    device=("--cpu",),
+    bench=("--limit", "300", "--epochs", "1", "--num-workers", "0"),
+    classic_epochs=1,
+    presets=OTHER_PRESETS[:2],
+    profile=("--limit", "300", "--batch-size", "32", "--warmup", "2", "--steps", "2"),
+    slack=4,
+)
 
 
 @dataclass
@@ -99,14 +104,17 @@ class Session:
 
     def record(self, name: str, ok: bool, started: float, detail: str = "") -> bool:
         self.checks.append(Check(name, ok, round(time.monotonic() - started, 1), detail))
-        self.say(f"{'ok  ' if ok else 'FAIL'} {name} ({time.monotonic() - started:.0f} s){': ' + detail if detail else ''}")
+        self.say(
+            f"{'ok  ' if ok else 'FAIL'} {name} ({time.monotonic() - started:.0f} s){': ' + detail if detail else ''}"
+        )
         return ok
 
     def time_left(self, share: float) -> float:
         return max(1.0, min(share * self.slack, self.deadline - BUDGET["reports"] - time.monotonic()))
 
-    def run(self, name: str, command: list[str], share: float, env: Optional[dict[str, str]] = None,
-            cwd: Path = REPO) -> Optional[subprocess.CompletedProcess]:
+    def run(
+        self, name: str, command: list[str], share: float, env: Optional[dict[str, str]] = None, cwd: Path = REPO
+    ) -> Optional[subprocess.CompletedProcess]:
         """Run a step's command with its time share, its output appended to the log; None on timeout."""
         timeout = self.time_left(share)
         shown = " ".join("<script>" if "\n" in part else part for part in command)
@@ -156,13 +164,37 @@ def install(session: Session, folder: Path) -> tuple[dict[str, str], Path]:
     started = time.monotonic()
     wheels, site = folder / "wheels", folder / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    built = session.run("install", [*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--wheel-dir", str(wheels), str(REPO)],
-                        BUDGET["setup"], cwd=folder)  # fmt: skip
-    installed = built is not None and built.returncode == 0 and session.run(
-        "install", [*pip, "install", "--no-deps", "--no-index", "--target", str(site), *map(str, wheels.glob("mnistsum-*.whl"))],
-        BUDGET["setup"], cwd=folder,
-    ).returncode == 0  # fmt: skip
-    session.record("install offline", installed, started, f"into {site}" if installed else "failed (see the log): using the repository")
+    built = session.run(
+        "install",
+        [*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--wheel-dir", str(wheels), str(REPO)],
+        BUDGET["setup"],
+        cwd=folder,
+    )
+    installed = (
+        built is not None
+        and built.returncode == 0
+        and session.run(
+            "install",
+            [
+                *pip,
+                "install",
+                "--no-deps",
+                "--no-index",
+                "--target",
+                str(site),
+                *map(str, wheels.glob("mnistsum-*.whl")),
+            ],
+            BUDGET["setup"],
+            cwd=folder,
+        ).returncode
+        == 0
+    )
+    session.record(
+        "install offline",
+        installed,
+        started,
+        f"into {site}" if installed else "failed (see the log): using the repository",
+    )
     package_root = site if installed else REPO
     return {**os.environ, "PYTHONPATH": str(package_root), "MNISTSUM_TEST_THREADS": "4"}, package_root
 
@@ -189,13 +221,23 @@ def versions(session: Session, env: dict[str, str], package_root: Path) -> bool:
         return session.record("versions", False, started, "could not import torch or mnistsum_cli (see the log)")
     found = json.loads(result.stdout.strip().splitlines()[-1])
     smi = shutil.which("nvidia-smi")
-    driver = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30) if smi else None
-    found["driver"] = driver.stdout.strip().splitlines()[0] if driver and driver.returncode == 0 and driver.stdout.strip() else None
+    driver = (
+        subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+        if smi
+        else None
+    )
+    found["driver"] = (
+        driver.stdout.strip().splitlines()[0] if driver and driver.returncode == 0 and driver.stdout.strip() else None
+    )
     session.figures["versions"] = found
     from_install = Path(found["mnistsum_from"]).is_relative_to(package_root)
     ok = from_install and (found["gpu"] is not None or session.dry_run)
     detail = f"{found['gpu'] or 'no GPU'}, driver {found['driver']}, CUDA {found['cuda']}, cuDNN {found['cudnn']}, torch {found['torch']}"
-    return session.record("versions", ok, started, detail + ("" if from_install else f"; mnistsum_cli came from {found['mnistsum_from']}"))
+    return session.record(
+        "versions", ok, started, detail + ("" if from_install else f"; mnistsum_cli came from {found['mnistsum_from']}")
+    )
 
 
 # --------------------------------------------------------------------------- the checks
@@ -205,10 +247,29 @@ def cuda_tests(session: Session, env: dict[str, str], package_root: Path, mnist:
     started = time.monotonic()
     xml = session.outdir / "pytest-cuda.xml"
     # only the file that holds them: the GPU machine has pytest but not every test's dependency (hypothesis)
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rs", f"--junitxml={xml}",
-               "--rootdir", str(REPO), str(REPO / "tests" / "test_cuda.py")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rs",
+        f"--junitxml={xml}",
+        "--rootdir",
+        str(REPO),
+        str(REPO / "tests" / "test_cuda.py"),
+    ]
     # run from the install folder: `python -m` puts the working folder first on sys.path
-    result = session.run("pytest -m cuda", command, BUDGET["pytest -m cuda"], {**env, "MNISTSUM_TEST_MNIST": str(mnist)}, cwd=package_root)
+    result = session.run(
+        "pytest -m cuda",
+        command,
+        BUDGET["pytest -m cuda"],
+        {**env, "MNISTSUM_TEST_MNIST": str(mnist)},
+        cwd=package_root,
+    )
     if result is None:
         return session.record("pytest -m cuda", False, started, "stopped at its time limit")
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "no output"
@@ -218,13 +279,28 @@ def cuda_tests(session: Session, env: dict[str, str], package_root: Path, mnist:
     return session.record("pytest -m cuda", ok, started, summary)
 
 
-def bench(session: Session, env: dict[str, str], mnist: Path, sizes: Sizes, name: str, share: float, *args: str) -> bool:
+def bench(
+    session: Session, env: dict[str, str], mnist: Path, sizes: Sizes, name: str, share: float, *args: str
+) -> bool:
     """One bench.py run; its JSON (complete or as far as it got) goes into the figures."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
-        command = [sys.executable, str(REPO / "bench" / "bench.py"), *sizes.device, "--mnist-dir", str(mnist),
-                   "--target", TARGET[0], "--sum-target", TARGET[1], "--json-out", str(out), *sizes.bench, *args]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "bench" / "bench.py"),
+            *sizes.device,
+            "--mnist-dir",
+            str(mnist),
+            "--target",
+            TARGET[0],
+            "--sum-target",
+            TARGET[1],
+            "--json-out",
+            str(out),
+            *sizes.bench,
+            *args,
+        ]
         result = session.run(name, command, share, env)
         report = json.loads(out.read_text()) if out.exists() else None
     if report:
@@ -233,7 +309,9 @@ def bench(session: Session, env: dict[str, str], mnist: Path, sizes: Sizes, name
         done = ", ".join(run["name"] for run in report["runs"]) if report else "nothing"
         return session.record(name, False, started, f"stopped at its time limit; finished: {done}")
     ok = result.returncode == 0 and report is not None
-    return session.record(name, ok, started, "; ".join(run_line(run) for run in report["runs"]) if report else "no report")
+    return session.record(
+        name, ok, started, "; ".join(run_line(run) for run in report["runs"]) if report else "no report"
+    )
 
 
 def run_line(run: dict[str, Any]) -> str:
@@ -245,16 +323,32 @@ def profile_default(session: Session, env: dict[str, str], mnist: Path, sizes: S
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "profile.json"
-        command = [sys.executable, str(REPO / "bench" / "profile_steps.py"), *sizes.device, "--mnist-dir", str(mnist),
-                   "--preset", "default", "--json-out", str(out), *sizes.profile]  # fmt: skip
+        command = [
+            sys.executable,
+            str(REPO / "bench" / "profile_steps.py"),
+            *sizes.device,
+            "--mnist-dir",
+            str(mnist),
+            "--preset",
+            "default",
+            "--json-out",
+            str(out),
+            *sizes.profile,
+        ]
         result = session.run("profile", command, BUDGET["profile"], env)
         figures = json.loads(out.read_text()) if out.exists() else None
     if result is None or result.returncode != 0 or figures is None:
-        return session.record("profile", False, started, "stopped at its time limit" if result is None else "no profile (see the log)")
+        return session.record(
+            "profile", False, started, "stopped at its time limit" if result is None else "no profile (see the log)"
+        )
     session.figures["profile"] = figures
     busy = "n/a" if figures["gpu_busy_share"] is None else f"{figures['gpu_busy_share']:.0%}"
-    return session.record("profile", True, started, f"{figures['per_step']:.0f} {figures['what']} per step, "
-                          f"{figures['step_ms']:.1f} ms a step, GPU busy {busy}")  # fmt: skip
+    return session.record(
+        "profile",
+        True,
+        started,
+        f"{figures['per_step']:.0f} {figures['what']} per step, {figures['step_ms']:.1f} ms a step, GPU busy {busy}",
+    )
 
 
 # --------------------------------------------------------------------------- reports
@@ -264,14 +358,23 @@ def bench_rows(session: Session) -> list[str]:
     runs = [run for report in session.figures.get("bench", {}).values() for run in report["runs"]]
     if not runs:
         return []
-    lines = ["", f"Time to {float(TARGET[0]):.1%} digit / {float(TARGET[1]):.1%} sum test accuracy (training loop only, "
-             "test scoring excluded).", "", "| run | to target | test digit / sum % | train s | images/s | peak GPU MiB | vs classic |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        f"Time to {float(TARGET[0]):.1%} digit / {float(TARGET[1]):.1%} sum test accuracy (training loop only, "
+        "test scoring excluded).",
+        "",
+        "| run | to target | test digit / sum % | train s | images/s | peak GPU MiB | vs classic |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         to_target = "-" if run["time_to_target"] is None else f"{run['time_to_target']:.1f} s"
         peak = "-" if run["peak_gpu_memory_bytes"] is None else str(round(run["peak_gpu_memory_bytes"] / 2**20))
         speed = run.get("speedup", {})
-        vs_classic = "-" if speed.get("value") is None else f"{'' if speed['bound'] == '=' else speed['bound']}{speed['value']:.2f}x"
+        vs_classic = (
+            "-"
+            if speed.get("value") is None
+            else f"{'' if speed['bound'] == '=' else speed['bound']}{speed['value']:.2f}x"
+        )
         lines.append(
             f"| {run['name']} | {to_target} | {100 * run['final_digit_accuracy']:.2f} / {100 * run['final_sum_accuracy']:.2f} "
             f"| {run['train_seconds']:.1f} | {run['images_per_second']:,.0f} | {peak} | {vs_classic} |"
@@ -284,19 +387,33 @@ def profile_rows(session: Session) -> list[str]:
     if not profile:
         return []
     busy = "n/a" if profile["gpu_busy_share"] is None else f"{profile['gpu_busy_share']:.0%}"
-    lines = ["", f"Profile of {profile['steps']} steps of the {profile['preset']} preset (batch {profile['batch_size']}): "
-             f"{profile['per_step']:.0f} {profile['what']} per step, {profile['step_ms']:.2f} ms a step, "
-             f"GPU busy {busy} of the time. Top:", ""]  # fmt: skip
-    return lines + [f"- {row['ms_per_step']:.3f} ms/step, {row['per_step']:.0f}x: `{row['name']}`" for row in profile["top"][:5]]
+    lines = [
+        "",
+        f"Profile of {profile['steps']} steps of the {profile['preset']} preset (batch {profile['batch_size']}): "
+        f"{profile['per_step']:.0f} {profile['what']} per step, {profile['step_ms']:.2f} ms a step, "
+        f"GPU busy {busy} of the time. Top:",
+        "",
+    ]
+    return lines + [
+        f"- {row['ms_per_step']:.3f} ms/step, {row['per_step']:.0f}x: `{row['name']}`" for row in profile["top"][:5]
+    ]
 
 
 def summary_markdown(session: Session) -> str:
     v = session.figures.get("versions", {})
-    lines = [f"# mnistsum GPU check{' (dry run: CPU, tiny sizes)' if session.dry_run else ''}", "",
-             f"{v.get('gpu') or 'no GPU'} · driver {v.get('driver')} · CUDA {v.get('cuda')} · cuDNN {v.get('cudnn')} · "
-             f"torch {v.get('torch')} · torchvision {v.get('torchvision')} · Python {v.get('python')}", "",
-             "| check | result | s | detail |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {c.name} | {'ok' if c.ok else '**FAILED**'} | {c.seconds:.0f} | {c.detail.replace('|', '/')} |" for c in session.checks]
+    lines = [
+        f"# mnistsum GPU check{' (dry run: CPU, tiny sizes)' if session.dry_run else ''}",
+        "",
+        f"{v.get('gpu') or 'no GPU'} · driver {v.get('driver')} · CUDA {v.get('cuda')} · cuDNN {v.get('cudnn')} · "
+        f"torch {v.get('torch')} · torchvision {v.get('torchvision')} · Python {v.get('python')}",
+        "",
+        "| check | result | s | detail |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c.name} | {'ok' if c.ok else '**FAILED**'} | {c.seconds:.0f} | {c.detail.replace('|', '/')} |"
+        for c in session.checks
+    ]
     return "\n".join(lines + bench_rows(session) + profile_rows(session)) + "\n"
 
 
@@ -322,19 +439,50 @@ def check_all(session: Session, sizes: Sizes, packed: Path) -> None:
         if not versions(session, env, package_root):
             return
         cuda_tests(session, env, package_root, mnist)
-        bench(session, env, mnist, sizes, "classic vs default", BUDGET["classic vs default"],
-              "--baseline-epochs", str(sizes.classic_epochs), "--preset", "default")  # fmt: skip
-        bench(session, env, mnist, sizes, "presets", BUDGET["presets"],
-              "--baseline-epochs", "0", *(arg for name in sizes.presets for arg in ("--preset", name)))  # fmt: skip
+        bench(
+            session,
+            env,
+            mnist,
+            sizes,
+            "classic vs default",
+            BUDGET["classic vs default"],
+            "--baseline-epochs",
+            str(sizes.classic_epochs),
+            "--preset",
+            "default",
+        )
+        bench(
+            session,
+            env,
+            mnist,
+            sizes,
+            "presets",
+            BUDGET["presets"],
+            "--baseline-epochs",
+            "0",
+            *(arg for name in sizes.presets for arg in ("--preset", name)),
+        )
         profile_default(session, env, mnist, sizes)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="See docs/gpu-check.md.")
     parser.add_argument("outdir", type=Path, nargs="?", help="where the log, figures.json and summary.md go")
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: every step but the CUDA-only ones")
-    parser.add_argument("--pack", type=Path, metavar="MNIST_ROOT", help="the preparation step: gzip MNIST_ROOT/MNIST/raw into mnist-local/")
-    parser.add_argument("--mnist-pack", type=Path, default=MNIST_PACK, help=f"the gzipped MNIST folder (default: {MNIST_PACK.relative_to(REPO)})")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU: every step but the CUDA-only ones"
+    )
+    parser.add_argument(
+        "--pack",
+        type=Path,
+        metavar="MNIST_ROOT",
+        help="the preparation step: gzip MNIST_ROOT/MNIST/raw into mnist-local/",
+    )
+    parser.add_argument(
+        "--mnist-pack",
+        type=Path,
+        default=MNIST_PACK,
+        help=f"the gzipped MNIST folder (default: {MNIST_PACK.relative_to(REPO)})",
+    )
     args = parser.parse_args(argv)
     if (args.pack is None) == (args.outdir is None):
         parser.error("give OUTDIR, or --pack MNIST_ROOT for the preparation step")
@@ -365,7 +513,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         signal.alarm(0)
         write_reports(session)
     failed = [c.name for c in session.checks if not c.ok]
-    session.say(f"\n{len(session.checks) - len(failed)} checks ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; reports in {args.outdir}")
+    session.say(
+        f"\n{len(session.checks) - len(failed)} checks ok, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; reports in {args.outdir}"
+    )
     return 1 if failed else 0
 
 

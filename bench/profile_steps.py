@@ -40,15 +40,20 @@ class ProfilingReporter:
     def __init__(self, device: torch.device, warmup: int, steps: int) -> None:
         self.device, self.warmup, self.steps = device, warmup, steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        self.profiler = profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
-                                on_trace_ready=self._keep)  # fmt: skip
+        self.profiler = profile(
+            activities=activities,
+            schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1),
+            on_trace_ready=self._keep,
+        )
         self.events: Optional[list] = None
         self.seconds: Optional[float] = None
         self._done, self._started = 0, 0.0
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
         if steps < self.warmup + self.steps:
-            raise SystemExit(f"an epoch has {steps} steps, fewer than {self.warmup} + {self.steps}: lower --warmup/--steps or the batch size")
+            raise SystemExit(
+                f"an epoch has {steps} steps, fewer than {self.warmup} + {self.steps}: lower --warmup/--steps or the batch size"
+            )
         self.batch_size = batch_size
         self.profiler.start()
 
@@ -137,9 +142,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         data_dir = DataDir(Path(tmp) / "data")
         mnist = load_mnist(resolve_source(args.mnist_dir))
         prepare(mnist, PrepareOptions(seed=0, limit=args.limit), data_dir)
-        train(config, load_train_data(PreparedData(data_dir, mnist=mnist), device), RunDir(Path(tmp) / "run"), device, reporter=reporter)
-    figures = {"device": str(device), "preset": args.preset, "torch": torch.__version__,
-               **summarise(reporter.events or [], args.steps, reporter.seconds, reporter.batch_size, device.type == "cuda")}  # fmt: skip
+        train(
+            config,
+            load_train_data(PreparedData(data_dir, mnist=mnist), device),
+            RunDir(Path(tmp) / "run"),
+            device,
+            reporter=reporter,
+        )
+    figures = {
+        "device": str(device),
+        "preset": args.preset,
+        "torch": torch.__version__,
+        **summarise(reporter.events or [], args.steps, reporter.seconds, reporter.batch_size, device.type == "cuda"),
+    }
     args.json_out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps({key: value for key, value in figures.items() if key != "top"}))
     for row in figures["top"]:

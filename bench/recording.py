@@ -46,8 +46,13 @@ class TotalsOnly:
     def read(self, group: Group, batch_size: int, epoch: int) -> tuple[dict[str, float], list]:
         totals = group.all_reduce_sum(self.totals) / (self.steps * batch_size)
         digit_loss, sum_loss, digit_accuracy, sum_accuracy = totals.tolist()
-        return {"train_digit_loss": digit_loss, "train_sum_loss": sum_loss, "train_loss": digit_loss + sum_loss,
-                "train_digit_accuracy": digit_accuracy, "train_sum_accuracy": sum_accuracy}, []  # fmt: skip
+        return {
+            "train_digit_loss": digit_loss,
+            "train_sum_loss": sum_loss,
+            "train_loss": digit_loss + sum_loss,
+            "train_digit_accuracy": digit_accuracy,
+            "train_sum_accuracy": sum_accuracy,
+        }, []
 
 
 def timed_epoch(data, config, tmp: Path, totals_only: bool) -> float:
@@ -96,22 +101,30 @@ def main() -> None:
         prepare(mnist, PrepareOptions(limit=args.rows), DataDir(tmp / "data"))
         data = load_train_data(PreparedData(DataDir(tmp / "data"), mnist=mnist), torch.device("cpu"))
         steps = len(data.train) // config.batch_size
-        print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-              f"cpu preset ({config.arch}, batch {config.batch_size}), {len(data.train)} rows = {steps} steps per epoch")  # fmt: skip
+        print(
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"cpu preset ({config.arch}, batch {config.batch_size}), {len(data.train)} rows = {steps} steps per epoch"
+        )
         timed_epoch(data, config, tmp, totals_only=False)  # warm-up (allocator, kernels), not counted
         times: dict[bool, list[float]] = {False: [], True: []}
         for repeat in range(args.repeats):
             for totals_only in (False, True) if repeat % 2 == 0 else (True, False):
                 times[totals_only].append(timed_epoch(data, config, tmp, totals_only))
             ratio = times[False][-1] / times[True][-1]
-            print(f"repeat {repeat + 1}: recording {times[False][-1]:.3f} s, totals only {times[True][-1]:.3f} s, ratio {ratio:.4f}")
+            print(
+                f"repeat {repeat + 1}: recording {times[False][-1]:.3f} s, totals only {times[True][-1]:.3f} s, ratio {ratio:.4f}"
+            )
     ratios = [a / b for a, b in zip(times[False], times[True])]
-    print(f"median: recording {statistics.median(times[False]):.3f} s, totals only {statistics.median(times[True]):.3f} s; "
-          f"per-repeat ratio median {statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f})")  # fmt: skip
+    print(
+        f"median: recording {statistics.median(times[False]):.3f} s, totals only {statistics.median(times[True]):.3f} s; "
+        f"per-repeat ratio median {statistics.median(ratios):.4f} (min {min(ratios):.4f}, max {max(ratios):.4f})"
+    )
     recorder, totals = bookkeeping_per_step(steps)
     step = min(times[True]) / steps  # the fastest epoch: the smallest step time, the largest share
-    print(f"bookkeeping per step: recorder {1e6 * recorder:.1f} us, running sum {1e6 * totals:.1f} us; "
-          f"difference {100 * (recorder - totals) / step:+.3f} % of a step ({1e3 * step:.2f} ms in the fastest epoch)")
+    print(
+        f"bookkeeping per step: recorder {1e6 * recorder:.1f} us, running sum {1e6 * totals:.1f} us; "
+        f"difference {100 * (recorder - totals) / step:+.3f} % of a step ({1e3 * step:.2f} ms in the fastest epoch)"
+    )
 
 
 if __name__ == "__main__":

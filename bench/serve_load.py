@@ -48,8 +48,11 @@ def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
     """`mnistsum serve` on a free loopback port; returns the process and its host:port."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(artifacts), "--cpu", "--port", "0"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = process.stdout.readline()
     if " at http://" not in first:
         process.kill()
@@ -134,12 +137,18 @@ def load(address: str, body: bytes, clients: int, requests: int, max_seconds: fl
     rss_samples.append(rss_mib(server_pid))
     ordered = sorted(latencies)
     return LoadResult(
-        clients=clients, requests=len(ordered), errors=errors[0], seconds=round(seconds, 2),
+        clients=clients,
+        requests=len(ordered),
+        errors=errors[0],
+        seconds=round(seconds, 2),
         requests_per_s=round(len(ordered) / seconds, 1),
-        p50_ms=round(1000 * percentile(ordered, 0.50), 2), p95_ms=round(1000 * percentile(ordered, 0.95), 2),
+        p50_ms=round(1000 * percentile(ordered, 0.50), 2),
+        p95_ms=round(1000 * percentile(ordered, 0.95), 2),
         p99_ms=round(1000 * percentile(ordered, 0.99), 2),
-        rss_start_mib=round(rss_samples[0], 1), rss_end_mib=round(rss_samples[-1], 1), rss_max_mib=round(max(rss_samples), 1),
-    )  # fmt: skip
+        rss_start_mib=round(rss_samples[0], 1),
+        rss_end_mib=round(rss_samples[-1], 1),
+        rss_max_mib=round(max(rss_samples), 1),
+    )
 
 
 def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[float]:
@@ -148,9 +157,22 @@ def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[flo
     for _ in range(runs):
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "mnistsum_cli", "predict", str(image), "--number", str(NUMBER), "--cpu", "--artifacts", str(artifacts)],
-            env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mnistsum_cli",
+                "predict",
+                str(image),
+                "--number",
+                str(NUMBER),
+                "--cpu",
+                "--artifacts",
+                str(artifacts),
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            check=True,
+            capture_output=True,
+        )
         times.append(round(time.perf_counter() - start, 3))
     return times
 
@@ -180,7 +202,9 @@ def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: f
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="a trained run (default: artifacts)")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one run each (default: 1 8)")
+    parser.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one run each (default: 1 8)"
+    )
     parser.add_argument("--requests", type=int, default=10_000, help="requests per run (default: 10000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop a run after this long (default: 600)")
     parser.add_argument("--predict-runs", type=int, default=3, help="`predict` processes to time (default: 3)")
@@ -191,16 +215,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     if min(args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
         raise SystemExit("error: --clients, --requests and --predict-runs must be 1 or more")
     results = run_bench(args.artifacts, args.clients, args.requests, args.max_seconds, args.predict_runs)
-    loads = " / ".join(", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after"))
+    loads = " / ".join(
+        ", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after")
+    )
     print(f"machine: {results['machine']}; load average (1, 5, 15 min) before / after: {loads}")
-    print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'RSS MiB start→end (max)':>24}")
+    print(
+        f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'RSS MiB start→end (max)':>24}"
+    )
     for row in results["serve"]:
         print(
             f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_s']:>7} {row['p50_ms']:>7} "
             f"{row['p95_ms']:>7} {row['p99_ms']:>7} {row['rss_start_mib']:>11} → {row['rss_end_mib']} ({row['rss_max_mib']})"
         )
     times = sorted(results["predict_process_s"])
-    print(f"`mnistsum predict` of one file as a process: median {1000 * times[len(times) // 2]:.0f} ms ({len(times)} runs: {times})")
+    print(
+        f"`mnistsum predict` of one file as a process: median {1000 * times[len(times) // 2]:.0f} ms ({len(times)} runs: {times})"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

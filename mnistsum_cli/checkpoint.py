@@ -136,7 +136,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def save_epoch(
-    run: RunDir, learner: Learner, state: RunState, improved: bool, run_info: dict[str, Any], kept: Optional[Path] = None
+    run: RunDir,
+    learner: Learner,
+    state: RunState,
+    improved: bool,
+    run_info: dict[str, Any],
+    kept: Optional[Path] = None,
 ) -> None:
     """Commit an epoch: model (when val improved), checkpoint, history, counters and run config
     (`run_info`, what config.json holds) change in one step, all or none. `kept`: the first
@@ -147,22 +152,38 @@ def save_epoch(
             set_aside(change, run, kept)
         if improved:
             best = state.history[state.best_epoch - 1]
-            change.write(run.model, model_bytes(learner.model, {
-                **common,
-                "arch": common["config"]["arch"],
-                "epoch": state.best_epoch,
-                "val_digit_accuracy": best["val_digit_accuracy"],
-                "val_sum_accuracy": best["val_sum_accuracy"],
-            }))  # fmt: skip
+            change.write(
+                run.model,
+                model_bytes(
+                    learner.model,
+                    {
+                        **common,
+                        "arch": common["config"]["arch"],
+                        "epoch": state.best_epoch,
+                        "val_digit_accuracy": best["val_digit_accuracy"],
+                        "val_sum_accuracy": best["val_sum_accuracy"],
+                    },
+                ),
+            )
         optim_tensors, groups = optimizer_tensors(learner.optimizer)
         weights = {f"{WEIGHTS_PREFIX}{name}": tensor for name, tensor in learner.model.state_dict().items()}
-        change.write(run.checkpoint, safetensors_bytes(
-            {**weights, **optim_tensors},
-            {"format": CHECKPOINT_FORMAT, **common, "epoch": state.epoch, "param_groups": groups,
-             "grad_scaler": learner.scaler.state_dict()},
-        ))  # fmt: skip
+        change.write(
+            run.checkpoint,
+            safetensors_bytes(
+                {**weights, **optim_tensors},
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    **common,
+                    "epoch": state.epoch,
+                    "param_groups": groups,
+                    "grad_scaler": learner.scaler.state_dict(),
+                },
+            ),
+        )
         change.write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
-        change.write_json(run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()})
+        change.write_json(
+            run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()}
+        )
         change.write_json(run.config, run_info)
 
 
@@ -175,12 +196,16 @@ def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_
     if not (counters.get("run_id") == meta.get("run_id") == history.get("run_id")):
         raise MnistsumError(f"{run.root} holds files of different training runs: start afresh without --resume")
     if counters.get("epoch") != meta.get("epoch"):
-        raise MnistsumError(f"{run.checkpoint} and {run.train_state} disagree on the epoch: start afresh without --resume")
+        raise MnistsumError(
+            f"{run.checkpoint} and {run.train_state} disagree on the epoch: start afresh without --resume"
+        )
     if meta.get("dataset_id") != dataset_id:
         raise MnistsumError("the checkpoint was trained on another dataset: start afresh without --resume")
     saved = TrainConfig.from_dict(meta["config"])
     if saved != config:
-        raise MnistsumError(f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's")
+        raise MnistsumError(
+            f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's"
+        )
     load_weights(learner.model, model_weights(tensors), run.checkpoint, config.arch)
     load_optimizer(learner.optimizer, tensors, meta["param_groups"])
     if learner.scaler.is_enabled() and meta.get("grad_scaler"):

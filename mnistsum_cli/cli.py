@@ -92,7 +92,9 @@ def root(
 ) -> None:
     """Predict the digit in an MNIST image and its sum with a random number 0-9."""
     if torchrun_rank() is not None and context.invoked_subcommand != "train":
-        raise BadOption(f"`mnistsum {context.invoked_subcommand}` runs in one process: start it without torchrun (only `train` runs under torchrun)")
+        raise BadOption(
+            f"`mnistsum {context.invoked_subcommand}` runs in one process: start it without torchrun (only `train` runs under torchrun)"
+        )
 
 
 # --------------------------------------------------------------------------- the stages
@@ -126,7 +128,7 @@ def prepare(
 @app.command(
     cls=Command,
     epilog="Examples: mnistsum train --gpu 0 · mnistsum train --preset cpu --cpu · "
-    "mnistsum train --arch lenet --epochs 5 · mnistsum train --resume"
+    "mnistsum train --arch lenet --epochs 5 · mnistsum train --resume",
 )
 @with_setting_options()
 def train(
@@ -139,7 +141,11 @@ def train(
     ] = False,
     tensorboard_dir: Annotated[
         Optional[Path],
-        typer.Option("--tensorboard-dir", help="Where --tensorboard writes (implies it): DIR/<run id>/ (default: <artifacts>/tensorboard).", show_default=False),
+        typer.Option(
+            "--tensorboard-dir",
+            help="Where --tensorboard writes (implies it): DIR/<run id>/ (default: <artifacts>/tensorboard).",
+            show_default=False,
+        ),
     ] = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
@@ -199,7 +205,9 @@ def train(
                     group=group,
                 )
         if group.is_main:
-            report.train_summary(outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device))
+            report.train_summary(
+                outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device)
+            )
 
 
 @app.command(cls=Command, epilog="Example: mnistsum evaluate --split test --json > metrics.json")
@@ -248,20 +256,28 @@ def plot(
 @app.command(
     cls=Command,
     epilog="Examples: mnistsum predict seven.png --number 5 · mnistsum predict a.png b.jpg --number 3 --json · "
-    "mnistsum predict --index 42 --split test"
+    "mnistsum predict --index 42 --split test",
 )
 def predict(
-    images: Annotated[Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)] = None,
+    images: Annotated[
+        Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)
+    ] = None,
     number: Annotated[
         Optional[int],
         typer.Option(
-            min=0, max=9, help="The number 0-9 to add; with --index it replaces the row's number (default: the row's).",
+            min=0,
+            max=9,
+            help="The number 0-9 to add; with --index it replaces the row's number (default: the row's).",
             show_default=False,
         ),
     ] = None,
-    index: Annotated[Optional[int], typer.Option(min=0, help="Predict row K of --split instead of files.", show_default=False)] = None,
+    index: Annotated[
+        Optional[int], typer.Option(min=0, help="Predict row K of --split instead of files.", show_default=False)
+    ] = None,
     split: SplitOption = "test",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON: an object for one image, a list for several.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON: an object for one image, a list for several.")
+    ] = False,
     data: DataOption = DEFAULT_DATA,
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     mnist_dir: MnistDirOption = None,
@@ -295,7 +311,9 @@ def predict(
 @app.command(cls=Command, epilog="Example: mnistsum serve --artifacts artifacts --cpu  (then open the URL it prints)")
 def serve(
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback lets others use the model.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but loopback lets others use the model.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free port).")] = 8000,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
@@ -309,7 +327,9 @@ def serve(
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in ("starlette", "uvicorn"):
             raise
-        raise MnistsumError(f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'") from None
+        raise MnistsumError(
+            f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'"
+        ) from None
 
     serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), say=typer.echo, warn=report.warning)
 
@@ -377,14 +397,17 @@ def status(
 
 
 @app.command(
-    "runs", cls=Command,
+    "runs",
+    cls=Command,
     epilog="Examples: mnistsum runs · mnistsum runs --sort val_sum_accuracy · mnistsum runs --csv > runs.csv",
-)  # fmt: skip
+)
 def runs_command(
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     as_json: Annotated[bool, typer.Option("--json", help="Print every column of every run as a JSON list.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print every column of every run as CSV.")] = False,
-    sort: Annotated[str, typer.Option("--sort", help="Column to sort by, e.g. started, val_sum_accuracy, arch.")] = "started",
+    sort: Annotated[
+        str, typer.Option("--sort", help="Column to sort by, e.g. started, val_sum_accuracy, arch.")
+    ] = "started",
 ) -> None:
     """List the training runs in --artifacts: the current one and each kept in previous/.
 
@@ -411,11 +434,13 @@ def runs_command(
 )
 def compare(
     run_names: Annotated[
-        List[str], typer.Argument(metavar="RUN...", help="Run ids (or unique prefixes) from `mnistsum runs`, or run folders.")
+        List[str],
+        typer.Argument(metavar="RUN...", help="Run ids (or unique prefixes) from `mnistsum runs`, or run folders."),
     ],
     artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="PNG to write (default: <artifacts>/compare/<ids>.png).", show_default=False)
+        Optional[Path],
+        typer.Option("--out", help="PNG to write (default: <artifacts>/compare/<ids>.png).", show_default=False),
     ] = None,
 ) -> None:
     """Draw runs side by side: val accuracy of both heads and train loss, labelled by what differs.

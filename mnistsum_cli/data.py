@@ -36,9 +36,7 @@ def split_tensors(dataset: Dataset, mnist: Mnist, split: str, device: torch.devi
     mnist_set = MNIST_SET_OF_SPLIT[split]
     index = rows.image_index.astype(np.int64)
     if (mnist.labels[mnist_set][index] != rows.digit).any():
-        raise MnistsumError(
-            f"the {split} split's digits disagree with the MNIST labels: rerun `mnistsum prepare`"
-        )
+        raise MnistsumError(f"the {split} split's digits disagree with the MNIST labels: rerun `mnistsum prepare`")
 
     def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(array, dtype=dtype).to(device)
@@ -65,9 +63,7 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
         return images
     batch = images.shape[0]
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
-    offsets = torch.randint(
-        0, 2 * max_shift + 1, (2, batch), device=images.device, generator=generator
-    )
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, batch), device=images.device, generator=generator)
     grid = torch.arange(28, device=images.device)
     rows = (grid[None, :] + offsets[0, :, None])[:, :, None]  # [B, 28, 1]
     cols = (grid[None, :] + offsets[1, :, None])[:, None, :]  # [B, 1, 28]

@@ -131,10 +131,16 @@ class Group:
         """`text` as rank `source` holds it, on every rank."""
         if not self.active:
             return text
-        encoded = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+        encoded = (
+            torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+        )
         size = torch.tensor([len(encoded)], device=self._device)
         dist.broadcast(size, source)
-        buffer = encoded.to(self._device) if self.rank == source else torch.empty(int(size), dtype=torch.uint8, device=self._device)
+        buffer = (
+            encoded.to(self._device)
+            if self.rank == source
+            else torch.empty(int(size), dtype=torch.uint8, device=self._device)
+        )
         dist.broadcast(buffer, source)
         return bytes(buffer.cpu().tolist()).decode()
 
@@ -182,7 +188,9 @@ def join(gpu: Optional[int], cpu: bool) -> tuple[Group, torch.device, Optional[s
     else:
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise BadOption(f"LOCAL_RANK {local_rank} has no GPU (this machine has {count}): start at most {count} processes per node")
+            raise BadOption(
+                f"LOCAL_RANK {local_rank} has no GPU (this machine has {count}): start at most {count} processes per node"
+            )
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     dist.init_process_group(backend, device_id=device if backend == "nccl" else None)

@@ -43,7 +43,9 @@ def plot_inputs(run: RunDir) -> dict[str, Any]:
     return {
         "history": fingerprint_file(run.history) if run.history.exists() else None,
         "model": fingerprint_file(run.model) if run.model.exists() else None,
-        "evaluations": {split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()},
+        "evaluations": {
+            split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()
+        },
     }
 
 

@@ -61,7 +61,9 @@ class StepRecorder:
         width = steps_per_point(steps)
         ends = list(range(width, steps, width)) + [steps]
         starts = [0] + ends[:-1]
-        windows = torch.stack([sums[start:end].sum(0) / ((end - start) * batch_size) for start, end in zip(starts, ends)])
+        windows = torch.stack(
+            [sums[start:end].sum(0) / ((end - start) * batch_size) for start, end in zip(starts, ends)]
+        )
         records = []
         for start, end, (d_loss, s_loss, d_acc, s_acc) in zip(starts, ends, windows.tolist()):
             records.append(

@@ -132,22 +132,30 @@ class LeNetSum(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),  # conv1
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),  # conv2
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),  # conv1
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),  # conv2
             nn.AvgPool2d(2),  # 14 x 14
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),  # conv3
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),  # conv4
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),  # conv3
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),  # conv4
             nn.AvgPool2d(2),  # 7 x 7
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(64 * 7 * 7, 120), nn.Sigmoid(),  # FC1
-            nn.Linear(120, 84), nn.Sigmoid(),  # FC2
+            nn.Linear(64 * 7 * 7, 120),
+            nn.Sigmoid(),  # FC1
+            nn.Linear(120, 84),
+            nn.Sigmoid(),  # FC2
             nn.Linear(84, NUM_DIGITS),  # FC3 (softmax)
         )
         self.sum_net = nn.Sequential(
-            nn.Linear(NUM_DIGITS + 1, 64), nn.Sigmoid(),  # FC_A_1
-            nn.Linear(64, 32), nn.Sigmoid(),  # FC_A_2
+            nn.Linear(NUM_DIGITS + 1, 64),
+            nn.Sigmoid(),  # FC_A_1
+            nn.Linear(64, 32),
+            nn.Sigmoid(),  # FC_A_2
             nn.Linear(32, NUM_SUMS),  # FC_A_3 (sigmoid)
         )
 
@@ -166,15 +174,22 @@ class ConvNetSum(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 64, 5), nn.ReLU(),
-            nn.Conv2d(64, 128, 5), nn.ReLU(),
-            nn.Conv2d(128, 10, 1), nn.ReLU(),
+            nn.Conv2d(1, 64, 5),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 5),
+            nn.ReLU(),
+            nn.Conv2d(128, 10, 1),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 10 x 10 x 10
             nn.Flatten(),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(1000, 512), nn.BatchNorm1d(512), nn.ReLU(),
-            nn.Linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(),
+            nn.Linear(1000, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(),
+            nn.Linear(512, 256),
+            nn.BatchNorm1d(256),
+            nn.ReLU(),
             nn.Linear(256, NUM_DIGITS),
         )
         self.mix = nn.Sequential(nn.Linear(2 * NUM_DIGITS, 50), nn.ReLU(), nn.Linear(50, NUM_SUMS))

@@ -68,7 +68,8 @@ RunSeedOption = Annotated[
     typer.Option(
         min=0,
         max=MAX_SEED,
-        help="Seed of the dataset and of training (default: the data's and the run's, else 0).", show_default=False
+        help="Seed of the dataset and of training (default: the data's and the run's, else 0).",
+        show_default=False,
     ),
 ]
 RunValSizeOption = Annotated[

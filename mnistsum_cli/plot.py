@@ -60,9 +60,15 @@ def curves(
     records = history["epochs"]
     steps = [row for record in records for row in record.get("steps", [])]
     figure, axes = plt.subplots(
-        2, len(panels), figsize=(5 * len(panels), 5), squeeze=False, sharex=True,
-        sharey="row" if share_y else False, gridspec_kw={"height_ratios": [4, 1]}, layout="constrained",
-    )  # fmt: skip
+        2,
+        len(panels),
+        figsize=(5 * len(panels), 5),
+        squeeze=False,
+        sharex=True,
+        sharey="row" if share_y else False,
+        gridspec_kw={"height_ratios": [4, 1]},
+        layout="constrained",
+    )
     epochs = np.array([record["epoch"] for record in records])
     bottoms: list[float] = []
     for column, (key, label) in enumerate(panels):
@@ -81,11 +87,25 @@ def curves(
             train = np.array([record[f"train_{key}"] for record in records]) * scale
             axis.plot(epochs, train, "-o", color="C0", markersize=3, label="train (epoch mean)")
             lr_axis.plot(epochs, [record.get("lr_end", np.nan) for record in records], "o", color="C2", markersize=3)
-        axis.plot(epochs, val, "s", color="C1", markersize=6, markeredgecolor="black", markeredgewidth=0.6,
-                  label="val (end of epoch)", zorder=3)  # fmt: skip
+        axis.plot(
+            epochs,
+            val,
+            "s",
+            color="C1",
+            markersize=6,
+            markeredgecolor="black",
+            markeredgewidth=0.6,
+            label="val (end of epoch)",
+            zorder=3,
+        )
         for strip in (axis, lr_axis):
-            strip.axvline(history["best_epoch"], color="grey", linestyle="--", linewidth=1,
-                          label="kept epoch" if strip is axis else None)  # fmt: skip
+            strip.axvline(
+                history["best_epoch"],
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label="kept epoch" if strip is axis else None,
+            )
             strip.grid(alpha=0.3)
         if log:
             axis.set_yscale("log")
@@ -146,8 +166,15 @@ def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
         for col in range(size):
             if counts[row, col]:
                 bright = np.log(counts[row, col]) > 0.6 * np.log(norm.vmax)
-                axis.text(col, row, str(counts[row, col]), ha="center", va="center",
-                          fontsize=7, color="white" if bright else "black")  # fmt: skip
+                axis.text(
+                    col,
+                    row,
+                    str(counts[row, col]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if bright else "black",
+                )
     axis.set_xticks(range(size))
     axis.set_yticks(range(size))
     axis.set_xlabel("predicted")
@@ -163,7 +190,9 @@ def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, colu
     """Misclassified rows: each image with its number, true and predicted digit and sum; a
     wrong digit is captioned in red, a right digit with a wrong sum in black."""
     rows = -(-len(examples) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.4), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     for axis in axes.flat:
         axis.axis("off")
     for axis, example, image in zip(axes.flat, examples, images):
@@ -280,21 +309,33 @@ def draw_all(
 ) -> None:
     """Draw every figure into `figures` (file name → figure), so the caller can close them all."""
     figures["loss.png"] = curves(
-        history, [("digit_loss", "digit head"), ("sum_loss", "sum head"), ("loss", "total (digit + sum)")],
-        "cross-entropy (log scale)", f"Loss ({arch})", caption, log=True,
-    )  # fmt: skip
+        history,
+        [("digit_loss", "digit head"), ("sum_loss", "sum head"), ("loss", "total (digit + sum)")],
+        "cross-entropy (log scale)",
+        f"Loss ({arch})",
+        caption,
+        log=True,
+    )
     figures["accuracy.png"] = curves(
-        history, [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")], "accuracy (%)",
-        f"Accuracy ({arch})", caption, scale=100, share_y=True, zoom=True,
-    )  # fmt: skip
+        history,
+        [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")],
+        "accuracy (%)",
+        f"Accuracy ({arch})",
+        caption,
+        scale=100,
+        share_y=True,
+        zoom=True,
+    )
     for split, metrics in evaluations.items():
         for head, label in HEADS:
             title = f"{label} confusion, {split} split (accuracy {100 * metrics[f'{head}_accuracy']:.2f}%)"
             figures[f"confusion_{head}_{split}.png"] = heatmap(metrics[f"{head}_confusion"], title)
     for split, examples in galleries.items():
         images = mnist.images[MNIST_SET_OF_SPLIT[split]][[example["image_index"] for example in examples]]
-        title = (f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']} "
-                 "(+number: true→predicted)")  # fmt: skip
+        title = (
+            f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']} "
+            "(+number: true→predicted)"
+        )
         figures[f"misclassified_{split}.png"] = gallery(examples, images, title)
 
 
@@ -312,12 +353,16 @@ def compare_runs(histories: list[dict[str, Any]], labels: list[str], caption: st
             epochs = [record["epoch"] for record in records]
             style = {"color": f"C{colour}", "label": label}
             for axis, head in zip(axes[:2], ("digit", "sum")):
-                axis.plot(epochs, [100 * record[f"val_{head}_accuracy"] for record in records], "-s", markersize=5, **style)
+                axis.plot(
+                    epochs, [100 * record[f"val_{head}_accuracy"] for record in records], "-s", markersize=5, **style
+                )
             steps = [row for record in records for row in record.get("steps", [])]
             if steps:
                 loss = np.array([row["train_loss"] for row in steps])
                 axes[2].plot([row["epoch"] for row in steps], loss, alpha=0.15, linewidth=0.6, color=style["color"])
-                axes[2].plot([row["epoch"] for row in steps], smoothed(loss, len(steps) // len(records)), linewidth=1.6, **style)
+                axes[2].plot(
+                    [row["epoch"] for row in steps], smoothed(loss, len(steps) // len(records)), linewidth=1.6, **style
+                )
             else:
                 axes[2].plot(epochs, [record["train_loss"] for record in records], "-o", markersize=3, **style)
         for axis, title, ylabel in (

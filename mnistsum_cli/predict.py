@@ -89,7 +89,9 @@ def greyscale(image: Image.Image) -> np.ndarray:
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 
-def prepare_image(source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None) -> np.ndarray:
+def prepare_image(
+    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None
+) -> np.ndarray:
     """An image file or stream as the model's uint8 [28, 28] input: what `predict` and `serve`
     both feed the model, so the page shows exactly what the command line would see. Errors
     name the image (`name`, default the path)."""
@@ -199,4 +201,11 @@ def predict_row(
     image = mnist.images[MNIST_SET_OF_SPLIT[split]][int(rows.image_index[index])]
     result = predict_digits(model, torch.from_numpy(image[None]), torch.tensor([number]), device)[0]
     true_sum = int(rows.digit[index]) + number
-    return {"split": split, "row": index, "number": number, "true_digit": int(rows.digit[index]), "true_sum": true_sum, **result}
+    return {
+        "split": split,
+        "row": index,
+        "number": number,
+        "true_digit": int(rows.digit[index]),
+        "true_sum": true_sum,
+        **result,
+    }

@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch an
     from mnistsum_cli.train import TrainOutcome
 
 
-
 class _Console(Console):
     def on_broken_pipe(self) -> None:
         """Rich exits with code 1 here; let the CLI exit as a Unix tool does (errors.OutputClosed)."""
@@ -246,7 +245,10 @@ def confusion_table(title: str, matrix: list[list[int]]) -> Table:
     for column in range(len(matrix)):
         table.add_column(str(column), justify="right")
     for row, counts in enumerate(matrix):
-        cells = [f"[bold]{count}[/]" if row == col else (str(count) if count else "[dim]·[/]") for col, count in enumerate(counts)]
+        cells = [
+            f"[bold]{count}[/]" if row == col else (str(count) if count else "[dim]·[/]")
+            for col, count in enumerate(counts)
+        ]
         table.add_row(str(row), *cells)
     return table
 
@@ -271,8 +273,12 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
             digit += f" (true {result['true_digit']})"
             total += f" (true {result['true_sum']})"
         table.add_row(
-            escape(printable(where)), str(result["number"]), digit, percent(result["digit_confidence"]),
-            total, percent(result["sum_confidence"]),
+            escape(printable(where)),
+            str(result["number"]),
+            digit,
+            percent(result["digit_confidence"]),
+            total,
+            percent(result["sum_confidence"]),
         )
     console.print(table)
 
@@ -280,7 +286,9 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- run and status
 
 
-def stage_done(stage: str, skipped: StageStatus | None, result: Any, folder: DataDir, run: RunDir, device: str, seed: int) -> None:
+def stage_done(
+    stage: str, skipped: StageStatus | None, result: Any, folder: DataDir, run: RunDir, device: str, seed: int
+) -> None:
     """What `mnistsum run` prints after each stage."""
     if skipped is not None:
         console.print(f"[green]✓[/] {stage}: up to date ({escape(skipped.detail)}), skipped", soft_wrap=True)
@@ -305,7 +313,12 @@ def status_table(stages: list[StageStatus]) -> None:
         table.add_column(column)
     for stage in stages:
         style = styles.get(stage.state, "red")
-        table.add_row(stage.stage, f"[{style}]{stage.state}[/]", escape(printable(stage.detail)), escape(figures_text(stage.figures)))
+        table.add_row(
+            stage.stage,
+            f"[{style}]{stage.state}[/]",
+            escape(printable(stage.detail)),
+            escape(figures_text(stage.figures)),
+        )
     console.print(table)
 
 
@@ -325,8 +338,21 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
     from mnistsum_cli.runlist import settings_text
 
     table = Table(title=f"runs in {folder}", caption=f"all runs: {settings_text(same)}" if same else None)
-    columns = ["run id", "started", "state", *differ, "device", "precision", "processes", "train s",
-               "kept", "val digit", "val sum", "test digit", "test sum"]  # fmt: skip
+    columns = [
+        "run id",
+        "started",
+        "state",
+        *differ,
+        "device",
+        "precision",
+        "processes",
+        "train s",
+        "kept",
+        "val digit",
+        "val sum",
+        "test digit",
+        "test sum",
+    ]
     for column in columns:
         table.add_column(column, overflow="fold")
     for entry in entries:
@@ -334,12 +360,21 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
         if not entry.readable:
             table.add_row(escape(str(row["folder"])), "", f"[red]{escape(row['state'])}[/]", *[""] * (len(columns) - 3))
             continue
-        shown = [percent(row[key]) if row[key] is not None else "" for key in
-                 ("val_digit_accuracy", "val_sum_accuracy", "test_digit_accuracy", "test_sum_accuracy")]  # fmt: skip
+        shown = [
+            percent(row[key]) if row[key] is not None else ""
+            for key in ("val_digit_accuracy", "val_sum_accuracy", "test_digit_accuracy", "test_sum_accuracy")
+        ]
         state = row["state"] if row["state"] == "complete" else f"[yellow]{escape(row['state'])}[/]"
         table.add_row(
-            row["run_id"], escape(str(row["started"] or "")), state, *[escape(str(row[name])) for name in differ],
-            escape(str(row["device"] or "")), escape(str(row["precision"] or "")), str(row["world_size"]),
-            f"{row['train_seconds']:.1f}", str(row["kept_epoch"] or ""), *shown,
-        )  # fmt: skip
+            row["run_id"],
+            escape(str(row["started"] or "")),
+            state,
+            *[escape(str(row[name])) for name in differ],
+            escape(str(row["device"] or "")),
+            escape(str(row["precision"] or "")),
+            str(row["world_size"]),
+            f"{row['train_seconds']:.1f}",
+            str(row["kept_epoch"] or ""),
+            *shown,
+        )
     console.print(table)

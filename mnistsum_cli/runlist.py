@@ -19,9 +19,16 @@ from mnistsum_cli.store import read_consistently
 
 # The columns of every row after the run's settings (TrainConfig's fields), in table order.
 FIGURES = (
-    "device", "precision", "world_size", "train_seconds", "kept_epoch",
-    "val_digit_accuracy", "val_sum_accuracy", "test_digit_accuracy", "test_sum_accuracy",
-)  # fmt: skip
+    "device",
+    "precision",
+    "world_size",
+    "train_seconds",
+    "kept_epoch",
+    "val_digit_accuracy",
+    "val_sum_accuracy",
+    "test_digit_accuracy",
+    "test_sum_accuracy",
+)
 SETTINGS = tuple(TrainConfig().to_dict())
 COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, "folder")
 DEFAULT_SORT = "started"
@@ -44,7 +51,9 @@ def run_folders(artifacts: Path) -> list[Path]:
     """The artifacts folder itself when it holds a run, then each folder in previous/."""
     current = [artifacts] if any(path.exists() for path in RunDir(artifacts).run_files()) else []
     previous = RunDir(artifacts).previous
-    kept = sorted(p for p in previous.iterdir() if p.is_dir() and not p.name.startswith(".")) if previous.is_dir() else []
+    kept = (
+        sorted(p for p in previous.iterdir() if p.is_dir() and not p.name.startswith(".")) if previous.is_dir() else []
+    )
     return current + kept
 
 
@@ -150,7 +159,9 @@ def find_run(artifacts: Path, name: str) -> RunEntry:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise MnistsumError(f"{name!r} is neither a run folder nor a run id in {artifacts}: see `mnistsum runs --artifacts {artifacts}`")
+        raise MnistsumError(
+            f"{name!r} is neither a run folder nor a run id in {artifacts}: see `mnistsum runs --artifacts {artifacts}`"
+        )
     raise MnistsumError(f"{name!r} matches {len(matches)} runs in {artifacts}: give more of the run id")
 
 

@@ -49,7 +49,10 @@ def saved_run(run: RunDir) -> Optional[SavedRun]:
     except MnistsumError:
         return None
     return SavedRun(
-        run_id=state["run_id"], config=TrainConfig.from_dict(state["config"]), epoch=state["epoch"], best_epoch=state["best_epoch"]
+        run_id=state["run_id"],
+        config=TrainConfig.from_dict(state["config"]),
+        epoch=state["epoch"],
+        best_epoch=state["best_epoch"],
     )
 
 
@@ -146,7 +149,9 @@ def run_training(
     group = group or SINGLE_PROCESS
     with ExitStack() as held:
         # rank 0 alone writes, so it alone holds the lock; every rank stops when it cannot
-        group.agree(lambda: held.enter_context(folder_lock(run.root, "train", "--artifacts")) if group.is_main else None)
+        group.agree(
+            lambda: held.enter_context(folder_lock(run.root, "train", "--artifacts")) if group.is_main else None
+        )
         started = time.perf_counter()
         rows = len(prepared.dataset.splits["train"])
         check_mnist_matches(prepared.dataset, prepared.any_mnist)  # before the previous run moves
@@ -158,7 +163,9 @@ def run_training(
             previous, kept = saved_run(run), aside_folder(run)
         checked = time.perf_counter() - started
         try:
-            outcome = train_model(config, prepared, run, device, resume=resume, reporter=reporter, group=group, kept=kept)
+            outcome = train_model(
+                config, prepared, run, device, resume=resume, reporter=reporter, group=group, kept=kept
+            )
         except BaseException as error:
             moved = kept is not None and kept.exists()
             if isinstance(error, KeyboardInterrupt):

@@ -180,7 +180,9 @@ class Record(Kind):
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, dict):
             found = "a list" if isinstance(value, list) else _shown(value)
-            raise _Invalid(where, f"{'is' if where else 'holds'} {found}, expected an object")  # "holds": the whole file
+            raise _Invalid(
+                where, f"{'is' if where else 'holds'} {found}, expected an object"
+            )  # "holds": the whole file
         for name, field in self.fields.items():
             inner = f"{where}.{name}" if where else name
             if name not in value:
@@ -287,7 +289,10 @@ STEP_RECORD = Record(
         "step": Field(Int(1), "optimizer steps since the run began, at the window's end"),
         "epoch": Field(Float(), "the same in epochs (fractional: 1.0 is the end of the first)"),
         "lr": Field(Float(), "mean learning rate over the window"),
-        **{f"train_{name}": Field(Float(), f"train {name.replace('_', ' ')}, mean over the window") for name in METRIC_NAMES},
+        **{
+            f"train_{name}": Field(Float(), f"train {name.replace('_', ' ')}, mean over the window")
+            for name in METRIC_NAMES
+        },
     },
     title="step record",
 )
@@ -295,11 +300,17 @@ STEP_RECORD = Record(
 EPOCH_RECORD = Record(
     {
         "epoch": Field(Int(1), "1, 2, ..."),
-        **{f"{split}_{name}": Field(Float(), f"{split} {name.replace('_', ' ')}") for split in ("train", "val") for name in METRIC_NAMES},
+        **{
+            f"{split}_{name}": Field(Float(), f"{split} {name.replace('_', ' ')}")
+            for split in ("train", "val")
+            for name in METRIC_NAMES
+        },
         "lr_end": Field(Float(), "learning rate at the epoch's last step", required=False),
         "seconds": Field(Float(), "wall time of the epoch", required=False),
         "world_size": Field(Int(1), "training processes", required=False),
-        "steps": Field(ListOf(STEP_RECORD), "train metrics through the epoch, one record per window of steps", required=False),
+        "steps": Field(
+            ListOf(STEP_RECORD), "train metrics through the epoch, one record per window of steps", required=False
+        ),
     },
     title="epoch record",
 )
@@ -389,7 +400,9 @@ CHECKPOINT_META = Schema(
             "config": CONFIG,
             "epoch": Field(Int(1), "epochs done"),
             "param_groups": Field(ListOf(Record({})), "AdamW's param groups"),
-            "grad_scaler": Field(Record({}, title="object"), "GradScaler state (fp16 only; else empty)", required=False),
+            "grad_scaler": Field(
+                Record({}, title="object"), "GradScaler state (fp16 only; else empty)", required=False
+            ),
             **PROCESSES,
         }
     ),
@@ -420,10 +433,13 @@ EVALUATION = Schema(
             "rows": Field(Int(1), "rows measured"),
             "device": Field(Str(), "torch device", required=False),
             "precision": Field(Str(), "fp32", required=False),
-            **{name: Field(Float(0.0, 1.0), "share of the rows") for name in ("digit_accuracy", "sum_accuracy", "consistency")},
+            **{
+                name: Field(Float(0.0, 1.0), "share of the rows")
+                for name in ("digit_accuracy", "sum_accuracy", "consistency")
+            },
             "digit_loss": Field(Float(), "mean cross-entropy of the digit head"),
             "sum_loss": Field(Float(), "mean cross-entropy of the sum head"),
-            "per_digit_accuracy": Field(MapOf(Float(0.0, 1.0)), "digit accuracy of each true digit, keyed \"0\"-\"9\""),
+            "per_digit_accuracy": Field(MapOf(Float(0.0, 1.0)), 'digit accuracy of each true digit, keyed "0"-"9"'),
             "digit_confusion": Field(matrix(NUM_DIGITS), "counts; rows: true digit, columns: predicted"),
             "sum_confusion": Field(matrix(NUM_SUMS), "counts; rows: true sum, columns: predicted"),
             "misclassified_count": Field(Int(0), "rows with a wrong digit or sum"),
@@ -503,7 +519,13 @@ def markdown() -> str:
         rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
         parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}", ""]
         parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
-    parts += ["", "## training settings", "", "Every field optional (the default of `TrainConfig`); no others allowed.", ""]
+    parts += [
+        "",
+        "## training settings",
+        "",
+        "Every field optional (the default of `TrainConfig`); no others allowed.",
+        "",
+    ]
     parts += ["| field | type |", "| --- | --- |"]
     parts += [f"| `{name}` | {field.kind.text()} |" for name, field in SETTINGS.fields.items()]
     return "\n".join(parts) + "\n"

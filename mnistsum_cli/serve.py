@@ -136,7 +136,9 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
     for split in SPLITS:
         metrics = _json_or_none(run.evaluation(split))
         if isinstance(metrics, dict) and (metrics.get("model") or {}).get("sha256") == served.sha256:
-            evaluations[split] = {key: metrics.get(key) for key in ("rows", "digit_accuracy", "sum_accuracy", "consistency")}
+            evaluations[split] = {
+                key: metrics.get(key) for key in ("rows", "digit_accuracy", "sum_accuracy", "consistency")
+            }
     return {
         "run_id": meta.get("run_id"),
         "arch": meta.get("arch"),
@@ -144,7 +146,10 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
         "dataset_id": meta.get("dataset_id"),
         "sha256": served.sha256,
         "loaded_at": served.loaded_at,
-        "training_val": {"digit_accuracy": meta.get("val_digit_accuracy"), "sum_accuracy": meta.get("val_sum_accuracy")},
+        "training_val": {
+            "digit_accuracy": meta.get("val_digit_accuracy"),
+            "sum_accuracy": meta.get("val_sum_accuracy"),
+        },
         "evaluations": evaluations,
         "plots": [f"/plots/{name}" for name in listed_plots(run, served)],
         "problem": problem,
@@ -159,9 +164,14 @@ def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
         return []
     files = manifest.get("files")
     return [
-        name for name in (files if isinstance(files, list) else [])
-        if isinstance(name, str) and name.endswith(".png") and "/" not in name and "\\" not in name and not name.startswith(".")
-    ]  # fmt: skip
+        name
+        for name in (files if isinstance(files, list) else [])
+        if isinstance(name, str)
+        and name.endswith(".png")
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+    ]
 
 
 def _json_or_none(path: os.PathLike) -> Any:
@@ -219,7 +229,7 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     """The 28 x 28 model input and the number of a POST /api/predict."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in IMAGE_TYPES + ("application/json",):
-        raise RequestError(415, "send a PNG/JPEG body (?number=N) or JSON {\"number\": N, \"pixels\": 28 x 28}")
+        raise RequestError(415, 'send a PNG/JPEG body (?number=N) or JSON {"number": N, "pixels": 28 x 28}')
     body = await read_body(request)
     if media_type == "application/json":
         try:
@@ -249,8 +259,10 @@ def prepared_upload(body: bytes) -> np.ndarray:
 def create_app(follower: ModelFollower) -> "SecurityHeaders":
     """The ASGI app of `serve`, answering with the follower's model."""
     run, device = follower.run, follower.device
-    static = {path: (resources.files("mnistsum_cli").joinpath("static", name).read_bytes(), media)
-              for path, (name, media) in STATIC_FILES.items()}  # fmt: skip
+    static = {
+        path: (resources.files("mnistsum_cli").joinpath("static", name).read_bytes(), media)
+        for path, (name, media) in STATIC_FILES.items()
+    }
 
     async def page(request: Request) -> Response:
         content, media_type = static[request.url.path]
@@ -263,16 +275,18 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
             head_probabilities, served.model, torch.from_numpy(image[None]), torch.tensor([number]), device
         )
         digit_probs, sum_probs = digit_probs[0].tolist(), sum_probs[0].tolist()
-        return JSONResponse({
-            "digit": int(np.argmax(digit_probs)),
-            "number": number,
-            "sum": int(np.argmax(sum_probs)),
-            "digit_probabilities": digit_probs,
-            "sum_probabilities": sum_probs,
-            "input": image.tolist(),
-            "run_id": served.meta.get("run_id"),
-            "problem": follower.problem,
-        })  # fmt: skip
+        return JSONResponse(
+            {
+                "digit": int(np.argmax(digit_probs)),
+                "number": number,
+                "sum": int(np.argmax(sum_probs)),
+                "digit_probabilities": digit_probs,
+                "sum_probabilities": sum_probs,
+                "input": image.tolist(),
+                "run_id": served.meta.get("run_id"),
+                "problem": follower.problem,
+            }
+        )
 
     async def model(request: Request) -> JSONResponse:
         served = follower.get()
@@ -296,7 +310,10 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
         if isinstance(error, RequestError):
             status, message = error.status, str(error)
         elif isinstance(error, HTTPException):
-            status, message = error.status_code, {404: "not found", 405: "method not allowed"}.get(error.status_code, str(error.detail))
+            status, message = (
+                error.status_code,
+                {404: "not found", 405: "method not allowed"}.get(error.status_code, str(error.detail)),
+            )
         else:  # a bug: the client gets one line, the server keeps serving
             status, message = 500, f"internal error ({type(error).__name__})"
         return JSONResponse({"error": message}, status_code=status)
@@ -345,7 +362,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(run: RunDir, host: str, port: int, device: torch.device, say: Callable[[str], None], warn: Callable[[str], None]) -> None:
+def serve(
+    run: RunDir, host: str, port: int, device: torch.device, say: Callable[[str], None], warn: Callable[[str], None]
+) -> None:
     """Serve until Ctrl-C; every problem before the first request is a MnistsumError."""
     if not run.root.is_dir():
         raise MnistsumError(f"--artifacts {run.root}: no such folder (the folder `mnistsum train` wrote)")
@@ -358,7 +377,9 @@ def serve(run: RunDir, host: str, port: int, device: torch.device, say: Callable
         warn(f"listening on {host}: anyone who can reach port {port} can use the model")
     shown = f"[{host}]" if ":" in host else host
     say(f"serving run {follower.current.meta.get('run_id')} from {run.root} at http://{shown}:{port}/ (Ctrl-C stops)")
-    server = uvicorn.Server(uvicorn.Config(create_app(follower), log_level="warning", access_log=False, lifespan="off", server_header=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(follower), log_level="warning", access_log=False, lifespan="off", server_header=False)
+    )
     try:
         server.run(sockets=[sock])
     except (KeyboardInterrupt, asyncio.CancelledError):

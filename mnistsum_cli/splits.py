@@ -92,7 +92,9 @@ def read_split(data: DataDir, name: str) -> Split:
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
     if not table.schema.remove_metadata().equals(split_schema()):
-        raise MnistsumError(f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}")
+        raise MnistsumError(
+            f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}"
+        )
     meta = split_metadata(table.schema, path)
     mnist_size = meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]]
     if meta.get("split") != name:
@@ -111,9 +113,7 @@ def read_split(data: DataDir, name: str) -> Split:
     for column, bad, what in problems:
         if bad.any():
             row = int(np.argmax(bad))
-            raise MnistsumError(
-                f"{path}: {int(bad.sum())} rows with {column} {what} (first: row {row}): {rerun}"
-            )
+            raise MnistsumError(f"{path}: {int(bad.sum())} rows with {column} {what} (first: row {row}): {rerun}")
     return Split(name=name, meta=meta, **columns)
 
 
@@ -127,12 +127,12 @@ def _read_three(data: DataDir) -> Dataset:
     splits = {name: read_split(data, name) for name in SPLITS}
     ids = {split.meta["dataset_id"] for split in splits.values()}
     if len(ids) != 1:
-        raise MnistsumError(
-            f"{data.root} mixes splits of different `prepare` runs: rerun `mnistsum prepare`"
-        )
+        raise MnistsumError(f"{data.root} mixes splits of different `prepare` runs: rerun `mnistsum prepare`")
     columns = {name: {col: getattr(split, col) for col in SPLIT_COLUMNS} for name, split in splits.items()}
     if dataset_fingerprint(columns, splits["train"].meta["mnist_fingerprint"]) != ids.pop():
-        raise MnistsumError(f"{data.root}: the rows are not the ones `prepare` recorded (dataset id): rerun `mnistsum prepare`")
+        raise MnistsumError(
+            f"{data.root}: the rows are not the ones `prepare` recorded (dataset id): rerun `mnistsum prepare`"
+        )
     return Dataset(splits=splits)
 
 

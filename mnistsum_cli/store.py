@@ -81,7 +81,9 @@ def folder_lock(folder: Path, command: str, option: str, create: bool = True) ->
             raise folder_error(folder, error) from None
         pid = holder[0] if holder else "?"
         held_by = holder[1].strip() if len(holder) > 1 else "another command"
-        raise FolderInUse(f"{folder}/ is in use by mnistsum {held_by} (pid {pid}); wait for it or use another {option}") from None
+        raise FolderInUse(
+            f"{folder}/ is in use by mnistsum {held_by} (pid {pid}); wait for it or use another {option}"
+        ) from None
     _held[key] = descriptor
     try:
         try:

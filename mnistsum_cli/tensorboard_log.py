@@ -27,8 +27,11 @@ if TYPE_CHECKING:
 INSTALL = "pip install 'mnistsum[tensorboard]'"
 FOLDER = "tensorboard"  # under the artifacts folder, unless --tensorboard-dir
 STEP_KEYS = ("lr", "train_loss", "train_digit_loss", "train_sum_loss", "train_digit_accuracy", "train_sum_accuracy")
-EPOCH_KEYS = tuple(f"{split}_{key}" for split in ("train", "val") for key in
-                   ("loss", "digit_loss", "sum_loss", "digit_accuracy", "sum_accuracy"))  # fmt: skip
+EPOCH_KEYS = tuple(
+    f"{split}_{key}"
+    for split in ("train", "val")
+    for key in ("loss", "digit_loss", "sum_loss", "digit_accuracy", "sum_accuracy")
+)
 FINAL_KEYS = ("val_digit_accuracy", "val_sum_accuracy", "val_loss", "train_loss")
 
 

@@ -226,8 +226,13 @@ def train(
         reporter.epoch_start(epoch + 1, config.epochs, steps, batch_size)
         torch.manual_seed(epoch_seed(config.seed, epoch))  # anything drawing on the global RNG
         started = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config)}
-        totals, step_records = train_epoch(model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr_end": lr_at((epoch + 1) * steps - 1, steps * config.epochs, config),
+        }
+        totals, step_records = train_epoch(
+            model, step_model, optimizer, learner.scaler, data.train, config, epoch, reporter, group
+        )
         record.update(totals)
         group.average_buffers(model)
         record.update(measure(model, data.val, "val", group))

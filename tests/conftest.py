@@ -246,7 +246,11 @@ def workdir(trained: Path, in_tmp: Path) -> Path:
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` and its bytes, but the store's lock and generation files (the last
     holder, the last commit's token)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (LOCK, GENERATION)}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in (LOCK, GENERATION)
+    }
 
 
 def visible(folder: Path) -> list[str]:
@@ -256,7 +260,9 @@ def visible(folder: Path) -> list[str]:
 
 def leftovers(folder: Path) -> list[str]:
     """Temporary files or folders and unfinished journals anywhere under `folder`."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.startswith(TEMP_PREFIX) or p.name == JOURNAL)
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob(".*") if p.name.startswith(TEMP_PREFIX) or p.name == JOURNAL
+    )
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -311,5 +317,12 @@ def model_metadata(arch: str, run_id: str = "r1", epoch: int = 1) -> dict:
     """What training records in model.safetensors (besides format and version)."""
     from mnistsum_cli.config import TrainConfig
 
-    return {"arch": arch, "run_id": run_id, "dataset_id": "abc", "config": TrainConfig().to_dict(), "epoch": epoch,
-            "val_digit_accuracy": 0.5, "val_sum_accuracy": 0.25}
+    return {
+        "arch": arch,
+        "run_id": run_id,
+        "dataset_id": "abc",
+        "config": TrainConfig().to_dict(),
+        "epoch": epoch,
+        "val_digit_accuracy": 0.5,
+        "val_sum_accuracy": 0.25,
+    }

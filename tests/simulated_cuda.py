@@ -37,9 +37,30 @@ CUDA = torch.device("cuda", 0)
 TRANSFERS = {"_to_copy", "copy_"}  # device-to-device moves, legal across devices
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount"}  # output size or value needs the host
 SHAPE_ONLY = {  # ops that launch no kernel: left out of the per-step count
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "t", "transpose", "expand",
-    "slice", "select", "alias", "detach", "as_strided", "permute", "unflatten", "split", "lift_fresh",
-    "empty", "empty_like", "empty_strided", "device", "_record_function_enter_new", "_record_function_exit",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "_reshape_alias",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "expand",
+    "slice",
+    "select",
+    "alias",
+    "detach",
+    "as_strided",
+    "permute",
+    "unflatten",
+    "split",
+    "lift_fresh",
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "device",
+    "_record_function_enter_new",
+    "_record_function_exit",
 }
 
 
@@ -81,9 +102,13 @@ class OpLog(TorchDispatchMode):
             return torch.empty((0, args[0].dim()), dtype=torch.int64, device=args[0].device)
         if name == "bincount":
             self.ops.append((self.phase, name, ()))
-            return torch.zeros(kwargs.get("minlength", args[2] if len(args) > 2 else 0), dtype=torch.int64, device=args[0].device)
+            return torch.zeros(
+                kwargs.get("minlength", args[2] if len(args) > 2 else 0), dtype=torch.int64, device=args[0].device
+            )
         out = func(*args, **kwargs)
-        dtypes = tuple(str(t.dtype) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point())
+        dtypes = tuple(
+            str(t.dtype) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
+        )
         self.ops.append((self.phase, name, dtypes))
         return out
 
@@ -91,7 +116,9 @@ class OpLog(TorchDispatchMode):
         """What the CUDA kernel checks: params, grads and moments pairwise of one size and strides."""
         for param, *others in zip(params, grads, exp_avgs, exp_avg_sqs):
             for other in others:
-                strides_differ = any(size != 1 and a != b for size, a, b in zip(param.shape, param.stride(), other.stride()))
+                strides_differ = any(
+                    size != 1 and a != b for size, a, b in zip(param.shape, param.stride(), other.stride())
+                )
                 if other.shape != param.shape or strides_differ:
                     self.problems.append(
                         f"{self.phase}: fused AdamW operands differ in layout: param {tuple(param.shape)} "
@@ -147,7 +174,10 @@ class SafetensorsStore:
 
     def save(self, tensors: dict[str, torch.Tensor], metadata: Optional[dict] = None) -> bytes:
         key = f"simulated-safetensors-{next(self._keys)}"
-        self.files[key] = ({n: (tuple(t.shape), t.dtype, str(t.device)) for n, t in tensors.items()}, dict(metadata or {}))
+        self.files[key] = (
+            {n: (tuple(t.shape), t.dtype, str(t.device)) for n, t in tensors.items()},
+            dict(metadata or {}),
+        )
         return key.encode()
 
     def safe_open(self, filename: str, framework: str = "pt", device: str = "cpu") -> "_OpenFile":

@@ -16,9 +16,31 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def test_bench_runs_classic_pipeline_and_presets(shared_mnist: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPOSITORY / "bench" / "bench.py"), "--cpu", "--mnist-dir", str(shared_mnist),
-               "--limit", "300", "--baseline-epochs", "1", "--num-workers", "0", "--preset", "cpu", "--preset", "lenet",
-               "--epochs", "1", "--target", "0.2", "--sum-target", "0.1", "--json-out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPOSITORY / "bench" / "bench.py"),
+        "--cpu",
+        "--mnist-dir",
+        str(shared_mnist),
+        "--limit",
+        "300",
+        "--baseline-epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--preset",
+        "cpu",
+        "--preset",
+        "lenet",
+        "--epochs",
+        "1",
+        "--target",
+        "0.2",
+        "--sum-target",
+        "0.1",
+        "--json-out",
+        str(out),
+    ]
     env = {k: v for k, v in os.environ.items() if k != TEST_MNIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")])
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -114,7 +114,9 @@ def test_prepare_train_evaluate_plot(fake_mnist: FakeMnist, in_tmp: Path, run_cl
     code, out, err = run_cli("plot")
     assert code == 0, err
     plots = in_tmp / "artifacts" / "plots"
-    expected = ["loss.png", "accuracy.png"] + [f"confusion_{h}_{s}.png" for h in ("digit", "sum") for s in ("test", "val")]
+    expected = ["loss.png", "accuracy.png"] + [
+        f"confusion_{h}_{s}.png" for h in ("digit", "sum") for s in ("test", "val")
+    ]
     for name in expected:
         content = (plots / name).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 1000, name
@@ -173,13 +175,17 @@ def test_prepare_with_env_var(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monk
 
 
 def test_prepare_with_raw_folder_option(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
-    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.raw_dir, "--val-size", VAL_SIZE, "--data", "elsewhere")
+    code, out, err = run_cli(
+        "prepare", "--mnist-dir", fake_mnist.raw_dir, "--val-size", VAL_SIZE, "--data", "elsewhere"
+    )
     assert code == 0, err
     assert (in_tmp / "elsewhere" / "val.parquet").is_file()
     assert not (in_tmp / "data").exists()
 
 
-def test_mnist_dir_option_beats_env_var(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mnist_dir_option_beats_env_var(
+    fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(MNIST_DIR_ENV, str(in_tmp / "nowhere"))
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     assert code == 0, err
@@ -301,7 +307,9 @@ def test_resume_with_a_json_file_holding_an_array(workdir: Path, run_cli, name: 
     assert snapshot(workdir) == before
 
 
-def test_resume_with_a_misshapen_checkpoint_tensor(fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch) -> None:
+def test_resume_with_a_misshapen_checkpoint_tensor(
+    fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch
+) -> None:
     """An interrupted run (a complete one has nothing to resume) whose checkpoint is damaged."""
     from safetensors.torch import load_file, save_file
 
@@ -422,9 +430,10 @@ def _mnistsum(*args: object, env: dict | None = None, **kwargs) -> subprocess.Co
     """The CLI in a child process (for what a real stdout does: its encoding, a full device)."""
     return subprocess.run(
         [sys.executable, "-m", "mnistsum_cli", *map(str, args)],
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs},
         timeout=300,
-    )  # fmt: skip
+    )
 
 
 ASCII_ONLY = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": ""}
@@ -432,7 +441,11 @@ ASCII_ONLY = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCAL
 
 def test_ascii_only_stdout(workdir: Path, fake_mnist: FakeMnist) -> None:
     """Under LC_ALL=C Python writes ASCII: the histograms, arrows and rules degrade, nothing fails."""
-    for args in (["prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE], ["evaluate", "--cpu"], ["status"]):
+    for args in (
+        ["prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE],
+        ["evaluate", "--cpu"],
+        ["status"],
+    ):
         done = _mnistsum(*args, env=ASCII_ONLY, cwd=workdir)
         assert done.returncode == 0, done.stderr.decode()
         assert b"Traceback" not in done.stderr
@@ -567,7 +580,9 @@ def test_val_size_too_large_keeps_existing_data(workdir: Path, fake_mnist: FakeM
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch) -> None:
+def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(
+    fake_mnist: FakeMnist, in_tmp: Path, run_cli, ctrl_c_after_epoch
+) -> None:
     code, _, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     assert code == 0, err
     ctrl_c_after_epoch()
@@ -585,7 +600,9 @@ def test_ctrl_c_in_training_keeps_the_epoch_and_resumes(fake_mnist: FakeMnist, i
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
 
 
-def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A new run stopped before its first epoch is saved has nothing on disk: the previous run
     goes back where it was, unchanged, and the message says so (no `--resume`)."""
     from mnistsum_cli import report
@@ -600,7 +617,10 @@ def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(workdir: Pat
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 3)
     assert code == 130
     line = assert_one_line_error(err, out)
-    assert "before the first epoch was saved: the previous run is still in artifacts, unchanged" in line and "--resume" not in line
+    assert (
+        "before the first epoch was saved: the previous run is still in artifacts, unchanged" in line
+        and "--resume" not in line
+    )
     assert snapshot(artifacts) == before
     assert not (artifacts / "previous").exists()
 

@@ -79,7 +79,10 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def history(run: RunDir) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k not in ("seconds", "steps")} for r in json.loads(run.history.read_text())["epochs"]]
+    return [
+        {k: v for k, v in r.items() if k not in ("seconds", "steps")}
+        for r in json.loads(run.history.read_text())["epochs"]
+    ]
 
 
 # --------------------------------------------------------------------------- precision
@@ -195,7 +198,9 @@ def test_checkpoints_move_between_cpu_and_gpu(data_dir: DataDir, tmp_path: Path)
     with pytest.raises(KeyboardInterrupt):
         train(SHORT, load_train_data(PreparedData(data_dir), CPU), run, CPU, reporter=InterruptAfter(epoch=1))
     with pytest.raises(KeyboardInterrupt):
-        train(SHORT, load_train_data(PreparedData(data_dir), GPU), run, GPU, resume=True, reporter=InterruptAfter(epoch=2))
+        train(
+            SHORT, load_train_data(PreparedData(data_dir), GPU), run, GPU, resume=True, reporter=InterruptAfter(epoch=2)
+        )
     state = train(SHORT, load_train_data(PreparedData(data_dir), CPU), run, CPU, resume=True)
     assert state.epoch == 3
     records = history(run)
@@ -236,7 +241,10 @@ def test_gpu_and_cpu_evaluations_agree(mnist_run) -> None:
     data_dir, run = mnist_run
     prepared_data = PreparedData(data_dir)
     dataset, mnist = prepared_data.dataset, prepared_data.mnist
-    gpu, cpu = (predict(load_model(run.model, device)[0], split_tensors(dataset, mnist, "test", device)) for device in (GPU, CPU))
+    gpu, cpu = (
+        predict(load_model(run.model, device)[0], split_tensors(dataset, mnist, "test", device))
+        for device in (GPU, CPU)
+    )
     assert len(gpu.digit) == 10_000
     assert int((gpu.digit.cpu() == cpu.digit).sum()) >= 9_999
     assert int((gpu.sum.cpu() == cpu.sum).sum()) >= 9_999
@@ -253,16 +261,19 @@ def test_predict_agrees_with_evaluate_row_for_row(mnist_run, run_cli) -> None:
     evaluated = predict(model, test)
     images = torch.from_numpy(mnist.images["test"][dataset.splits["test"].image_index])
     predicted = [
-        row for start in range(0, len(test), 2048)
+        row
+        for start in range(0, len(test), 2048)
         for row in predict_digits(model, images[start : start + 2048], test.numbers[start : start + 2048].cpu(), GPU)
-    ]  # fmt: skip
+    ]
     assert [row["digit"] for row in predicted] == evaluated.digit.tolist()
     assert [row["sum"] for row in predicted] == evaluated.sum.tolist()
 
     code, out, err = run_cli("evaluate", "--gpu", 0, "--data", data_dir.root, "--artifacts", run.root, "--json")
     assert code == 0, err
     for wrong in json.loads(out)["misclassified"][:3]:
-        code, out, err = run_cli("predict", "--index", wrong["row"], "--gpu", 0, "--data", data_dir.root, "--artifacts", run.root, "--json")
+        code, out, err = run_cli(
+            "predict", "--index", wrong["row"], "--gpu", 0, "--data", data_dir.root, "--artifacts", run.root, "--json"
+        )
         assert code == 0, err
         row = json.loads(out)
         assert (row["digit"], row["sum"]) == (wrong["predicted_digit"], wrong["predicted_sum"])
@@ -273,7 +284,18 @@ def test_predict_agrees_with_evaluate_row_for_row(mnist_run, run_cli) -> None:
 
 def test_compiled_training_runs(data_dir: DataDir, tmp_path: Path, run_cli) -> None:
     artifacts = tmp_path / "artifacts"
-    args = ("--arch", "fastnet-small", "--epochs", 1, "--batch-size", 64, "--data", data_dir.root, "--artifacts", artifacts)
+    args = (
+        "--arch",
+        "fastnet-small",
+        "--epochs",
+        1,
+        "--batch-size",
+        64,
+        "--data",
+        data_dir.root,
+        "--artifacts",
+        artifacts,
+    )
     code, out, err = run_cli("train", "--gpu", 0, "--compile", *args)
     assert code == 0, err
     assert json.loads(RunDir(artifacts).config.read_text())["config"]["compile"] is True
@@ -281,11 +303,33 @@ def test_compiled_training_runs(data_dir: DataDir, tmp_path: Path, run_cli) -> N
 
 
 def test_torchrun_with_nccl_trains(data_dir: DataDir, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "mnistsum_cli",
-               "train", "--arch", "fastnet-small", "--epochs", "1", "--batch-size", "64",
-               "--data", str(data_dir.root), "--artifacts", "artifacts"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        "-m",
+        "mnistsum_cli",
+        "train",
+        "--arch",
+        "fastnet-small",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--data",
+        str(data_dir.root),
+        "--artifacts",
+        "artifacts",
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -302,8 +346,21 @@ def test_a_batch_that_cannot_fit_is_one_line(tmp_path: Path, run_cli) -> None:
     cap = (torch.cuda.memory_reserved(GPU) + 2**30) / torch.cuda.get_device_properties(GPU).total_memory
     torch.cuda.set_per_process_memory_fraction(cap, GPU)
     try:
-        code, out, err = run_cli("train", "--gpu", 0, "--arch", "fastnet-wide", "--epochs", 1, "--batch-size", 20_000,
-                                 "--data", data_dir.root, "--artifacts", tmp_path / "artifacts")  # fmt: skip
+        code, out, err = run_cli(
+            "train",
+            "--gpu",
+            0,
+            "--arch",
+            "fastnet-wide",
+            "--epochs",
+            1,
+            "--batch-size",
+            20_000,
+            "--data",
+            data_dir.root,
+            "--artifacts",
+            tmp_path / "artifacts",
+        )
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, GPU)
         torch.cuda.empty_cache()

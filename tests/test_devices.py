@@ -52,8 +52,13 @@ def test_cpu_flag_never_touches_cuda(two_gpus: list) -> None:
 
 @pytest.mark.parametrize(
     "capability, amp, expected",
-    [((9, 0), True, torch.bfloat16), ((8, 0), True, torch.bfloat16), ((7, 5), True, torch.float16),
-     ((6, 0), True, torch.float16), ((9, 0), False, None)],
+    [
+        ((9, 0), True, torch.bfloat16),
+        ((8, 0), True, torch.bfloat16),
+        ((7, 5), True, torch.float16),
+        ((6, 0), True, torch.float16),
+        ((9, 0), False, None),
+    ],
 )
 def test_training_precision_follows_the_gpu(monkeypatch: pytest.MonkeyPatch, capability, amp: bool, expected) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -68,7 +73,11 @@ def test_cpu_trains_in_fp32() -> None:
 @pytest.fixture
 def global_flags():
     """Restore cuDNN autotuning and deterministic-algorithm flags after a test sets them."""
-    saved = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     yield
     torch.backends.cudnn.benchmark = saved[0]
     torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])

@@ -47,10 +47,25 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 def torchrun(cwd: Path, *args: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m mnistsum_cli ARGS`, one thread per process."""
-    env = {k: v for k, v in os.environ.items() if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "mnistsum_cli"]
-    return subprocess.run(command + [str(arg) for arg in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mnistsum_cli",
+    ]
+    return subprocess.run(
+        command + [str(arg) for arg in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def as_torchrun_rank(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
@@ -70,7 +85,21 @@ def metadata(path: Path, expected_format: str) -> dict[str, Any]:
 def torchrun_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """`torchrun --nproc-per-node 2 -m mnistsum_cli train --cpu` in an empty folder (read-only)."""
     cwd = tmp_path_factory.mktemp("torchrun")
-    result = torchrun(cwd, "train", "--cpu", "--preset", "cpu", "--epochs", 2, "--batch-size", 64, "--data", data_dir, "--artifacts", "artifacts")
+    result = torchrun(
+        cwd,
+        "train",
+        "--cpu",
+        "--preset",
+        "cpu",
+        "--epochs",
+        2,
+        "--batch-size",
+        64,
+        "--data",
+        data_dir,
+        "--artifacts",
+        "artifacts",
+    )
     return cwd, result
 
 
@@ -117,7 +146,9 @@ def test_torchrun_records_every_step_once(torchrun_run) -> None:
 def test_torchrun_model_evaluates_to_its_saved_val_metrics(torchrun_run, data_dir: Path, run_cli) -> None:
     cwd, _ = torchrun_run
     run = RunDir(cwd / "artifacts")
-    code, out, err = run_cli("evaluate", "--split", "val", "--cpu", "--data", data_dir, "--artifacts", run.root, "--json")
+    code, out, err = run_cli(
+        "evaluate", "--split", "val", "--cpu", "--data", data_dir, "--artifacts", run.root, "--json"
+    )
     assert code == 0, err
     evaluation = json.loads(out)
     saved = metadata(run.model, MODEL_FORMAT)
@@ -136,7 +167,9 @@ def test_other_commands_are_refused_under_torchrun(run_cli, monkeypatch: pytest.
     assert "only `train` runs under torchrun" in assert_one_line_error(err, out)
 
 
-def test_gpu_is_refused_under_torchrun(run_cli, monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path) -> None:
+def test_gpu_is_refused_under_torchrun(
+    run_cli, monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path
+) -> None:
     as_torchrun_rank(monkeypatch, 0)
     code, out, err = run_cli("train", "--gpu", "0", "--data", data_dir, "--artifacts", tmp_path / "artifacts")
     assert code == 2
@@ -188,7 +221,9 @@ def free_port() -> int:
 
 def worker(rank: int, port: int, data_dir: str, root: str) -> None:
     """One of 2 ranks, joined through the same environment torchrun sets."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2"
+    )
     torch.set_num_threads(1)
     folders = Path(root)
     with process_group(None, True, notify=print) as (group, device):
@@ -253,7 +288,9 @@ def test_one_process_checkpoint_resumes_in_two_processes(spawned: Path) -> None:
     assert metadata(run.checkpoint, CHECKPOINT_FORMAT)["epoch"] == CONFIG.epochs
 
 
-def test_without_batchnorm_one_and_two_processes_agree_to_rounding(spawned: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_without_batchnorm_one_and_two_processes_agree_to_rounding(
+    spawned: Path, data_dir: Path, tmp_path: Path
+) -> None:
     """LeNet has no BatchNorm: 2 processes compute the 1-process update up to the order of the
     gradient sums (each rank sums its 32 rows, then the ranks' means are averaged)."""
     run = RunDir(tmp_path / "single")
@@ -263,7 +300,9 @@ def test_without_batchnorm_one_and_two_processes_agree_to_rounding(spawned: Path
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
     # rank 0 records the figures of the whole batch, not of its own 32 rows
-    steps_one, steps_two = ([row for r in history(folder) for row in r["steps"]] for folder in (run, RunDir(spawned / "no_batchnorm")))
+    steps_one, steps_two = (
+        [row for r in history(folder) for row in r["steps"]] for folder in (run, RunDir(spawned / "no_batchnorm"))
+    )
     assert [row["step"] for row in steps_two] == [row["step"] for row in steps_one] == list(range(1, 6))
     for row_one, row_two in zip(steps_one, steps_two):
         for key in ("train_digit_loss", "train_sum_loss"):

@@ -20,7 +20,9 @@ REPORTS = {"gpu_check.log", "figures.json", "summary.md", "pytest-cuda.xml"}
 
 
 def gpu_check(*args: object, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,20 @@ def test_dry_run_passes_every_step(dry_run) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((outdir / "figures.json").read_text())
     checks = {check["name"]: check for check in figures["checks"]}
-    assert list(checks) == ["unpack MNIST", "install offline", "versions", "pytest -m cuda", "classic vs default", "presets", "profile"]
+    assert list(checks) == [
+        "unpack MNIST",
+        "install offline",
+        "versions",
+        "pytest -m cuda",
+        "classic vs default",
+        "presets",
+        "profile",
+    ]
     assert all(check["ok"] for check in checks.values()), checks
     assert "skipped" in checks["pytest -m cuda"]["detail"]
-    assert Path(figures["versions"]["mnistsum_from"]).parent.parent.name == "site"  # the offline install, not the checkout
+    assert (
+        Path(figures["versions"]["mnistsum_from"]).parent.parent.name == "site"
+    )  # the offline install, not the checkout
 
 
 def test_dry_run_measures_what_the_gpu_run_reports(dry_run) -> None:

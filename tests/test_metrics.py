@@ -24,7 +24,9 @@ def step_rows(run: RunDir) -> list[dict[str, Any]]:
     return [row for record in json.loads(run.history.read_text())["epochs"] for row in record["steps"]]
 
 
-def recorded(steps: int, batch_size: int = 8, epoch: int = 0, seed: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def recorded(
+    steps: int, batch_size: int = 8, epoch: int = 0, seed: int = 0
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """A recorder fed `steps` steps of random sums (losses times rows, correct counts)."""
     generator = torch.Generator().manual_seed(seed)
     recorder = StepRecorder(steps, CPU)
@@ -68,10 +70,14 @@ def test_a_run_records_every_step(straight_run, train_data: TrainData) -> None: 
     steps = reporter.started[0][2]
     rows = step_rows(run)
     assert [row["step"] for row in rows] == list(range(1, CONFIG.epochs * steps + 1))
-    assert [row["epoch"] for row in rows] == pytest.approx([step / steps for step in range(1, CONFIG.epochs * steps + 1)])
+    assert [row["epoch"] for row in rows] == pytest.approx(
+        [step / steps for step in range(1, CONFIG.epochs * steps + 1)]
+    )
     for row in rows:
         assert row["lr"] == pytest.approx(lr_at(row["step"] - 1, CONFIG.epochs * steps, CONFIG), rel=1e-5)
-        assert set(row) == {"step", "epoch", "lr"} | {f"train_{h}_{m}" for h in HEADS for m in ("loss", "accuracy")} | {"train_loss"}
+        assert set(row) == {"step", "epoch", "lr"} | {f"train_{h}_{m}" for h in HEADS for m in ("loss", "accuracy")} | {
+            "train_loss"
+        }
     for record in state.history:  # one step per record here: the plain mean is the epoch's
         for key in ("digit_loss", "sum_loss", "digit_accuracy", "sum_accuracy"):
             mean = sum(row[f"train_{key}"] for row in record["steps"]) / steps
@@ -80,11 +86,12 @@ def test_a_run_records_every_step(straight_run, train_data: TrainData) -> None: 
             assert row["train_digit_accuracy"] * 64 == pytest.approx(round(row["train_digit_accuracy"] * 64), abs=1e-4)
 
 
-def test_resume_continues_the_steps_without_gaps_or_duplicates(straight_run, train_data: TrainData, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_continues_the_steps_without_gaps_or_duplicates(
+    straight_run, train_data: TrainData, tmp_path: Path
+) -> None:
     run_a, _, _ = straight_run
     run_b = RunDir(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
         train(CONFIG, train_data, run_b, CPU, reporter=InterruptAfter(epoch=1))
     train(CONFIG, train_data, run_b, CPU, resume=True)
     assert step_rows(run_b) == step_rows(run_a)
-

@@ -131,7 +131,9 @@ def test_load_model_refuses_missing_arch(tmp_path: Path) -> None:
 
 def test_load_model_refuses_a_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.safetensors"
-    write_safetensors(path, build_model("fastnet-small").state_dict(), {"format": "mnistsum-checkpoint/1", "arch": "fastnet-small"})
+    write_safetensors(
+        path, build_model("fastnet-small").state_dict(), {"format": "mnistsum-checkpoint/1", "arch": "fastnet-small"}
+    )
     with pytest.raises(MnistsumError, match=MODEL_FORMAT):
         load_model(path, torch.device("cpu"))
     tensors, meta = read_safetensors(path, "train", "mnistsum-checkpoint/1")

@@ -21,8 +21,14 @@ from mnistsum_cli.prepared import PreparedData
 
 def history(epochs_done: int, planned: int) -> dict:
     records = [
-        {"epoch": e, **{f"{split}_{key}": value for split in ("train", "val")
-                        for key, value in (("digit_accuracy", 0.5 + 0.05 * e), ("sum_accuracy", 0.1 * e))}}
+        {
+            "epoch": e,
+            **{
+                f"{split}_{key}": value
+                for split in ("train", "val")
+                for key, value in (("digit_accuracy", 0.5 + 0.05 * e), ("sum_accuracy", 0.1 * e))
+            },
+        }
         for e in range(1, epochs_done + 1)
     ]
     return {"epochs": records, "best_epoch": epochs_done, "config": {"epochs": planned}}
@@ -45,7 +51,9 @@ def test_plot_with_a_stale_evaluation_changes_nothing(workdir: Path, run_cli) ->
     assert code == 1
     assert "mnistsum evaluate" in assert_one_line_error(err, out)
     after = snapshot(artifacts)
-    assert {k: v for k, v in after.items() if k.startswith("plots")} == {k: v for k, v in before.items() if k.startswith("plots")}
+    assert {k: v for k, v in after.items() if k.startswith("plots")} == {
+        k: v for k, v in before.items() if k.startswith("plots")
+    }
     assert not leftovers(artifacts)
 
 
@@ -133,7 +141,10 @@ def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pyte
         assert "epoch 2 of 3" in run_line and "1/3 epochs done" in run_line
         assert "elapsed" in run_line and "remaining" in run_line
         assert "4/10 steps" in epoch_line and "img/s" in epoch_line and "remaining" in epoch_line
-        record = {"epoch": 2, **{f"{s}_{k}": 0.5 for s in ("train", "val") for k in ("loss", "digit_accuracy", "sum_accuracy")}}
+        record = {
+            "epoch": 2,
+            **{f"{s}_{k}": 0.5 for s in ("train", "val") for k in ("loss", "digit_accuracy", "sum_accuracy")},
+        }
         reporter.epoch_end({**record, "seconds": 1.0})
         assert "epoch 2/3" in screen.getvalue()
         assert len(reporter.progress.tasks) == 1  # the run line stays for epoch 3
@@ -187,7 +198,10 @@ EVALUATION_DAMAGE = {
     "no digit_confusion": (_set("digit_confusion"), "digit_confusion is missing"),
     "ragged confusion": (_set("digit_confusion", 3, value=[0] * 9), "digit_confusion[3] has 9 entries, expected 10"),
     "model null": (lambda metrics: {**metrics, "model": None}, "model is None, expected an object"),
-    "image_index past MNIST": (_set("misclassified", 0, "image_index", value=60_000), "image_index 60000 is outside the MNIST test set"),
+    "image_index past MNIST": (
+        _set("misclassified", 0, "image_index", value=60_000),
+        "image_index 60000 is outside the MNIST test set",
+    ),
 }
 
 
@@ -195,13 +209,17 @@ EVALUATION_DAMAGE = {
 def test_plot_on_a_damaged_evaluation(workdir: Path, run_cli, damage: str) -> None:
     artifacts = workdir / "artifacts"
     edit, problem = EVALUATION_DAMAGE[damage]
-    assert json.loads((artifacts / "evaluation_test.json").read_text())["misclassified"], "the gallery case needs a wrong row"
+    assert json.loads((artifacts / "evaluation_test.json").read_text())["misclassified"], (
+        "the gallery case needs a wrong row"
+    )
     _edit_json(artifacts / "evaluation_test.json", edit)
     code, out, err = run_cli("plot")
     assert code == 1
     line = assert_one_line_error(err, out)
     assert "evaluation_test.json" in line and problem in line and "mnistsum evaluate" in line
     assert not (artifacts / "plots").exists()
+
+
 # --------------------------------------------------------------------------- per-step curves
 
 
@@ -212,17 +230,28 @@ def with_steps(steps_per_epoch: int, epochs: int) -> dict:
         e = record["epoch"]
         record["val_digit_loss"] = record["val_sum_loss"] = record["val_loss"] = 1.0 / e
         record["steps"] = [
-            {"step": (e - 1) * steps_per_epoch + s, "epoch": e - 1 + s / steps_per_epoch, "lr": 0.01 * s / steps_per_epoch,
-             "train_digit_accuracy": 0.4 + 0.1 * e + 0.001 * s, "train_sum_accuracy": 0.1 * e}
+            {
+                "step": (e - 1) * steps_per_epoch + s,
+                "epoch": e - 1 + s / steps_per_epoch,
+                "lr": 0.01 * s / steps_per_epoch,
+                "train_digit_accuracy": 0.4 + 0.1 * e + 0.001 * s,
+                "train_sum_accuracy": 0.1 * e,
+            }
             for s in range(1, steps_per_epoch + 1)
-        ]  # fmt: skip
+        ]
     return result
 
 
 def test_curves_draw_every_step_val_per_epoch_and_the_lr() -> None:
-    figure = curves(with_steps(40, 3), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", "arch lean", scale=100)
+    figure = curves(
+        with_steps(40, 3), [("digit_accuracy", "digit head")], "accuracy (%)", "Accuracy", "arch lean", scale=100
+    )
     axis, lr_axis = figure.axes[:2]
-    raw, smooth, val = (line for line in axis.get_lines() if line.get_label() in ("train, per step", "train, smoothed", "val (end of epoch)"))
+    raw, smooth, val = (
+        line
+        for line in axis.get_lines()
+        if line.get_label() in ("train, per step", "train, smoothed", "val (end of epoch)")
+    )
     assert len(raw.get_xdata()) == len(smooth.get_xdata()) == 120
     assert raw.get_xdata()[0] == pytest.approx(1 / 40) and raw.get_xdata()[-1] == 3.0
     assert list(val.get_xdata()) == [1, 2, 3] and list(val.get_ydata()) == pytest.approx([55, 60, 65])

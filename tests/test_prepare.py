@@ -172,7 +172,9 @@ def test_dataset_id_changes_with_mnist(fake_mnist: FakeMnist, tmp_path: Path) ->
 
 
 def test_cli_limit_and_seed(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
-    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--limit", 30, "--seed", 5)
+    code, out, err = run_cli(
+        "prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--limit", 30, "--seed", 5
+    )
     assert code == 0, err
     tables = _tables(DataDir(in_tmp / "data"))
     assert {split: t.num_rows for split, t in tables.items()} == {"train": 30, "val": 30, "test": 30}

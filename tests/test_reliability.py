@@ -227,7 +227,9 @@ def test_a_crash_in_plot_keeps_one_whole_set_of_plots(workdir: Path, run_cli, mo
     import mnistsum_cli.plot
     from mnistsum_cli.plot import plot
 
-    monkeypatch.setattr(mnistsum_cli.plot, "png_bytes", lambda figure: b"PNG of " + figure.get_suptitle().encode())  # fast
+    monkeypatch.setattr(
+        mnistsum_cli.plot, "png_bytes", lambda figure: b"PNG of " + figure.get_suptitle().encode()
+    )  # fast
 
     artifacts = workdir / "artifacts"
     evaluation = artifacts / "evaluation_test.json"
@@ -310,7 +312,9 @@ def test_train_that_cannot_write_is_one_line_and_changes_nothing(
     assert {stage["stage"]: stage["state"] for stage in json.loads(out)}["train"] == CURRENT
 
 
-def test_prepare_on_a_full_disk_keeps_the_dataset(workdir: Path, fake_mnist: FakeMnist, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prepare_on_a_full_disk_keeps_the_dataset(
+    workdir: Path, fake_mnist: FakeMnist, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mnistsum_cli.store
 
     before = snapshot(workdir / "data")
@@ -357,7 +361,10 @@ def test_a_rename_refused_after_the_journal_is_finished_by_the_next_writer(
         patch.setattr(mnistsum_cli.store.os, "replace", refuse_installs)
         code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
     assert code == 1
-    assert "the change is recorded and the next mnistsum command that writes artifacts/ finishes it" in assert_one_line_error(err, out)
+    assert (
+        "the change is recorded and the next mnistsum command that writes artifacts/ finishes it"
+        in assert_one_line_error(err, out)
+    )
     code, out, err = run_cli("status", "--json")  # a reader finishes it (no writer is alive)
     assert code == 0, err
     assert (workdir / "artifacts" / "evaluation_val.json").exists()
@@ -378,7 +385,9 @@ def test_stale_temporaries_are_removed_by_the_next_writer(workdir: Path, run_cli
 
 
 @pytest.mark.parametrize("damage", ["none", "read-only", "empty model"])
-def test_resume_of_a_finished_run_does_nothing(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+def test_resume_of_a_finished_run_does_nothing(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
     import mnistsum_cli.store
 
     artifacts = workdir / "artifacts"
@@ -404,7 +413,11 @@ def test_resume_of_a_finished_run_does_nothing(workdir: Path, run_cli, monkeypat
 def _mnistsum(*args: object) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MNISTSUM_TEST_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "mnistsum_cli", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "mnistsum_cli", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -449,7 +462,12 @@ def small_disk(tmp_path: Path):
     """A 4 MiB tmpfs (needs root and the right to mount: skipped elsewhere); unmounted after."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount_point], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", mount_point], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here")
     yield mount_point
     subprocess.run(["umount", "-l", mount_point], check=True)

@@ -23,8 +23,13 @@ def test_generated_files_are_ignored_but_the_readmes_are_not() -> None:
     def ignored(path: str) -> bool:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
 
-    for path in ("data/train.parquet", "data/MNIST/raw/t10k-images-idx3-ubyte", "artifacts/model.safetensors",
-                 "artifacts/previous/0123/history.json", "artifacts-cpu/model.safetensors"):
+    for path in (
+        "data/train.parquet",
+        "data/MNIST/raw/t10k-images-idx3-ubyte",
+        "artifacts/model.safetensors",
+        "artifacts/previous/0123/history.json",
+        "artifacts-cpu/model.safetensors",
+    ):
         assert ignored(path), path
     for path in ("data/README.md", "artifacts/README.md"):
         assert not ignored(path), path

@@ -71,7 +71,9 @@ def test_runs_lists_every_folder(many_runs: Path, run_cli) -> None:
         assert (row["device"], row["precision"], row["world_size"], row["kept_epoch"]) == ("cpu", "fp32", 1, 1)
 
 
-def test_runs_table_shows_what_differs_and_captions_the_rest(many_runs: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_table_shows_what_differs_and_captions_the_rest(
+    many_runs: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "300")
     code, out, err = run_cli("runs", "--artifacts", many_runs / "artifacts")
     assert code == 0 and err == "", err
@@ -120,7 +122,15 @@ def test_compare_by_id_and_by_folder(many_runs: Path, run_cli, tmp_path: Path) -
     listed = [row for row in rows(run_cli, artifacts) if row["run_id"]]
     complete = [row for row in listed if row["state"] == "complete"]
     before = snapshot(artifacts)
-    code, out, err = run_cli("compare", complete[0]["run_id"][:6], complete[1]["folder"], "--artifacts", artifacts, "--out", tmp_path / "two.png")
+    code, out, err = run_cli(
+        "compare",
+        complete[0]["run_id"][:6],
+        complete[1]["folder"],
+        "--artifacts",
+        artifacts,
+        "--out",
+        tmp_path / "two.png",
+    )
     assert code == 0, err
     with Image.open(tmp_path / "two.png") as image:
         assert image.format == "PNG" and image.width > 1000
@@ -134,8 +144,12 @@ def test_compare_by_id_and_by_folder(many_runs: Path, run_cli, tmp_path: Path) -
     assert {k: v for k, v in snapshot(artifacts).items() if not k.startswith("compare/")} == before
 
 
-@pytest.mark.parametrize("name, message", [("ffff", "neither a run folder nor a run id"), ("previous/notes", "holds no readable run")])
-def test_compare_refuses_what_is_not_a_run(many_runs: Path, run_cli, name: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "name, message", [("ffff", "neither a run folder nor a run id"), ("previous/notes", "holds no readable run")]
+)
+def test_compare_refuses_what_is_not_a_run(
+    many_runs: Path, run_cli, name: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(many_runs / "artifacts")
     code, out, err = run_cli("compare", name, "--artifacts", ".")
     assert code == 1 and message in assert_one_line_error(err, out)

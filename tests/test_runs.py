@@ -76,7 +76,9 @@ def test_train_keeps_the_previous_run_and_says_where(workdir: Path, run_cli) -> 
     assert code == 0, err
 
 
-def test_train_over_an_incomplete_run_says_it_was_resumable_and_keeps_it(workdir: Path, run_cli, ctrl_c_after_epoch) -> None:
+def test_train_over_an_incomplete_run_says_it_was_resumable_and_keeps_it(
+    workdir: Path, run_cli, ctrl_c_after_epoch
+) -> None:
     ctrl_c_after_epoch()
     assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2)[0] == 130
     ctrl_c_after_epoch(False)
@@ -150,7 +152,9 @@ def test_train_without_preset_on_the_cpu(workdir: Path, run_cli) -> None:
 
 def test_few_steps_warning() -> None:
     message = few_steps_warning(rows=2000, batch_size=1024, steps=1)
-    assert "only 1 optimizer step per epoch" in message and "--batch-size (e.g. 100)" in message and "--limit" in message
+    assert (
+        "only 1 optimizer step per epoch" in message and "--batch-size (e.g. 100)" in message and "--limit" in message
+    )
     assert few_steps_warning(rows=60_000, batch_size=1024, steps=58) is None
 
 
@@ -190,7 +194,9 @@ def test_ctrl_c_during_the_save_reports_the_saved_epoch(
     assert "epoch 1/" not in out
 
 
-def test_interrupted_run_suggests_run_and_run_resumes(workdir: Path, fake_mnist: FakeMnist, run_cli, ctrl_c_after_epoch) -> None:
+def test_interrupted_run_suggests_run_and_run_resumes(
+    workdir: Path, fake_mnist: FakeMnist, run_cli, ctrl_c_after_epoch
+) -> None:
     ctrl_c_after_epoch()
     args = ("run", "--cpu", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     code, out, err = run_cli(*args, "--epochs", 2)
@@ -208,7 +214,9 @@ def test_interrupted_run_suggests_run_and_run_resumes(workdir: Path, fake_mnist:
     assert train_state(run_cli) == "up to date"
 
 
-def test_ctrl_c_in_the_first_epoch_of_a_first_run(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_in_the_first_epoch_of_a_first_run(
+    fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mnistsum_cli import report
 
     assert run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)[0] == 0

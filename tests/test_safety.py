@@ -40,7 +40,11 @@ def pickle_uses(tree: ast.AST) -> list[str]:
             name = _dotted(node.func)
             if name.endswith("torch.load"):
                 weights_only = [k for k in node.keywords if k.arg == "weights_only"]
-                safe = weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True
+                safe = (
+                    weights_only
+                    and isinstance(weights_only[0].value, ast.Constant)
+                    and weights_only[0].value.value is True
+                )
                 if not safe:
                     found.append(f"{name}(...) without weights_only=True (line {node.lineno})")
             if name.endswith("torch.save"):

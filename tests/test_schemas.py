@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_docs_page_is_generated_from_the_schemas() -> None:
     page = (REPO / "docs" / "schemas.md").read_text()
-    assert page == markdown(), "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.schemas import markdown; print(markdown(), end='')\" > docs/schemas.md`"
+    assert page == markdown(), (
+        "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.schemas import markdown; print(markdown(), end='')\" > docs/schemas.md`"
+    )
     for schema in SCHEMAS:
         assert f"## {schema.file}" in page
 
@@ -56,25 +58,43 @@ def test_settings_declare_every_train_config_field() -> None:
 def test_every_artifact_of_a_run_fits_its_schema(workdir: Path, run_cli) -> None:
     assert run_cli("plot")[0] == 0
     artifacts = workdir / "artifacts"
-    for schema, name in ((HISTORY, "history.json"), (TRAIN_STATE, "train_state.json"), (RUN_CONFIG, "config.json"),
-                         (EVALUATION, "evaluation_test.json"), (PLOTS_MANIFEST, "plots/manifest.json")):  # fmt: skip
+    for schema, name in (
+        (HISTORY, "history.json"),
+        (TRAIN_STATE, "train_state.json"),
+        (RUN_CONFIG, "config.json"),
+        (EVALUATION, "evaluation_test.json"),
+        (PLOTS_MANIFEST, "plots/manifest.json"),
+    ):
         schema.read_json(artifacts / name)
-    MODEL_META.check(read_safetensors(artifacts / "model.safetensors", "train", MODEL_FORMAT, metadata_only=True)[1], "model")
+    MODEL_META.check(
+        read_safetensors(artifacts / "model.safetensors", "train", MODEL_FORMAT, metadata_only=True)[1], "model"
+    )
     CHECKPOINT_META.check(
-        read_safetensors(artifacts / "checkpoint.safetensors", "train", CHECKPOINT_FORMAT, metadata_only=True)[1], "checkpoint"
+        read_safetensors(artifacts / "checkpoint.safetensors", "train", CHECKPOINT_FORMAT, metadata_only=True)[1],
+        "checkpoint",
     )
     for split in SPLITS:
-        SPLIT_META.check(json.loads(pq.read_schema(workdir / "data" / f"{split}.parquet").metadata[METADATA_KEY]), split)
+        SPLIT_META.check(
+            json.loads(pq.read_schema(workdir / "data" / f"{split}.parquet").metadata[METADATA_KEY]), split
+        )
 
 
 # --------------------------------------------------------------------------- damage: one line
 
 
 def _history() -> dict[str, Any]:
-    record = {f"{split}_{name}": 0.5 for split in ("train", "val") for name in
-              ("digit_loss", "sum_loss", "loss", "digit_accuracy", "sum_accuracy")}  # fmt: skip
-    return {"run_id": "ab12", "dataset_id": "cd34", "config": TrainConfig().to_dict(), "best_epoch": 1,
-            "epochs": [{"epoch": 1, **record}]}  # fmt: skip
+    record = {
+        f"{split}_{name}": 0.5
+        for split in ("train", "val")
+        for name in ("digit_loss", "sum_loss", "loss", "digit_accuracy", "sum_accuracy")
+    }
+    return {
+        "run_id": "ab12",
+        "dataset_id": "cd34",
+        "config": TrainConfig().to_dict(),
+        "best_epoch": 1,
+        "epochs": [{"epoch": 1, **record}],
+    }
 
 
 def _set(path: str, value: Any) -> Callable[[dict], Any]:
@@ -142,7 +162,11 @@ def test_numbers_take_integers_and_nan() -> None:
         (TRAIN_STATE, [], "holds a list"),
         (EVALUATION, {"model": None}, "split is missing"),
         (HISTORY, {**_history(), "best_epoch": 2}, "does not satisfy best_epoch <= the number of epochs"),
-        (TRAIN_STATE, {"run_id": "a", "dataset_id": "b", "config": {}, "epoch": 1, "best_epoch": 2}, "best_epoch <= epoch"),
+        (
+            TRAIN_STATE,
+            {"run_id": "a", "dataset_id": "b", "config": {}, "epoch": 1, "best_epoch": 2},
+            "best_epoch <= epoch",
+        ),
     ],
 )
 def test_each_schema_names_its_stage(schema: Schema, data: Any, problem: str) -> None:

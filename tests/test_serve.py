@@ -59,7 +59,9 @@ def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Test
 def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
     """Black ink on white, as the page's drawing pad sends it."""
     image = Image.new("L", (size, size), 255)
-    ImageDraw.Draw(image).line([(0.3 * size, 0.2 * size), (0.7 * size, 0.2 * size), (0.45 * size, 0.85 * size)], fill=0, width=size // 12)
+    ImageDraw.Draw(image).line(
+        [(0.3 * size, 0.2 * size), (0.7 * size, 0.2 * size), (0.45 * size, 0.85 * size)], fill=0, width=size // 12
+    )
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
@@ -110,8 +112,14 @@ def test_healthz_and_model_card(client: TestClient, run: RunDir) -> None:
 
 def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient, run: RunDir) -> None:
     sha = fingerprint_file(run.model)
-    write_json(run.evaluation("test"), {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0, "model": {"sha256": sha}})
-    write_json(run.evaluation("val"), {"rows": 10, "digit_accuracy": 0.5, "sum_accuracy": 0.5, "model": {"sha256": "another model"}})
+    write_json(
+        run.evaluation("test"),
+        {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0, "model": {"sha256": sha}},
+    )
+    write_json(
+        run.evaluation("val"),
+        {"rows": 10, "digit_accuracy": 0.5, "sum_accuracy": 0.5, "model": {"sha256": "another model"}},
+    )
     run.plots.mkdir()
     png = drawn_seven(40)
     for name in ("loss.png", "unlisted.png"):
@@ -131,11 +139,19 @@ def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient,
 @pytest.mark.parametrize(
     "path",
     [
-        "/plots/..%2f..%2fartifacts%2fmodel.safetensors", "/plots/%2e%2e/model.safetensors", "/plots/%2e%2e%2fconfig.json",
-        "/plots/%2Fetc%2Fpasswd", "/plots//etc/passwd", "/static/../../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd",
-        "/app.js/..%2f..%2fserve.py", "/etc/passwd", "/mnistsum_cli/serve.py", "/static/app.js",
+        "/plots/..%2f..%2fartifacts%2fmodel.safetensors",
+        "/plots/%2e%2e/model.safetensors",
+        "/plots/%2e%2e%2fconfig.json",
+        "/plots/%2Fetc%2Fpasswd",
+        "/plots//etc/passwd",
+        "/static/../../pyproject.toml",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/app.js/..%2f..%2fserve.py",
+        "/etc/passwd",
+        "/mnistsum_cli/serve.py",
+        "/static/app.js",
     ],
-)  # fmt: skip
+)
 def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str) -> None:
     run.plots.mkdir()
     write_json(run.plots_manifest, {"inputs": {"model": fingerprint_file(run.model)}, "files": ["loss.png"]})
@@ -182,7 +198,9 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 def animated(fmt: str) -> bytes:
@@ -207,27 +225,89 @@ REFUSED = {
     "empty body": (lambda: ("/api/predict?number=1", b"", PNG), 400, "empty"),
     "not an image": (lambda: ("/api/predict?number=1", b"hello, world" * 10, PNG), 422, "not an image"),
     "truncated png": (lambda: ("/api/predict?number=1", drawn_seven()[:300], PNG), 422, "cannot read image"),
-    "animated gif": (lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}), 422, "PNG or JPEG"),
+    "animated gif": (
+        lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}),
+        422,
+        "PNG or JPEG",
+    ),
     "animated png": (lambda: ("/api/predict?number=1", animated("PNG"), PNG), 422, "animated"),
     "empty canvas": (lambda: ("/api/predict?number=1", blank_png(), PNG), 422, "blank"),
-    "over pixel limit": (lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG), 422, "over 4096 x 4096 pixels"),
+    "over pixel limit": (
+        lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG),
+        422,
+        "over 4096 x 4096 pixels",
+    ),
     "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "over 4096 x 4096 pixels"),
     "text body": (lambda: ("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
     "bad json": (lambda: ("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
     "json list": (lambda: ("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
-    "json no number": (lambda: ("/api/predict", json.dumps({"pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "number"),
-    "json bool number": (lambda: ("/api/predict", json.dumps({"number": True, "pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "0-9"),
-    "json no pixels": (lambda: ("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}), 400, "missing field: pixels"),
-    "json 27 rows": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[9] * 28] * 27}).encode(), {"Content-Type": "application/json"}), 400, "28 rows"),
-    "json ragged": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[9] * 28] * 27 + [[1]]}).encode(), {"Content-Type": "application/json"}), 400, "28 rows"),
-    "json 256": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[256] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 400, "0-255"),
-    "json blank": (lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[0] * 28] * 28}).encode(), {"Content-Type": "application/json"}), 422, "blank"),
+    "json no number": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"pixels": [[0] * 28] * 28}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        400,
+        "number",
+    ),
+    "json bool number": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"number": True, "pixels": [[0] * 28] * 28}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        400,
+        "0-9",
+    ),
+    "json no pixels": (
+        lambda: ("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}),
+        400,
+        "missing field: pixels",
+    ),
+    "json 27 rows": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"number": 3, "pixels": [[9] * 28] * 27}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        400,
+        "28 rows",
+    ),
+    "json ragged": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"number": 3, "pixels": [[9] * 28] * 27 + [[1]]}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        400,
+        "28 rows",
+    ),
+    "json 256": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"number": 3, "pixels": [[256] * 28] * 28}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        400,
+        "0-255",
+    ),
+    "json blank": (
+        lambda: (
+            "/api/predict",
+            json.dumps({"number": 3, "pixels": [[0] * 28] * 28}).encode(),
+            {"Content-Type": "application/json"},
+        ),
+        422,
+        "blank",
+    ),
     "too big": (lambda: ("/api/predict?number=1", b"\0" * (MAX_BODY + 1), PNG), 413, "limit"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSED))
-def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(client: TestClient, run: RunDir, tmp_path: Path, case: str) -> None:
+def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(
+    client: TestClient, run: RunDir, tmp_path: Path, case: str
+) -> None:
     make, status, words = REFUSED[case]
     path, body, headers = make()
     before = snapshot(tmp_path)
@@ -239,7 +319,9 @@ def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(client: Te
 def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir) -> None:
     """413 from a false Content-Length, and from a streamed body with none once 2 MB arrived
     (driven at the ASGI level: the test client would collect the whole body first)."""
-    response = client.post("/api/predict?number=1", content=b"\0" * 10, headers={**PNG, "Content-Length": str(MAX_BODY + 1)})
+    response = client.post(
+        "/api/predict?number=1", content=b"\0" * 10, headers={**PNG, "Content-Length": str(MAX_BODY + 1)}
+    )
     assert_refused(response, 413, "limit")
 
     app, chunk, pulled, sent = create_app(ModelFollower(run, CPU)), 256 * 1024, [], []
@@ -252,10 +334,19 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
         sent.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/api/predict", "raw_path": b"/api/predict", "query_string": b"number=1", "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"host", b"test")], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-    }  # fmt: skip
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "query_string": b"number=1",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413
     assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
@@ -277,7 +368,9 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
     second = client.post("/api/predict?number=2", content=body, headers=PNG).json()
     assert second["run_id"] == "run2" and second["problem"] is None
     assert second["digit_probabilities"] != first["digit_probabilities"]
-    assert np.allclose(second["digit_probabilities"], expected(run, np.array(second["input"], dtype=np.uint8), 2)[0], atol=1e-6)
+    assert np.allclose(
+        second["digit_probabilities"], expected(run, np.array(second["input"], dtype=np.uint8), 2)[0], atol=1e-6
+    )
 
     publish_model(run, b"not a model")  # unreadable: run2 keeps serving
     third = client.post("/api/predict?number=2", content=body, headers=PNG).json()
@@ -295,7 +388,9 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
 
 
 @pytest.mark.parametrize("package", ["starlette", "uvicorn"])
-def test_serve_without_the_extra_says_how_to_install_it(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+def test_serve_without_the_extra_says_how_to_install_it(
+    run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str
+) -> None:
     monkeypatch.delitem(sys.modules, "mnistsum_cli.serve", raising=False)
     for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
         monkeypatch.setitem(sys.modules, name, None)
@@ -332,8 +427,11 @@ def start_serve(run: RunDir, *options: str) -> tuple[subprocess.Popen, str]:
     """`mnistsum serve` as a process on a free port; returns it and the first line it printed."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(run.root), "--cpu", "--port", "0", *options],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return process, process.stdout.readline()
 
 
@@ -351,4 +449,7 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(run: RunDir) -> None:
         process.kill()
     assert process.returncode == 0, err
     assert out.strip() == "stopped"
-    assert "Traceback" not in err and err.strip() == "warning: listening on 0.0.0.0: anyone who can reach port " f"{port} can use the model"
+    assert (
+        "Traceback" not in err
+        and err.strip() == f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use the model"
+    )

@@ -31,7 +31,13 @@ from strokes import DIGIT_STROKES
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MIN_READ_RIGHT = 9  # of the 10 drawn digits, with the cpu preset's model
 
 
@@ -52,9 +58,12 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
         _missing("playwright is not installed (pip install -e '.[dev]')")
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1200, "height": 1000},
-        )  # fmt: skip
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 1000},
+        )
         yield context
         context.close()
 
@@ -71,8 +80,11 @@ def serving(run: RunDir) -> Iterator[str]:
     """`mnistsum serve` as a process on a free port; yields its URL; Ctrl-C at the end."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(run.root), "--cpu", "--port", "0"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = process.stdout.readline()
         assert " at http://127.0.0.1:" in first, first + process.stderr.read()
@@ -106,7 +118,9 @@ class Page:
         with self.tab.expect_response(lambda response: "/api/predict" in response.url) as response:
             act()
         answer = response.value.json()  # read at once: the browser may drop the body later
-        self.wait_until(f"(r => r.dataset.status !== 'waiting' && Number(r.dataset.seq) > {before})(document.getElementById('result'))")
+        self.wait_until(
+            f"(r => r.dataset.status !== 'waiting' && Number(r.dataset.seq) > {before})(document.getElementById('result'))"
+        )
         return answer
 
     def draw(self, strokes: list[list[tuple[float, float]]]) -> None:
@@ -126,7 +140,9 @@ class Page:
 
     def seen(self) -> np.ndarray:
         """The 28 x 28 view, read back from its canvas."""
-        data = self.tab.evaluate("Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)")
+        data = self.tab.evaluate(
+            "Array.from(document.getElementById('seen').getContext('2d').getImageData(0, 0, 28, 28).data)"
+        )
         return np.array(data, dtype=np.uint8).reshape(28, 28, 4)[:, :, 0]
 
     def pad_png(self) -> bytes:
@@ -162,7 +178,10 @@ def test_draw_pick_upload_clear(browser, untrained_run: RunDir, screenshots: Pat
         assert page.shown() == (str(answer["digit"]), str(answer["sum"])) and answer["number"] == 3
         assert answer["input"] == prepare_image(io.BytesIO(page.pad_png()), "pad").tolist()  # predict's preparation
         assert page.seen().tolist() == answer["input"]
-        assert len(page.tab.query_selector_all("#digit-bars li")) == 10 and len(page.tab.query_selector_all("#sum-bars li")) == 19
+        assert (
+            len(page.tab.query_selector_all("#digit-bars li")) == 10
+            and len(page.tab.query_selector_all("#sum-bars li")) == 19
+        )
 
         answer = page.answer(lambda: page.pick(8))  # a new number asks again at once
         assert answer["number"] == 8 and page.shown() == (str(answer["digit"]), str(answer["sum"]))
@@ -235,8 +254,12 @@ def test_drawn_digits_are_read_right(browser, mnist_run: RunDir, screenshots: Pa
             read[digit] = (answer["digit"], answer["sum"] - number)
             seen.append(page.seen())
             page.tab.screenshot(path=str(screenshots / f"drawn_{digit}.png"), full_page=True)
-        Image.fromarray(np.concatenate(seen, axis=1)).resize((280 * 10, 28 * 10), Image.NEAREST).save(screenshots / "drawn_model_inputs.png")
-        (screenshots / "drawn_read.json").write_text(json.dumps({digit: {"digit": got, "sum_minus_number": total} for digit, (got, total) in read.items()}))
+        Image.fromarray(np.concatenate(seen, axis=1)).resize((280 * 10, 28 * 10), Image.NEAREST).save(
+            screenshots / "drawn_model_inputs.png"
+        )
+        (screenshots / "drawn_read.json").write_text(
+            json.dumps({digit: {"digit": got, "sum_minus_number": total} for digit, (got, total) in read.items()})
+        )
         digits_right = [digit for digit, (got, _) in read.items() if got == digit]
         sums_right = [digit for digit, (_, got) in read.items() if got == digit]
         assert len(digits_right) >= MIN_READ_RIGHT, read

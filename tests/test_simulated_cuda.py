@@ -54,7 +54,9 @@ def assert_clean(sim: SimulatedCuda) -> None:
     assert sim.store.written_devices() <= {"cpu"}, sim.store.written_devices()
 
 
-def train_interrupted_then_resumed(sim: SimulatedCuda, config: TrainConfig, data: TrainData, run: RunDir) -> PhaseReporter:
+def train_interrupted_then_resumed(
+    sim: SimulatedCuda, config: TrainConfig, data: TrainData, run: RunDir
+) -> PhaseReporter:
     """Epoch 1, Ctrl-C after its files are saved, then `--resume` for epoch 2, as a user would."""
     with pytest.raises(KeyboardInterrupt):
         train(config, data, run, CUDA, reporter=PhaseReporter(sim.log, interrupt_after=1))
@@ -101,8 +103,13 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
     sim = simulate_cuda(monkeypatch)
     with sim.running():
         with pytest.raises(KeyboardInterrupt):
-            train(config, train_data(prepared, torch.device("cpu")), run, torch.device("cpu"),
-                  reporter=PhaseReporter(sim.log, interrupt_after=1))
+            train(
+                config,
+                train_data(prepared, torch.device("cpu")),
+                run,
+                torch.device("cpu"),
+                reporter=PhaseReporter(sim.log, interrupt_after=1),
+            )
         sim.store.edit_metadata(
             run.checkpoint, "param_groups", lambda groups: [{**g, "fused": None, "foreach": True} for g in groups]
         )
@@ -118,7 +125,12 @@ def test_cpu_checkpoint_resumes_on_cuda(prepared, tmp_path: Path, monkeypatch: p
     [
         ((7, 5), {}, "torch.float16", "fp16"),  # pre-Ampere: fp16 with a grad scaler
         ((9, 0), {"amp": False, "channels_last": False}, "torch.float32", "fp32"),
-        ((9, 0), {"max_rotation": 10.0, "max_zoom": 0.1, "label_smoothing": 0.1, "deterministic": True}, "torch.bfloat16", "bf16"),
+        (
+            (9, 0),
+            {"max_rotation": 10.0, "max_zoom": 0.1, "label_smoothing": 0.1, "deterministic": True},
+            "torch.bfloat16",
+            "bf16",
+        ),
     ],
     ids=["fp16-pre-ampere", "fp32-contiguous", "augmented-deterministic"],
 )

@@ -25,14 +25,36 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "argv",
-    [None, ["--help"], ["train", "--help"], ["run", "--help"], ["serve", "--help"], ["train", "--bogus"], ["train", "--arch", "nope"],
-     ["--version"], ["runs", "--artifacts", "."], ["compare", "--help"]],
-    ids=["import", "--help", "train --help", "run --help", "serve --help", "bad flag", "bad arch", "--version", "runs", "compare --help"],
+    [
+        None,
+        ["--help"],
+        ["train", "--help"],
+        ["run", "--help"],
+        ["serve", "--help"],
+        ["train", "--bogus"],
+        ["train", "--arch", "nope"],
+        ["--version"],
+        ["runs", "--artifacts", "."],
+        ["compare", "--help"],
+    ],
+    ids=[
+        "import",
+        "--help",
+        "train --help",
+        "run --help",
+        "serve --help",
+        "bad flag",
+        "bad arch",
+        "--version",
+        "runs",
+        "compare --help",
+    ],
 )
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
     call = "" if argv is None else f"\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     result = python(
-        "import sys\nfrom mnistsum_cli.cli import main" + call
+        "import sys\nfrom mnistsum_cli.cli import main"
+        + call
         + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
     )
     assert result.returncode == 0, result.stderr
@@ -45,7 +67,9 @@ def flattened(text: str) -> str:
     return " ".join(text.replace("│", " ").split())
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare"])
+@pytest.mark.parametrize(
+    "command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare"]
+)
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
     code, out, err = run_cli(command, "--help")

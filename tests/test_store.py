@@ -63,7 +63,9 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(mnistsum_cli.store, "write_file", full)
-    with pytest.raises(MnistsumError, match=rf"cannot write {tmp_path / 'sub'}/: No space left on device; nothing was changed"):
+    with pytest.raises(
+        MnistsumError, match=rf"cannot write {tmp_path / 'sub'}/: No space left on device; nothing was changed"
+    ):
         write_json(tmp_path / "sub" / "new.json", {"x": 1})
     assert not (tmp_path / "sub" / "new.json").exists()
 
@@ -98,7 +100,7 @@ def test_new_files_and_folders_get_the_usual_modes(tmp_path: Path) -> None:
 def test_read_json_errors_name_the_stage(tmp_path: Path) -> None:
     with pytest.raises(MnistsumError, match="mnistsum train"):
         read_json(tmp_path / "history.json", stage="train")
-    (tmp_path / "bad.json").write_bytes(b"{\"a\": \xff")
+    (tmp_path / "bad.json").write_bytes(b'{"a": \xff')
     with pytest.raises(MnistsumError, match="mnistsum evaluate"):
         read_json(tmp_path / "bad.json", stage="evaluate")
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # json's recursion limit
@@ -168,7 +170,9 @@ def _hold_lock_in_another_process(folder: Path) -> subprocess.Popen:
         f"with folder_lock(Path({str(folder)!r}), 'train', '--artifacts'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 

@@ -58,7 +58,9 @@ def test_events_match_history_across_a_resume(prepared: Path, run_cli, ctrl_c_af
     assert start.hparams["arch"].string_value == history["config"]["arch"]
     assert start.hparams["lr"].number_value == pytest.approx(history["config"]["lr"])
     kept = history["epochs"][history["best_epoch"] - 1]
-    assert [event.value for event in found.Scalars("final/val_sum_accuracy")] == pytest.approx([kept["val_sum_accuracy"]])
+    assert [event.value for event in found.Scalars("final/val_sum_accuracy")] == pytest.approx(
+        [kept["val_sum_accuracy"]]
+    )
 
 
 def test_tensorboard_dir_is_where_the_events_go(prepared: Path, run_cli) -> None:
@@ -70,7 +72,9 @@ def test_tensorboard_dir_is_where_the_events_go(prepared: Path, run_cli) -> None
     assert not (prepared / "artifacts" / "tensorboard").exists()
 
 
-def test_without_the_package_one_line_says_how_to_install(prepared: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_package_one_line_says_how_to_install(
+    prepared: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec answers None
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--tensorboard")
     assert code == 1
@@ -84,6 +88,8 @@ def test_training_without_the_flag_loads_no_tensorboard(prepared: Path) -> None:
         "except SystemExit as e:\n    assert not e.code, e.code\nprint('LOADED', 'tensorboard' in sys.modules)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-c", code], cwd=prepared, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=prepared, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "LOADED False" in result.stdout

@@ -17,7 +17,10 @@ from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
 from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 
 
-@pytest.mark.parametrize("error, raised", [(OSError(errno.ENOSPC, "No space left on device"), MnistsumError), (KeyboardInterrupt(), KeyboardInterrupt)])
+@pytest.mark.parametrize(
+    "error, raised",
+    [(OSError(errno.ENOSPC, "No space left on device"), MnistsumError), (KeyboardInterrupt(), KeyboardInterrupt)],
+)
 def test_failed_safetensors_write_keeps_previous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, raised: type
 ) -> None:

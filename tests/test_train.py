@@ -103,7 +103,9 @@ def test_run_folder_contents(straight_run) -> None:
 def test_reporter_protocol(straight_run, train_data: TrainData) -> None:
     _, _, reporter = straight_run
     steps = len(train_data.train) // CONFIG.batch_size
-    assert reporter.started == [(epoch, CONFIG.epochs, steps, CONFIG.batch_size) for epoch in range(1, CONFIG.epochs + 1)]
+    assert reporter.started == [
+        (epoch, CONFIG.epochs, steps, CONFIG.batch_size) for epoch in range(1, CONFIG.epochs + 1)
+    ]
     assert reporter.steps == steps * CONFIG.epochs
     assert reporter.ended == list(range(1, CONFIG.epochs + 1))
 
