@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
+from mnistsum_cli.checkpoint import WEIGHTS_PREFIX
 from mnistsum_cli.config import PRESETS
 from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.splits import METADATA_KEY
@@ -321,7 +322,7 @@ def test_resume_with_a_misshapen_checkpoint_tensor(
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata()
     tensors = load_file(str(path))
-    name = next(name for name in tensors if name.startswith("model.") and name.endswith(".weight"))
+    name = next(name for name in tensors if name.startswith(WEIGHTS_PREFIX) and name.endswith(".weight"))
     tensors[name] = torch.zeros(3)
     save_file(tensors, str(path), metadata=meta)
     code, out, err = run_cli("train", "--resume", "--cpu")
