@@ -194,64 +194,50 @@ def run_pipeline(
     needs it. Holds both folders' locks throughout.
     """
     with folder_lock(prepared.folder.root, "run", "--data"), folder_lock(run_dir.root, "run", "--artifacts"):
-        yield from _run_stages(prepare_options, config, split, prepared, run_dir, device, notify, reporter, force)
 
+        def prepare_stage(status: StageStatus) -> Any:
+            nonlocal prepared
+            columns = prepare(prepared.any_mnist, prepare_options, prepared.folder)
+            prepared = prepared.rewritten()
+            return columns
 
-def _run_stages(
-    prepare_options: PrepareOptions,
-    config: TrainConfig,
-    split: str,
-    prepared: PreparedData,
-    run_dir: RunDir,
-    device: Callable[[], torch.device],
-    notify: Callable[[str], None],
-    reporter: Reporter,
-    force: bool,
-) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
+        def train_stage(status: StageStatus) -> Any:
+            resume = status.state == INCOMPLETE and not force
+            return run_training(
+                config,
+                prepared,
+                run_dir,
+                device(),
+                resume=resume,
+                continue_with=continue_command("run", run_dir),
+                notify=notify,
+                reporter=reporter,
+            )
 
-    def prepare_stage(status: StageStatus) -> Any:
-        nonlocal prepared
-        columns = prepare(prepared.any_mnist, prepare_options, prepared.folder)
-        prepared = prepared.rewritten()
-        return columns
+        # evaluate and plot import their modules when they run: an up-to-date `run` loads no torch
+        def evaluate_stage(status: StageStatus) -> Any:
+            from mnistsum_cli.evaluate import evaluate_model
 
-    def train_stage(status: StageStatus) -> Any:
-        resume = status.state == INCOMPLETE and not force
-        return run_training(
-            config,
-            prepared,
-            run_dir,
-            device(),
-            resume=resume,
-            continue_with=continue_command("run", run_dir),
-            notify=notify,
-            reporter=reporter,
-        )
+            return evaluate_model(split, prepared, run_dir, device())
 
-    # evaluate and plot import their modules when they run: an up-to-date `run` loads no torch
-    def evaluate_stage(status: StageStatus) -> Any:
-        from mnistsum_cli.evaluate import evaluate_model
+        def plot_stage(status: StageStatus) -> Any:
+            from mnistsum_cli.plot import plot
 
-        return evaluate_model(split, prepared, run_dir, device())
+            return plot(run_dir, prepared=prepared)
 
-    def plot_stage(status: StageStatus) -> Any:
-        from mnistsum_cli.plot import plot
-
-        return plot(run_dir, prepared=prepared)
-
-    stages = [
-        ("prepare", lambda: prepare_status(prepared, prepare_options, check_mnist=True), prepare_stage),
-        ("train", lambda: train_status(run_dir, dataset_header(prepared), config), train_stage),
-        ("evaluate", lambda: evaluate_status(run_dir, dataset_header(prepared), split), evaluate_stage),
-        ("plot", lambda: plot_status(run_dir), plot_stage),
-    ]
-    for stage, check, act in stages:
-        status = check()
-        if force or not status.current:
-            notify(why_it_runs(stage, status, force))
-            yield stage, None, act(status)
-        else:
-            yield stage, status, None
+        stages = [
+            ("prepare", lambda: prepare_status(prepared, prepare_options, check_mnist=True), prepare_stage),
+            ("train", lambda: train_status(run_dir, dataset_header(prepared), config), train_stage),
+            ("evaluate", lambda: evaluate_status(run_dir, dataset_header(prepared), split), evaluate_stage),
+            ("plot", lambda: plot_status(run_dir), plot_stage),
+        ]
+        for stage, check, act in stages:
+            status = check()
+            if force or not status.current:
+                notify(why_it_runs(stage, status, force))
+                yield stage, None, act(status)
+            else:
+                yield stage, status, None
 
 
 def why_it_runs(stage: str, status: StageStatus, force: bool) -> str:

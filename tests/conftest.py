@@ -326,3 +326,19 @@ def model_metadata(arch: str, run_id: str = "r1", epoch: int = 1) -> dict:
         "val_digit_accuracy": 0.5,
         "val_sum_accuracy": 0.25,
     }
+
+
+@pytest.fixture
+def global_flags():
+    """Restore cuDNN autotuning and deterministic-algorithm flags after a test (train() sets them
+    for the whole process)."""
+    import torch
+
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    yield
+    torch.backends.cudnn.benchmark = saved[0]
+    torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])

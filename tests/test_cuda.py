@@ -43,6 +43,7 @@ from test_train import InterruptAfter, assert_same_tensors
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.usefixtures("global_flags"),  # train() sets process-wide cuDNN and determinism switches
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is false"),
 ]
 
@@ -51,19 +52,6 @@ CPU = torch.device("cpu")
 GPU = torch.device("cuda", 0)
 SHORT = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
 DETERMINISTIC = SHORT.with_overrides(deterministic=True)
-
-
-@pytest.fixture(autouse=True)
-def restore_global_settings():
-    """train() sets process-wide cuDNN and determinism switches; leave them as found."""
-    saved = (
-        torch.backends.cudnn.benchmark,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    yield
-    torch.backends.cudnn.benchmark = saved[0]
-    torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
 
 
 def prepared(mnist_root: Path, folder: Path, val_size: int | None = VAL_SIZE) -> DataDir:

@@ -70,19 +70,6 @@ def test_cpu_trains_in_fp32() -> None:
     assert [precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
 
 
-@pytest.fixture
-def global_flags():
-    """Restore cuDNN autotuning and deterministic-algorithm flags after a test sets them."""
-    saved = (
-        torch.backends.cudnn.benchmark,
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    yield
-    torch.backends.cudnn.benchmark = saved[0]
-    torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
-
-
 def test_cuda_is_fast_by_default_and_exact_when_asked(global_flags) -> None:
     configure_reproducibility(CUDA0, deterministic=False)
     assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
