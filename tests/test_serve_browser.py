@@ -145,6 +145,14 @@ class Page:
         )
         return np.array(data, dtype=np.uint8).reshape(28, 28, 4)[:, :, 0]
 
+    def bar_shares(self, bars: str) -> list[float]:
+        """Each probability bar's drawn fill as a share of its track: the layout a person sees,
+        not the numbers in the DOM."""
+        return self.tab.evaluate(
+            f"Array.from(document.querySelectorAll('#{bars} .track'))"
+            ".map(track => track.querySelector('.fill').getBoundingClientRect().width / track.getBoundingClientRect().width)"
+        )
+
     def pad_png(self) -> bytes:
         url = self.tab.evaluate("document.getElementById('pad').toDataURL('image/png')")
         return base64.b64decode(url.split(",", 1)[1])
@@ -251,6 +259,8 @@ def test_drawn_digits_are_read_right(browser, mnist_run: RunDir, screenshots: Pa
             page.pick(number)
             answer = page.answer(lambda strokes=strokes: page.draw(strokes))
             assert page.shown() == (str(answer["digit"]), str(answer["sum"]))
+            assert page.bar_shares("digit-bars") == pytest.approx(answer["digit_probabilities"], abs=0.02)
+            assert page.bar_shares("sum-bars") == pytest.approx(answer["sum_probabilities"], abs=0.02)
             read[digit] = (answer["digit"], answer["sum"] - number)
             seen.append(page.seen())
             page.tab.screenshot(path=str(screenshots / f"drawn_{digit}.png"), full_page=True)
