@@ -13,10 +13,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
-from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.mnist import Mnist, MnistSource, file_stamps, load_mnist, resolve_source
 from mnistsum_cli.paths import SPLITS, DataDir
-from mnistsum_cli.splits import Dataset, read_dataset, split_metadata, split_schema
+from mnistsum_cli.splits import RERUN, Dataset, open_split, read_dataset
 from mnistsum_cli.store import read_consistently
 
 
@@ -39,28 +39,13 @@ def read_dataset_header(folder: DataDir) -> DatasetHeader:
 
 
 def _read_header(folder: DataDir) -> DatasetHeader:
-    import pyarrow.parquet as pq
-
-    rerun = "rerun `mnistsum prepare`"
     metas, rows = {}, {}
     for name in SPLITS:
-        path = folder.split(name)
-        if not path.exists():
-            raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
-        if not path.is_file():
-            raise MnistsumError(f"{path} is not a file (a folder or a device): {rerun}")
-        try:
-            parquet = pq.ParquetFile(path)
-            schema, rows[name] = parquet.schema_arrow, parquet.metadata.num_rows
-        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... on damage
-            raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
-        if not schema.remove_metadata().equals(split_schema()):
-            raise MnistsumError(f"{path} does not have the columns of a split: {rerun}")
-        metas[name] = split_metadata(schema, path)
-        if metas[name]["split"] != name:
-            raise MnistsumError(f"{path} holds the {metas[name]['split']!r} split, not {name!r}: {rerun}")
+        parquet, metas[name] = open_split(folder, name)
+        with parquet:
+            rows[name] = parquet.metadata.num_rows
     if len({meta["dataset_id"] for meta in metas.values()}) != 1:
-        raise MnistsumError(f"{folder.root} mixes splits of different `prepare` runs: {rerun}")
+        raise MnistsumError(f"{folder.root} mixes splits of different `prepare` runs: {RERUN}")
     return DatasetHeader(meta=metas["train"], rows=rows)
 
 

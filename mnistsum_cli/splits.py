@@ -17,8 +17,10 @@ from mnistsum_cli.store import read_consistently
 if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
     import numpy as np
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 METADATA_KEY = b"mnistsum"
+RERUN = "rerun `mnistsum prepare`"  # how every problem with a split ends
 
 
 @functools.cache
@@ -75,34 +77,52 @@ def split_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def read_split(data: DataDir, name: str) -> Split:
-    """Read and validate one split; any problem names `prepare` as the stage to rerun."""
-    import numpy as np
+def open_split(data: DataDir, name: str) -> tuple[pq.ParquetFile, dict[str, Any]]:
+    """One split's Parquet file, opened without reading its rows, its columns and `prepare`'s
+    metadata checked: where `read_split` and the up-to-date checks (prepared.py) both start.
+    The caller closes the file."""
     import pyarrow.parquet as pq
 
     path = data.split(name)
-    rerun = "rerun `mnistsum prepare`"
     if not path.exists():
         raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
     if not path.is_file():
-        raise MnistsumError(f"{path} is not a file (a folder or a device): {rerun}")
+        raise MnistsumError(f"{path} is not a file (a folder or a device): {RERUN}")
     try:
-        table = pq.read_table(path)
-        columns_found = _schema_text(table.schema)
+        parquet = pq.ParquetFile(path)
+        schema = parquet.schema_arrow
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
-        raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {rerun}") from None
-    if not table.schema.remove_metadata().equals(split_schema()):
-        raise MnistsumError(
-            f"{path} has columns {columns_found or 'none'}; expected {_schema_text(split_schema())}: {rerun}"
-        )
-    meta = split_metadata(table.schema, path)
+        raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {RERUN}") from None
+    try:
+        if not schema.remove_metadata().equals(split_schema()):
+            raise MnistsumError(
+                f"{path} has columns {_schema_text(schema) or 'none'}; expected {_schema_text(split_schema())}: {RERUN}"
+            )
+        meta = split_metadata(schema, path)
+        if meta["split"] != name:
+            raise MnistsumError(f"{path} holds the {meta['split']!r} split, not {name!r}: {RERUN}")
+    except MnistsumError:
+        parquet.close()
+        raise
+    return parquet, meta
+
+
+def read_split(data: DataDir, name: str) -> Split:
+    """Read and validate one split; any problem names `prepare` as the stage to rerun."""
+    import numpy as np
+
+    path = data.split(name)
+    parquet, meta = open_split(data, name)
+    with parquet:
+        try:
+            table = parquet.read()
+        except Exception as error:  # damage past the footer: truncated or garbled row groups
+            raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {RERUN}") from None
     mnist_size = meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]]
-    if meta.get("split") != name:
-        raise MnistsumError(f"{path} holds the {meta.get('split')!r} split, not {name!r}: {rerun}")
     if table.num_rows == 0:
-        raise MnistsumError(f"{path} has no rows: {rerun}")
+        raise MnistsumError(f"{path} has no rows: {RERUN}")
     if any(column.null_count for column in table.columns):
-        raise MnistsumError(f"{path} has missing values: {rerun}")
+        raise MnistsumError(f"{path} has missing values: {RERUN}")
     columns = {col: table.column(col).to_numpy() for col in SPLIT_COLUMNS}
     problems = [
         ("image_index", columns["image_index"] >= mnist_size, f"outside the MNIST {MNIST_SET_OF_SPLIT[name]} set"),
@@ -113,7 +133,7 @@ def read_split(data: DataDir, name: str) -> Split:
     for column, bad, what in problems:
         if bad.any():
             row = int(np.argmax(bad))
-            raise MnistsumError(f"{path}: {int(bad.sum())} rows with {column} {what} (first: row {row}): {rerun}")
+            raise MnistsumError(f"{path}: {int(bad.sum())} rows with {column} {what} (first: row {row}): {RERUN}")
     return Split(name=name, meta=meta, **columns)
 
 
@@ -143,7 +163,7 @@ def split_metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((schema.metadata or {})[METADATA_KEY])
     except (KeyError, ValueError, RecursionError):
-        raise MnistsumError(f"{path} lacks mnistsum metadata: rerun `mnistsum prepare`") from None
+        raise MnistsumError(f"{path} lacks mnistsum metadata: {RERUN}") from None
     return SPLIT_META.check(meta, f"{path} metadata")
 
 
