@@ -342,3 +342,17 @@ def global_flags():
     yield
     torch.backends.cudnn.benchmark = saved[0]
     torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """The environment for a torchrun of this checkout: no torchrun variables or MNIST folder
+    inherited from the test's own process, the repository first on the path."""
+    from mnistsum_cli.torchrun import TORCHRUN_VARIABLES
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    return {**env, **extra}

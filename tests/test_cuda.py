@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import warnings
@@ -23,21 +22,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist, torchrun_env
 from mnistsum_cli.checkpoint import load_model
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import split_tensors
 from mnistsum_cli.devices import autocast_dtype, precision_name
 from mnistsum_cli.evaluate import evaluate_model
 from mnistsum_cli.inference import predict
-from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
+from mnistsum_cli.mnist import load_mnist, resolve_source
 from mnistsum_cli.models import ARCHITECTURES
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, DataDir, RunDir
 from mnistsum_cli.predict import predict_digits
 from mnistsum_cli.prepare import PrepareOptions, prepare
 from mnistsum_cli.prepared import PreparedData
 from mnistsum_cli.tensorfiles import read_safetensors
-from mnistsum_cli.torchrun import TORCHRUN_VARIABLES
 from mnistsum_cli.train import load_train_data, train, train_model
 from test_train import InterruptAfter, assert_same_tensors
 
@@ -291,12 +289,7 @@ def test_compiled_training_runs(data_dir: DataDir, tmp_path: Path, run_cli) -> N
 
 
 def test_torchrun_with_nccl_trains(data_dir: DataDir, tmp_path: Path) -> None:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")])
+    env = torchrun_env()
     command = [
         sys.executable,
         "-m",

@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, visible
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, torchrun_env, visible
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.distributed import TORCHRUN_VARIABLES, Group, RankFailed, process_group
+from mnistsum_cli.distributed import Group, RankFailed, process_group
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
+from mnistsum_cli.mnist import load_mnist, resolve_source
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.prepare import PrepareOptions, prepare
@@ -47,12 +47,7 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 def torchrun(cwd: Path, *args: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m mnistsum_cli ARGS`, one thread per process."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in (*TORCHRUN_VARIABLES, "MASTER_ADDR", "MASTER_PORT", MNIST_DIR_ENV)
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPOSITORY), env.get("PYTHONPATH", "")]))
+    env = torchrun_env(OMP_NUM_THREADS="1")
     command = [
         sys.executable,
         "-m",
