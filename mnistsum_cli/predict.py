@@ -83,10 +83,22 @@ def greyscale(image: Image.Image) -> np.ndarray:
     """Any PIL image → greyscale float32 [H, W] in [0, 1], transparency composited onto white."""
     if image.mode.startswith("I"):  # 16/32-bit greyscale: scale, as convert("L") would clip
         return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    if opaque(image):  # a drawing pad or a photo: nothing to composite (and 5x cheaper than doing it)
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     rgba = image.convert("RGBA")  # also turns palette / colour-key transparency into alpha
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     grey = Image.alpha_composite(white, rgba).convert("L")
     return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+def opaque(image: Image.Image) -> bool:
+    """Whether the image has no transparency at all: no palette or colour-key transparency, and
+    an alpha band, if any, that is 255 everywhere."""
+    if "transparency" in image.info or image.mode in ("P", "PA"):
+        return False
+    if image.mode in ("RGBA", "LA"):
+        return image.getchannel("A").getextrema() == (255, 255)
+    return image.mode in ("1", "L", "RGB")
 
 
 def prepare_image(
@@ -117,16 +129,21 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     low, high = float(grey.min()), float(grey.max())
     if high - low < MIN_CONTRAST:
         raise MnistsumError("no digit found: the image is blank")
-    ink = (grey.astype(np.float32) - low) / (high - low)
+    # in place, one new array: `serve` prepares a 280 x 280 drawing per request
+    ink = np.subtract(grey, low, dtype=np.float32)
+    ink /= high - low
     if _background(ink) > 0.5:  # light background: dark ink on paper
-        ink = 1.0 - ink
-    ink = np.clip(ink - _background(ink), 0.0, None)
-    if ink.max() <= 0.0:
+        np.subtract(1.0, ink, out=ink)
+    ink -= _background(ink)
+    np.maximum(ink, 0.0, out=ink)
+    peak = ink.max()
+    if peak <= 0.0:
         raise MnistsumError("no digit found: nothing stands out from the background")
-    ink /= ink.max()
+    ink /= peak
 
-    rows, cols = np.nonzero(ink > INK_THRESHOLD)
-    crop = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    strong = ink > INK_THRESHOLD
+    rows, cols = np.flatnonzero(strong.any(axis=1)), np.flatnonzero(strong.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     scale = BOX / max(crop.shape)
     width, height = (max(1, round(side * scale)) for side in (crop.shape[1], crop.shape[0]))
     patch = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS))
@@ -156,9 +173,11 @@ def head_probabilities(
     if ((numbers < 0) | (numbers > 9)).any():
         raise MnistsumError(f"numbers must be 0-9, got {numbers.tolist()}")
     was_training = model.training
-    model.eval()
+    if was_training:  # a served model is in eval mode already: switching walks every module (0.3 ms)
+        model.eval()
     digit_logits, sum_logits = model(normalise(images.to(device)), numbers.to(device))
-    model.train(was_training)
+    if was_training:
+        model.train()
     return digit_logits.float().softmax(dim=1), sum_logits.float().softmax(dim=1)
 
 

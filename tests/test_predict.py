@@ -20,7 +20,7 @@ from torch import nn
 from conftest import PNG_MAGIC, assert_one_line_error
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.models import build_model
-from mnistsum_cli.predict import MAX_PIXELS, load_image, predict_digits, to_mnist
+from mnistsum_cli.predict import MAX_PIXELS, greyscale, load_image, opaque, predict_digits, to_mnist
 
 # A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
 SEVEN = [(0.1, 0.05), (0.9, 0.05), (0.45, 0.95)]
@@ -137,6 +137,26 @@ def test_to_mnist_makes_mnist_like_digits(tmp_path: Path, form: str, suffix: str
 def test_transparent_background_is_white(tmp_path: Path, form: str) -> None:
     grey = load_image(_save(FORMS[form](), tmp_path / f"{form}.png"))
     assert grey[0, 0] == 1.0 and grey.min() < 0.1
+
+
+def composited_on_white(image: Image.Image) -> np.ndarray:
+    """The general recipe: any image onto white paper, then luma."""
+    rgba = image.convert("RGBA")
+    grey = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("L")
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+@pytest.mark.parametrize("form", [form for form in FORMS if form != "16-bit-grey"])
+@pytest.mark.parametrize("alpha", ["as drawn", "opaque alpha band"])
+def test_greyscale_of_an_opaque_image_skips_compositing_and_gives_the_same(form: str, alpha: str) -> None:
+    """The fast path for images without transparency (a drawing pad, a photo) is a shortcut,
+    not a second recipe: it gives what compositing gives, to the bit."""
+    image = FORMS[form]()
+    if alpha == "opaque alpha band":
+        image = image.convert("LA" if image.mode in ("L", "LA") else "RGBA")
+        image.putalpha(255)
+    assert opaque(image) == (form not in TRANSPARENT or alpha == "opaque alpha band")
+    assert np.array_equal(greyscale(image), composited_on_white(image))
 
 
 def test_sixteen_bit_grey_keeps_its_levels(tmp_path: Path) -> None:
