@@ -317,6 +317,14 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free port).")] = 8000,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port [default: one per core, at most 4, on the CPU; 1 on a GPU].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a local page to draw a digit and pick a number, and a JSON API, until Ctrl-C.
 
@@ -331,7 +339,7 @@ def serve(
             f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'"
         ) from None
 
-    serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), say=typer.echo, warn=report.warning)
+    serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), workers, say=typer.echo, warn=report.warning)
 
 
 # --------------------------------------------------------------------------- the pipeline

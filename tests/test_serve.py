@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error, model_metadata, publish_model, snapshot
 from mnistsum_cli.checkpoint import save_model
+from mnistsum_cli.errors import BadOption
 from mnistsum_cli.fingerprints import fingerprint_file
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import RunDir
@@ -31,7 +33,8 @@ from mnistsum_cli.store import write_json
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli.serve import MAX_BODY, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli import serve as serve_module  # noqa: E402
+from mnistsum_cli.serve import MAX_BODY, Batches, ModelFollower, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -41,6 +44,20 @@ def write_model(run: RunDir, run_id: str, seed: int) -> None:
     """An untrained lean model (random weights from `seed`) saved as `train` saves one."""
     torch.manual_seed(seed)
     save_model(run.model, build_model("lean"), model_metadata("lean", run_id, epoch=2))
+
+
+def write_adding_model(run: RunDir, run_id: str, seed: int) -> None:
+    """As write_model, with a sum head that adds (its weights are the addition table), so that
+    each answer depends on both the image and the number."""
+    torch.manual_seed(seed)
+    model = build_model("lean")
+    with torch.no_grad():
+        table = model.sum_head.mix.weight  # [19 sums, 10 digits x 10 numbers]
+        table.zero_()
+        for digit in range(10):
+            for number in range(10):
+                table[digit + number, 10 * digit + number] = 1.0
+    save_model(run.model, model, model_metadata("lean", run_id, epoch=2))
 
 
 @pytest.fixture
@@ -186,6 +203,106 @@ def test_predict_jpeg_and_pixels(client: TestClient, run: RunDir) -> None:
     answer = response.json()
     assert answer["input"] == pixels.tolist() and answer["number"] == 9
     assert np.allclose(answer["digit_probabilities"], expected(run, pixels, 9)[0], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- requests served together
+
+
+async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
+    """POST /api/predict straight through the ASGI app (several can run at once on one event
+    loop, which the test client cannot do); the status and the JSON answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "query_string": f"number={number}".encode(),
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 8000),
+    }
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop() if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    try:
+        await app(scope, receive, send)
+    except Exception:  # Starlette raises it again after its 500 answer, for the server's log
+        assert sent and sent[0]["status"] == 500
+    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+
+
+def concurrently(app, requests: list[tuple[bytes, int]]) -> list[tuple[int, dict]]:
+    async def all_at_once() -> list[tuple[int, dict]]:
+        return await asyncio.gather(*(asgi_post(app, body, number) for body, number in requests))
+
+    return asyncio.run(all_at_once())
+
+
+def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_answer(
+    run: RunDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch_sizes = []
+
+    def counted(model, images, numbers, device):
+        batch_sizes.append(len(images))
+        return head_probabilities(model, images, numbers, device)
+
+    monkeypatch.setattr(serve_module, "head_probabilities", counted)
+    write_adding_model(run, "adding", seed=1)
+    requests = [(drawn_seven(size), number) for size, number in zip((100, 150, 200, 280, 320, 400), (0, 3, 5, 7, 8, 9))]
+    answers = concurrently(create_app(ModelFollower(run, CPU)), requests)
+    assert batch_sizes == [6]
+    for (body, number), (status, answer) in zip(requests, answers):
+        assert status == 200, answer
+        image = prepare_image(io.BytesIO(body), "seven")
+        digit_probs, sum_probs = expected(run, image, number)  # alone, as `predict` runs it
+        assert answer["number"] == number and answer["input"] == image.tolist()
+        assert np.allclose(answer["digit_probabilities"], digit_probs, atol=1e-5)
+        assert np.allclose(answer["sum_probabilities"], sum_probs, atol=1e-5)
+        assert answer["sum"] == int(np.argmax(sum_probs))
+    assert len({json.dumps(answer["sum_probabilities"]) for _, answer in answers}) == 6  # no answer went to another
+
+
+def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
+    run: RunDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = [RuntimeError("out of memory")]
+
+    def fails_once(model, images, numbers, device):
+        if failures:
+            raise failures.pop()
+        return head_probabilities(model, images, numbers, device)
+
+    monkeypatch.setattr(serve_module, "head_probabilities", fails_once)
+    app = create_app(ModelFollower(run, CPU))
+    answers = concurrently(app, [(drawn_seven(), number) for number in (1, 2, 3)])
+    assert answers == [(500, {"error": "internal error (RuntimeError)"})] * 3
+    assert [status for status, _ in concurrently(app, [(drawn_seven(), 4)])] == [200]
+
+
+def test_a_client_that_left_does_not_break_its_batch(run: RunDir) -> None:
+    batches, served = Batches(CPU), ModelFollower(run, CPU).current
+    image = prepare_image(io.BytesIO(drawn_seven()), "seven")
+
+    async def one_leaves() -> tuple[list, list]:
+        leaving = asyncio.create_task(batches.probabilities(served, image, 1))
+        staying = asyncio.create_task(batches.probabilities(served, image, 2))
+        await asyncio.sleep(0)  # both are waiting for the batch, which has not run yet
+        leaving.cancel()
+        return await staying
+
+    digit_probs, sum_probs = asyncio.run(one_leaves())
+    assert np.allclose(sum_probs, expected(run, image, 2)[1], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- refused requests
@@ -424,15 +541,35 @@ def test_a_busy_port_is_one_line(run_cli, run: RunDir) -> None:
 
 
 def start_serve(run: RunDir, *options: str) -> tuple[subprocess.Popen, str]:
-    """`mnistsum serve` as a process on a free port; returns it and the first line it printed."""
+    """`mnistsum serve` as a process on a free port, in a process group of its own (as a command
+    in a terminal); returns it and the first line it printed."""
     process = subprocess.Popen(
         [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(run.root), "--cpu", "--port", "0", *options],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     return process, process.stdout.readline()
+
+
+def healthz(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return connection.recv(100)
+
+
+def worker_pids(process: subprocess.Popen) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+
+
+def gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie nobody has reaped yet counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_ctrl_c_stops_with_one_line_and_no_traceback(run: RunDir) -> None:
@@ -440,9 +577,7 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(run: RunDir) -> None:
     try:
         assert first.startswith("serving run run1 from") and "http://0.0.0.0:" in first, first
         port = int(first.split("http://0.0.0.0:")[1].split("/")[0])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert connection.recv(100).startswith(b"HTTP/1.1 200")
+        assert healthz(port).startswith(b"HTTP/1.1 200")
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
@@ -453,3 +588,55 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(run: RunDir) -> None:
         "Traceback" not in err
         and err.strip() == f"warning: listening on 0.0.0.0: anyone who can reach port {port} can use the model"
     )
+
+
+@pytest.mark.parametrize("ctrl_c_reaches", ["the group", "the server alone"])
+def test_workers_share_the_port_and_stop_with_the_server(run: RunDir, ctrl_c_reaches: str) -> None:
+    """Ctrl-C in a terminal signals every process of the group; a `kill -INT` the server alone:
+    either way every worker exits with it."""
+    process, first = start_serve(run, "--workers", "3")
+    try:
+        assert first.rstrip().endswith("(3 worker processes; Ctrl-C stops)"), first
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        workers = worker_pids(process)
+        assert len(workers) == 2  # and the server itself
+        assert all(healthz(port).startswith(b"HTTP/1.1 200") for _ in range(12))
+        if ctrl_c_reaches == "the group":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and out.strip() == "stopped" and "Traceback" not in err, err
+    assert all(gone(pid) for pid in workers)
+
+
+def test_workers_stop_when_the_server_is_killed(run: RunDir) -> None:
+    process, first = start_serve(run, "--workers", "2")
+    try:
+        port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
+        [worker] = worker_pids(process)
+        process.kill()  # no chance to stop its workers: they notice by themselves
+        process.wait(timeout=60)
+        for _ in range(200):
+            if gone(worker):
+                break
+            time.sleep(0.05)
+        assert gone(worker)
+        with pytest.raises(ConnectionRefusedError):
+            healthz(port)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if not gone(process.pid) else None
+
+
+def test_worker_count(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert serve_module.default_workers(CPU) == serve_module.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert serve_module.default_workers(CPU) == 1
+    assert serve_module.default_workers(torch.device("cuda", 0)) == 1
+    with pytest.raises(BadOption, match="--workers 2: one process per GPU"):
+        serve_module.serve(run, "127.0.0.1", 0, torch.device("cuda", 0), 2, say=print, warn=print)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu", "--workers", "0")
+    assert code == 2 and "--workers" in assert_one_line_error(err, out)
