@@ -1,24 +1,28 @@
 """Load on `mnistsum serve`: N concurrent clients on loopback post a drawn digit (a 280 x 280
 PNG, as the page sends) for a bounded number of requests and seconds; reports requests/s,
-p50/p95/p99 latency, errors and the server's memory (RSS) over the run, side by side with
-what a user pays without the server: `mnistsum predict` of one file as a process.
+p50/p95/p99 latency, errors and the server's memory over the run, side by side with what a
+user pays without the server: `mnistsum predict` of one file as a process.
 
-    python bench/serve_load.py --artifacts artifacts --clients 8 --requests 10000
+    python bench/serve_load.py --artifacts artifacts --workers 1 2 --clients 1 8 --requests 10000
 
-The server is started here (`python -m mnistsum_cli serve --cpu --port 0`) and stopped with
-Ctrl-C at the end; the clients are threads of this process with one keep-alive connection
-each, so client and server share the machine's cores, as they would on a user's laptop.
+One server per --workers value (`python -m mnistsum_cli serve --cpu --port 0 --workers W`) is
+started here and stopped with Ctrl-C after its rows. The clients are threads of this process,
+each with one keep-alive connection, sending a request prepared once and reading the reply with
+a minimal HTTP/1.1 parser (about 0.05 ms of CPU per request, against several times that for
+http.client), so that the figures are the server's; client and server share the machine's
+cores, as they would on a user's laptop. Memory is the proportional set size (PSS) of the server
+and its workers together: pages they share (the forked model, the libraries) count once.
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import io
 import json
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -44,10 +48,22 @@ def drawing_png() -> bytes:
     return buffer.getvalue()
 
 
-def start_server(artifacts: Path) -> tuple[subprocess.Popen, str]:
+def start_server(artifacts: Path, workers: int) -> tuple[subprocess.Popen, str]:
     """`mnistsum serve` on a free loopback port; returns the process and its host:port."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "mnistsum_cli", "serve", "--artifacts", str(artifacts), "--cpu", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "mnistsum_cli",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--cpu",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+        ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -68,15 +84,20 @@ def stop_server(process: subprocess.Popen) -> int:
         process.kill()
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+def server_pss_mib(pid: int) -> float:
+    """Proportional set size of the server and its worker processes, summed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total_kib = 0
+    for process in [pid, *map(int, children)]:
+        for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
 
 
 @dataclass
 class LoadResult:
+    workers: int
     clients: int
     requests: int
     errors: int
@@ -85,39 +106,94 @@ class LoadResult:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    rss_start_mib: float  # after the first tenth of the requests (warm)
-    rss_end_mib: float
-    rss_max_mib: float
+    pss_start_mib: float  # after the first tenth of the requests (warm)
+    pss_end_mib: float
+    pss_max_mib: float
 
 
 def percentile(sorted_values: list[float], share: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(share * len(sorted_values)))]
 
 
-def load(address: str, body: bytes, clients: int, requests: int, max_seconds: float, server_pid: int) -> LoadResult:
+class Client:
+    """One keep-alive connection posting the same prepared request again and again."""
+
+    def __init__(self, address: str, request: bytes) -> None:
+        self.address, self.request = address, request
+        self.connection: Optional[socket.socket] = None
+        self.buffer = b""
+
+    def post(self) -> bool:
+        """One request and its whole reply: True for a 200 with a prediction."""
+        try:
+            if self.connection is None:
+                host, port = self.address.rsplit(":", 1)
+                self.connection = socket.create_connection((host, int(port)), timeout=30)
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connection.sendall(self.request)
+            head = self._read_until(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            body = self._read_exactly(length)
+            return head.startswith(b"HTTP/1.1 200 ") and body.startswith(b'{"digit":')
+        except (OSError, ValueError, StopIteration):
+            self.close()
+            return False
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            self._receive()
+        head, self.buffer = self.buffer.split(marker, 1)
+        return head
+
+    def _read_exactly(self, length: int) -> bytes:
+        while len(self.buffer) < length:
+            self._receive()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return body
+
+    def _receive(self) -> None:
+        chunk = self.connection.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        self.buffer += chunk
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+        self.connection, self.buffer = None, b""
+
+
+def predict_request(address: str, body: bytes) -> bytes:
+    head = (
+        f"POST /api/predict?number={NUMBER} HTTP/1.1\r\nHost: {address}\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def load(
+    address: str, body: bytes, workers: int, clients: int, requests: int, max_seconds: float, server_pid: int
+) -> LoadResult:
     """`requests` POST /api/predict spread over `clients` threads, stopping early at `max_seconds`."""
-    host, port = address.rsplit(":", 1)
+    request = predict_request(address, body)
     latencies: list[float] = []
     errors, issued = [0], [0]
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
 
     def client() -> None:
-        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        connection = Client(address, request)
         while time.monotonic() < deadline:
             with lock:
                 if issued[0] >= requests:
                     break
                 issued[0] += 1
             start = time.perf_counter()
-            try:
-                connection.request("POST", f"/api/predict?number={NUMBER}", body, {"Content-Type": "image/png"})
-                response = connection.getresponse()
-                ok = response.status == 200 and b'"digit"' in response.read()
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                connection = http.client.HTTPConnection(host, int(port), timeout=30)
-                ok = False
+            ok = connection.post()
             elapsed = time.perf_counter() - start
             with lock:
                 latencies.append(elapsed)
@@ -128,15 +204,16 @@ def load(address: str, body: bytes, clients: int, requests: int, max_seconds: fl
     started = time.perf_counter()
     for thread in threads:
         thread.start()
-    rss_samples: list[float] = []
+    memory: list[float] = []
     while any(thread.is_alive() for thread in threads):
         time.sleep(0.2)
         if len(latencies) >= requests // 10:  # warm: model loaded, caches filled
-            rss_samples.append(rss_mib(server_pid))
+            memory.append(server_pss_mib(server_pid))
     seconds = time.perf_counter() - started
-    rss_samples.append(rss_mib(server_pid))
+    memory.append(server_pss_mib(server_pid))
     ordered = sorted(latencies)
     return LoadResult(
+        workers=workers,
         clients=clients,
         requests=len(ordered),
         errors=errors[0],
@@ -145,9 +222,9 @@ def load(address: str, body: bytes, clients: int, requests: int, max_seconds: fl
         p50_ms=round(1000 * percentile(ordered, 0.50), 2),
         p95_ms=round(1000 * percentile(ordered, 0.95), 2),
         p99_ms=round(1000 * percentile(ordered, 0.99), 2),
-        rss_start_mib=round(rss_samples[0], 1),
-        rss_end_mib=round(rss_samples[-1], 1),
-        rss_max_mib=round(max(rss_samples), 1),
+        pss_start_mib=round(memory[0], 1),
+        pss_end_mib=round(memory[-1], 1),
+        pss_max_mib=round(max(memory), 1),
     )
 
 
@@ -177,14 +254,19 @@ def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[flo
     return times
 
 
-def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: float, predict_runs: int) -> dict:
-    """The whole measurement: one server, one load run per client count, then `predict` runs."""
+def run_bench(
+    artifacts: Path, workers: list[int], clients: list[int], requests: int, max_seconds: float, predict_runs: int
+) -> dict:
+    """The whole measurement: one server per workers value with one load run per client count,
+    then the `predict` runs."""
     body, load_before = drawing_png(), os.getloadavg()  # other jobs on the machine skew every figure
-    process, address = start_server(artifacts)
-    try:
-        rows = [asdict(load(address, body, n, requests, max_seconds, process.pid)) for n in clients]
-    finally:
-        exit_code = stop_server(process)
+    rows, exit_codes = [], []
+    for count in workers:
+        process, address = start_server(artifacts, count)
+        try:
+            rows += [asdict(load(address, body, count, n, requests, max_seconds, process.pid)) for n in clients]
+        finally:
+            exit_codes.append(stop_server(process))
     with tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "seven.png"
         image.write_bytes(body)
@@ -194,7 +276,7 @@ def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: f
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "serve": rows,
-        "serve_exit_code": exit_code,
+        "serve_exit_codes": exit_codes,
         "predict_process_s": predict_times,
     }
 
@@ -202,6 +284,9 @@ def run_bench(artifacts: Path, clients: list[int], requests: int, max_seconds: f
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="a trained run (default: artifacts)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1, 2], help="serve --workers, one server each (default: 1 2)"
+    )
     parser.add_argument(
         "--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one run each (default: 1 8)"
     )
@@ -212,20 +297,22 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if not (args.artifacts / "model.safetensors").is_file():
         raise SystemExit(f"error: {args.artifacts}/model.safetensors not found: train a model first")
-    if min(args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
-        raise SystemExit("error: --clients, --requests and --predict-runs must be 1 or more")
-    results = run_bench(args.artifacts, args.clients, args.requests, args.max_seconds, args.predict_runs)
+    if min(args.workers + args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
+        raise SystemExit("error: --workers, --clients, --requests and --predict-runs must be 1 or more")
+    results = run_bench(args.artifacts, args.workers, args.clients, args.requests, args.max_seconds, args.predict_runs)
     loads = " / ".join(
         ", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after")
     )
     print(f"machine: {results['machine']}; load average (1, 5, 15 min) before / after: {loads}")
     print(
-        f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'RSS MiB start→end (max)':>24}"
+        f"{'workers':>7} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'p99 ms':>7} {'PSS MiB start→end (max)':>24}"
     )
     for row in results["serve"]:
         print(
-            f"{row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_s']:>7} {row['p50_ms']:>7} "
-            f"{row['p95_ms']:>7} {row['p99_ms']:>7} {row['rss_start_mib']:>11} → {row['rss_end_mib']} ({row['rss_max_mib']})"
+            f"{row['workers']:>7} {row['clients']:>7} {row['requests']:>8} {row['errors']:>6} {row['requests_per_s']:>7} "
+            f"{row['p50_ms']:>7} {row['p95_ms']:>7} {row['p99_ms']:>7} "
+            f"{row['pss_start_mib']:>11} → {row['pss_end_mib']} ({row['pss_max_mib']})"
         )
     times = sorted(results["predict_process_s"])
     print(

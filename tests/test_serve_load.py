@@ -24,11 +24,11 @@ def test_serve_load_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     spec.loader.exec_module(bench)
     run = RunDir(tmp_path / "artifacts")
     write_model(run, "bench1", seed=0)
-    results = bench.run_bench(run.root, clients=[1, 3], requests=20, max_seconds=120, predict_runs=1)
-    assert [row["clients"] for row in results["serve"]] == [1, 3]
+    results = bench.run_bench(run.root, workers=[1, 2], clients=[1, 3], requests=20, max_seconds=120, predict_runs=1)
+    assert [(row["workers"], row["clients"]) for row in results["serve"]] == [(1, 1), (1, 3), (2, 1), (2, 3)]
     for row in results["serve"]:
         assert row["requests"] == 20 and row["errors"] == 0, row
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"], row
-        assert row["requests_per_s"] > 0 and 0 < row["rss_start_mib"] <= row["rss_max_mib"], row
-    assert results["serve_exit_code"] == 0
+        assert row["requests_per_s"] > 0 and 0 < row["pss_start_mib"] <= row["pss_max_mib"], row
+    assert results["serve_exit_codes"] == [0, 0]
     assert len(results["predict_process_s"]) == 1 and results["predict_process_s"][0] > 0
