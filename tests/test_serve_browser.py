@@ -6,7 +6,6 @@ $MNISTSUM_SCREENSHOT_DIR (default: a pytest temporary folder)."""
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -100,7 +99,7 @@ class Page:
     """The served page in a browser tab, with the requests it made."""
 
     def __init__(self, context, url: str) -> None:
-        self.url, self.tab, self.requests = url, context.new_page(), []
+        self.url, self.tab, self.requests, self.sent = url, context.new_page(), [], b""
         self.tab.on("request", lambda request: self.requests.append(request.url))
         self.tab.goto(url)
         self.tab.wait_for_selector("#card dd")
@@ -118,6 +117,7 @@ class Page:
         with self.tab.expect_response(lambda response: "/api/predict" in response.url) as response:
             act()
         answer = response.value.json()  # read at once: the browser may drop the body later
+        self.sent = response.value.request.post_data_buffer or b""
         self.wait_until(
             f"(r => r.dataset.status !== 'waiting' && Number(r.dataset.seq) > {before})(document.getElementById('result'))"
         )
@@ -153,10 +153,6 @@ class Page:
             ".map(track => track.querySelector('.fill').getBoundingClientRect().width / track.getBoundingClientRect().width)"
         )
 
-    def pad_png(self) -> bytes:
-        url = self.tab.evaluate("document.getElementById('pad').toDataURL('image/png')")
-        return base64.b64decode(url.split(",", 1)[1])
-
     def pick(self, number: int) -> None:
         self.tab.click(f"#numbers input[value='{number}'] >> xpath=..")
 
@@ -184,7 +180,9 @@ def test_draw_pick_upload_clear(browser, untrained_run: RunDir, screenshots: Pat
 
         answer = page.answer(lambda: page.draw(DIGIT_STROKES[7]))
         assert page.shown() == (str(answer["digit"]), str(answer["sum"])) and answer["number"] == 3
-        assert answer["input"] == prepare_image(io.BytesIO(page.pad_png()), "pad").tolist()  # predict's preparation
+        with Image.open(io.BytesIO(page.sent)) as sent:  # the pad at half size (app.js: SENT_SIZE)
+            assert (sent.format, sent.size) == ("PNG", (140, 140))
+        assert answer["input"] == prepare_image(io.BytesIO(page.sent), "pad").tolist()  # predict's preparation
         assert page.seen().tolist() == answer["input"]
         assert (
             len(page.tab.query_selector_all("#digit-bars li")) == 10

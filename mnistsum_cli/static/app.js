@@ -4,6 +4,9 @@
 
 const STROKE = 22;        // pen width on the 280 px pad: about MNIST's stroke once scaled to 20 px
 const DEBOUNCE_MS = 250;  // wait this long after a stroke before asking, so quick strokes make one request
+// The pad is sent at half size: still 7 times the 20 px the digit is scaled to, and a quarter of
+// the pixels for the server to decode and prepare (docs/serve.md#load).
+const SENT_SIZE = 140;
 
 const pad = document.getElementById("pad");
 const pen = pad.getContext("2d");
@@ -117,8 +120,14 @@ for (let n = 0; n <= 9; n++) {
 }
 
 // ------------------------------------------------------------------ asking the model
+const sent = document.createElement("canvas");
+sent.width = sent.height = SENT_SIZE;
+
 function padBlob() {
-  return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+  const copy = sent.getContext("2d");
+  copy.imageSmoothingQuality = "high";
+  copy.drawImage(pad, 0, 0, SENT_SIZE, SENT_SIZE);
+  return new Promise((resolve) => sent.toBlob(resolve, "image/png"));
 }
 
 async function predict() {
