@@ -1,7 +1,8 @@
-"""Load on `mnistsum serve`: N concurrent clients on loopback post a drawn digit (a 280 x 280
-PNG, as the page sends) for a bounded number of requests and seconds; reports requests/s,
-p50/p95/p99 latency, errors and the server's memory over the run, side by side with what a
-user pays without the server: `mnistsum predict` of one file as a process.
+"""Load on `mnistsum serve`: N concurrent clients on loopback post a drawn digit (a 140 x 140
+PNG, as the page sends its pad; --size 280 posts the whole pad) for a bounded number of
+requests and seconds; reports requests/s, p50/p95/p99 latency, errors and the server's memory
+over the run, side by side with what a user pays without the server: `mnistsum predict` of
+one file as a process.
 
     python bench/serve_load.py --artifacts artifacts --workers 1 2 --clients 1 8 --requests 10000
 
@@ -35,16 +36,24 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 NUMBER = 3
+SENT_SIZE = 140  # the side of the PNG the page sends (mnistsum_cli/static/app.js: the 280 px pad at half size)
 
 
-def drawing_png() -> bytes:
-    """A seven in black ink on a white 280 x 280 pad, PNG-encoded."""
+def drawing_png(size: int = SENT_SIZE) -> bytes:
+    """A seven in black ink on the white 280 x 280 pad, as the page sends it: Chromium's canvas
+    gives an RGBA PNG (alpha 255) with antialiased strokes (drawn here at 4x and reduced), and
+    the page sends it at `size` px."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (280, 280), "white")
-    ImageDraw.Draw(image).line([(84, 56), (196, 56), (126, 238)], fill="black", width=22, joint="curve")
+    scale, width = 4, 22 * 4  # the page's pen is 22 px wide on the pad
+    points = [(84 * scale, 56 * scale), (196 * scale, 56 * scale), (126 * scale, 238 * scale)]
+    image = Image.new("RGB", (280 * scale, 280 * scale), "white")
+    pen = ImageDraw.Draw(image)
+    pen.line(points, fill="black", width=width, joint="curve")
+    for x, y in (points[0], points[-1]):  # round caps, as the page's lineCap
+        pen.ellipse((x - width // 2, y - width // 2, x + width // 2, y + width // 2), fill="black")
     buffer = io.BytesIO()
-    image.save(buffer, "PNG")
+    image.resize((size, size), Image.Resampling.BOX).convert("RGBA").save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -255,11 +264,17 @@ def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[flo
 
 
 def run_bench(
-    artifacts: Path, workers: list[int], clients: list[int], requests: int, max_seconds: float, predict_runs: int
+    artifacts: Path,
+    workers: list[int],
+    clients: list[int],
+    requests: int,
+    max_seconds: float,
+    predict_runs: int,
+    size: int = SENT_SIZE,
 ) -> dict:
     """The whole measurement: one server per workers value with one load run per client count,
     then the `predict` runs."""
-    body, load_before = drawing_png(), os.getloadavg()  # other jobs on the machine skew every figure
+    body, load_before = drawing_png(size), os.getloadavg()  # other jobs on the machine skew every figure
     rows, exit_codes = [], []
     for count in workers:
         process, address = start_server(artifacts, count)
@@ -275,6 +290,7 @@ def run_bench(
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "png": {"side_px": size, "bytes": len(body)},
         "serve": rows,
         "serve_exit_codes": exit_codes,
         "predict_process_s": predict_times,
@@ -290,6 +306,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument(
         "--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients, one run each (default: 1 8)"
     )
+    parser.add_argument(
+        "--size", type=int, default=SENT_SIZE, help=f"side of the posted PNG (default: {SENT_SIZE}, as the page sends)"
+    )
     parser.add_argument("--requests", type=int, default=10_000, help="requests per run (default: 10000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop a run after this long (default: 600)")
     parser.add_argument("--predict-runs", type=int, default=3, help="`predict` processes to time (default: 3)")
@@ -297,13 +316,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if not (args.artifacts / "model.safetensors").is_file():
         raise SystemExit(f"error: {args.artifacts}/model.safetensors not found: train a model first")
-    if min(args.workers + args.clients) < 1 or args.requests < 1 or args.predict_runs < 1:
-        raise SystemExit("error: --workers, --clients, --requests and --predict-runs must be 1 or more")
-    results = run_bench(args.artifacts, args.workers, args.clients, args.requests, args.max_seconds, args.predict_runs)
+    if min(args.workers + args.clients) < 1 or args.requests < 1 or args.predict_runs < 1 or args.size < 1:
+        raise SystemExit("error: --workers, --clients, --requests, --predict-runs and --size must be 1 or more")
+    results = run_bench(
+        args.artifacts, args.workers, args.clients, args.requests, args.max_seconds, args.predict_runs, args.size
+    )
     loads = " / ".join(
         ", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after")
     )
     print(f"machine: {results['machine']}; load average (1, 5, 15 min) before / after: {loads}")
+    print(f"posting a {args.size} x {args.size} PNG of {results['png']['bytes']:,} bytes")
     print(
         f"{'workers':>7} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
         f"{'p99 ms':>7} {'PSS MiB start→end (max)':>24}"
