@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +57,9 @@ def drawing_png(size: int = SENT_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(artifacts: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """`mnistsum serve` on a free loopback port; returns the process and its host:port."""
+def start_server(artifacts: Path, workers: int, log: IO[str]) -> tuple[subprocess.Popen, str]:
+    """`mnistsum serve` on a free loopback port, its stderr into `log` (a pipe nobody reads
+    would fill up and stall it); returns the process and its host:port."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -75,13 +76,14 @@ def start_server(artifacts: Path, workers: int) -> tuple[subprocess.Popen, str]:
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
     )
     first = process.stdout.readline()
     if " at http://" not in first:
         process.kill()
-        raise SystemExit(f"serve did not start: {first}{process.stderr.read()}".strip())
+        log.seek(0)
+        raise SystemExit(f"serve did not start: {first}{log.read()}".strip())
     return process, urlsplit(first.split(" at ")[1].split()[0]).netloc
 
 
@@ -98,9 +100,11 @@ def server_pss_mib(pid: int) -> float:
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     total_kib = 0
     for process in [pid, *map(int, children)]:
-        for line in Path(f"/proc/{process}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                total_kib += int(line.split()[1])
+        try:
+            lines = Path(f"/proc/{process}/smaps_rollup").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):  # a worker that has just exited
+            continue
+        total_kib += sum(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
     return total_kib / 1024
 
 
@@ -277,11 +281,12 @@ def run_bench(
     body, load_before = drawing_png(size), os.getloadavg()  # other jobs on the machine skew every figure
     rows, exit_codes = [], []
     for count in workers:
-        process, address = start_server(artifacts, count)
-        try:
-            rows += [asdict(load(address, body, count, n, requests, max_seconds, process.pid)) for n in clients]
-        finally:
-            exit_codes.append(stop_server(process))
+        with tempfile.TemporaryFile("w+") as log:
+            process, address = start_server(artifacts, count, log)
+            try:
+                rows += [asdict(load(address, body, count, n, requests, max_seconds, process.pid)) for n in clients]
+            finally:
+                exit_codes.append(stop_server(process))
     with tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "seven.png"
         image.write_bytes(body)

@@ -34,6 +34,7 @@ from mnistsum_cli.options import (
 from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, DataDir, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 from mnistsum_cli.torchrun import torchrun_rank
+from mnistsum_cli.workers import MAX_DEFAULT_WORKERS
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
     import torch
@@ -321,7 +322,7 @@ def serve(
         Optional[int],
         typer.Option(
             min=1,
-            help="Server processes sharing the port [default: one per core, at most 4, on the CPU; 1 on a GPU].",
+            help=f"Server processes sharing the port (default: one per core, at most {MAX_DEFAULT_WORKERS}, on the CPU; 1 on a GPU).",
             show_default=False,
         ),
     ] = None,

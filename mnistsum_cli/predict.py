@@ -129,7 +129,7 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     low, high = float(grey.min()), float(grey.max())
     if high - low < MIN_CONTRAST:
         raise MnistsumError("no digit found: the image is blank")
-    # in place, one new array: `serve` prepares a 280 x 280 drawing per request
+    # in place, one new array: `serve` prepares a drawing per request
     ink = np.subtract(grey, low, dtype=np.float32)
     ink /= high - low
     if _background(ink) > 0.5:  # light background: dark ink on paper
@@ -165,7 +165,8 @@ def head_probabilities(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of the digit head [N, 10] and the sum head [N, 19], in fp32, for
     uint8 images [N, 28, 28] and int64 numbers [N] in 0-9; the model runs in eval mode on
-    `device` (where it must live)."""
+    `device` (where it must live). A model in training mode is switched to eval mode and back;
+    one in eval mode (as load_model returns it) is used as it is."""
     if images.shape[1:] != (SIZE, SIZE) or images.shape[0] != numbers.shape[0]:
         raise ValueError(
             f"expected images [N, 28, 28] and numbers [N], got {tuple(images.shape)} and {tuple(numbers.shape)}"

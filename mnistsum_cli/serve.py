@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import signal
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -39,16 +41,18 @@ from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.paths import SPLITS, RunDir
 from mnistsum_cli.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
 from mnistsum_cli.store import read_consistently
-from mnistsum_cli.workers import forked_workers
+from mnistsum_cli.workers import default_workers, forked_workers
 
 MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, a stream of junk does not
 # A drawing from the page (a few KB) is prepared in about 2 ms: on the event loop, cheaper than a hand-off to a
 # worker thread (measured in bench/serve_load.py); a larger upload decodes in a worker so it never stalls the others.
 INLINE_BODY = 64 * 1024
-MAX_DEFAULT_WORKERS = 4  # more processes than this need more clients than a local page has
 IMAGE_FORMATS = ("PNG", "JPEG")  # the decoders an upload may use
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")  # raw image bodies
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# On Ctrl-C, requests in progress get this long; then they are cancelled (an upload that stalls
+# must not hold the stop). A worker starts its own grace when the server has stopped.
+GRACE_SECONDS = 3
 SECURITY_HEADERS = {
     # every byte comes from this app: no CDN, no fonts, no analytics, no inline script or style
     "Content-Security-Policy": "default-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -61,6 +65,43 @@ STATIC_FILES = {  # URL path -> (file in mnistsum_cli/static, media type); nothi
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+
+class OneLine(logging.Formatter):
+    """uvicorn's log records as one line each, with the exception's type and message and no
+    traceback: a bug met by a request is a 500 for its client and one line here."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().strip()
+        if record.exc_info and record.exc_info[1] is not None:
+            error = record.exc_info[1]
+            message = f"{message}: {type(error).__name__}" + (f": {error}" if str(error) else "")
+        return f"{record.levelname.lower()}: {message}"
+
+
+class NotCancelled(logging.Filter):
+    """Drops the record of each request cancelled at the end of the grace on Ctrl-C: uvicorn's
+    line before them says how many it cancelled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+LOG_CONFIG = {  # what uvicorn logs (warnings and errors; no access log), through OneLine to stderr
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"one_line": {"()": OneLine}},
+    "filters": {"not_cancelled": {"()": NotCancelled}},
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "one_line",
+            "filters": ["not_cancelled"],
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False}},
 }
 
 
@@ -282,26 +323,30 @@ class Batches:
 
     def run(self) -> None:
         waiting, self.waiting = self.waiting, []
-        for served in {id(served): served for served, *_ in waiting}.values():  # one model, unless it just changed
-            batch = [(image, number, future) for model, image, number, future in waiting if model is served]
-            try:
-                digit, total = head_probabilities(
-                    served.model,
-                    torch.from_numpy(np.stack([image for image, _, _ in batch])),
-                    torch.tensor([number for _, number, _ in batch]),
-                    self.device,
-                )
-            except Exception as error:  # answered as a 500 by each request, the server goes on
-                outcomes = [error] * len(batch)
-            else:
-                outcomes = list(zip(digit.tolist(), total.tolist()))
-            for (_, _, future), outcome in zip(batch, outcomes):
-                if future.done():  # the client went away
-                    continue
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
+        try:
+            for served in {id(served): served for served, *_ in waiting}.values():  # one model, unless it just changed
+                batch = [(image, number, future) for model, image, number, future in waiting if model is served]
+                try:
+                    digit, total = head_probabilities(
+                        served.model,
+                        torch.from_numpy(np.stack([image for image, _, _ in batch])),
+                        torch.tensor([number for _, number, _ in batch]),
+                        self.device,
+                    )
+                    answers = list(zip(digit.tolist(), total.tolist()))  # on a GPU, its errors surface here
+                except Exception as error:  # answered as a 500 by each request, the server goes on
+                    answers = [error] * len(batch)
+                for (_, _, future), answer in zip(batch, answers):
+                    if future.done():  # the client went away
+                        continue
+                    if isinstance(answer, Exception):
+                        future.set_exception(answer)
+                    else:
+                        future.set_result(answer)
+        finally:  # whatever went wrong above, no request waits forever
+            for *_, future in waiting:
+                if not future.done():
+                    future.set_exception(RuntimeError("the batch did not run"))
 
 
 # --------------------------------------------------------------------------- the app
@@ -323,7 +368,7 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
 
     async def predict(request: Request) -> JSONResponse:
         image, number = await predict_input(request)
-        served = follower.get()
+        served, problem = follower.get(), follower.problem  # as they were when the request came
         digit_probs, sum_probs = await batches.probabilities(served, image, number)
         return JSONResponse(
             {
@@ -334,7 +379,7 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
                 "sum_probabilities": sum_probs,
                 "input": image.tolist(),
                 "run_id": served.meta.get("run_id"),
-                "problem": follower.problem,
+                "problem": problem,
             }
         )
 
@@ -412,14 +457,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def default_workers(device: torch.device) -> int:
-    """One process per usable core on the CPU (a prediction keeps one core busy for about 2 ms,
-    and one Python process runs one at a time), at most MAX_DEFAULT_WORKERS; one on a GPU."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(MAX_DEFAULT_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
-
-
 def serve(
     run: RunDir,
     host: str,
@@ -429,11 +466,11 @@ def serve(
     say: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> None:
-    """Serve until Ctrl-C with `workers` processes (None: default_workers); every problem before
-    the first request is a MnistsumError."""
+    """Serve until Ctrl-C (or SIGTERM) with `workers` processes (None: workers.default_workers);
+    every problem before the first request is a MnistsumError."""
     if not run.root.is_dir():
         raise MnistsumError(f"--artifacts {run.root}: no such folder (the folder `mnistsum train` wrote)")
-    workers = default_workers(device) if workers is None else workers
+    workers = default_workers(device.type == "cpu") if workers is None else workers
     if workers > 1 and device.type != "cpu":
         raise BadOption(
             f"--workers {workers}: one process per GPU (a GPU answers a request in well under a millisecond)"
@@ -446,9 +483,17 @@ def serve(
     if host not in LOOPBACK:
         warn(f"listening on {host}: anyone who can reach port {port} can use the model")
     shown = f"[{host}]" if ":" in host else host
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(follower), log_level="warning", access_log=False, lifespan="off", server_header=False)
+    config = uvicorn.Config(
+        create_app(follower),
+        log_level="warning",
+        log_config=LOG_CONFIG,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        proxy_headers=False,  # nothing stands in front of it: X-Forwarded-* from a client would be believed
+        timeout_graceful_shutdown=GRACE_SECONDS,
     )
+    server = uvicorn.Server(config)
 
     def serve_forever() -> None:
         try:
@@ -459,13 +504,17 @@ def serve(
     def stop() -> None:
         server.should_exit = True
 
+    # SIGTERM (`kill`, a service manager) stops as Ctrl-C does: uvicorn finishes the requests, then
+    # raises it again with this handler, so every process ends through its `finally`
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        with forked_workers(workers - 1, serve_forever, stop):  # forked after the model is loaded: they share it
+        with forked_workers(workers - 1, serve_forever, stop, warn):  # after the model is loaded: they share it
             say(
                 f"serving run {follower.current.meta.get('run_id')} from {run.root} at http://{shown}:{port}/ "
                 f"({workers} worker process{'es' if workers > 1 else ''}; Ctrl-C stops)"
             )
             serve_forever()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
     say("stopped")

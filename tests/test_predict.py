@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -157,6 +158,22 @@ def test_greyscale_of_an_opaque_image_skips_compositing_and_gives_the_same(form:
         image.putalpha(255)
     assert opaque(image) == (form not in TRANSPARENT or alpha == "opaque alpha band")
     assert np.array_equal(greyscale(image), composited_on_white(image))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P"])
+def test_a_colour_key_is_transparency_too(mode: str) -> None:
+    """PNG's tRNS chunk: one colour (here the black background) is transparent, with no alpha
+    band; it must become white paper, not black ink."""
+    image = draw_seven((80, 80), (20, 10, 60, 70), mode, 1 if mode == "P" else (200 if mode == "L" else (200,) * 3), 0)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 200, 200, 200] + [0] * 762)
+    image.info["transparency"] = 0 if mode in ("L", "P") else (0, 0, 0)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    reread = Image.open(buffer)
+    assert not opaque(reread)
+    grey = greyscale(reread)
+    assert np.array_equal(grey, composited_on_white(reread)) and grey[0, 0] == 1.0
 
 
 def test_sixteen_bit_grey_keeps_its_levels(tmp_path: Path) -> None:
