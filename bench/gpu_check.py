@@ -127,6 +127,17 @@ class Session:
         self._append(result.stdout, result.stderr)
         return result
 
+    def run_script(
+        self, name: str, script: str, args: list[str], share: float, env: dict[str, str]
+    ) -> tuple[Optional[subprocess.CompletedProcess], Optional[dict[str, Any]]]:
+        """Run bench/SCRIPT ARGS --json-out FILE as a step: its result (None on timeout) and the
+        JSON it wrote, complete or as far as it got (None if it wrote none)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "out.json"
+            command = [sys.executable, str(REPO / "bench" / script), *args, "--json-out", str(out)]
+            result = self.run(name, command, share, env)
+            return result, json.loads(out.read_text()) if out.exists() else None
+
     def _append(self, stdout: Any, stderr: Any) -> None:
         with self.log.open("a") as log:
             for text in (stdout, stderr):
@@ -284,25 +295,18 @@ def bench(
 ) -> bool:
     """One bench.py run; its JSON (complete or as far as it got) goes into the figures."""
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        command = [
-            sys.executable,
-            str(REPO / "bench" / "bench.py"),
-            *sizes.device,
-            "--mnist-dir",
-            str(mnist),
-            "--target",
-            TARGET[0],
-            "--sum-target",
-            TARGET[1],
-            "--json-out",
-            str(out),
-            *sizes.bench,
-            *args,
-        ]
-        result = session.run(name, command, share, env)
-        report = json.loads(out.read_text()) if out.exists() else None
+    command_args = [
+        *sizes.device,
+        "--mnist-dir",
+        str(mnist),
+        "--target",
+        TARGET[0],
+        "--sum-target",
+        TARGET[1],
+        *sizes.bench,
+        *args,
+    ]
+    result, report = session.run_script(name, "bench.py", command_args, share, env)
     if report:
         session.figures.setdefault("bench", {})[name] = report
     if result is None:
@@ -321,22 +325,8 @@ def run_line(run: dict[str, Any]) -> str:
 
 def profile_default(session: Session, env: dict[str, str], mnist: Path, sizes: Sizes) -> bool:
     started = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "profile.json"
-        command = [
-            sys.executable,
-            str(REPO / "bench" / "profile_steps.py"),
-            *sizes.device,
-            "--mnist-dir",
-            str(mnist),
-            "--preset",
-            "default",
-            "--json-out",
-            str(out),
-            *sizes.profile,
-        ]
-        result = session.run("profile", command, BUDGET["profile"], env)
-        figures = json.loads(out.read_text()) if out.exists() else None
+    args = [*sizes.device, "--mnist-dir", str(mnist), "--preset", "default", *sizes.profile]
+    result, figures = session.run_script("profile", "profile_steps.py", args, BUDGET["profile"], env)
     if result is None or result.returncode != 0 or figures is None:
         return session.record(
             "profile", False, started, "stopped at its time limit" if result is None else "no profile (see the log)"
