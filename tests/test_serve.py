@@ -211,10 +211,9 @@ def test_predict_jpeg_and_pixels(client: TestClient, run: RunDir) -> None:
 # --------------------------------------------------------------------------- requests served together
 
 
-async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
-    """POST /api/predict straight through the ASGI app (several can run at once on one event
-    loop, which the test client cannot do); the status and the JSON answer."""
-    scope = {
+def predict_scope(number: int, *headers: tuple[bytes, bytes]) -> dict:
+    """The ASGI scope of POST /api/predict?number=N with a PNG body and these other headers."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -224,10 +223,16 @@ async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
         "raw_path": b"/api/predict",
         "query_string": f"number={number}".encode(),
         "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+        "headers": [(b"content-type", b"image/png"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 8000),
     }
+
+
+async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
+    """POST /api/predict straight through the ASGI app (several can run at once on one event
+    loop, which the test client cannot do); the status and the JSON answer."""
+    scope = predict_scope(number, (b"content-length", str(len(body)).encode()))
     incoming = [{"type": "http.request", "body": body, "more_body": False}]
     sent: list[dict] = []
 
@@ -476,21 +481,7 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
     async def send(message: dict) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/api/predict",
-        "raw_path": b"/api/predict",
-        "query_string": b"number=1",
-        "root_path": "",
-        "headers": [(b"content-type", b"image/png"), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
+    asyncio.run(app(predict_scope(1, (b"host", b"test")), receive, send))
     assert sent[0]["status"] == 413
     assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
 
@@ -622,6 +613,17 @@ def connect_until_each_accepts(port: int, pids: list[int], most: int = 60) -> li
     return connections
 
 
+def stalled_uploads(port: int, count: int = 6) -> list[socket.socket]:
+    """Uploads that never finish: 10 of the 1,000 bytes they announce, then nothing."""
+    connections = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
+        connection.sendall(b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+        connections.append(connection)
+    return connections
+
+
 def wait_until_gone(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
@@ -663,12 +665,7 @@ def test_workers_stop_when_the_server_is_killed_even_with_requests_in_flight(run
         port = port_of(first)
         [worker] = worker_pids(process)
         connect_until_each_accepts(port, [process.pid, worker])
-        stalled = []  # uploads that never finish: the worker must not wait for them for ever
-        for _ in range(6):
-            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-            connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
-            connection.sendall(b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
-            stalled.append(connection)
+        _held = stalled_uploads(port)  # open to the end: the worker must not wait for them for ever
         process.kill()  # no chance to stop its workers: they notice by themselves
         process.wait(timeout=60)
         assert wait_until_gone([worker], SERVE_STOP_SECONDS + 5)
@@ -683,12 +680,7 @@ def test_ctrl_c_cancels_stalled_uploads_after_the_grace_with_one_line_each(run: 
     try:
         port = port_of(first)
         connect_until_each_accepts(port, [process.pid, *worker_pids(process)])
-        stalled = []
-        for _ in range(6):
-            connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-            connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
-            connection.sendall(b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
-            stalled.append(connection)
+        _held = stalled_uploads(port)  # open to the end of the test
         time.sleep(0.5)  # each request is in progress, reading its body
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)
