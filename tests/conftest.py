@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -342,6 +343,12 @@ def global_flags():
     yield
     torch.backends.cudnn.benchmark = saved[0]
     torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+
+
+def torchrun_command(processes: int, *args: object) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m mnistsum_cli ARGS`, with this Python."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    return [*command, "-m", "mnistsum_cli", *(str(arg) for arg in args)]
 
 
 def torchrun_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist, torchrun_env
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist, torchrun_command, torchrun_env
 from mnistsum_cli.checkpoint import load_model
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.data import split_tensors
@@ -290,27 +289,20 @@ def test_compiled_training_runs(data_dir: DataDir, tmp_path: Path, run_cli) -> N
 
 def test_torchrun_with_nccl_trains(data_dir: DataDir, tmp_path: Path) -> None:
     env = torchrun_env()
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "1",
-        "-m",
-        "mnistsum_cli",
+    command = torchrun_command(
+        1,
         "train",
         "--arch",
         "fastnet-small",
         "--epochs",
-        "1",
+        1,
         "--batch-size",
-        "64",
+        64,
         "--data",
-        str(data_dir.root),
+        data_dir.root,
         "--artifacts",
         "artifacts",
-    ]
+    )
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

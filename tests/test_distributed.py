@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, torchrun_env, visible
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, torchrun_command, torchrun_env, visible
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.distributed import Group, RankFailed, process_group
 from mnistsum_cli.errors import BadOption, MnistsumError
@@ -47,19 +46,13 @@ def data_dir(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 def torchrun(cwd: Path, *args: object) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m mnistsum_cli ARGS`, one thread per process."""
-    env = torchrun_env(OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "mnistsum_cli",
-    ]
     return subprocess.run(
-        command + [str(arg) for arg in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        torchrun_command(2, *args),
+        cwd=cwd,
+        env=torchrun_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
