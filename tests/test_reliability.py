@@ -109,12 +109,14 @@ def _resumable_epoch(world: dict, run: RunDir, config: TrainConfig) -> tuple[str
     return state.run_id, state.epoch
 
 
-def _crash_every_step(make_trial, change, check) -> list[str]:
-    """Crash `change(trial)` at its 1st, 2nd, ... write or rename (until it runs to the end);
-    after each, the next writer takes the lock, then `check(trial)` says "before" or "after"."""
+def _crash_every_step(source: Path, trials: Path, change, check) -> list[str]:
+    """Crash `change(trial)` at its 1st, 2nd, ... write or rename (until it runs to the end),
+    each time on a fresh copy of `source` named TRIALS-STEP; after each, the next writer takes
+    the lock, then `check(trial)` says "before" or "after"."""
     outcomes, total, step = [], None, 1
     while total is None or step <= total:
-        trial = make_trial(step)
+        trial = trials.with_name(f"{trials.name}-{step}")
+        shutil.copytree(source, trial)
         with pytest.MonkeyPatch.context() as patch:
             steps = crash_at(patch, step)
             try:
@@ -145,11 +147,6 @@ def test_a_crash_in_the_first_epoch_commit_of_a_new_run(world: dict) -> None:
     args = _captured_commit(world, complete, new_config, epoch=1, resume=False)
     from mnistsum_cli.checkpoint import save_epoch
 
-    def make_trial(step: int) -> Path:
-        trial = world["root"] / f"first-{step}"
-        shutil.copytree(complete.root, trial)
-        return trial
-
     def change(trial: Path) -> None:
         kept = trial / "previous" / args["kept"].name
         save_epoch(RunDir(trial), args["learner"], args["state"], args["improved"], args["run_info"], kept=kept)
@@ -168,7 +165,7 @@ def test_a_crash_in_the_first_epoch_commit_of_a_new_run(world: dict) -> None:
         assert _resumable_epoch(world, run, CONFIG) == (previous_id, 2), where
         return "before"
 
-    _crash_every_step(make_trial, change, check)
+    _crash_every_step(complete.root, world["root"] / "first", change, check)
 
 
 def test_a_crash_in_a_later_epoch_commit_then_resume(world: dict, run_cli) -> None:
@@ -177,11 +174,6 @@ def test_a_crash_in_a_later_epoch_commit_then_resume(world: dict, run_cli) -> No
     run_id = json.loads(half.train_state.read_text())["run_id"]
     args = _captured_commit(world, half, config, epoch=2, resume=True)
     from mnistsum_cli.checkpoint import save_epoch
-
-    def make_trial(step: int) -> Path:
-        trial = world["root"] / f"later-{step}"
-        shutil.copytree(half.root, trial)
-        return trial
 
     def change(trial: Path) -> None:
         save_epoch(RunDir(trial), args["learner"], args["state"], args["improved"], args["run_info"])
@@ -195,7 +187,7 @@ def test_a_crash_in_a_later_epoch_commit_then_resume(world: dict, run_cli) -> No
         load_model(run.model, CPU)
         return "after" if epoch == 2 else "before"
 
-    outcomes = _crash_every_step(make_trial, change, check)
+    outcomes = _crash_every_step(half.root, world["root"] / "later", change, check)
     # the real command continues from the last "before" state
     last_before = world["root"] / f"later-{outcomes.count('before')}"
     code, out, err = run_cli("train", "--resume", "--cpu", "--data", world["data"].root, "--artifacts", last_before)
@@ -210,17 +202,17 @@ def test_a_crash_in_prepare_keeps_one_whole_dataset(world: dict) -> None:
     old = read_dataset(world["data"]).dataset_id
     new_options = PrepareOptions(seed=7, val_size=VAL_SIZE)
 
-    def make_trial(step: int) -> Path:
-        trial = world["root"] / f"prepare-{step}"
-        shutil.copytree(world["data"].root, trial)
-        return trial
-
     def check(trial: Path, where: str) -> str:
         dataset = read_dataset(DataDir(trial))  # all three splits of one prepare run, or an error
         assert dataset.meta["seed"] == (0 if dataset.dataset_id == old else 7), where
         return "before" if dataset.dataset_id == old else "after"
 
-    _crash_every_step(make_trial, lambda trial: prepare(world["mnist"], new_options, DataDir(trial)), check)
+    _crash_every_step(
+        world["data"].root,
+        world["root"] / "prepare",
+        lambda trial: prepare(world["mnist"], new_options, DataDir(trial)),
+        check,
+    )
 
 
 def test_a_crash_in_plot_keeps_one_whole_set_of_plots(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,17 +235,12 @@ def test_a_crash_in_plot_keeps_one_whole_set_of_plots(workdir: Path, run_cli, mo
     after = snapshot(reference / "plots")
     assert set(after) > set(before)
 
-    def make_trial(step: int) -> Path:
-        trial = workdir / f"plot-{step}"
-        shutil.copytree(artifacts, trial)
-        return trial
-
     def check(trial: Path, where: str) -> str:
         plots = snapshot(trial / "plots")
         assert plots in (before, after), where
         return "before" if plots == before else "after"
 
-    _crash_every_step(make_trial, lambda trial: plot(RunDir(trial)), check)
+    _crash_every_step(artifacts, workdir / "plot", lambda trial: plot(RunDir(trial)), check)
 
 
 def test_a_reader_never_mixes_splits_of_two_prepare_runs(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
