@@ -596,8 +596,13 @@ def accepted(pid: int, port: int) -> int:
         fields = line.split()
         if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
             ours.add(f"socket:[{fields[9]}]")
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(os.readlink(fds / fd) in ours for fd in os.listdir(fds))
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            held += os.readlink(fd) in ours
+        except FileNotFoundError:  # closed since the listing (the server keeps working meanwhile)
+            pass
+    return held
 
 
 def connect_until_each_accepts(port: int, pids: list[int], most: int = 60) -> list[socket.socket]:
