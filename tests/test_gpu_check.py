@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,22 +20,42 @@ SCRIPT = REPOSITORY / "bench" / "gpu_check.py"
 REPORTS = {"gpu_check.log", "figures.json", "summary.md", "pytest-cuda.xml"}
 
 
-def gpu_check(*args: object, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout
-    )
+def gpu_check(*args: object, timeout: int = 900, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def bare_python(folder: Path) -> str:
+    """A fresh `python -m venv` -- the pip and setuptools a bare Python comes with (here
+    setuptools 65, which cannot build a wheel without the `wheel` package; Python 3.12's venv
+    has no setuptools at all) -- that sees this environment's torch, pytest and the rest
+    through a .pth line after its own site-packages, as the GPU machine's Python has them
+    (never this environment's mnistsum: an editable install's .pth is not read from there)."""
+    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True, capture_output=True)
+    python = str(folder / "bin" / "python")
+    bare_site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(bare_site, "outer-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """A synthetic MNIST big enough for prepare's 5000 validation rows, packed as the preparation
-    step packs the real one, then `gpu_check.py --dry-run OUTDIR`."""
+    step packs the real one (with the build backend's wheels), then `gpu_check.py --dry-run
+    OUTDIR` under a bare Python."""
     root = tmp_path_factory.mktemp("gpu_check")
     mnist = make_fake_mnist(root / "mnist", n_train=5_400, n_test=300)
     packed = gpu_check("--pack", mnist.root, "--mnist-pack", root / "pack")
     assert packed.returncode == 0, packed.stderr
-    assert sorted(p.name for p in (root / "pack").iterdir()) == sorted(f"{p.name}.gz" for p in mnist.raw_dir.iterdir())
-    return root / "out", gpu_check("--dry-run", "--mnist-pack", root / "pack", root / "out")
+    gzipped = sorted(p.name for p in (root / "pack").glob("*.gz"))
+    assert gzipped == sorted(f"{p.name}.gz" for p in mnist.raw_dir.iterdir())
+    assert [p.name.split("-")[0] for p in (root / "pack" / "build").glob("*.whl")] == ["setuptools"]
+    python = bare_python(root / "bare")
+    return root / "out", gpu_check("--dry-run", "--mnist-pack", root / "pack", root / "out", python=python)
 
 
 def test_dry_run_passes_every_step(dry_run) -> None:
@@ -56,6 +77,7 @@ def test_dry_run_passes_every_step(dry_run) -> None:
     assert (
         Path(figures["versions"]["mnistsum_from"]).parent.parent.name == "site"
     )  # the offline install, not the checkout
+    assert "built with setuptools-" in checks["install offline"]["detail"]  # the carried backend, not the bare one
 
 
 def test_dry_run_measures_what_the_gpu_run_reports(dry_run) -> None:
