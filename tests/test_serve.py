@@ -585,7 +585,7 @@ def gone(pid: int) -> bool:
     """Whether the process has exited (a zombie nobody has reaped yet counts as exited)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before the open, or between the open and the read
         return True
 
 
