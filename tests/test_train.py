@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -302,26 +303,61 @@ def test_fused_resume_equals_uninterrupted(train_data: TrainData, tmp_path: Path
     assert_same_tensors(straight.model, resumed.model)
 
 
-@pytest.mark.parametrize("saved_fused, live_fused", [(False, True), (True, False)])
-def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
-    """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
-    replace the live optimizer's, and its moments take the live parameters' layout."""
-    from mnistsum_cli.checkpoint import load_optimizer, optimizer_tensors
+def _adamw(fused: bool) -> torch.optim.Optimizer:
     from mnistsum_cli.models import build_model
 
-    def optimizer(fused: bool) -> torch.optim.Optimizer:
-        model = build_model("fastnet-small").to(memory_format=torch.channels_last)
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    model = build_model("fastnet-small").to(memory_format=torch.channels_last)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
 
-    saved = optimizer(saved_fused)
+
+def _saved_state(fused: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The checkpoint tensors and param groups of an AdamW that took one step."""
+    from mnistsum_cli.checkpoint import optimizer_tensors
+
+    saved = _adamw(fused)
     for param in saved.param_groups[0]["params"]:
         param.grad = torch.ones_like(param)
     saved.step()
     tensors, groups = optimizer_tensors(saved)
-    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}  # as safetensors gives them back
-    live = optimizer(live_fused)
-    load_optimizer(live, tensors, groups)
+    return {name: tensor.contiguous() for name, tensor in tensors.items()}, groups  # as safetensors gives them back
+
+
+@pytest.mark.parametrize("saved_fused, live_fused", [(False, True), (True, False)])
+def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
+    """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
+    replace the live optimizer's, and its moments take the live parameters' layout."""
+    from mnistsum_cli.checkpoint import load_optimizer
+
+    tensors, groups = _saved_state(saved_fused)
+    live = _adamw(live_fused)
+    load_optimizer(live, tensors, groups, Path("checkpoint.safetensors"))
     assert live.param_groups[0]["fused"] is live_fused
     assert live.param_groups[0]["foreach"] is None and live.param_groups[0]["capturable"] is False
     for param, state in live.state.items():
         assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("flatten", r"optim\.0\.exp_avg has shape \[\d+\], its parameter \[\d+, \d+, \d+, \d+\]"),
+        ("extra", "optimizer state of parameter 999, which no group holds"),
+        ("fewer", r"optimizer groups of \[\d+\] parameters, the model's \[\d+\]"),
+    ],
+)
+def test_resume_refuses_optimizer_state_that_does_not_fit_the_model(damage: str, reason: str) -> None:
+    """Optimizer moments of other shapes (another version, damage) are one line before training
+    starts, not a torch error in the middle of the first step."""
+    from mnistsum_cli.checkpoint import load_optimizer
+
+    tensors, groups = _saved_state(fused=True)
+    if damage == "flatten":
+        tensors["optim.0.exp_avg"] = tensors["optim.0.exp_avg"].flatten()
+    elif damage == "extra":
+        tensors["optim.999.exp_avg"] = torch.zeros(3)
+    else:
+        groups[0]["params"] = groups[0]["params"][:-1]
+    with pytest.raises(MnistsumError, match="checkpoint.safetensors is not a checkpoint of this model") as refused:
+        load_optimizer(_adamw(True), tensors, groups, Path("checkpoint.safetensors"))
+    assert re.search(reason, str(refused.value)), refused.value
+    assert "rerun `mnistsum train` without --resume" in str(refused.value)
