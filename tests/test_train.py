@@ -361,3 +361,35 @@ def test_resume_refuses_optimizer_state_that_does_not_fit_the_model(damage: str,
         load_optimizer(_adamw(True), tensors, groups, Path("checkpoint.safetensors"))
     assert re.search(reason, str(refused.value)), refused.value
     assert "rerun `mnistsum train` without --resume" in str(refused.value)
+
+
+@pytest.mark.parametrize("diverges_in", [1, 2])
+def test_a_nan_loss_stops_the_run_keeping_the_epochs_saved_before(
+    diverges_in: int, train_data: TrainData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights that turn NaN (a diverging run) stop training at the end of that epoch, with a
+    message naming it; the epochs saved before stay the run's state, nothing of it is written."""
+    import mnistsum_cli.train
+
+    built: list[torch.nn.Module] = []
+    real_build = mnistsum_cli.train.build_model
+    monkeypatch.setattr(mnistsum_cli.train, "build_model", lambda arch: built.append(real_build(arch)) or built[-1])
+
+    class Diverging(Recorder):
+        def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
+            super().epoch_start(epoch, epochs, steps, batch_size)
+            if epoch == diverges_in:
+                with torch.no_grad():
+                    next(built[0].parameters()).fill_(math.nan)
+
+    run = RunDir(tmp_path / "artifacts")
+    reporter = Diverging()
+    with pytest.raises(MnistsumError, match=rf"^epoch {diverges_in}: the train loss is nan \(training diverged\)"):
+        train(CONFIG, train_data, run, CPU, reporter=reporter)
+    assert reporter.ended == list(range(1, diverges_in))
+    if diverges_in == 1:
+        assert not run.train_state.exists() and not run.history.exists()
+    else:
+        assert json.loads(run.train_state.read_text())["epoch"] == diverges_in - 1
+        assert len(json.loads(run.history.read_text())["epochs"]) == diverges_in - 1
+        assert not leftovers(run.root)
