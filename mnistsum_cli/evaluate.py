@@ -15,10 +15,9 @@ from mnistsum_cli.fingerprints import fingerprint_file, now_iso
 from mnistsum_cli.inference import EVAL_PRECISION, predict
 from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, RunDir
 from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.schemas import MAX_MISCLASSIFIED
 from mnistsum_cli.splits import Dataset
 from mnistsum_cli.store import folder_lock, write_json
-
-MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
 
 def check_model_matches(model_meta: dict[str, Any], dataset: Dataset, force: bool) -> None:
