@@ -239,7 +239,7 @@ class Record(Kind):
 
 def matrix(size: int) -> ListOf:
     """A square matrix of counts of rows, as a list of rows."""
-    return ListOf(ListOf(Int(0, MNIST_IMAGES), length=size), length=size)
+    return ListOf(ListOf(COUNT, length=size), length=size)
 
 
 # --------------------------------------------------------------------------- artifacts

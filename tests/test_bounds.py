@@ -363,11 +363,13 @@ def test_train_refuses_settings_outside_their_bounds(name: str, value: Any, tmp_
 # --------------------------------------------------------------------------- NaN is never written
 
 
-def test_json_writers_refuse_nan() -> None:
-    """JSON has no NaN: the writer every artifact goes through refuses it (a bug if reached)."""
-    for value in (math.nan, math.inf):
-        with pytest.raises(ValueError):
-            json_bytes({"loss": value})
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_json_writers_refuse_nan(value: float) -> None:
+    """JSON has no NaN: the writers every artifact goes through refuse it (a bug if reached)."""
+    with pytest.raises(ValueError):
+        json_bytes({"loss": value})
+    with pytest.raises(ValueError):
+        safetensors_bytes({"w": torch.zeros(1)}, {"val_digit_accuracy": value})
 
 
 def _poison_model(artifacts: Path) -> None:
