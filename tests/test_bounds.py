@@ -425,3 +425,24 @@ def test_runs_lists_a_run_id_with_markup_as_unreadable(run_folder: Path, tmp_pat
     code, out, err = run_cli("runs", "--json", "--artifacts", root / "artifacts")
     row = next(row for row in json.loads(out) if row["folder"] == str(kept))
     assert "history.json: run_id is '[/]oops[bold', expected hex string of 1-64 digits" in row["state"]
+
+
+def test_resume_refuses_optimizer_state_of_other_shapes(run_folder: Path, tmp_path: Path, run_cli) -> None:
+    """`train --resume` on a checkpoint (of a run with an epoch to go) whose AdamW moments do not
+    have their parameters' shapes: one line before any step, not a torch error in the first."""
+    root = tmp_path / "run"
+    shutil.copytree(run_folder, root)
+    path = root / "artifacts" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        meta = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+    meta["config"]["epochs"] = 2  # one more epoch to train
+    moment = next(name for name in tensors if name.endswith(".exp_avg") and tensors[name].dim() > 1)
+    tensors[moment] = tensors[moment].flatten()
+    path.write_bytes(safetensors_bytes(tensors, meta))
+    before = snapshot(root)
+    code, out, err = run_cli(*_command("train", root))
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "checkpoint.safetensors is not a checkpoint of this model" in line and moment in line, line
+    assert snapshot(root) == before
