@@ -446,3 +446,31 @@ def test_resume_refuses_optimizer_state_of_other_shapes(run_folder: Path, tmp_pa
     line = assert_one_line_error(err, out)
     assert "checkpoint.safetensors is not a checkpoint of this model" in line and moment in line, line
     assert snapshot(root) == before
+
+
+def test_a_diverging_run_stops_in_one_line_and_leaves_the_previous_run_in_place(
+    run_folder: Path, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new run whose first epoch's loss is NaN: exit 1, one line naming the epoch, and the run
+    already in --artifacts stays where and as it was (nothing was committed, so nothing moved)."""
+    import mnistsum_cli.train
+
+    real_build = mnistsum_cli.train.build_model
+
+    def diverged(arch: str) -> torch.nn.Module:
+        model = real_build(arch)
+        with torch.no_grad():
+            next(model.parameters()).fill_(math.nan)
+        return model
+
+    monkeypatch.setattr(mnistsum_cli.train, "build_model", diverged)
+    root = tmp_path / "run"
+    shutil.copytree(run_folder, root)
+    before = snapshot(root)
+    code, out, err = run_cli(
+        "train", "--preset", "cpu", "--cpu", "--data", root / "data", "--artifacts", root / "artifacts"
+    )
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "epoch 1: the train loss is nan (training diverged)" in line and "nothing of this run was saved" in line
+    assert snapshot(root) == before
