@@ -294,16 +294,17 @@ def _settings() -> Record:
     )
 
 
-# A hex id (a run id, a content hash): it names files and folders (previous/<run id>/), so no
-# separators, no markup, and short.
-HEX = Str(pattern="[0-9a-f]{1,64}", pattern_text="hex string of 1-64 digits")
+HEX = Str(pattern="[0-9a-f]{1,64}", pattern_text="hex string of 1-64 digits")  # a content hash
+# A run id names a folder (previous/<run id>/) and shows in tables: no separators, no markup, short.
+# `train` makes 16 hex digits; letters are allowed too, as set-aside accepts them.
+RUN = Str(pattern="[0-9A-Za-z]{1,64}", pattern_text="1-64 ASCII letters and digits")
 EPOCH = Int(1, MAX_EPOCHS)
 LOSS = Float(0.0)  # cross-entropy
 SHARE = Float(0.0, 1.0)  # an accuracy, a probability
 COUNT = Int(0, MNIST_IMAGES)  # rows of a split: no split holds more images than MNIST has
 
 SETTINGS = _settings()
-RUN_ID = Field(HEX, "the training run (random hex), shared by all of its files")
+RUN_ID = Field(RUN, "the training run (random hex), shared by all of its files")
 DATASET_ID = Field(HEX, "the dataset trained on (hash of the rows and of MNIST)")
 CONFIG = Field(SETTINGS, "the training settings (TrainConfig); missing ones take their defaults")
 PROCESSES = {
@@ -531,7 +532,7 @@ EVALUATION = Schema(
                     {
                         "path": Field(Str(), "model.safetensors measured"),
                         "sha256": Field(HEX, "its content hash (16 hex digits): tells a stale evaluation"),
-                        "run_id": Field(Nullable(HEX), ""),
+                        "run_id": Field(Nullable(RUN), ""),
                         "arch": Field(Nullable(Str()), ""),
                         "epoch": Field(Nullable(EPOCH), ""),
                         "dataset_id": Field(Nullable(HEX), "dataset the model was trained on"),

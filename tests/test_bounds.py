@@ -426,7 +426,7 @@ def test_runs_lists_a_run_id_with_markup_as_unreadable(run_folder: Path, tmp_pat
     assert "[/]oops" in out  # as text: rich would have swallowed `[/]` as markup
     code, out, err = run_cli("runs", "--json", "--artifacts", root / "artifacts")
     row = next(row for row in json.loads(out) if row["folder"] == str(kept))
-    assert "history.json: run_id is '[/]oops[bold', expected hex string of 1-64 digits" in row["state"]
+    assert "history.json: run_id is '[/]oops[bold', expected 1-64 ASCII letters and digits" in row["state"]
 
 
 def test_resume_refuses_optimizer_state_of_other_shapes(run_folder: Path, tmp_path: Path, run_cli) -> None:
