@@ -183,7 +183,8 @@ def check_finite(record: dict[str, Any], run: RunDir) -> None:
         value = record[key]
         if not math.isfinite(value):
             epoch = record["epoch"]
-            kept = f"{run.root} keeps epochs 1-{epoch - 1} as saved" if epoch > 1 else "nothing of this run was saved"
+            before = "epoch 1" if epoch == 2 else f"epochs 1-{epoch - 1}"
+            kept = f"{run.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
             raise MnistsumError(
                 f"epoch {epoch}: the {key.replace('_', ' ')} is {value} (training diverged): stopped before saving "
                 f"it; {kept}; train again with a lower --lr"
