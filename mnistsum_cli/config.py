@@ -38,8 +38,8 @@ class Setting:
 
     `min`/`max` are inclusive bounds, `above` an exclusive lower bound, `choices` the only
     values allowed; a float setting is always finite. The same bounds check the settings that
-    artifacts record (schemas.SETTINGS is derived from them), so a hand-edited config.json is
-    held to what the command line takes.
+    artifacts record (schemas.SETTINGS is derived from them), so a hand-edited checkpoint or
+    history is held to what the command line takes.
     """
 
     help: str
