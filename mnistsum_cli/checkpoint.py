@@ -113,19 +113,26 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, state["param_groups"]
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict], path: Path
+) -> None:
     """Restore saved optimizer state into a live optimizer of the same model.
 
     Hyperparameters come from the checkpoint, but the live optimizer's implementation flags
     stand (a checkpoint moves between devices), and every state tensor takes the layout of
     its parameter: the fused kernels pair elements by memory order, so NCHW moments of
-    channels_last weights would be mis-paired on the CPU and refused on CUDA.
+    channels_last weights would be mis-paired on the CPU and refused on CUDA. State that does
+    not fit the parameters is refused here, in one line: torch would take it and fail in the
+    middle of the first step.
     """
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith(OPTIMIZER_PREFIX):
-            _, param_id, key = name.split(".", 2)
-            state.setdefault(int(param_id), {})[key] = value
+            parts = name.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                raise _not_this_model(path, f"tensor {name} names no parameter")
+            state.setdefault(int(parts[1]), {})[parts[2]] = value
+    _check_optimizer_state(optimizer, state, groups, path)
     live_flags = [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in optimizer.param_groups]
     groups = [{**saved, **flags} for saved, flags in zip(groups, live_flags)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -133,6 +140,36 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
         for key, value in param_state.items():
             if torch.is_tensor(value) and value.shape == param.shape:
                 param_state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _not_this_model(path: Path, reason: str) -> MnistsumError:
+    return MnistsumError(
+        f"{path} is not a checkpoint of this model ({reason}): rerun `mnistsum train` without --resume"
+    )
+
+
+def _check_optimizer_state(
+    optimizer: torch.optim.Optimizer, state: dict[int, dict[str, torch.Tensor]], groups: list[dict], path: Path
+) -> None:
+    """The saved groups hold as many parameters as the live ones, and each saved state tensor is
+    a scalar (AdamW's step) or has the shape of the parameter it belongs to (its moments)."""
+    live = [group["params"] for group in optimizer.param_groups]
+    sizes, live_sizes = [len(group["params"]) for group in groups], [len(params) for params in live]
+    if sizes != live_sizes:
+        raise _not_this_model(path, f"optimizer groups of {sizes} parameters, the model's {live_sizes}")
+    param_of = {
+        param_id: param for group, params in zip(groups, live) for param_id, param in zip(group["params"], params)
+    }
+    for param_id, param_state in sorted(state.items()):
+        if param_id not in param_of:
+            raise _not_this_model(path, f"optimizer state of parameter {param_id}, which no group holds")
+        shape = tuple(param_of[param_id].shape)
+        for key, value in param_state.items():
+            if value.dim() != 0 and tuple(value.shape) != shape:
+                raise _not_this_model(
+                    path,
+                    f"{OPTIMIZER_PREFIX}{param_id}.{key} has shape {list(value.shape)}, its parameter {list(shape)}",
+                )
 
 
 def save_epoch(
@@ -207,7 +244,7 @@ def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_
             f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's"
         )
     load_weights(learner.model, model_weights(tensors), run.checkpoint, config.arch)
-    load_optimizer(learner.optimizer, tensors, meta["param_groups"])
+    load_optimizer(learner.optimizer, tensors, meta["param_groups"], run.checkpoint)
     if learner.scaler.is_enabled() and meta.get("grad_scaler"):
         learner.scaler.load_state_dict(meta["grad_scaler"])
     epoch = int(meta["epoch"])

@@ -20,6 +20,16 @@ ARCHITECTURE_NAMES = ("fastnet", "fastnet-small", "fastnet-wide", "lean", "lenet
 # Seeds are 0 .. 2**32 - 1 (`prepare --seed`, `train --seed`): NumPy refuses negative seeds, and
 # each epoch's torch seed, seed * 100_003 + epoch, must stay below torch's limit of 2**64.
 MAX_SEED = 2**32 - 1
+# Upper bounds that catch a typo before it runs for ever (`--epochs 100000000000`) or overflows:
+# the presets train 2-20 epochs, so 10000 is no run anyone means; a batch larger than MNIST's
+# 60000 training images is one batch of the whole split; the presets' peak learning rates are
+# 2e-3 to 1e-2, a thousandth of 10 (1e308 made the one-cycle schedule overflow to inf, and the
+# weights to NaN); AdamW multiplies the weights by 1 - lr * decay each step, so a decay above 1
+# is no regulariser but a reset of the weights (the presets use 5e-4).
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 60_000
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +37,9 @@ class Setting:
     """How a training setting appears on the command line: its help and the values it takes.
 
     `min`/`max` are inclusive bounds, `above` an exclusive lower bound, `choices` the only
-    values allowed; a float setting is always finite.
+    values allowed; a float setting is always finite. The same bounds check the settings that
+    artifacts record (schemas.SETTINGS is derived from them), so a hand-edited checkpoint or
+    history is held to what the command line takes.
     """
 
     help: str
@@ -61,10 +73,10 @@ def setting(default: Any, help: str, **bounds: Any) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     arch: str = setting("fastnet", "Network architecture.", choices=ARCHITECTURE_NAMES)
-    epochs: int = setting(10, "Passes over the training split.", min=1)
-    batch_size: int = setting(1024, "Rows per step (BatchNorm needs 2 or more).", min=2)
-    lr: float = setting(6e-3, "Peak learning rate (one-cycle).", above=0)
-    weight_decay: float = setting(5e-4, "AdamW weight decay of conv and linear weights.", min=0)
+    epochs: int = setting(10, "Passes over the training split.", min=1, max=MAX_EPOCHS)
+    batch_size: int = setting(1024, "Rows per step (BatchNorm needs 2 or more).", min=2, max=MAX_BATCH_SIZE)
+    lr: float = setting(6e-3, "Peak learning rate (one-cycle).", above=0, max=MAX_LR)
+    weight_decay: float = setting(5e-4, "AdamW weight decay of conv and linear weights.", min=0, max=MAX_WEIGHT_DECAY)
     warmup: float = setting(0.2, "Share of the steps spent rising to the peak learning rate.", min=0, max=1)
     label_smoothing: float = setting(0.0, "Label smoothing of both losses.", min=0, max=0.5)
     max_shift: int = setting(2, "Random-shift augmentation, pixels; 0 turns it off.", min=0, max=8)

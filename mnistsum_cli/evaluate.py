@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,9 @@ from mnistsum_cli.fingerprints import fingerprint_file, now_iso
 from mnistsum_cli.inference import EVAL_PRECISION, predict
 from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, RunDir
 from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.schemas import MAX_MISCLASSIFIED
 from mnistsum_cli.splits import Dataset
 from mnistsum_cli.store import folder_lock, write_json
-
-MAX_MISCLASSIFIED = 100  # rows listed in the metrics file for the gallery
 
 
 def check_model_matches(model_meta: dict[str, Any], dataset: Dataset, force: bool) -> None:
@@ -74,6 +74,17 @@ def evaluate(model: torch.nn.Module, split_name: str, split: SplitTensors, image
     }
 
 
+def check_finite_losses(metrics: dict[str, Any], model_path: Path) -> None:
+    """Refuse to record the losses of weights that are not finite numbers (a NaN loss means NaN
+    or infinite logits: the accuracies of such a model mean nothing, and JSON holds no NaN)."""
+    for name in ("digit_loss", "sum_loss"):
+        if not math.isfinite(metrics[name]):
+            raise MnistsumError(
+                f"{model_path} gives a {metrics['split']} {name.replace('_', ' ')} of {metrics[name]}: its weights "
+                "are not finite numbers; rerun `mnistsum train`"
+            )
+
+
 def provenance(model_path: Path, model_meta: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """What an evaluation was made from, so later stages can tell when it is stale."""
     return {
@@ -101,6 +112,7 @@ def evaluate_model(
         check_model_matches(meta, dataset, force)
         rows = dataset.splits[split]
         metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
+        check_finite_losses(metrics, run.model)
         metrics.update(provenance(run.model, meta, dataset))
         write_json(run.evaluation(split), metrics)
     return metrics

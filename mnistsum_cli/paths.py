@@ -9,6 +9,7 @@ from pathlib import Path
 SPLITS = ("train", "val", "test")
 NUM_DIGITS = 10
 NUM_SUMS = 19  # 0 + 0 .. 9 + 9
+MNIST_IMAGES = 70_000  # train + test: no split, and no count of its rows, exceeds it
 
 # Which MNIST set each split's image_index points into.
 MNIST_SET_OF_SPLIT = {"train": "train", "val": "train", "test": "test"}

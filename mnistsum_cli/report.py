@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,12 +63,15 @@ def printable(text: str) -> str:
 
 
 def print_json(data: Any) -> None:
-    """`data` as one line of JSON on stdout, every string valid Unicode (see printable)."""
+    """`data` as one line of JSON on stdout, every string valid Unicode (see printable), and a
+    number that is not finite (the confidence of NaN weights) as null: JSON has no NaN."""
     import json
 
     def clean(value: Any) -> Any:
         if isinstance(value, str):
             return printable(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
         if isinstance(value, dict):
             return {clean(key): clean(item) for key, item in value.items()}
         if isinstance(value, (list, tuple)):
@@ -82,7 +86,8 @@ def warning(message: str) -> None:
 
 
 def percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
+    """A share as a percentage; "n/a" for NaN (a probability of NaN weights: no share at all)."""
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
 
 
 # --------------------------------------------------------------------------- prepare
@@ -209,7 +214,7 @@ def train_summary(outcome: TrainOutcome, run: RunDir, device: str) -> None:
 def run_complete(run: RunDir, epochs: int) -> None:
     """What `train --resume` says when the run has nothing left to do."""
     console.print(
-        f"the run in {run.root} is complete ({epochs} of {epochs} epochs): nothing was done; "
+        f"the run in {escape(printable(str(run.root)))} is complete ({epochs} of {epochs} epochs): nothing was done; "
         "`mnistsum train` without --resume starts a new run",
         soft_wrap=True,
     )
@@ -337,7 +342,8 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
     """`mnistsum runs`: one row per run; the settings equal for all go into the caption."""
     from mnistsum_cli.runlist import settings_text
 
-    table = Table(title=f"runs in {folder}", caption=f"all runs: {settings_text(same)}" if same else None)
+    caption = f"all runs: {escape(settings_text(same))}" if same else None
+    table = Table(title=f"runs in {escape(printable(str(folder)))}", caption=caption)
     columns = [
         "run id",
         "started",
@@ -358,7 +364,8 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
     for entry in entries:
         row = entry.row
         if not entry.readable:
-            table.add_row(escape(str(row["folder"])), "", f"[red]{escape(row['state'])}[/]", *[""] * (len(columns) - 3))
+            why = escape(printable(row["state"]))
+            table.add_row(escape(printable(str(row["folder"]))), "", f"[red]{why}[/]", *[""] * (len(columns) - 3))
             continue
         shown = [
             percent(row[key]) if row[key] is not None else ""
@@ -366,7 +373,7 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
         ]
         state = row["state"] if row["state"] == "complete" else f"[yellow]{escape(row['state'])}[/]"
         table.add_row(
-            row["run_id"],
+            escape(row["run_id"]),
             escape(str(row["started"] or "")),
             state,
             *[escape(str(row[name])) for name in differ],

@@ -12,13 +12,23 @@ training settings, which must all be known to rebuild a TrainConfig.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from mnistsum_cli.config import ARCHITECTURE_NAMES, MAX_SEED, TrainConfig
+from mnistsum_cli.config import (
+    ARCHITECTURE_NAMES,
+    MAX_EPOCHS,
+    MAX_LR,
+    MAX_SEED,
+    MAX_WEIGHT_DECAY,
+    Setting,
+    setting_fields,
+)
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, SPLITS
+from mnistsum_cli.paths import MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, SPLITS
 from mnistsum_cli.store import read_json
 
 
@@ -49,12 +59,18 @@ class Kind:
         raise NotImplementedError
 
 
-def _range_text(low: Optional[float], high: Optional[float]) -> str:
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _range_text(low: Optional[float], high: Optional[float], above: Optional[float] = None) -> str:
+    """The bounds of a number for messages and the docs: " 0-1", " > 0, <= 10", " >= 1"."""
     if low is not None and high is not None:
-        return f" {low:g}-{high:g}" if isinstance(low, float) else f" {low}-{high}"
-    if low is not None:
-        return f" >= {low}"
-    return ""
+        return f" {_number(low)}-{_number(high)}"
+    bounds = [f"> {_number(above)}"] if above is not None else []
+    bounds += [f">= {_number(low)}"] if low is not None else []
+    bounds += [f"<= {_number(high)}"] if high is not None else []
+    return f" {', '.join(bounds)}" if bounds else ""
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,7 @@ class Int(Kind):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Invalid(where, f"is {_shown(value)}, expected an integer{_range_text(self.low, self.high)}")
         if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise _Invalid(where, f"is {value}, expected an integer{_range_text(self.low, self.high)}")
+            raise _Invalid(where, f"is {_shown(value)}, expected an integer{_range_text(self.low, self.high)}")
 
     def text(self) -> str:
         return f"integer{_range_text(self.low, self.high)}"
@@ -74,33 +90,52 @@ class Int(Kind):
 
 @dataclass(frozen=True)
 class Float(Kind):
-    """A JSON number (integers included); NaN and infinity are allowed: a diverged run records them."""
+    """A finite JSON number (integers included). JSON has no NaN or infinity and no writer of
+    this package writes them (store.json_bytes refuses them; training stops at a NaN loss), so
+    one in a file is damage: Python's reader would take it and pass it on to torch or a plot.
+    `above`: an exclusive lower bound."""
 
     low: Optional[float] = None
     high: Optional[float] = None
+    above: Optional[float] = None
 
     def check(self, value: Any, where: str) -> None:
+        expected = f"expected a finite number{_range_text(self.low, self.high, self.above)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(where, f"is {_shown(value)}, expected a number{_range_text(self.low, self.high)}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise _Invalid(where, f"is {value}, expected a number{_range_text(self.low, self.high)}")
+            raise _Invalid(where, f"is {_shown(value)}, {expected}")
+        if (
+            not (isinstance(value, int) or math.isfinite(value))  # an int can be too large for a float
+            or (self.low is not None and value < self.low)
+            or (self.high is not None and value > self.high)
+            or (self.above is not None and not value > self.above)
+        ):
+            raise _Invalid(where, f"is {_shown(value)}, {expected}")
 
     def text(self) -> str:
-        return f"number{_range_text(self.low, self.high)}"
+        return f"number{_range_text(self.low, self.high, self.above)}"
 
 
 @dataclass(frozen=True)
 class Str(Kind):
+    """A string; `choices`: the only values allowed; `pattern`: a regular expression the whole
+    string must match, described for people by `pattern_text`."""
+
     choices: Sequence[str] = ()
+    pattern: Optional[str] = None
+    pattern_text: str = ""
 
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, str):
-            raise _Invalid(where, f"is {_shown(value)}, expected a string")
+            raise _Invalid(where, f"is {_shown(value)}, expected {self.text()}")
         if self.choices and value not in self.choices:
             raise _Invalid(where, f"is {_shown(value)}, expected one of {', '.join(self.choices)}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise _Invalid(where, f"is {_shown(value)}, expected {self.pattern_text}")
 
     def text(self) -> str:
-        return f"one of {', '.join(self.choices)}" if self.choices else "string"
+        if self.choices:
+            return f"one of {', '.join(self.choices)}"
+        return self.pattern_text or "string"
 
 
 @dataclass(frozen=True)
@@ -130,6 +165,7 @@ class ListOf(Kind):
     item: Kind
     length: Optional[int] = None  # exact length, when fixed
     min_length: int = 0
+    max_length: Optional[int] = None
 
     def check(self, value: Any, where: str) -> None:
         if not isinstance(value, list):
@@ -138,12 +174,15 @@ class ListOf(Kind):
             raise _Invalid(where, f"has {len(value)} entries, expected {self.length}")
         if len(value) < self.min_length:
             raise _Invalid(where, f"has {len(value)} entries, expected at least {self.min_length}")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise _Invalid(where, f"has {len(value)} entries, expected at most {self.max_length}")
         for index, item in enumerate(value):
             self.item.check(item, f"{where}[{index}]")
 
     def text(self) -> str:
         size = f"{self.length} " if self.length is not None else ""
-        return f"{'non-empty ' if self.min_length else ''}list of {size}{self.item.text()}"
+        most = f"up to {self.max_length} " if self.max_length is not None else ""
+        return f"{'non-empty ' if self.min_length else ''}list of {size}{most}{self.item.text()}"
 
 
 @dataclass(frozen=True)
@@ -199,8 +238,8 @@ class Record(Kind):
 
 
 def matrix(size: int) -> ListOf:
-    """A square matrix of counts, as a list of rows."""
-    return ListOf(ListOf(Int(0), length=size), length=size)
+    """A square matrix of counts of rows, as a list of rows."""
+    return ListOf(ListOf(COUNT, length=size), length=size)
 
 
 # --------------------------------------------------------------------------- artifacts
@@ -234,20 +273,39 @@ class Schema:
         return self.check(read_json(path, stage=self.stage), path)
 
 
+def _setting_kind(kind: type, setting: Setting) -> Kind:
+    """The Kind of one training setting, from its declaration in config.py: the bounds the
+    command line enforces are the bounds an artifact's settings are held to."""
+    if setting.choices:
+        return Str(setting.choices)
+    if kind is bool:
+        return Bool()
+    if kind is int:
+        return Int(setting.min, setting.max)
+    return Float(setting.min, setting.max, setting.above)
+
+
 def _settings() -> Record:
-    """TrainConfig's fields, typed from the dataclass: one declaration of the settings."""
-    kinds = {"str": Str(), "int": Int(), "float": Float(), "bool": Bool()}
-    special = {"arch": Str(ARCHITECTURE_NAMES), "seed": Int(0, MAX_SEED), "epochs": Int(1), "batch_size": Int(1)}
+    """TrainConfig's fields, typed and bounded from their `setting(...)`: one declaration of the settings."""
     return Record(
-        {f.name: Field(special.get(f.name, kinds[str(f.type)]), "", required=False) for f in fields(TrainConfig)},
+        {name: Field(_setting_kind(kind, setting), "", required=False) for name, kind, setting in setting_fields()},
         title="training settings",
         closed=True,
     )
 
 
+HEX = Str(pattern="[0-9a-f]{1,64}", pattern_text="hex string of 1-64 digits")  # a content hash
+# A run id names a folder (previous/<run id>/) and shows in tables: no separators, no markup, short.
+# `train` makes 16 hex digits; letters are allowed too, as set-aside accepts them.
+RUN = Str(pattern="[0-9A-Za-z]{1,64}", pattern_text="1-64 ASCII letters and digits")
+EPOCH = Int(1, MAX_EPOCHS)
+LOSS = Float(0.0)  # cross-entropy
+SHARE = Float(0.0, 1.0)  # an accuracy, a probability
+COUNT = Int(0, MNIST_IMAGES)  # rows of a split: no split holds more images than MNIST has
+
 SETTINGS = _settings()
-RUN_ID = Field(Str(), "the training run (random hex), shared by all of its files")
-DATASET_ID = Field(Str(), "the dataset trained on (hash of the rows and of MNIST)")
+RUN_ID = Field(RUN, "the training run (random hex), shared by all of its files")
+DATASET_ID = Field(HEX, "the dataset trained on (hash of the rows and of MNIST)")
 CONFIG = Field(SETTINGS, "the training settings (TrainConfig); missing ones take their defaults")
 PROCESSES = {
     "world_size": Field(Int(1), "training processes (torchrun)", required=False),
@@ -255,15 +313,21 @@ PROCESSES = {
 }
 METRIC_NAMES = ("digit_loss", "sum_loss", "loss", "digit_accuracy", "sum_accuracy")
 
+
+def metric_kind(name: str) -> Kind:
+    """A loss is >= 0, an accuracy a share of rows."""
+    return SHARE if name.endswith("accuracy") else LOSS
+
+
 SPLIT_META = Schema(
     "train.parquet, val.parquet, test.parquet: schema metadata under key `mnistsum`",
     "prepare",
     Record(
         {
             "split": Field(Str(SPLITS), "which split the file holds"),
-            "dataset_id": Field(Str(), "hash of the three splits' rows and of the MNIST files; equal in all three"),
+            "dataset_id": Field(HEX, "hash of the three splits' rows and of the MNIST files; equal in all three"),
             "seed": Field(Int(0, MAX_SEED), "`prepare --seed`"),
-            "val_size": Field(Int(1), "`prepare --val-size`"),
+            "val_size": Field(Int(1, MNIST_IMAGES), "`prepare --val-size`"),
             "limit": Field(Nullable(Int(1)), "`prepare --limit`"),
             "mnist_root": Field(Str(), "the MNIST folder read"),
             "mnist_files": Field(
@@ -272,9 +336,11 @@ SPLIT_META = Schema(
                 "up-to-date check that MNIST need not be read",
                 required=False,
             ),
-            "mnist_fingerprint": Field(Str(), "hash of the MNIST images and labels read"),
+            "mnist_fingerprint": Field(HEX, "hash of the MNIST images and labels read"),
             "mnist_sizes": Field(
-                Record({name: Field(Int(1), f"images in the MNIST {name} set") for name in ("train", "test")}),
+                Record(
+                    {name: Field(Int(1, MNIST_IMAGES), f"images in the MNIST {name} set") for name in ("train", "test")}
+                ),
                 "images per MNIST set; image_index is below it (checked against MNIST when it is loaded)",
             ),
             "package_version": Field(Str(), "mnistsum version that wrote it", required=False),
@@ -287,10 +353,10 @@ SPLIT_META = Schema(
 STEP_RECORD = Record(
     {
         "step": Field(Int(1), "optimizer steps since the run began, at the window's end"),
-        "epoch": Field(Float(), "the same in epochs (fractional: 1.0 is the end of the first)"),
-        "lr": Field(Float(), "mean learning rate over the window"),
+        "epoch": Field(Float(0.0, MAX_EPOCHS), "the same in epochs (fractional: 1.0 is the end of the first)"),
+        "lr": Field(Float(0.0, MAX_LR), "mean learning rate over the window"),
         **{
-            f"train_{name}": Field(Float(), f"train {name.replace('_', ' ')}, mean over the window")
+            f"train_{name}": Field(metric_kind(name), f"train {name.replace('_', ' ')}, mean over the window")
             for name in METRIC_NAMES
         },
     },
@@ -299,14 +365,14 @@ STEP_RECORD = Record(
 
 EPOCH_RECORD = Record(
     {
-        "epoch": Field(Int(1), "1, 2, ..."),
+        "epoch": Field(EPOCH, "1, 2, ..."),
         **{
-            f"{split}_{name}": Field(Float(), f"{split} {name.replace('_', ' ')}")
+            f"{split}_{name}": Field(metric_kind(name), f"{split} {name.replace('_', ' ')}")
             for split in ("train", "val")
             for name in METRIC_NAMES
         },
-        "lr_end": Field(Float(), "learning rate at the epoch's last step", required=False),
-        "seconds": Field(Float(), "wall time of the epoch", required=False),
+        "lr_end": Field(Float(0.0, MAX_LR), "learning rate at the epoch's last step", required=False),
+        "seconds": Field(Float(0.0), "wall time of the epoch", required=False),
         "world_size": Field(Int(1), "training processes", required=False),
         "steps": Field(
             ListOf(STEP_RECORD), "train metrics through the epoch, one record per window of steps", required=False
@@ -323,8 +389,10 @@ HISTORY = Schema(
             "run_id": RUN_ID,
             "dataset_id": DATASET_ID,
             "config": CONFIG,
-            "best_epoch": Field(Int(1), "the epoch model.safetensors holds"),
-            "epochs": Field(ListOf(EPOCH_RECORD, min_length=1), "one epoch record per epoch done"),
+            "best_epoch": Field(EPOCH, "the epoch model.safetensors holds"),
+            "epochs": Field(
+                ListOf(EPOCH_RECORD, min_length=1, max_length=MAX_EPOCHS), "one epoch record per epoch done"
+            ),
             **PROCESSES,
         }
     ),
@@ -340,8 +408,8 @@ TRAIN_STATE = Schema(
             "run_id": RUN_ID,
             "dataset_id": DATASET_ID,
             "config": CONFIG,
-            "epoch": Field(Int(1), "epochs saved (the checkpoint's)"),
-            "best_epoch": Field(Int(1), "the epoch model.safetensors holds"),
+            "epoch": Field(EPOCH, "epochs saved (the checkpoint's)"),
+            "best_epoch": Field(EPOCH, "the epoch model.safetensors holds"),
             "updated_at": Field(Str(), "UTC time, ISO 8601", required=False),
             **PROCESSES,
         }
@@ -379,14 +447,26 @@ MODEL_META = Schema(
             "run_id": RUN_ID,
             "dataset_id": DATASET_ID,
             "config": CONFIG,
-            "epoch": Field(Int(1), "the epoch of these weights (the best on val)"),
-            "val_digit_accuracy": Field(Float(0.0, 1.0), "at that epoch"),
-            "val_sum_accuracy": Field(Float(0.0, 1.0), "at that epoch"),
+            "epoch": Field(EPOCH, "the epoch of these weights (the best on val)"),
+            "val_digit_accuracy": Field(SHARE, "at that epoch"),
+            "val_sum_accuracy": Field(SHARE, "at that epoch"),
             "package_version": Field(Str(), "", required=False),
             **PROCESSES,
         }
     ),
     "Tensors: the model's state_dict.",
+)
+
+# What `train --resume` restores of AdamW's hyperparameters (other keys are torch's flags).
+PARAM_GROUP = Record(
+    {
+        "params": Field(ListOf(Int(0)), "the indices of the group's parameters"),
+        "lr": Field(Float(0.0, MAX_LR), "the learning rate of the last step"),
+        "weight_decay": Field(Float(0.0, MAX_WEIGHT_DECAY), "`--weight-decay`, or 0"),
+        "betas": Field(ListOf(Float(0.0, 1.0), length=2), "AdamW's moment decays"),
+        "eps": Field(Float(above=0.0), "AdamW's epsilon"),
+    },
+    title="param group",
 )
 
 CHECKPOINT_META = Schema(
@@ -398,8 +478,8 @@ CHECKPOINT_META = Schema(
             "run_id": RUN_ID,
             "dataset_id": DATASET_ID,
             "config": CONFIG,
-            "epoch": Field(Int(1), "epochs done"),
-            "param_groups": Field(ListOf(Record({})), "AdamW's param groups"),
+            "epoch": Field(EPOCH, "epochs done"),
+            "param_groups": Field(ListOf(PARAM_GROUP), "AdamW's param groups"),
             "grad_scaler": Field(
                 Record({}, title="object"), "GradScaler state (fp16 only; else empty)", required=False
             ),
@@ -409,17 +489,21 @@ CHECKPOINT_META = Schema(
     "Tensors: `model.<name>` weights, `optim.<param>.<key>` AdamW state.",
 )
 
+MAX_MISCLASSIFIED = 100  # rows an evaluation lists for the gallery
+
 MISCLASSIFIED_ROW = Record(
     {
-        "row": Field(Int(0), "row of the split"),
-        "image_index": Field(Int(0), "image in the MNIST set of the split (checked against MNIST when it is loaded)"),
+        "row": Field(Int(0, MNIST_IMAGES - 1), "row of the split"),
+        "image_index": Field(
+            Int(0, MNIST_IMAGES - 1), "image in the MNIST set of the split (checked against MNIST when it is loaded)"
+        ),
         "number": Field(Int(0, 9), "the row's number"),
         "digit": Field(Int(0, NUM_DIGITS - 1), "true digit"),
         "sum": Field(Int(0, NUM_SUMS - 1), "true sum"),
         "predicted_digit": Field(Int(0, NUM_DIGITS - 1), ""),
         "predicted_sum": Field(Int(0, NUM_SUMS - 1), ""),
-        "digit_confidence": Field(Float(0.0, 1.0), "softmax probability of the predicted digit"),
-        "sum_confidence": Field(Float(0.0, 1.0), "softmax probability of the predicted sum"),
+        "digit_confidence": Field(SHARE, "softmax probability of the predicted digit"),
+        "sum_confidence": Field(SHARE, "softmax probability of the predicted sum"),
     },
     title="misclassified row",
 )
@@ -430,39 +514,47 @@ EVALUATION = Schema(
     Record(
         {
             "split": Field(Str(SPLITS), "the split measured"),
-            "rows": Field(Int(1), "rows measured"),
+            "rows": Field(Int(1, MNIST_IMAGES), "rows measured"),
             "device": Field(Str(), "torch device", required=False),
             "precision": Field(Str(), "fp32", required=False),
-            **{
-                name: Field(Float(0.0, 1.0), "share of the rows")
-                for name in ("digit_accuracy", "sum_accuracy", "consistency")
-            },
-            "digit_loss": Field(Float(), "mean cross-entropy of the digit head"),
-            "sum_loss": Field(Float(), "mean cross-entropy of the sum head"),
-            "per_digit_accuracy": Field(MapOf(Float(0.0, 1.0)), 'digit accuracy of each true digit, keyed "0"-"9"'),
+            **{name: Field(SHARE, "share of the rows") for name in ("digit_accuracy", "sum_accuracy", "consistency")},
+            "digit_loss": Field(LOSS, "mean cross-entropy of the digit head"),
+            "sum_loss": Field(LOSS, "mean cross-entropy of the sum head"),
+            "per_digit_accuracy": Field(MapOf(SHARE), 'digit accuracy of each true digit, keyed "0"-"9"'),
             "digit_confusion": Field(matrix(NUM_DIGITS), "counts; rows: true digit, columns: predicted"),
             "sum_confusion": Field(matrix(NUM_SUMS), "counts; rows: true sum, columns: predicted"),
-            "misclassified_count": Field(Int(0), "rows with a wrong digit or sum"),
-            "misclassified": Field(ListOf(MISCLASSIFIED_ROW), "the first 100 of them"),
+            "misclassified_count": Field(COUNT, "rows with a wrong digit or sum"),
+            "misclassified": Field(
+                ListOf(MISCLASSIFIED_ROW, max_length=MAX_MISCLASSIFIED), f"the first {MAX_MISCLASSIFIED} of them"
+            ),
             "model": Field(
                 Record(
                     {
                         "path": Field(Str(), "model.safetensors measured"),
-                        "sha256": Field(Str(), "its content hash (16 hex digits): tells a stale evaluation"),
-                        "run_id": Field(Nullable(Str()), ""),
+                        "sha256": Field(HEX, "its content hash (16 hex digits): tells a stale evaluation"),
+                        "run_id": Field(Nullable(RUN), ""),
                         "arch": Field(Nullable(Str()), ""),
-                        "epoch": Field(Nullable(Int(1)), ""),
-                        "dataset_id": Field(Nullable(Str()), "dataset the model was trained on"),
+                        "epoch": Field(Nullable(EPOCH), ""),
+                        "dataset_id": Field(Nullable(HEX), "dataset the model was trained on"),
                     },
                     title="model provenance",
                 ),
                 "the model measured",
             ),
-            "dataset_id": Field(Str(), "the dataset measured"),
+            "dataset_id": Field(HEX, "the dataset measured"),
             "created_at": Field(Str(), "UTC time, ISO 8601", required=False),
         }
     ),
     "One per split (`evaluate --split <split>`); `plot` draws it.",
+    rules=(
+        (
+            "each confusion matrix counts `rows` rows",
+            lambda evaluation: all(
+                sum(map(sum, evaluation[f"{head}_confusion"])) == evaluation["rows"] for head in ("digit", "sum")
+            ),
+        ),
+        ("misclassified_count <= rows", lambda evaluation: evaluation["misclassified_count"] <= evaluation["rows"]),
+    ),
 )
 
 PLOTS_MANIFEST = Schema(
@@ -473,9 +565,9 @@ PLOTS_MANIFEST = Schema(
             "inputs": Field(
                 Record(
                     {
-                        "history": Field(Nullable(Str()), "hash of history.json drawn"),
-                        "model": Field(Nullable(Str()), "hash of model.safetensors"),
-                        "evaluations": Field(MapOf(Str()), "hash of each evaluation drawn, by split"),
+                        "history": Field(Nullable(HEX), "hash of history.json drawn"),
+                        "model": Field(Nullable(HEX), "hash of model.safetensors"),
+                        "evaluations": Field(MapOf(HEX), "hash of each evaluation drawn, by split"),
                     },
                     title="input hashes",
                 ),
@@ -513,7 +605,8 @@ def markdown() -> str:
         "",
         "Generated from `mnistsum_cli/schemas.py`, which every reader checks its input against: a file that",
         "does not fit is refused in one line naming the file, the field and the stage to rerun.",
-        "Fields not listed are ignored (except in the training settings).",
+        "Fields not listed are ignored (except in the training settings). Every number is finite: JSON",
+        "has no NaN or infinity and no writer of mnistsum writes one, so one in a file is refused.",
     ]
     for schema in SCHEMAS:
         rules = "".join(f" Also {rule}." for rule, _ in schema.rules)

@@ -275,7 +275,10 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2) + "\n").encode()
+    """A JSON file's bytes. Never NaN or infinity: JSON has neither (Python's `NaN` token is
+    refused by other readers, and ours would pass it on), so a writer that can meet one refuses
+    first or writes null; a ValueError here is a bug of that writer."""
+    return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
 
 
 def write_json(path: Path, data: Any) -> None:

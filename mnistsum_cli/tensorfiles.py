@@ -13,10 +13,11 @@ from mnistsum_cli.store import commit
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
     """A safetensors file of `tensors` with JSON-encoded metadata values (safetensors metadata
-    is str -> str), in memory: a commit writes it (see store.Change.write)."""
+    is str -> str), in memory: a commit writes it (see store.Change.write). No NaN or infinity,
+    as in every JSON this package writes (store.json_bytes)."""
     from safetensors.torch import save
 
-    encoded = {key: json.dumps(value) for key, value in metadata.items()}
+    encoded = {key: json.dumps(value, allow_nan=False) for key, value in metadata.items()}
     return save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata=encoded)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -173,6 +174,23 @@ def measure(model: nn.Module, split: SplitTensors, prefix: str, group: Group = S
     }
 
 
+def check_finite(record: dict[str, Any], run: RunDir) -> None:
+    """Stop the run when an epoch's train or val loss is NaN or infinite (the weights diverged):
+    nothing of that epoch is written, so the last saved epoch stays the run's state. Checked on
+    the epoch's totals, read once per epoch (metrics.StepRecorder.read), not per step. Under
+    torchrun every rank holds the same all-reduced totals, so all ranks stop together."""
+    for key in ("train_loss", "val_loss"):
+        value = record[key]
+        if not math.isfinite(value):
+            epoch = record["epoch"]
+            before = "epoch 1" if epoch == 2 else f"epochs 1-{epoch - 1}"
+            kept = f"{run.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
+            raise MnistsumError(
+                f"epoch {epoch}: the {key.replace('_', ' ')} is {value} (training diverged): stopped before saving "
+                f"it; {kept}; train again with a lower --lr"
+            )
+
+
 def selection_score(record: dict[str, Any]) -> tuple[float, float]:
     """Which epoch is kept: highest val sum accuracy, then val digit accuracy (later wins ties)."""
     return (record["val_sum_accuracy"], record["val_digit_accuracy"])
@@ -236,6 +254,7 @@ def train(
         record.update(totals)
         group.average_buffers(model)
         record.update(measure(model, data.val, "val", group))
+        check_finite(record, run)  # before anything of the epoch is saved
         record["seconds"] = time.perf_counter() - started
         record["world_size"] = group.world_size
         record["steps"] = step_records

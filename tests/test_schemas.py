@@ -122,7 +122,7 @@ HISTORY_DAMAGE = {
     "no best_epoch": (_set("best_epoch", DELETE), "best_epoch is missing"),
     "epochs not a list": (_set("epochs", {"1": {}}), "epochs is {'1': {}}, expected a list"),
     "no epochs": (_set("epochs", []), "epochs has 0 entries, expected at least 1"),
-    "string value": (_set("epochs.0.val_loss", "0.5"), "epochs[0].val_loss is '0.5', expected a number"),
+    "string value": (_set("epochs.0.val_loss", "0.5"), "epochs[0].val_loss is '0.5', expected a finite number"),
     "bool as an int": (_set("best_epoch", True), "best_epoch is True, expected an integer"),
     "unknown setting": (_set("config.colour", "red"), "config has unknown fields colour"),
     "seed as text": (_set("config.seed", "zero"), f"config.seed is 'zero', expected an integer 0-{MAX_SEED}"),
@@ -148,10 +148,20 @@ def test_fields_not_declared_are_accepted() -> None:
     HISTORY.check({**_history(), "notes": "from the future"}, "history.json")
 
 
-def test_numbers_take_integers_and_nan() -> None:
+def test_numbers_take_integers() -> None:
     history = _history()
-    history["epochs"][0].update(train_loss=1, val_loss=float("nan"))
+    history["epochs"][0].update(train_loss=1, val_loss=10**400)  # too large for a float, still a number >= 0
     HISTORY.check(history, "history.json")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_numbers_are_finite(value: float) -> None:
+    """JSON has no NaN: no writer of this package writes one (a run stops at a NaN loss), so one
+    in a file is damage, refused before it reaches torch or a plot."""
+    history = _history()
+    history["epochs"][0]["val_loss"] = value
+    with pytest.raises(MnistsumError, match=rf"epochs\[0\]\.val_loss is {value}, expected a finite number >= 0"):
+        HISTORY.check(history, "history.json")
 
 
 @pytest.mark.parametrize(

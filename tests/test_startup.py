@@ -86,8 +86,8 @@ def test_training_help(run_cli) -> None:
     assert "convnet ." not in text
     for name in PRESETS:
         assert f"{name}: {describe_preset(name)}" in text, name
-    assert "--epochs <int range> [x>=1] Passes over the training split." in text
-    assert "--weight-decay <float range> [x>=0] AdamW weight decay" in text
+    assert "--epochs <int range> [1<=x<=10000] Passes over the training split." in text
+    assert "--weight-decay <float range> [0<=x<=1.0] AdamW weight decay" in text
 
 
 def test_predict_help_says_number_replaces_the_rows(run_cli) -> None:

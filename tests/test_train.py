@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -302,26 +303,93 @@ def test_fused_resume_equals_uninterrupted(train_data: TrainData, tmp_path: Path
     assert_same_tensors(straight.model, resumed.model)
 
 
-@pytest.mark.parametrize("saved_fused, live_fused", [(False, True), (True, False)])
-def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
-    """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
-    replace the live optimizer's, and its moments take the live parameters' layout."""
-    from mnistsum_cli.checkpoint import load_optimizer, optimizer_tensors
+def _adamw(fused: bool) -> torch.optim.Optimizer:
     from mnistsum_cli.models import build_model
 
-    def optimizer(fused: bool) -> torch.optim.Optimizer:
-        model = build_model("fastnet-small").to(memory_format=torch.channels_last)
-        return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    model = build_model("fastnet-small").to(memory_format=torch.channels_last)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
 
-    saved = optimizer(saved_fused)
+
+def _saved_state(fused: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The checkpoint tensors and param groups of an AdamW that took one step."""
+    from mnistsum_cli.checkpoint import optimizer_tensors
+
+    saved = _adamw(fused)
     for param in saved.param_groups[0]["params"]:
         param.grad = torch.ones_like(param)
     saved.step()
     tensors, groups = optimizer_tensors(saved)
-    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}  # as safetensors gives them back
-    live = optimizer(live_fused)
-    load_optimizer(live, tensors, groups)
+    return {name: tensor.contiguous() for name, tensor in tensors.items()}, groups  # as safetensors gives them back
+
+
+@pytest.mark.parametrize("saved_fused, live_fused", [(False, True), (True, False)])
+def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
+    """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
+    replace the live optimizer's, and its moments take the live parameters' layout."""
+    from mnistsum_cli.checkpoint import load_optimizer
+
+    tensors, groups = _saved_state(saved_fused)
+    live = _adamw(live_fused)
+    load_optimizer(live, tensors, groups, Path("checkpoint.safetensors"))
     assert live.param_groups[0]["fused"] is live_fused
     assert live.param_groups[0]["foreach"] is None and live.param_groups[0]["capturable"] is False
     for param, state in live.state.items():
         assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("flatten", r"optim\.0\.exp_avg has shape \[\d+\], its parameter \[\d+, \d+, \d+, \d+\]"),
+        ("extra", "optimizer state of parameter 999, which no group holds"),
+        ("fewer", r"optimizer groups of \[\d+\] parameters, the model's \[\d+\]"),
+    ],
+)
+def test_resume_refuses_optimizer_state_that_does_not_fit_the_model(damage: str, reason: str) -> None:
+    """Optimizer moments of other shapes (another version, damage) are one line before training
+    starts, not a torch error in the middle of the first step."""
+    from mnistsum_cli.checkpoint import load_optimizer
+
+    tensors, groups = _saved_state(fused=True)
+    if damage == "flatten":
+        tensors["optim.0.exp_avg"] = tensors["optim.0.exp_avg"].flatten()
+    elif damage == "extra":
+        tensors["optim.999.exp_avg"] = torch.zeros(3)
+    else:
+        groups[0]["params"] = groups[0]["params"][:-1]
+    with pytest.raises(MnistsumError, match="checkpoint.safetensors is not a checkpoint of this model") as refused:
+        load_optimizer(_adamw(True), tensors, groups, Path("checkpoint.safetensors"))
+    assert re.search(reason, str(refused.value)), refused.value
+    assert "rerun `mnistsum train` without --resume" in str(refused.value)
+
+
+@pytest.mark.parametrize("diverges_in", [1, 2])
+def test_a_nan_loss_stops_the_run_keeping_the_epochs_saved_before(
+    diverges_in: int, train_data: TrainData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights that turn NaN (a diverging run) stop training at the end of that epoch, with a
+    message naming it; the epochs saved before stay the run's state, nothing of it is written."""
+    import mnistsum_cli.train
+
+    built: list[torch.nn.Module] = []
+    real_build = mnistsum_cli.train.build_model
+    monkeypatch.setattr(mnistsum_cli.train, "build_model", lambda arch: built.append(real_build(arch)) or built[-1])
+
+    class Diverging(Recorder):
+        def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:
+            super().epoch_start(epoch, epochs, steps, batch_size)
+            if epoch == diverges_in:
+                with torch.no_grad():
+                    next(built[0].parameters()).fill_(math.nan)
+
+    run = RunDir(tmp_path / "artifacts")
+    reporter = Diverging()
+    with pytest.raises(MnistsumError, match=rf"^epoch {diverges_in}: the train loss is nan \(training diverged\)"):
+        train(CONFIG, train_data, run, CPU, reporter=reporter)
+    assert reporter.ended == list(range(1, diverges_in))
+    if diverges_in == 1:
+        assert not run.train_state.exists() and not run.history.exists()
+    else:
+        assert json.loads(run.train_state.read_text())["epoch"] == diverges_in - 1
+        assert len(json.loads(run.history.read_text())["epochs"]) == diverges_in - 1
+        assert not leftovers(run.root)
