@@ -483,3 +483,11 @@ def test_a_held_lock_is_not_taken_through_another_spelling(tmp_path: Path) -> No
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_compare_names_its_figure_only_by_run_ids_that_can_name_a_file(tmp_path: Path) -> None:
+    """A planted history's run id ../../x does not lead `compare`'s figure out of compare/."""
+    from mnistsum_cli.runlist import RunEntry, compare_path
+
+    entries = [RunEntry(tmp_path, {"run_id": "../../../x"}), RunEntry(tmp_path, {"run_id": "0123456789abcdef"})]
+    assert compare_path(tmp_path / "artifacts", entries) == tmp_path / "artifacts" / "compare" / "run-01234567.png"
