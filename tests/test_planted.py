@@ -158,7 +158,7 @@ def test_runs_refuses_a_journal_planted_in_a_kept_run(workdir: Path, outside: Pa
     assert (kept / JOURNAL).exists()
 
 
-@pytest.mark.parametrize("planted", ["link", "file"])
+@pytest.mark.parametrize("planted", ["link", "fifo"])
 def test_a_journal_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Path, run_cli, planted: str) -> None:
     """A link to a journal elsewhere is not followed; a FIFO is not waited on."""
     artifacts = workdir / "artifacts"
