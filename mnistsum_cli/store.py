@@ -8,7 +8,10 @@ the journal goes. A kill, a full disk or Ctrl-C therefore leaves the folder as i
 the journal appeared or, once it is there, as it will be after: the next command that takes
 the lock finishes the renames and removes every temporary file. Readers never wait for a
 writer's long run: they read between commits and retry when a commit overlapped (a seqlock on a
-generation file each commit replaces). docs/reliability.md tells the whole story.
+generation file each commit replaces). What a folder holds is data, never an instruction: a
+journal runs only when each of its entries is one a commit of that folder writes, and nothing
+is opened, renamed or removed through a link (the threat model in docs/reliability.md, which
+tells the whole story).
 """
 
 from __future__ import annotations
@@ -370,9 +373,10 @@ def recover(folder: Path) -> None:
     """Under the lock: finish the commit a killed writer left (its journal), then remove every
     temporary file and folder. The whole journal is checked first: one with an entry that no
     commit of this folder writes (a name outside it, a link on the way) is refused, whole, and
-    left in place; a kept-run folder name the file system refuses gets a fresh one (said in a
-    note); a folder where a file goes (or a file where a folder goes) is set aside under
-    .mnistsum-blocked.<token>.<name> (said in a note). Nothing is ever lost."""
+    left in place; a kept-run folder name mnistsum does not make (a 300-letter run id an older
+    version took as it was: the file system refuses it) gets a fresh one, and a folder where a
+    file goes (or a file where a folder goes) is set aside as .mnistsum-blocked.<token>.<name>,
+    each said in a note: neither stops the change, and neither loses a file."""
     try:
         operations = _read_journal(folder)
         if operations is not None:
