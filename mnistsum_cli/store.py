@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -79,11 +80,13 @@ class _StepFailed(Exception):
 # --------------------------------------------------------------------------- the names a commit may touch
 
 
+@functools.cache
 def _run_file_names() -> frozenset[str]:
     """What a move may take into previous/<run id>/: a run's files, as paths.py declares them."""
     return frozenset(path.name for path in RunDir(Path()).run_files())
 
 
+@functools.cache
 def _installable_names() -> frozenset[str]:
     """What an install may replace: the files paths.py declares for a run or a dataset, and the
     store's own generation file."""
