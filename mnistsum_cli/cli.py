@@ -120,7 +120,7 @@ def prepare(
     from mnistsum_cli.store import folder_lock
 
     folder = DataDir(_folder(data, "--data", out, DEFAULT_DATA))
-    with folder_lock(folder.root, "prepare", "--data", create=False):  # MNIST may be missing: create nothing yet
+    with folder_lock(folder.root, "prepare", "--data"):  # a second prepare waits; a failure leaves no new folder
         mnist = load_mnist(resolve_source(mnist_dir))
         columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), folder)
     report.prepare_summary(columns, folder, seed)

@@ -3,6 +3,8 @@ constants that name splits, classes and file formats."""
 
 from __future__ import annotations
 
+import datetime as _dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,20 @@ DEFAULT_DATA = Path("data")  # where `prepare` writes and the later stages read,
 DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stages read, unless --artifacts
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
+MAX_RUN_ID = 64  # training makes 16 hex digits; a longer id is not one of its own
+# previous/<name>/: a run id, or unknown-<time>, each maybe with -2, -3... (setaside.py names them)
+KEPT_NAME = re.compile(rf"[A-Za-z0-9]{{1,{MAX_RUN_ID}}}(-[A-Za-z0-9]{{1,{MAX_RUN_ID}}}){{0,2}}")
+
+
+def is_run_id(value: object) -> bool:
+    """Whether `value` can name a kept run's folder previous/<run id>/: ASCII letters and digits,
+    at most MAX_RUN_ID of them (no separator, dot or NUL can reach a path through it)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_RUN_ID and value.isascii() and value.isalnum()
+
+
+def unknown_run_name() -> str:
+    """The folder name of a kept run whose id is unknown or unusable: a time stamp."""
+    return "unknown-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,11 @@ class DataDir:
 
     def split(self, name: str) -> Path:
         return self.root / f"{name}.parquet"
+
+    def files(self) -> list[Path]:
+        """Everything `prepare` writes here (store.py lets a commit of a folder write only
+        these and RunDir.run_files)."""
+        return [self.split(name) for name in SPLITS]
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,8 @@ class RunDir:
         return self.root / "previous"
 
     def run_files(self) -> list[Path]:
-        """Everything one training run and the stages after it write here (present or not)."""
+        """Everything one training run and the stages after it write here (present or not): what
+        a new run sets aside into previous/<run id>/, and, with DataDir.files, the only names a
+        commit may write (store.py checks every journal against them: add a new artifact here)."""
         trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
         return trained + [self.evaluation(split) for split in SPLITS] + [self.plots]

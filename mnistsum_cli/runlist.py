@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import RunDir
+from mnistsum_cli.paths import RunDir, is_run_id
 from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
 from mnistsum_cli.store import read_consistently
 
@@ -179,5 +179,7 @@ def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
 
 def compare_path(artifacts: Path, entries: list[RunEntry]) -> Path:
     """Where `compare` writes without --out: <artifacts>/compare/, beside (never inside) the
-    current run's plots/, named by the runs' ids."""
-    return artifacts / "compare" / ("-".join(entry.row["run_id"][:8] for entry in entries) + ".png")
+    current run's plots/, named by the runs' ids (an id that cannot name a file, one a
+    planted history holds, is "run")."""
+    ids = [entry.row["run_id"][:8] for entry in entries]
+    return artifacts / "compare" / ("-".join(short if is_run_id(short) else "run" for short in ids) + ".png")

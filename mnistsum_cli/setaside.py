@@ -8,13 +8,12 @@ a run to put back.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Optional
 
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.store import Change
+from mnistsum_cli.paths import RunDir, is_run_id, unknown_run_name
+from mnistsum_cli.store import Change, unused
 
 
 def aside_folder(run: RunDir) -> Optional[Path]:
@@ -22,7 +21,7 @@ def aside_folder(run: RunDir) -> Optional[Path]:
     there is nothing to keep."""
     if not any(path.exists() for path in run.run_files()):
         return None
-    return _unused_folder(run.previous / _run_id_on_disk(run))
+    return unused(run.previous / _run_id_on_disk(run))
 
 
 def set_aside(change: Change, run: RunDir, kept: Path) -> None:
@@ -33,19 +32,13 @@ def set_aside(change: Change, run: RunDir, kept: Path) -> None:
 
 
 def _run_id_on_disk(run: RunDir) -> str:
-    """The run id its JSON files record, or a time stamp when none is readable."""
+    """The run id its JSON files record, or a time stamp when none is readable or usable as a
+    folder name (this is where a run id becomes a path: paths.is_run_id says which can)."""
     for path in (run.train_state, run.history, run.config):
         try:
             run_id = json.loads(path.read_text()).get("run_id")
         except (OSError, ValueError, AttributeError, RecursionError):
             continue
-        if isinstance(run_id, str) and run_id.isalnum():
+        if is_run_id(run_id):
             return run_id
-    return "unknown-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-
-
-def _unused_folder(path: Path) -> Path:
-    candidate, number = path, 2
-    while candidate.exists():
-        candidate, number = path.with_name(f"{path.name}-{number}"), number + 1
-    return candidate
+    return unknown_run_name()

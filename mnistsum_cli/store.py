@@ -8,18 +8,24 @@ the journal goes. A kill, a full disk or Ctrl-C therefore leaves the folder as i
 the journal appeared or, once it is there, as it will be after: the next command that takes
 the lock finishes the renames and removes every temporary file. Readers never wait for a
 writer's long run: they read between commits and retry when a commit overlapped (a seqlock on a
-generation file each commit replaces). docs/reliability.md tells the whole story.
+generation file each commit replaces). What a folder holds is data, never an instruction: a
+journal runs only when each of its entries is one a commit of that folder writes, and nothing
+is opened, renamed or removed through a link (the threat model in docs/reliability.md, which
+tells the whole story).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import stat
 import threading
 import time
 from contextlib import contextmanager
@@ -27,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
 from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.paths import KEPT_NAME, DataDir, RunDir, unknown_run_name
+from mnistsum_cli.report import notice
 
 LOCK = ".mnistsum-lock"
 JOURNAL = ".mnistsum-journal.json"
@@ -34,10 +42,13 @@ GENERATION = ".mnistsum-generation"
 TEMP_PREFIX = ".mnistsum-tmp."  # every temporary file or folder, removed by the next writer
 READ_WAIT_SECONDS = 10.0  # how long a reader waits for a commit in progress (commits take milliseconds)
 INSTALL, MOVE = "install", "move"
+MAX_JOURNAL_BYTES = 1 << 20  # a journal names a few renames: one this large is not one
+OLD_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.(?:tmp|old)")  # see _old_temporary
+BLOCKED_PREFIX = ".mnistsum-blocked."  # what stood in the way of a rename, set aside (never removed)
 
 Result = TypeVar("Result")
 
-_held: dict[Path, int] = {}  # folders this process holds the lock of -> the lock file's descriptor
+_held: dict[tuple[int, int], int] = {}  # folders this process holds the lock of (_identity) -> the lock's descriptor
 
 
 class FolderInUse(MnistsumError):
@@ -53,23 +64,246 @@ def folder_error(folder: Path, error: OSError, after: str = "nothing was changed
     return MnistsumError(f"cannot write {folder}/: {cause}; {after}")
 
 
+class _StepFailed(Exception):
+    """A rename of a journal failed: which entry (1-based), and the OSError."""
+
+    def __init__(self, index: int, entry: list[str], error: OSError) -> None:
+        super().__init__(index, entry, error)
+        self.index, self.entry, self.error = index, entry, error
+
+    def describe(self) -> str:
+        kind, source, target = self.entry
+        cause = self.error.strerror or str(self.error)
+        return f"entry {self.index}, {kind} {source} -> {target}: {cause}"
+
+
+# --------------------------------------------------------------------------- the names a commit may touch
+
+
+@functools.cache
+def _run_file_names() -> frozenset[str]:
+    """What a move may take into previous/<run id>/: a run's files, as paths.py declares them."""
+    return frozenset(path.name for path in RunDir(Path()).run_files())
+
+
+@functools.cache
+def _installable_names() -> frozenset[str]:
+    """What an install may replace: the files paths.py declares for a run or a dataset, and the
+    store's own generation file."""
+    return _run_file_names() | {path.name for path in DataDir(Path()).files()} | {GENERATION}
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and "/" not in name and "\0" not in name
+
+
+def _lstat(path: Path) -> Optional[os.stat_result]:
+    """The entry `path` names itself (a link, not what it points to), or None when there is none."""
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
+    """What makes `entry` one that no commit of `folder` writes, or None: an install takes a
+    temporary file or folder of `folder` itself onto a name paths.py declares; a move takes such
+    a name into previous/<kept run>/ under the same name, through real folders only (no link
+    anywhere: a link could lead the rename out of `folder`)."""
+    if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(part, str) for part in entry)):
+        return "not a [kind, source, target] of names"
+    kind, source, target = entry
+    if kind == INSTALL:
+        if not _is_temporary(source):
+            return f"installs from {source!r}, not a temporary file of the folder"
+        if target not in _installable_names():
+            return f"installs onto {target!r}, not a file mnistsum writes there"
+        staged = _lstat(folder / source)
+        if staged is not None and stat.S_ISLNK(staged.st_mode):
+            return f"installs {source}, a symbolic link"
+        return None
+    if kind != MOVE:
+        return f"{kind!r} is neither {INSTALL!r} nor {MOVE!r}"
+    parts = target.split("/")
+    previous = RunDir(Path()).previous.name
+    if source not in _run_file_names() or len(parts) != 3 or parts[0] != previous or parts[2] != source:
+        return f"moves {source!r} to {target!r}, not a run file to {previous}/<run id>/ under its name"
+    if _leaves(parts[1]):
+        return f"moves {source} to {target!r}, out of {previous}/"
+    for depth in (1, 2):
+        found = _lstat(folder.joinpath(*parts[:depth]))
+        if found is not None and not stat.S_ISDIR(found.st_mode):
+            what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
+            return f"moves {source} into {'/'.join(parts[:depth])}/, which is {what}"
+    if not KEPT_NAME.fullmatch(parts[1]):
+        return f"moves {source} into {previous}/{parts[1]!r}/, a name mnistsum does not make"
+    return None
+
+
+def _leaves(name: str) -> bool:
+    """Whether the path component `name` would not name an entry of its folder."""
+    return name in ("", ".", "..") or "\0" in name
+
+
+def _first_problem(folder: Path, operations: list[Any]) -> Optional[str]:
+    """ "entry N <what is wrong>" for the first entry no commit of `folder` writes, or None."""
+    for index, entry in enumerate(operations, 1):
+        problem = _entry_problem(folder, entry)
+        if problem is not None:
+            return f"entry {index} {problem}"
+    return None
+
+
+def _journal_refused(folder: Path, why: str) -> MnistsumError:
+    return MnistsumError(
+        f"{folder}/{JOURNAL} is not a journal mnistsum writes ({why}): nothing of it was applied; "
+        "if you did not put it there, remove it and run the command again"
+    )
+
+
+def _renamed_runs(folder: Path, operations: list[Any]) -> tuple[list[Any], dict[str, str]]:
+    """`operations` with each kept-run folder whose name mnistsum does not make (a run id of 300
+    letters from an older version: the file system refuses it) replaced by a fresh
+    previous/unknown-<time>/, and what was renamed. Any other entry stays as it is."""
+    renamed: dict[str, str] = {}
+    previous = RunDir(folder).previous
+    fixed = []
+    for entry in operations:
+        if isinstance(entry, list) and len(entry) == 3 and entry[0] == MOVE and isinstance(entry[2], str):
+            parts = entry[2].split("/")
+            if len(parts) == 3 and not _leaves(parts[1]) and not KEPT_NAME.fullmatch(parts[1]):
+                if parts[1] not in renamed:
+                    renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
+                entry = [MOVE, entry[1], "/".join([parts[0], renamed[parts[1]], parts[2]])]
+        fixed.append(entry)
+    return fixed, renamed
+
+
+def unused(path: Path, taken: frozenset[str] | set[str] = frozenset()) -> Path:
+    """`path`, or path-2, path-3...: the first that no entry holds (a dangling link counts) and
+    that is not in `taken`."""
+    candidate, number = path, 2
+    while _lstat(candidate) is not None or candidate.name in taken:
+        candidate, number = path.with_name(f"{path.name}-{number}"), number + 1
+    return candidate
+
+
 # --------------------------------------------------------------------------- the lock
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    """Which folder `folder` is, however it is reached (a link to it, another spelling)."""
+    found = os.stat(folder)
+    return found.st_dev, found.st_ino
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; the ones this call created, outermost first."""
+    missing = []
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    made: list[Path] = []
+    try:
+        for path in reversed(missing):
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # another process made it first: it is not ours to remove
+                continue
+            made.append(path)
+    except OSError:
+        _remove_made(folder, made)
+        raise
+    return made
+
+
+def _remove_made(folder: Path, made: list[Path]) -> None:
+    """Remove the folders a failed command created, as long as they hold nothing but the lock:
+    a refused command leaves nothing behind. A folder another process has started to use
+    (its own lock file, a file) is not empty, and stays."""
+    try:
+        if made and os.listdir(folder) == [LOCK]:
+            os.unlink(folder / LOCK)
+        for path in reversed(made):
+            os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _open_lock(folder: Path, flags: int) -> int:
+    """The lock file's descriptor, never through a link, and only a regular file."""
+    path = folder / LOCK
+
+    def refused(what: str) -> MnistsumError:
+        return MnistsumError(f"{path} is {what}: nothing was changed; remove it to use {folder}/")
+
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EISDIR):
+            what = "a symbolic link, which mnistsum never makes" if error.errno == errno.ELOOP else "a folder"
+            raise refused(what) from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise refused("not a regular file")
+    return descriptor
 
 
 @contextmanager
 def folder_lock(folder: Path, command: str, option: str, create: bool = True) -> Iterator[None]:
     """Hold `folder`'s writer lock for the block, creating the folder when needed (a folder that
-    does not exist is not created, nor locked, unless `create`); finish or undo what a killed
+    does not exist is not created, nor locked, unless `create`; one this call created is removed
+    again when the block fails before writing anything into it); finish or undo what a killed
     writer left first. Re-entrant within a process (`run` holds the locks its stages take
-    again). `option` is the flag that picks another folder, for the message."""
+    again), whichever path reaches the folder. `option` is the flag that picks another folder,
+    for the message."""
     folder = Path(folder)
-    key = Path(os.path.abspath(folder))
-    if key in _held or not (create or folder.is_dir()):
+    if not (create or folder.is_dir()):
         yield
         return
+    for _ in range(100):  # again only when a failing command removed the folder it had made
+        try:
+            made = _make_folder(folder) if create else []
+            key = _identity(folder)
+        except OSError as error:
+            raise folder_error(folder, error) from None
+        if key in _held:
+            yield
+            return
+        try:
+            descriptor = _locked(folder, option)
+        except BaseException:
+            _remove_made(folder, made)
+            raise
+        if descriptor is not None:
+            break
+    else:
+        raise MnistsumError(f"{folder}/ keeps disappearing while it is locked; nothing was changed")
+    _held[key] = descriptor
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()} {command}\n".encode(), 0)
+        except OSError as error:
+            raise folder_error(folder, error) from None
+        recover(folder)
+        yield
+    except BaseException:
+        _remove_made(folder, made)  # still under the lock: no other writer is in the folder
+        raise
+    finally:
+        del _held[key]
+        os.close(descriptor)  # releases the flock
+
+
+def _locked(folder: Path, option: str) -> Optional[int]:
+    """Take the lock of `folder` (or say who holds it): the descriptor of the locked file, or
+    None when the lock file was removed between our open and our flock (a command that made the
+    folder and failed removes both): that locks nothing."""
+    try:
+        descriptor = _open_lock(folder, os.O_RDWR | os.O_CREAT)
     except OSError as error:
         raise folder_error(folder, error) from None
     try:
@@ -84,26 +318,19 @@ def folder_lock(folder: Path, command: str, option: str, create: bool = True) ->
         raise FolderInUse(
             f"{folder}/ is in use by mnistsum {held_by} (pid {pid}); wait for it or use another {option}"
         ) from None
-    _held[key] = descriptor
-    try:
-        try:
-            os.ftruncate(descriptor, 0)
-            os.pwrite(descriptor, f"{os.getpid()} {command}\n".encode(), 0)
-            recover(folder)
-        except OSError as error:
-            raise folder_error(folder, error) from None
-        yield
-    finally:
-        del _held[key]
-        os.close(descriptor)  # releases the flock
+    on_disk, opened = _lstat(folder / LOCK), os.fstat(descriptor)
+    if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino):
+        return descriptor
+    os.close(descriptor)
+    return None
 
 
 def _locked_elsewhere(folder: Path) -> bool:
     """Whether a live process holds `folder`'s lock (without taking it)."""
     try:
-        descriptor = os.open(folder / LOCK, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
+        descriptor = _open_lock(folder, os.O_RDONLY)
+    except (OSError, MnistsumError):
+        return False  # no lock file, or one no writer can hold: folder_lock says which
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -113,23 +340,120 @@ def _locked_elsewhere(folder: Path) -> bool:
         os.close(descriptor)
 
 
+# --------------------------------------------------------------------------- recovery
+
+
+def _read_journal(folder: Path) -> Optional[list[Any]]:
+    """The operations of the journal in `folder`, or None when there is none. One that is a link,
+    not a regular file, too large or not a journal's JSON is refused (one line)."""
+    try:
+        descriptor = os.open(folder / JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _journal_refused(folder, "a symbolic link") from None
+        raise
+    try:
+        found = os.fstat(descriptor)
+        if not stat.S_ISREG(found.st_mode):
+            raise _journal_refused(folder, "not a regular file")
+        if found.st_size > MAX_JOURNAL_BYTES:
+            raise _journal_refused(folder, f"{found.st_size} bytes")
+        data = os.read(descriptor, MAX_JOURNAL_BYTES + 1)
+    finally:
+        os.close(descriptor)
+    try:
+        operations = json.loads(data)["operations"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise _journal_refused(folder, "not a journal's JSON") from None
+    if not isinstance(operations, list):
+        raise _journal_refused(folder, "not a journal's JSON")
+    return operations
+
+
 def recover(folder: Path) -> None:
     """Under the lock: finish the commit a killed writer left (its journal), then remove every
-    temporary file and folder."""
-    journal = folder / JOURNAL
-    if journal.exists():
-        try:
-            operations = json.loads(journal.read_text())["operations"]
-        except (ValueError, KeyError, TypeError):
-            operations = []  # cannot happen (the journal is renamed in whole); nothing to finish
-        _apply(folder, operations)
-        _fsync_folder(folder)
-        journal.unlink()
-    for leftover in folder.glob(TEMP_PREFIX + "*"):
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    temporary file and folder. The whole journal is checked first: one with an entry that no
+    commit of this folder writes (a name outside it, a link on the way) is refused, whole, and
+    left in place; a kept-run folder name mnistsum does not make (a 300-letter run id an older
+    version took as it was: the file system refuses it) gets a fresh one, and a folder where a
+    file goes (or a file where a folder goes) is set aside as .mnistsum-blocked.<token>.<name>,
+    each said in a note: neither stops the change, and neither loses a file."""
+    try:
+        operations = _read_journal(folder)
+        if operations is not None:
+            operations, renamed = _renamed_runs(folder, operations)
+            problem = _first_problem(folder, operations)
+            if problem is not None:
+                raise _journal_refused(folder, problem)
+            if renamed:
+                _rewrite_journal(folder, operations)
+                for old, new in renamed.items():
+                    notice(
+                        f"{folder}/: the interrupted change keeps a run in previous/{old[:40]!r}..., a name "
+                        f"mnistsum does not make: it goes to previous/{new}/ instead"
+                    )
+            _apply(folder, operations)
+            _fsync_folder(folder)
+            (folder / JOURNAL).unlink()
+    except _StepFailed as failed:
+        raise MnistsumError(
+            f"cannot finish the change recorded in {folder}/{JOURNAL} ({failed.describe()}): it stays recorded, "
+            f"nothing of it is lost; fix the cause, then any mnistsum command that writes {folder}/ finishes it"
+        ) from None
+    except OSError as error:
+        raise MnistsumError(
+            f"cannot finish the change recorded in {folder}/{JOURNAL} ({error.strerror or error}): it stays "
+            f"recorded; fix the cause, then any mnistsum command that writes {folder}/ finishes it"
+        ) from None
+    _remove_temporaries(folder)
+
+
+def _rewrite_journal(folder: Path, operations: list[Any]) -> None:
+    """Replace the journal by `operations`, in one rename (a kill leaves the old or the new)."""
+    staged = folder / f"{TEMP_PREFIX}{secrets.token_hex(4)}.journal"
+    write_file(staged, json_bytes({"operations": operations}))
+    os.replace(staged, folder / JOURNAL)
+    _fsync_folder(folder)
+
+
+def _old_temporary(name: str) -> bool:
+    """A temporary name of mnistsum before the store: .<artifact>.<8 random>.tmp (tempfile's
+    mkstemp and mkdtemp beside each file, the plots' staging folder) and .plots.<8 hex>.old (the
+    plots folder it replaced)."""
+    match = OLD_TEMPORARY.fullmatch(name)
+    return match is not None and match.group(1) in _installable_names()
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Remove every temporary file and folder directly in `folder`, never through a link (a
+    linked temporary is removed as a link). One that cannot be removed now is left for the next
+    writer: it holds nothing of the folder's."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(TEMP_PREFIX):
+            _remove(folder / name)
+        elif _old_temporary(name):
+            found = _lstat(folder / name)
+            if found is not None and (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)):
+                _remove(folder / name)
+
+
+def _remove(path: Path) -> None:
+    """Remove `path` itself: a real folder with all it holds (links in it are removed, not
+    followed), anything else (a link included) by unlinking it."""
+    found = _lstat(path)
+    try:
+        if found is not None and stat.S_ISDIR(found.st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        elif found is not None:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- commits
@@ -197,10 +521,7 @@ def commit(folder: Path, command: str = "write", option: str = "folder") -> Iter
 def _remove_staged(change: Change) -> None:
     """Remove what a change that failed before its journal staged."""
     for leftover in change.folder.glob(f"{TEMP_PREFIX}{change.token}.*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        _remove(leftover)
 
 
 def _commit(change: Change) -> None:
@@ -208,6 +529,9 @@ def _commit(change: Change) -> None:
     generation = change._temporary()
     write_file(generation, change.token.encode())
     operations = change.operations + [[INSTALL, generation.name, GENERATION]]
+    problem = _first_problem(folder, operations)  # what the next writer would refuse is never journaled
+    if problem is not None:
+        raise MnistsumError(f"cannot write {folder}/ ({problem}); nothing was changed")
     staged_journal = change._temporary()
     write_file(staged_journal, json_bytes({"operations": operations}))
     with interrupts_deferred():
@@ -217,27 +541,85 @@ def _commit(change: Change) -> None:
         try:
             _apply(folder, operations)
             _fsync_folder(folder)
-        except OSError as error:
+        except (_StepFailed, OSError) as error:
+            cause = error.error if isinstance(error, _StepFailed) else error
             raise folder_error(
-                folder, error, f"the change is recorded and the next mnistsum command that writes {folder}/ finishes it"
+                folder, cause, f"the change is recorded and the next mnistsum command that writes {folder}/ finishes it"
             ) from None
         (folder / JOURNAL).unlink()
 
 
 def _apply(folder: Path, operations: list[list[str]]) -> None:
-    """Run a journal's renames; each one is skipped when already done, so running them again
-    after a kill finishes the change. An install replaces its target (a folder target is first
-    renamed to a temporary name); a move goes to a name that did not exist."""
-    for kind, source_name, target_name in operations:
-        source, target = folder / source_name, folder / target_name
-        if not source.exists() or (kind == MOVE and target.exists()):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if kind == INSTALL and source.is_dir() and target.exists():
-            os.rename(target, folder / f"{TEMP_PREFIX}{secrets.token_hex(4)}.replaced")
-        os.replace(source, target)
-    for old in folder.glob(TEMP_PREFIX + "*.replaced"):
-        shutil.rmtree(old, ignore_errors=True)
+    """Run a journal's renames (checked by _entry_problem); each one is skipped when already
+    done, so running them again after a kill finishes the change. An install replaces its
+    target (a folder target is first renamed to a temporary name); a move goes to a name that
+    did not exist. A failed rename is _StepFailed, naming its entry."""
+    for index, entry in enumerate(operations, 1):
+        kind, source, target = entry
+        try:
+            if kind == INSTALL:
+                _install(folder, source, target)
+            else:
+                _move(folder, source, target)
+        except OSError as error:
+            raise _StepFailed(index, entry, error) from None
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX) and name.endswith(".replaced"):
+            _remove(folder / name)
+
+
+def _install(folder: Path, source_name: str, target_name: str) -> None:
+    """Rename the staged `source_name` onto `target_name`, both directly in `folder` (a rename
+    replaces a link itself, never what it points to). What stands in the way and is not the
+    same kind (a folder where a file goes, a file where the plots folder goes) is set aside,
+    not destroyed."""
+    source, target = folder / source_name, folder / target_name
+    staged, present = _lstat(source), _lstat(target)
+    if staged is None:
+        return  # installed already
+    if present is not None:
+        folder_in, folder_out = stat.S_ISDIR(staged.st_mode), stat.S_ISDIR(present.st_mode)
+        if folder_in and (folder_out or stat.S_ISLNK(present.st_mode)):
+            os.rename(target, folder / f"{TEMP_PREFIX}{secrets.token_hex(4)}.replaced")  # the old plots go
+        elif folder_in or folder_out:
+            blocked = folder / f"{BLOCKED_PREFIX}{secrets.token_hex(4)}.{target_name}"
+            os.rename(target, blocked)
+            notice(f"{target} was in the way of the change (a {'folder' if folder_out else 'file'}): kept as {blocked}")
+    os.replace(source, target)
+
+
+def _move(folder: Path, source_name: str, target: str) -> None:
+    """Rename `source_name` (directly in `folder`) to previous/<kept>/<name>, creating those two
+    folders, each opened without following a link, so the rename cannot leave `folder`."""
+    previous, kept, name = target.split("/")
+    root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _lstat(folder / source_name) is None:
+            return  # moved already
+        with _subfolder(root, previous) as previous_fd, _subfolder(previous_fd, kept) as kept_fd:
+            try:
+                os.stat(name, dir_fd=kept_fd, follow_symlinks=False)
+                return  # the target exists: moved already (a move goes to a name that did not exist)
+            except FileNotFoundError:
+                pass
+            os.rename(source_name, name, src_dir_fd=root, dst_dir_fd=kept_fd)
+    finally:
+        os.close(root)
+
+
+@contextmanager
+def _subfolder(parent: int, name: str) -> Iterator[int]:
+    """The folder `name` in the folder open as `parent` (made when missing), opened without
+    following a link: a link there fails (ELOOP/ENOTDIR) instead of leading elsewhere."""
+    try:
+        os.mkdir(name, 0o777, dir_fd=parent)
+    except FileExistsError:
+        pass
+    descriptor = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 def write_file(path: Path, data: bytes) -> None:
@@ -294,7 +676,18 @@ def write_json(path: Path, data: Any) -> None:
 def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
     """`read()`, which reads files of `folder`, rerun until no commit overlapped it (the
     generation before and after is the same and no journal was there), so that it sees one
-    commit's files, never a mix. A journal whose writer died is finished first (under the lock)."""
+    commit's files, never a mix. A journal whose writer died is finished first (under the lock,
+    after the checks of recover: a journal no commit writes is refused in one line).
+
+    Why that suffices (a seqlock): a commit puts its journal in place (time J), renames the
+    files, installs its new generation (G) and removes the journal (D), J < renames < G < D. Each
+    check below (_generation) looks for the journal first (time j) and reads the generation
+    after (time g). Say a commit renamed a file during read(). The opening check found no journal
+    at j1, before that rename, so j1 < J; the closing check found none at j2 after the rename,
+    so D < j2 < g2: the closing generation is this commit's or a later one's, never the one read
+    at g1 < the rename < G, and read() runs again. Read in the other order, the closing
+    generation could come from just before G and the journal be looked for just after D: both
+    checks pass over a mix of two commits."""
     folder = Path(folder)
     deadline = time.monotonic() + READ_WAIT_SECONDS
     while True:
@@ -316,18 +709,29 @@ def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
 
 def _generation(folder: Path) -> Optional[bytes]:
     """The last commit's token (b"" before any), or None while a commit is unfinished. The
-    generation is read before the journal is looked for: see read_consistently."""
+    journal is looked for before the generation is read: see read_consistently."""
+    if os.path.lexists(folder / JOURNAL):
+        return None
+    return _generation_token(folder)
+
+
+def _generation_token(folder: Path) -> bytes:
+    """What the generation file holds (a few bytes), never through a link nor from anything but
+    a regular file (b"" then, and before the first commit)."""
     try:
-        generation = (folder / GENERATION).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        generation = b""
-    return None if (folder / JOURNAL).exists() else generation
+        descriptor = os.open(folder / GENERATION, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        return os.read(descriptor, 64) if stat.S_ISREG(os.fstat(descriptor).st_mode) else b""
+    finally:
+        os.close(descriptor)
 
 
 def _settle(folder: Path, deadline: float) -> None:
     """A journal is there: wait while its writer is alive, else finish its commit."""
     try:
-        if Path(os.path.abspath(folder)) in _held:
+        if _identity(folder) in _held:
             recover(folder)
             return
         if not _locked_elsewhere(folder):

@@ -291,13 +291,13 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
     real_write, real_rename, real_replace = mnistsum_cli.store.write_file, os.rename, os.replace
 
     def counted(kind, real):
-        def call(*args):
+        def call(*args, **kwargs):
             steps.append(kind)
             if len(steps) == step:
                 if kind == "write":
                     real(args[0], args[1][: len(args[1]) // 2])
                 raise Crash(kind)
-            return real(*args)
+            return real(*args, **kwargs)
 
         return call
 

@@ -144,14 +144,16 @@ def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient,
     png = drawn_seven(40)
     for name in ("loss.png", "unlisted.png"):
         (run.plots / name).write_bytes(png)
-    write_json(run.plots_manifest, {"inputs": {"model": sha}, "files": ["loss.png", "../config.json", "/etc/passwd"]})
+    run.plots_manifest.write_text(
+        json.dumps({"inputs": {"model": sha}, "files": ["loss.png", "../config.json", "/etc/passwd"]})
+    )
     card = client.get("/api/model").json()
     assert card["evaluations"] == {"test": {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0}}
     assert card["plots"] == ["/plots/loss.png"]
     response = client.get("/plots/loss.png")
     assert response.status_code == 200 and response.content == png and response.headers["content-type"] == "image/png"
     assert_refused(client.get("/plots/unlisted.png"), 404, "manifest")
-    write_json(run.plots_manifest, {"inputs": {"model": "another model"}, "files": ["loss.png"]})
+    run.plots_manifest.write_text(json.dumps({"inputs": {"model": "another model"}, "files": ["loss.png"]}))
     assert client.get("/api/model").json()["plots"] == []
     assert_refused(client.get("/plots/loss.png"), 404, "manifest")
 
@@ -174,7 +176,7 @@ def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient,
 )
 def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str) -> None:
     run.plots.mkdir()
-    write_json(run.plots_manifest, {"inputs": {"model": fingerprint_file(run.model)}, "files": ["loss.png"]})
+    run.plots_manifest.write_text(json.dumps({"inputs": {"model": fingerprint_file(run.model)}, "files": ["loss.png"]}))
     response = client.get(path)
     assert response.status_code == 404, (path, response.status_code)
     assert response.json() == {"error": "not found"} or "manifest" in response.json()["error"]

@@ -45,12 +45,12 @@ def contents(folder: Path) -> dict[str, str]:
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_a_failed_change_keeps_every_previous_file_and_leaves_no_temp(tmp_path: Path, error: BaseException) -> None:
     with commit(tmp_path) as change:
-        change.write_json("a.json", {"version": 1})
-        change.write_json("b.json", {"version": 1})
+        change.write_json("train_state.json", {"version": 1})
+        change.write_json("history.json", {"version": 1})
     before = contents(tmp_path)
     with pytest.raises(type(error)):
         with commit(tmp_path) as change:
-            change.write_json("a.json", {"version": 2})
+            change.write_json("train_state.json", {"version": 2})
             raise error
     assert contents(tmp_path) == before
     assert leftovers(tmp_path) == []
@@ -66,15 +66,15 @@ def test_a_full_disk_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: 
     with pytest.raises(
         MnistsumError, match=rf"cannot write {tmp_path / 'sub'}/: No space left on device; nothing was changed"
     ):
-        write_json(tmp_path / "sub" / "new.json", {"x": 1})
-    assert not (tmp_path / "sub" / "new.json").exists()
+        write_json(tmp_path / "sub" / "config.json", {"x": 1})
+    assert not (tmp_path / "sub" / "config.json").exists()
 
 
 def test_a_change_replaces_files_and_bumps_the_generation(tmp_path: Path) -> None:
-    write_json(tmp_path / "thing.json", {"v": 1})
+    write_json(tmp_path / "config.json", {"v": 1})
     first = (tmp_path / GENERATION).read_bytes()
-    write_json(tmp_path / "thing.json", {"v": 2})
-    assert json.loads((tmp_path / "thing.json").read_text()) == {"v": 2}
+    write_json(tmp_path / "config.json", {"v": 2})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"v": 2}
     assert (tmp_path / GENERATION).read_bytes() != first
     assert leftovers(tmp_path) == []
 
@@ -83,15 +83,15 @@ def test_new_files_and_folders_get_the_usual_modes(tmp_path: Path) -> None:
     """Temporary files are not 0600 nor folders 0700: what the tool makes follows the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    (tmp_path / "old.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_text("{}")
     with commit(tmp_path) as change:
-        change.write_json("a.json", {"x": 1})
+        change.write_json("train_state.json", {"x": 1})
         staged = change.folder_of("plots")
         from mnistsum_cli.store import write_file
 
         write_file(staged / "p.png", b"png")
-        change.move(tmp_path / "old.json", tmp_path / "previous" / "run1" / "old.json")
-    for name in ("a.json", "plots/p.png", "previous/run1/old.json"):
+        change.move(tmp_path / "model.safetensors", tmp_path / "previous" / "run1" / "model.safetensors")
+    for name in ("train_state.json", "plots/p.png", "previous/run1/model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     for name in ("plots", "previous", "previous/run1"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o777 & ~umask, name
@@ -114,14 +114,14 @@ def test_read_json_errors_name_the_stage(tmp_path: Path) -> None:
 def _change(folder: Path, version: int) -> None:
     """Two files replaced, a folder replaced, a file moved to a fresh name: every kind of step."""
     with commit(folder) as change:
-        if (folder / "kept.txt").exists():
-            change.move(folder / "kept.txt", folder / "previous" / f"v{version}" / "kept.txt")
-        change.write(folder / "a.txt", f"a{version}".encode())
-        change.write(folder / "b.txt", f"b{version}".encode())
+        if (folder / "model.safetensors").exists():
+            change.move(folder / "model.safetensors", folder / "previous" / f"v{version}" / "model.safetensors")
+        change.write(folder / "train_state.json", f"a{version}".encode())
+        change.write(folder / "history.json", f"b{version}".encode())
         from mnistsum_cli.store import write_file
 
         staged = change.folder_of(folder / "plots")
-        write_file(staged / "p.txt", f"p{version}".encode())
+        write_file(staged / "loss.png", f"p{version}".encode())
 
 
 def test_a_crash_at_any_step_leaves_before_or_after(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,9 +129,9 @@ def test_a_crash_at_any_step_leaves_before_or_after(tmp_path: Path, monkeypatch:
     lock the folder is as before or as after the change, with no temporary file left."""
     first = tmp_path / "first"
     first.mkdir()
-    (first / "kept.txt").write_text("keep me")
+    (first / "model.safetensors").write_text("keep me")
     _change(first, 1)
-    (first / "kept.txt").write_text("keep me too")
+    (first / "model.safetensors").write_text("keep me too")
     before = contents(first)
     reference = tmp_path / "reference"
     shutil.copytree(first, reference)
@@ -196,7 +196,7 @@ def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path: Path) -> None
 
 def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
     with folder_lock(tmp_path, "run", "--data"), folder_lock(tmp_path, "prepare", "--data"):
-        write_json(tmp_path / "x.json", {"x": 1})
+        write_json(tmp_path / "config.json", {"x": 1})
     assert (tmp_path / LOCK).read_text() == f"{os.getpid()} run\n"
 
 
@@ -204,44 +204,85 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
 
 
 def test_a_reader_retries_when_a_commit_overlaps_its_read(tmp_path: Path) -> None:
-    write_json(tmp_path / "a.json", 1)
-    write_json(tmp_path / "b.json", 1)
+    write_json(tmp_path / "train_state.json", 1)
+    write_json(tmp_path / "history.json", 1)
     reads = []
 
     def read() -> tuple[int, int]:
-        a = json.loads((tmp_path / "a.json").read_text())
+        a = json.loads((tmp_path / "train_state.json").read_text())
         if not reads:  # a writer commits between the reader's two files, once
             with commit(tmp_path) as change:
-                change.write_json("a.json", 2)
-                change.write_json("b.json", 2)
+                change.write_json("train_state.json", 2)
+                change.write_json("history.json", 2)
         reads.append(a)
-        return a, json.loads((tmp_path / "b.json").read_text())
+        return a, json.loads((tmp_path / "history.json").read_text())
 
     assert read_consistently(tmp_path, read) == (2, 2)
     assert len(reads) == 2
 
 
+def test_a_reader_never_accepts_a_commit_that_ends_between_its_closing_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bad interleaving, forced: read() sees the old train_state, then a commit installs the
+    new files (its journal still in place, its generation not yet), read() sees the new history;
+    the commit ends (generation installed, journal gone) right after the reader's closing check
+    read the generation. Looking for the journal first catches it; the other order accepts a mix."""
+    import mnistsum_cli.store
+
+    write_json(tmp_path / "train_state.json", 10)
+    write_json(tmp_path / "history.json", 10)
+    real_token = mnistsum_cli.store._generation_token
+    pending = []
+
+    def token_then_the_writer_finishes(folder: Path) -> bytes:
+        token = real_token(folder)
+        if pending:  # preempted here: the writer installs its generation and removes its journal
+            pending.clear()
+            with folder_lock(folder, "train", "--artifacts"):
+                pass
+        return token
+
+    def read() -> tuple[int, int]:
+        state = json.loads((tmp_path / "train_state.json").read_text())
+        if state == 10 and not pending:
+            with monkeypatch.context() as patch:
+                steps = crash_at(patch, 8)  # 4 writes, the journal in, 2 installs: crash at the generation
+                with pytest.raises(Crash):
+                    with commit(tmp_path) as change:
+                        change.write_json("train_state.json", 11)
+                        change.write_json("history.json", 11)
+            assert steps[-1] == "replace" and (tmp_path / JOURNAL).exists()
+            pending.append(True)
+        return state, json.loads((tmp_path / "history.json").read_text())
+
+    monkeypatch.setattr(mnistsum_cli.store, "_generation_token", token_then_the_writer_finishes)
+    assert read_consistently(tmp_path, read) == (11, 11)
+
+
 def test_a_reader_finishes_the_commit_of_a_killed_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_json(tmp_path / "a.json", 1)
+    write_json(tmp_path / "train_state.json", 1)
     with monkeypatch.context() as patch:
-        steps = crash_at(patch, 5)  # a.json, generation and journal staged, journal in place, crash at the first rename
+        steps = crash_at(
+            patch, 5
+        )  # train_state.json, generation and journal staged, journal in place, crash at the first rename
         with pytest.raises(Crash):
-            write_json(tmp_path / "a.json", 2)
+            write_json(tmp_path / "train_state.json", 2)
         assert steps == ["write", "write", "write", "replace", "replace"]
     assert (tmp_path / JOURNAL).exists()
-    assert read_consistently(tmp_path, lambda: json.loads((tmp_path / "a.json").read_text())) == 2
+    assert read_consistently(tmp_path, lambda: json.loads((tmp_path / "train_state.json").read_text())) == 2
     assert leftovers(tmp_path) == []
 
 
 def test_a_reader_waits_for_a_live_writer_then_reads(tmp_path: Path) -> None:
-    write_json(tmp_path / "a.json", 1)
+    write_json(tmp_path / "train_state.json", 1)
     holder = _hold_lock_in_another_process(tmp_path)
     (tmp_path / JOURNAL).write_text(json.dumps({"operations": []}))  # the holder is committing
     try:
         import threading
 
         threading.Timer(0.3, lambda: (tmp_path / JOURNAL).unlink()).start()  # the writer's commit ends
-        assert read_consistently(tmp_path, lambda: json.loads((tmp_path / "a.json").read_text())) == 1
+        assert read_consistently(tmp_path, lambda: json.loads((tmp_path / "train_state.json").read_text())) == 1
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

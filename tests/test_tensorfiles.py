@@ -129,7 +129,7 @@ def test_fuzz_read_safetensors_random_bytes(content: bytes) -> None:
 @given(cut=st.integers(0, 300), flips=st.lists(st.integers(0, 10**6), max_size=6))
 def test_fuzz_read_safetensors_damaged_file(cut: int, flips: list[int]) -> None:
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "valid.safetensors"
+        path = Path(folder) / "model.safetensors"
         write_safetensors(
             path,
             {"a.weight": torch.arange(24, dtype=torch.float32).reshape(4, 6), "a.count": torch.tensor(7)},

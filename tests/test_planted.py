@@ -1,0 +1,493 @@
+"""A folder someone else prepared (a shared drive, a downloaded run): a planted journal, lock,
+generation, temporary file or link can make no command touch a file outside the folder, nor
+lose a file inside it; what blocks a change is set aside, and what cannot be finished says
+why in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, leftovers, snapshot
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.paths import RunDir, is_run_id
+from mnistsum_cli.pipeline import CURRENT
+from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, FolderInUse, folder_lock, recover
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def outside(workdir: Path) -> Path:
+    """Files beside the artifacts folder that no command may change: outside/precious.txt, an
+    empty outside/victim/."""
+    folder = workdir / "outside"
+    (folder / "victim").mkdir(parents=True)
+    (folder / "precious.txt").write_bytes(b"precious\n")
+    (folder / "evil.txt").write_bytes(b"evil\n")
+    return folder
+
+
+def state_of(folder: Path) -> dict[str, tuple[bytes, int] | str]:
+    """Every entry under `folder`: a file's bytes and mtime, a folder or link as such (links not followed)."""
+    entries: dict[str, tuple[bytes, int] | str] = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_symlink():
+            entries[name] = f"link to {os.readlink(path)}"
+        elif path.is_dir():
+            entries[name] = "folder"
+        else:
+            entries[name] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return entries
+
+
+def plant_journal(folder: Path, operations: list) -> bytes:
+    data = json.dumps({"operations": operations}).encode()
+    (folder / JOURNAL).write_bytes(data)
+    return data
+
+
+def escaping_journal(outside: Path) -> list:
+    return [
+        ["install", "../outside/evil.txt", "../outside/precious.txt"],
+        ["move", str(outside / "precious.txt"), str(outside / "victim" / "stolen.txt")],
+    ]
+
+
+def serve_start(artifacts: Path) -> None:
+    """What `serve` does at start-up: read the run's model (store.read_consistently)."""
+    pytest.importorskip("starlette")
+    import torch
+
+    from mnistsum_cli.serve import ModelFollower
+
+    ModelFollower(RunDir(artifacts), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- a planted journal
+
+
+@pytest.mark.parametrize("command", ["status", "evaluate", "train", "serve"])
+def test_a_journal_naming_files_outside_is_refused_whole(workdir: Path, outside: Path, run_cli, command: str) -> None:
+    artifacts = workdir / "artifacts"
+    planted = plant_journal(artifacts, escaping_journal(outside))
+    before_outside, before = state_of(outside), snapshot(artifacts)
+    if command == "serve":
+        with pytest.raises(MnistsumError, match="is not a journal mnistsum writes") as caught:
+            serve_start(artifacts)
+        line = str(caught.value)
+    else:
+        args = {
+            "status": ["status"],
+            "evaluate": ["evaluate", "--cpu"],
+            "train": ["train", "--cpu", "--preset", "cpu", "--epochs", 1],
+        }
+        code, out, err = run_cli(*args[command])
+        assert code == 1, (out, err)
+        line = assert_one_line_error(err, out)
+    assert f"{JOURNAL} is not a journal mnistsum writes (entry 1 installs from '../outside/evil.txt'" in line, line
+    assert "nothing of it was applied" in line and "remove it" in line
+    assert state_of(outside) == before_outside, "nothing outside the folder changed"
+    assert sorted(p.name for p in workdir.iterdir()) == ["artifacts", "data", "outside"], "nothing made beside it"
+    assert snapshot(artifacts) == before and (artifacts / JOURNAL).read_bytes() == planted, "left alone"
+
+
+def test_a_journal_is_checked_whole_before_any_entry_runs(workdir: Path, outside: Path, run_cli) -> None:
+    """A first entry that a commit could write does not run when a later one is refused."""
+    artifacts = workdir / "artifacts"
+    (artifacts / f"{TEMP_PREFIX}dead.1").write_bytes(b"not a model")
+    plant_journal(
+        artifacts,
+        [
+            ["move", "model.safetensors", "previous/abc/model.safetensors"],
+            ["install", f"{TEMP_PREFIX}dead.1", "history.json"],
+            ["install", f"{TEMP_PREFIX}dead.1", "../outside/precious.txt"],
+        ],
+    )
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("status")
+    assert code == 1
+    assert "entry 3 installs onto '../outside/precious.txt'" in assert_one_line_error(err, out)
+    assert snapshot(artifacts) == before and not (artifacts / "previous").exists()
+    assert state_of(outside) == before_outside
+
+
+@pytest.mark.parametrize(
+    "entry, why",
+    [
+        (["install", ".mnistsum-tmp.x", "/etc/passwd"], "installs onto '/etc/passwd'"),
+        (["install", ".mnistsum-tmp.x/../../x", "model.safetensors"], "installs from '.mnistsum-tmp.x/../../x'"),
+        (["install", "model.safetensors", "history.json"], "installs from 'model.safetensors'"),
+        (["install", ".mnistsum-tmp.x", "plots/manifest.json"], "installs onto 'plots/manifest.json'"),
+        (["move", "model.safetensors", "previous/../model.safetensors"], "out of previous/"),
+        (["move", "model.safetensors", "previous/a/b/model.safetensors"], "not a run file to previous/<run id>/"),
+        (["move", "model.safetensors", "previous/a/history.json"], "not a run file to previous/<run id>/"),
+        (["move", "../x", "previous/a/x"], "moves '../x'"),
+        (["rename", "a", "b"], "'rename' is neither"),
+        (["install", ".mnistsum-tmp.x"], "not a [kind, source, target]"),
+    ],
+)
+def test_each_kind_of_foreign_entry_is_refused(tmp_path: Path, entry: list, why: str) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"model")
+    plant_journal(tmp_path, [entry])
+    before = state_of(tmp_path)
+    with pytest.raises(MnistsumError, match="is not a journal mnistsum writes") as caught:
+        recover(tmp_path)
+    assert why in str(caught.value)
+    assert state_of(tmp_path) == before
+
+
+def test_runs_refuses_a_journal_planted_in_a_kept_run(workdir: Path, outside: Path, run_cli) -> None:
+    kept = workdir / "artifacts" / "previous" / "abc"
+    kept.mkdir(parents=True)
+    for name in ("history.json", "model.safetensors"):
+        (kept / name).write_bytes((workdir / "artifacts" / name).read_bytes())
+    plant_journal(kept, escaping_journal(outside))
+    before_outside = state_of(outside)
+    code, out, err = run_cli("runs", "--json")
+    assert code == 0, err
+    rows = {Path(row["folder"]).name: row for row in json.loads(out)}
+    assert "is not a journal mnistsum writes" in rows["abc"]["state"]
+    assert state_of(outside) == before_outside
+    assert (kept / JOURNAL).exists()
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_a_journal_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Path, run_cli, planted: str) -> None:
+    """A link to a journal elsewhere is not followed; a FIFO is not waited on."""
+    artifacts = workdir / "artifacts"
+    elsewhere = outside / "journal.json"
+    elsewhere.write_text(json.dumps({"operations": [["move", "model.safetensors", "previous/x/model.safetensors"]]}))
+    if planted == "link":
+        (artifacts / JOURNAL).symlink_to(elsewhere)
+    else:
+        os.mkfifo(artifacts / JOURNAL)
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnistsum_cli", "status"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    why = "a symbolic link" if planted == "link" else "not a regular file"
+    assert f"is not a journal mnistsum writes ({why})" in assert_one_line_error(result.stderr, result.stdout)
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+
+
+def test_a_generation_fifo_does_not_hang_a_reader(workdir: Path) -> None:
+    (workdir / "artifacts" / GENERATION).unlink()
+    os.mkfifo(workdir / "artifacts" / GENERATION)
+    result = subprocess.run(
+        [sys.executable, "-m", "mnistsum_cli", "status", "--json"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {stage["stage"]: stage["state"] for stage in json.loads(result.stdout)}["train"] == CURRENT
+
+
+# --------------------------------------------------------------------------- links inside the folder
+
+
+def test_a_previous_folder_linked_outside_is_never_moved_into(workdir: Path, outside: Path, run_cli) -> None:
+    """A planted journal moving into previous/ (a link to outside) is refused; so is a new run,
+    whose first commit would set the previous run aside there."""
+    artifacts = workdir / "artifacts"
+    (artifacts / "previous").symlink_to(outside / "victim")
+    plant_journal(artifacts, [["move", "model.safetensors", "previous/abc/model.safetensors"]])
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("status")
+    assert code == 1
+    assert "moves model.safetensors into previous/, which is a symbolic link" in assert_one_line_error(err, out)
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+    (artifacts / JOURNAL).unlink()
+    before = snapshot(artifacts)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 5)
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "into previous/, which is a symbolic link); nothing was changed" in line, line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+    assert leftovers(artifacts) == []
+
+
+@pytest.mark.parametrize("planted", ["link", "fifo", "folder"])
+def test_a_lock_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Path, run_cli, planted: str) -> None:
+    artifacts = workdir / "artifacts"
+    (artifacts / LOCK).unlink()
+    if planted == "link":
+        (artifacts / LOCK).symlink_to(outside / "precious.txt")
+    elif planted == "fifo":
+        os.mkfifo(artifacts / LOCK)
+    else:
+        (artifacts / LOCK).mkdir()
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("evaluate", "--cpu")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{LOCK} is " in line and "remove it to use artifacts/" in line, line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+
+
+def test_linked_temporaries_are_removed_as_links(workdir: Path, outside: Path, run_cli) -> None:
+    artifacts = workdir / "artifacts"
+    (artifacts / f"{TEMP_PREFIX}dead.1").symlink_to(outside / "victim")
+    (artifacts / f"{TEMP_PREFIX}dead.2").symlink_to(outside / "precious.txt")
+    (outside / "victim" / "keep.txt").write_text("keep")
+    before_outside = state_of(outside)
+    code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
+    assert code == 0, err
+    assert leftovers(artifacts) == [] and state_of(outside) == before_outside
+
+
+# --------------------------------------------------------------------------- what blocks a change
+
+
+def _planted_epoch_commit(artifacts: Path, kept_name: str) -> dict[str, bytes]:
+    """What a writer of an older version left after its first epoch commit failed past the
+    commit point: the new run's files staged, a journal moving the previous run to
+    previous/<kept_name>/ first. Returns the previous run's files."""
+    previous = {name: (artifacts / name).read_bytes() for name in ("model.safetensors", "history.json")}
+    operations = []
+    for name in previous:
+        operations.append(["move", name, f"previous/{kept_name}/{name}"])
+    for number, name in enumerate(previous, 1):
+        (artifacts / f"{TEMP_PREFIX}old.{number}").write_bytes(f"new {name}".encode())
+        operations.append(["install", f"{TEMP_PREFIX}old.{number}", name])
+    plant_journal(artifacts, operations)
+    return previous
+
+
+def test_a_run_id_the_file_system_refuses_gets_a_fresh_folder(workdir: Path, run_cli) -> None:
+    artifacts = workdir / "artifacts"
+    previous = _planted_epoch_commit(artifacts, "a" * 300)
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    assert "a name mnistsum does not make: it goes to previous/unknown-" in err
+    (kept,) = (artifacts / "previous").iterdir()
+    assert kept.name.startswith("unknown-")
+    assert {name: (kept / name).read_bytes() for name in previous} == previous, "the previous run is whole"
+    assert (artifacts / "model.safetensors").read_bytes() == b"new model.safetensors"
+    assert leftovers(artifacts) == []
+
+
+def test_a_folder_where_a_file_goes_is_set_aside(workdir: Path, run_cli) -> None:
+    artifacts = workdir / "artifacts"
+    (artifacts / "config.json").unlink()
+    (artifacts / "config.json").mkdir()
+    (artifacts / "config.json" / "notes.txt").write_text("mine")
+    (artifacts / f"{TEMP_PREFIX}old.1").write_bytes(b"{}")
+    plant_journal(artifacts, [["install", f"{TEMP_PREFIX}old.1", "config.json"]])
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    (blocked,) = artifacts.glob(".mnistsum-blocked.*.config.json")
+    assert f"was in the way of the change (a folder): kept as {blocked.relative_to(workdir)}" in err
+    assert (blocked / "notes.txt").read_text() == "mine"
+    assert (artifacts / "config.json").read_bytes() == b"{}"
+    assert leftovers(artifacts) == []
+
+
+def test_a_long_run_id_on_disk_does_not_brick_a_new_run(workdir: Path, run_cli) -> None:
+    """A run id of 300 letters in train_state/history (hand-edited or planted) is not made a
+    folder name: the new run keeps the previous one in previous/unknown-<time>/ and trains."""
+    artifacts = workdir / "artifacts"
+    for name in ("train_state.json", "history.json", "config.json"):
+        data = json.loads((artifacts / name).read_text())
+        (artifacts / name).write_text(json.dumps({**data, "run_id": "a" * 300}))
+    previous = snapshot(artifacts)
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 5)
+    assert code == 0, err
+    (kept,) = (artifacts / "previous").iterdir()
+    assert kept.name.startswith("unknown-")
+    assert snapshot(kept) == previous, "the previous run is whole"
+    code, out, err = run_cli("status", "--json")
+    assert code == 0 and leftovers(artifacts) == []
+
+
+@pytest.mark.parametrize("run_id", ["a/b", "..", "a\0b", "a" * 65, "ünï", "", 7, None])
+def test_what_cannot_name_a_folder_is_no_run_id(run_id: object) -> None:
+    assert not is_run_id(run_id)
+
+
+def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import mnistsum_cli.store
+
+    artifacts = workdir / "artifacts"
+    previous = _planted_epoch_commit(artifacts, "abc")
+    real_rename = os.rename
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(mnistsum_cli.store.os, "rename", refused)
+    code, out, err = run_cli("status")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert (
+        f"cannot finish the change recorded in artifacts/{JOURNAL} (entry 1, move model.safetensors -> "
+        "previous/abc/model.safetensors: Input/output error): it stays recorded, nothing of it is lost" in line
+    ), line
+    assert "nothing was changed" not in line
+    monkeypatch.setattr(mnistsum_cli.store.os, "rename", real_rename)
+    code, out, err = run_cli("status")
+    assert code == 0, err
+    assert {name: (artifacts / "previous" / "abc" / name).read_bytes() for name in previous} == previous
+
+
+# --------------------------------------------------------------------------- temporaries of older versions
+
+
+def test_temporaries_of_older_versions_are_removed_but_not_through_links(workdir: Path, outside: Path, run_cli) -> None:
+    artifacts, data = workdir / "artifacts", workdir / "data"
+    (artifacts / ".model.safetensors.k3j_9x2a.tmp").write_bytes(b"half a model")
+    (artifacts / ".plots.ab12cd34.tmp").mkdir()
+    (artifacts / ".plots.ab12cd34.tmp" / "loss.png").write_bytes(b"png")
+    (artifacts / ".plots.0a1b2c3d.old").mkdir()
+    (data / ".train.parquet.zz00yy11.tmp").write_bytes(b"half a split")
+    (artifacts / ".history.json.abcd1234.tmp").symlink_to(outside / "precious.txt")
+    (artifacts / ".notes.abcd1234.tmp").write_text("not an artifact's name: not ours")
+    before_outside = state_of(outside)
+    code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
+    assert code == 0, err
+    with folder_lock(data, "test", "--data"):
+        pass
+    assert sorted(p.name for p in artifacts.glob(".*.tmp")) == [".history.json.abcd1234.tmp", ".notes.abcd1234.tmp"]
+    assert not (artifacts / ".plots.0a1b2c3d.old").exists()
+    assert not (data / ".train.parquet.zz00yy11.tmp").exists()
+    assert state_of(outside) == before_outside
+
+
+# --------------------------------------------------------------------------- locks
+
+
+def test_a_folder_reached_two_ways_is_one_lock(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    with folder_lock(tmp_path / "data", "run", "--data"), folder_lock(tmp_path / "link", "run", "--artifacts"):
+        with folder_lock(tmp_path / "data" / ".." / "link", "train", "--artifacts"):
+            pass
+    assert (tmp_path / "data" / LOCK).read_text() == f"{os.getpid()} run\n"
+
+
+def test_run_with_the_artifacts_a_link_to_the_data_folder(in_tmp: Path, fake_mnist: FakeMnist, run_cli) -> None:
+    (in_tmp / "data").mkdir()
+    (in_tmp / "link").symlink_to(in_tmp / "data")
+    code, out, err = run_cli(
+        "run", "--cpu", "--preset", "cpu", "--epochs", 1, "--val-size", VAL_SIZE, "--mnist-dir", fake_mnist.root,
+        "--data", "data", "--artifacts", "link",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (in_tmp / "data" / "model.safetensors").is_file() and (in_tmp / "data" / "train.parquet").is_file()
+
+
+def _prepare_held_open(data: Path, fake_mnist: FakeMnist, go: Path) -> subprocess.Popen:
+    """`mnistsum prepare --data DATA` in another process, stopped after it took its lock (while
+    it reads MNIST) until the file `go` appears."""
+    code = (
+        "import sys, time\nfrom pathlib import Path\nimport mnistsum_cli.mnist as mnist\nfrom mnistsum_cli.cli import main\n"
+        "real = mnist.load_mnist\n"
+        "def slow(source):\n"
+        "    print('locked', flush=True)\n"
+        f"    while not Path({str(go)!r}).exists():\n        time.sleep(0.02)\n"
+        "    return real(source)\n"
+        "mnist.load_mnist = slow\n"
+        f"main(['prepare', '--mnist-dir', {str(fake_mnist.root)!r}, '--val-size', '{VAL_SIZE}', '--seed', '1', "
+        f"'--data', {str(data)!r}])\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_prepares_into_a_new_folder(tmp_path: Path, fake_mnist: FakeMnist, run_cli) -> None:
+    """The second is refused at once, naming the first, though the folder did not exist when
+    the first started; the first writes its dataset."""
+    data, go = tmp_path / "new" / "data", tmp_path / "go"
+    first = _prepare_held_open(data, fake_mnist, go)
+    try:
+        assert first.stdout.readline().strip() == "locked", first.communicate()
+        code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--data", data)
+        assert code == 1
+        assert assert_one_line_error(err, out) == (
+            f"error: {data}/ is in use by mnistsum prepare (pid {first.pid}); wait for it or use another --data"
+        )
+        assert sorted(p.name for p in data.iterdir()) == [LOCK], "the second wrote nothing"
+        go.touch()
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, err
+    finally:
+        first.kill()
+        first.wait()
+    code, out, err = run_cli("status", "--json", "--data", data, "--artifacts", tmp_path / "artifacts")
+    assert {stage["stage"]: stage["state"] for stage in json.loads(out)}["prepare"] == CURRENT
+
+
+def test_a_refused_prepare_leaves_no_folder(tmp_path: Path, run_cli) -> None:
+    code, out, err = run_cli("prepare", "--mnist-dir", tmp_path / "no-mnist", "--data", tmp_path / "new" / "data")
+    assert code == 1
+    assert_one_line_error(err, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_writer_that_made_the_folder_removes_it_when_it_fails_before_writing(tmp_path: Path) -> None:
+    """A writer that created the folder and failed removes it only when it is empty but for its
+    lock; one that another process has begun to use stays."""
+    folder = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with folder_lock(folder, "prepare", "--data"):
+            raise RuntimeError("MNIST is missing")
+    assert not folder.exists()
+    with pytest.raises(RuntimeError):
+        with folder_lock(folder, "prepare", "--data"):
+            (folder / "train.parquet").write_bytes(b"written")
+            raise RuntimeError("later")
+    assert (folder / "train.parquet").exists()
+
+
+def test_a_held_lock_is_not_taken_through_another_spelling(tmp_path: Path) -> None:
+    """Another process holding the folder under its real name refuses us under a link's."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    code = (
+        "import time\nfrom pathlib import Path\nfrom mnistsum_cli.store import folder_lock\n"
+        f"with folder_lock(Path({str(tmp_path / 'data')!r}), 'train', '--artifacts'):\n"
+        "    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUse, match=f"pid {holder.pid}"):
+            with folder_lock(tmp_path / "link", "evaluate", "--artifacts"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_compare_names_its_figure_only_by_run_ids_that_can_name_a_file(tmp_path: Path) -> None:
+    """A planted history's run id ../../x does not lead `compare`'s figure out of compare/."""
+    from mnistsum_cli.runlist import RunEntry, compare_path
+
+    entries = [RunEntry(tmp_path, {"run_id": "../../../x"}), RunEntry(tmp_path, {"run_id": "0123456789abcdef"})]
+    assert compare_path(tmp_path / "artifacts", entries) == tmp_path / "artifacts" / "compare" / "run-01234567.png"
