@@ -22,14 +22,17 @@ DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stag
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
 MAX_RUN_ID = 64  # training makes 16 hex digits; a longer id is not one of its own
+# A run id names a folder (previous/<run id>/) and shows in tables: ASCII letters and digits, so
+# no separator, dot, NUL or rich markup can reach a path or a screen through it. The one rule:
+# is_run_id and the artifacts' schemas (schemas.RUN) both use it.
+RUN_ID = f"[A-Za-z0-9]{{1,{MAX_RUN_ID}}}"
 # previous/<name>/: a run id, or unknown-<time>, each maybe with -2, -3... (setaside.py names them)
-KEPT_NAME = re.compile(rf"[A-Za-z0-9]{{1,{MAX_RUN_ID}}}(-[A-Za-z0-9]{{1,{MAX_RUN_ID}}}){{0,2}}")
+KEPT_NAME = re.compile(rf"{RUN_ID}(-{RUN_ID}){{0,2}}")
 
 
 def is_run_id(value: object) -> bool:
-    """Whether `value` can name a kept run's folder previous/<run id>/: ASCII letters and digits,
-    at most MAX_RUN_ID of them (no separator, dot or NUL can reach a path through it)."""
-    return isinstance(value, str) and 0 < len(value) <= MAX_RUN_ID and value.isascii() and value.isalnum()
+    """Whether `value` can name a kept run's folder previous/<run id>/ (RUN_ID)."""
+    return isinstance(value, str) and re.fullmatch(RUN_ID, value) is not None
 
 
 def unknown_run_name() -> str:

@@ -28,7 +28,7 @@ from mnistsum_cli.config import (
     setting_fields,
 )
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, SPLITS
+from mnistsum_cli.paths import MAX_RUN_ID, MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, RUN_ID, SPLITS
 from mnistsum_cli.store import read_json
 
 
@@ -295,9 +295,7 @@ def _settings() -> Record:
 
 
 HEX = Str(pattern="[0-9a-f]{1,64}", pattern_text="hex string of 1-64 digits")  # a content hash
-# A run id names a folder (previous/<run id>/) and shows in tables: no separators, no markup, short.
-# `train` makes 16 hex digits; letters are allowed too, as set-aside accepts them.
-RUN = Str(pattern="[0-9A-Za-z]{1,64}", pattern_text="1-64 ASCII letters and digits")
+RUN = Str(pattern=RUN_ID, pattern_text=f"1-{MAX_RUN_ID} ASCII letters and digits")  # paths.RUN_ID says why
 EPOCH = Int(1, MAX_EPOCHS)
 LOSS = Float(0.0)  # cross-entropy
 SHARE = Float(0.0, 1.0)  # an accuracy, a probability
