@@ -25,14 +25,14 @@ MAX_RUN_ID = 64  # training makes 16 hex digits; a longer id is not one of its o
 # A run id names a folder (previous/<run id>/) and shows in tables: ASCII letters and digits, so
 # no separator, dot, NUL or rich markup can reach a path or a screen through it. The one rule:
 # is_run_id and the artifacts' schemas (schemas.RUN) both use it.
-RUN_ID = f"[A-Za-z0-9]{{1,{MAX_RUN_ID}}}"
+RUN_ID_PATTERN = f"[A-Za-z0-9]{{1,{MAX_RUN_ID}}}"
 # previous/<name>/: a run id, or unknown-<time>, each maybe with -2, -3... (setaside.py names them)
-KEPT_NAME = re.compile(rf"{RUN_ID}(-{RUN_ID}){{0,2}}")
+KEPT_NAME = re.compile(rf"{RUN_ID_PATTERN}(-{RUN_ID_PATTERN}){{0,2}}")
 
 
 def is_run_id(value: object) -> bool:
-    """Whether `value` can name a kept run's folder previous/<run id>/ (RUN_ID)."""
-    return isinstance(value, str) and re.fullmatch(RUN_ID, value) is not None
+    """Whether `value` can name a kept run's folder previous/<run id>/ (RUN_ID_PATTERN)."""
+    return isinstance(value, str) and re.fullmatch(RUN_ID_PATTERN, value) is not None
 
 
 def unknown_run_name() -> str:

@@ -28,7 +28,7 @@ from mnistsum_cli.config import (
     setting_fields,
 )
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import MAX_RUN_ID, MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, RUN_ID, SPLITS
+from mnistsum_cli.paths import MAX_RUN_ID, MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, RUN_ID_PATTERN, SPLITS
 from mnistsum_cli.store import read_json
 
 
@@ -295,7 +295,9 @@ def _settings() -> Record:
 
 
 HEX = Str(pattern="[0-9a-f]{1,64}", pattern_text="hex string of 1-64 digits")  # a content hash
-RUN = Str(pattern=RUN_ID, pattern_text=f"1-{MAX_RUN_ID} ASCII letters and digits")  # paths.RUN_ID says why
+RUN = Str(
+    pattern=RUN_ID_PATTERN, pattern_text=f"1-{MAX_RUN_ID} ASCII letters and digits"
+)  # paths.RUN_ID_PATTERN says why
 EPOCH = Int(1, MAX_EPOCHS)
 LOSS = Float(0.0)  # cross-entropy
 SHARE = Float(0.0, 1.0)  # an accuracy, a probability
