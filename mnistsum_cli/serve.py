@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
@@ -31,8 +33,8 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Match, Route
 from torch import nn
 
 from mnistsum_cli.checkpoint import load_model_bytes
@@ -50,6 +52,8 @@ INLINE_BODY = 64 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG")  # the decoders an upload may use
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")  # raw image bodies
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")  # --host values that listen on every address of the machine
+HOST_HEADER = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name[:port], [v6 address][:port]
 # On Ctrl-C, requests in progress get this long; then they are cancelled (an upload that stalls
 # must not hold the stop). A worker starts its own grace when the server has stopped.
 GRACE_SECONDS = 3
@@ -352,8 +356,9 @@ class Batches:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(follower: ModelFollower) -> "SecurityHeaders":
-    """The ASGI app of `serve`, answering with the follower's model."""
+def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders":
+    """The ASGI app of `serve`, answering with the follower's model the requests whose Host
+    header `hosts` knows."""
     run, device = follower.run, follower.device
     static = {
         path: (resources.files("mnistsum_cli").joinpath("static", name).read_bytes(), media)
@@ -419,9 +424,66 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
         Route("/healthz", healthz),
         Route("/plots/{name}", plot),
     ]
-    return SecurityHeaders(
-        Starlette(routes=routes, exception_handlers={Exception: refused, HTTPException: refused, RequestError: refused})
+
+    async def slash_redirect(scope: dict, receive: Callable, send: Callable) -> None:
+        """What Starlette's own slash redirect does (`/healthz/` -> `/healthz`), with a relative
+        Location: Starlette writes an absolute one from the Host header, which a client chooses."""
+        path = scope["path"]
+        toggled = path.rstrip("/") if path.endswith("/") else path + "/"
+        if path != "/" and any(route.matches({**scope, "path": toggled})[0] != Match.NONE for route in routes):
+            query = scope["query_string"].decode("latin-1")
+            await RedirectResponse(toggled + (f"?{query}" if query else ""))(scope, receive, send)
+            return
+        raise HTTPException(404)
+
+    app = Starlette(
+        routes=routes, exception_handlers={Exception: refused, HTTPException: refused, RequestError: refused}
     )
+    app.router.redirect_slashes, app.router.default = False, slash_redirect
+    return SecurityHeaders(hosts.guarding(app))
+
+
+class KnownHosts:
+    """The Host header names `serve` answers: the loopback names, and the --host it listens on
+    (with any port: an ssh tunnel or a port forward changes it). Others get a 400, so that a
+    page of another site cannot reach the server through a name of its own that it points at
+    127.0.0.1 (DNS rebinding). Listening on every address (0.0.0.0, ::), any IP address is
+    answered too, and the machine's own names: a browser sends an IP address as the Host only
+    when it went to that address itself, never for another site's page."""
+
+    def __init__(self, host: str) -> None:
+        self.any_address = host in ANY_ADDRESS
+        names = {*LOOPBACK, host, *((socket.gethostname(), socket.getfqdn()) if self.any_address else ())}
+        self.names = frozenset(f"[{name.lower()}]" if ":" in name else name.lower() for name in names if name)
+
+    def knows(self, header: str) -> bool:
+        """Whether a Host header (`name`, `name:port`, `[v6]:port`) names this server."""
+        match = HOST_HEADER.fullmatch(header)
+        if match is None:
+            return False
+        name = match.group(1).lower()
+        return name in self.names or (self.any_address and _is_address(name.strip("[]")))
+
+    def guarding(self, app: Callable) -> Callable:
+        """`app` behind the check: a request with an unknown Host gets a 400 and one line."""
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            host = next((value for name, value in scope["headers"] if name == b"host"), b"").decode("latin-1")
+            if scope["type"] == "http" and not self.knows(host):
+                refusal = {"error": "unknown Host header: open the address `mnistsum serve` printed"}
+                await JSONResponse(refusal, status_code=400)(scope, receive, send)
+                return
+            await app(scope, receive, send)
+
+        return guarded
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class SecurityHeaders:
@@ -484,7 +546,7 @@ def serve(
         warn(f"listening on {host}: anyone who can reach port {port} can use the model")
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(
-        create_app(follower),
+        create_app(follower, KnownHosts(host)),
         log_level="warning",
         log_config=LOG_CONFIG,
         access_log=False,

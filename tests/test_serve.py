@@ -35,7 +35,7 @@ starlette = pytest.importorskip("starlette", reason="the serve extra is not inst
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
 from mnistsum_cli import serve as serve_module  # noqa: E402
-from mnistsum_cli.serve import GRACE_SECONDS, MAX_BODY, Batches, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli.serve import GRACE_SECONDS, MAX_BODY, Batches, KnownHosts, ModelFollower, create_app  # noqa: E402
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
 from mnistsum_cli.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
@@ -73,7 +73,12 @@ def run(tmp_path: Path) -> RunDir:
 @pytest.fixture
 def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     monkeypatch.chdir(tmp_path)
-    return TestClient(create_app(ModelFollower(run, CPU)), raise_server_exceptions=False)
+    return TestClient(served_app(run), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+
+
+def served_app(run: RunDir, host: str = "127.0.0.1"):
+    """The app as `serve --host HOST` runs it."""
+    return create_app(ModelFollower(run, CPU), KnownHosts(host))
 
 
 def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
@@ -180,6 +185,62 @@ def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str)
     assert response.json() == {"error": "not found"} or "manifest" in response.json()["error"]
 
 
+HOSTS = {  # --host -> (Host headers answered, Host headers refused)
+    "127.0.0.1": (
+        ["127.0.0.1:8000", "127.0.0.1", "localhost:8000", "LocalHost", "localhost:9999", "[::1]:8000", "[::1]"],
+        [
+            "evil.example",
+            "evil.example:8000",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:8000",
+            "192.168.1.5",
+            "",
+            "localhost:80:80",
+            "localhost:x",
+            "[::1]x",
+            "[::2]:8000",
+            "0.0.0.0:8000",
+        ],
+    ),
+    "::1": (["[::1]:8000", "[::1]", "localhost"], ["::1", "[::1]]", "evil.example"]),
+    "myhost.lan": (["myhost.lan:8000", "MyHost.LAN", "127.0.0.1:8000"], ["other.lan", "192.168.1.5:8000"]),
+    "0.0.0.0": (
+        ["192.168.1.5:8000", "10.0.0.1", "[fe80::1]:8000", socket.gethostname(), "localhost"],
+        ["evil.example:8000", "192.168.1.5.evil.example", "999.1.1.1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("listening", list(HOSTS))
+def test_only_the_hosts_it_listens_on_are_answered(run: RunDir, tmp_path: Path, listening: str) -> None:
+    """A page of another site that points a name of its own at 127.0.0.1 (DNS rebinding) sends
+    that name as the Host: it gets a 400, whatever the path."""
+    client = TestClient(served_app(run, listening), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    answered, refused = HOSTS[listening]
+    for host in answered:
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+    before = snapshot(tmp_path)
+    for host in refused:
+        for response in (
+            client.get("/healthz", headers={"Host": host}),
+            client.get("/api/model", headers={"Host": host}),
+            client.post("/api/predict?number=1", content=drawn_seven(), headers={**PNG, "Host": host}),
+        ):
+            assert_refused(response, 400, "unknown Host header")
+            assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_slash_redirect_is_relative_and_never_names_the_host(client: TestClient) -> None:
+    response = client.get("/healthz/?probe=1", headers={"Host": "localhost:8000"}, follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (307, "/healthz?probe=1")
+    response = client.get("/healthz/", headers={"Host": "evil.example:8000"}, follow_redirects=False)
+    assert response.status_code == 400 and "location" not in response.headers
+    for path in ("//evil.example/", "//evil.example", "/api/nothing/"):
+        response = client.get(f"http://127.0.0.1:8000{path}", follow_redirects=False)
+        assert response.status_code == 404 and "location" not in response.headers, path
+
+
 def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) -> None:
     body = drawn_seven()
     response = client.post("/api/predict?number=4", content=body, headers={"Content-Type": "image/png"})
@@ -223,7 +284,7 @@ def predict_scope(number: int, *headers: tuple[bytes, bytes]) -> dict:
         "raw_path": b"/api/predict",
         "query_string": f"number={number}".encode(),
         "root_path": "",
-        "headers": [(b"content-type", b"image/png"), *headers],
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"image/png"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 8000),
     }
@@ -268,7 +329,7 @@ def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_
     monkeypatch.setattr(serve_module, "head_probabilities", counted)
     write_adding_model(run, "adding", seed=1)
     requests = [(drawn_seven(size), number) for size, number in zip((100, 150, 200, 280, 320, 400), (0, 3, 5, 7, 8, 9))]
-    answers = concurrently(create_app(ModelFollower(run, CPU)), requests)
+    answers = concurrently(served_app(run), requests)
     assert batch_sizes == [6]
     for (body, number), (status, answer) in zip(requests, answers):
         assert status == 200, answer
@@ -315,7 +376,7 @@ def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
         return head_probabilities(model, images, numbers, device)
 
     monkeypatch.setattr(serve_module, "head_probabilities", fails_once)
-    app = create_app(ModelFollower(run, CPU))
+    app = served_app(run)
     answers = concurrently(app, [(drawn_seven(), number) for number in (1, 2, 3)])
     assert answers == [(500, {"error": "internal error (RuntimeError)"})] * 3
     assert [status for status, _ in concurrently(app, [(drawn_seven(), 4)])] == [200]
@@ -472,7 +533,7 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
     )
     assert_refused(response, 413, "limit")
 
-    app, chunk, pulled, sent = create_app(ModelFollower(run, CPU)), 256 * 1024, [], []
+    app, chunk, pulled, sent = served_app(run), 256 * 1024, [], []
 
     async def receive() -> dict:
         pulled.append(chunk)
@@ -481,7 +542,7 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(app(predict_scope(1, (b"host", b"test")), receive, send))
+    asyncio.run(app(predict_scope(1), receive, send))
     assert sent[0]["status"] == 413
     assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
 
@@ -571,10 +632,14 @@ def start_serve(run: RunDir, *options: str) -> tuple[subprocess.Popen, str]:
     return process, process.stdout.readline()
 
 
-def healthz(port: int) -> bytes:
+def healthz(port: int, host: str = "127.0.0.1") -> bytes:
+    """The whole answer to GET /healthz with this Host header."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return connection.recv(100)
+        connection.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
 
 
 def worker_pids(process: subprocess.Popen) -> list[int]:
@@ -612,7 +677,7 @@ def connect_until_each_accepts(port: int, pids: list[int], most: int = 60) -> li
     while not all(accepted(pid, port) for pid in pids):
         assert len(connections) < most, {pid: accepted(pid, port) for pid in pids}
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert connection.recv(100).startswith(b"HTTP/1.1 200")
         connections.append(connection)
     return connections
@@ -623,7 +688,7 @@ def stalled_uploads(port: int, count: int = 6) -> list[socket.socket]:
     connections = []
     for _ in range(count):
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-        connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
+        connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n")
         connection.sendall(b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
         connections.append(connection)
     return connections
@@ -638,6 +703,22 @@ def wait_until_gone(pids: list[int], seconds: float) -> bool:
 
 def port_of(first: str) -> int:
     return int(first.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def test_the_server_answers_only_its_own_host_names(run: RunDir) -> None:
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        assert healthz(port, f"localhost:{port}").startswith(b"HTTP/1.1 200")
+        refused = healthz(port, f"rebound.evil.example:{port}")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    head, body = refused.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400") and b"evil" not in head
+    assert json.loads(body) == {"error": "unknown Host header: open the address `mnistsum serve` printed"}
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
 
 
 @pytest.mark.parametrize("stop", ["Ctrl-C in a terminal", "SIGINT to the server", "SIGTERM to the server"])
