@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -32,10 +33,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
 from torch import nn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mnistsum_cli.checkpoint import load_model_bytes
 from mnistsum_cli.errors import BadOption, MnistsumError
@@ -54,6 +56,11 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")  # raw ima
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ANY_ADDRESS = ("0.0.0.0", "::", "")  # --host values that listen on every address of the machine
 HOST_HEADER = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name[:port], [v6 address][:port]
+# How long a client may take (a drawing arrives in milliseconds, 2 MB over a slow Wi-Fi in a few
+# seconds): then its connection is closed, so that slow or stalled clients cannot hold them all.
+HEADER_SECONDS = 10  # a request's headers, from the connection or from the previous answer
+BODY_SECONDS = 15  # a request's body, from its headers (then a 408)
+KEEP_ALIVE_SECONDS = 5  # between an answer and the next request's first byte (uvicorn's timeout_keep_alive)
 # On Ctrl-C, requests in progress get this long; then they are cancelled (an upload that stalls
 # must not hold the stop). A worker starts its own grace when the server has stopped.
 GRACE_SECONDS = 3
@@ -155,28 +162,48 @@ def read_served_model(run: RunDir, device: torch.device) -> ServedModel:
 
 class ModelFollower:
     """The model that answers: the run's current model.safetensors, checked by a stat on each
-    request. A new file is loaded once; one that cannot be read leaves the previous model
-    serving, with the reason in `problem` (until the file changes again)."""
+    request. A new file is loaded once, in a thread: the read waits while a commit of the folder
+    is unfinished (store.read_consistently), and meanwhile the event loop answers the other
+    requests (/healthz at once). A file that cannot be loaded leaves the previous model serving,
+    with the reason in `problem` (until the file changes again)."""
 
     def __init__(self, run: RunDir, device: torch.device) -> None:
         self.run, self.device = run, device
         self.current = read_served_model(run, device)
         self.seen: Optional[tuple[int, int, int]] = self.current.identity
         self.problem: Optional[str] = None
+        self.loading: Optional[asyncio.Task] = None
 
-    def get(self) -> ServedModel:
-        try:
-            identity: Optional[tuple[int, int, int]] = file_identity(os.stat(self.run.model))
-        except OSError:
-            identity = None
-        if identity != self.seen:
-            self.seen = identity
+    def refresh(self) -> Optional[asyncio.Task]:
+        """Start loading the file if it changed since it was last looked at; the load under way,
+        if any (one at a time)."""
+        if self.loading is None:
             try:
-                self.current = read_served_model(self.run, self.device)
-                self.seen, self.problem = self.current.identity, None
-            except MnistsumError as error:
-                self.problem = f"{error}; still serving run {self.current.meta.get('run_id')}"
+                identity: Optional[tuple[int, int, int]] = file_identity(os.stat(self.run.model))
+            except OSError:
+                identity = None
+            if identity != self.seen:
+                self.seen = identity
+                self.loading = asyncio.get_running_loop().create_task(self._load())
+        return self.loading
+
+    async def get(self) -> ServedModel:
+        """The current model, after the load that a change of the file started, if any."""
+        loading = self.refresh()
+        if loading is not None:
+            await asyncio.shield(loading)  # a client that leaves does not cancel the load others wait for
         return self.current
+
+    async def _load(self) -> None:
+        try:
+            served = await run_in_threadpool(read_served_model, self.run, self.device)
+        except Exception as error:  # whatever it is, the previous model serves on and `problem` says why
+            reason = str(error) if isinstance(error, MnistsumError) else f"{self.run.model}: cannot load it ({error!r})"
+            self.problem = f"{reason}; still serving run {self.current.meta.get('run_id')}"
+        else:
+            self.current, self.seen, self.problem = served, served.identity, None
+        finally:
+            self.loading = None
 
 
 def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[str, Any]:
@@ -238,17 +265,25 @@ def _json_or_none(path: os.PathLike) -> Any:
 
 async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 from its Content-Length or, without one (or a false
-    one), as soon as more than MAX_BODY bytes have arrived."""
+    one), as soon as more than MAX_BODY bytes have arrived, and with 408 when it has not all
+    arrived BODY_SECONDS after its headers (an upload that stalls must not hold a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def capped() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(capped(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {BODY_SECONDS} s") from None
 
 
 def parse_number(value: Any) -> int:
@@ -267,7 +302,7 @@ def parse_pixels(value: Any) -> np.ndarray:
         raise RequestError(400, "missing field: pixels (28 x 28 numbers 0-255), or send a PNG/JPEG body")
     try:
         pixels = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):  # OverflowError: an integer past float64
         raise RequestError(400, "pixels must be 28 rows of 28 numbers 0-255") from None
     if pixels.shape != (SIZE, SIZE) or not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
         raise RequestError(400, "pixels must be 28 rows of 28 numbers 0-255")
@@ -287,6 +322,8 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
             fields = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise RequestError(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise RequestError(400, "the JSON body is nested too deep") from None
         if not isinstance(fields, dict):
             raise RequestError(400, "the JSON body must be an object with number and pixels")
         number = parse_number(fields.get("number"))
@@ -294,16 +331,39 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     number = parse_number(request.query_params.get("number"))
     if not body:
         raise RequestError(400, "missing image: the request body is empty")
-    if len(body) <= INLINE_BODY:
-        return prepared_upload(body), number
-    return await run_in_threadpool(prepared_upload, body), number
+    return await prepared_upload(body), number
 
 
-def prepared_upload(body: bytes) -> np.ndarray:
+async def prepared_upload(image: bytes) -> np.ndarray:
+    """An uploaded image as the model's input: a drawing on the event loop, a larger one in a
+    thread (INLINE_BODY)."""
+    if len(image) <= INLINE_BODY:
+        return prepared_image(image)
+    return await run_in_threadpool(prepared_image, image)
+
+
+def prepared_image(image: bytes) -> np.ndarray:
     try:
-        return prepare_image(BytesIO(body), "image", IMAGE_FORMATS)
+        return prepare_image(BytesIO(image), "image", IMAGE_FORMATS)
     except MnistsumError as error:
         raise RequestError(422, str(error)) from None
+
+
+def model_answers(
+    served: ServedModel, images: list[np.ndarray], numbers: list[int], device: torch.device
+) -> list[Union[tuple[list, list], RequestError]]:
+    """The one place `serve` runs a model: for each 28 x 28 image and its number, the digit
+    head's 10 and the sum head's 19 probabilities, or the error that answers it when they are
+    not all numbers (a model with NaN weights answers NaN, and JSON has no NaN)."""
+    digit, total = head_probabilities(served.model, torch.from_numpy(np.stack(images)), torch.tensor(numbers), device)
+    return [
+        (digit_probs, sum_probs)
+        if all(map(math.isfinite, digit_probs + sum_probs))
+        else RequestError(
+            500, f"the model of run {served.meta.get('run_id')} answered NaN, not probabilities: train it again"
+        )
+        for digit_probs, sum_probs in zip(digit.tolist(), total.tolist())  # on a GPU, its errors surface here
+    ]
 
 
 class Batches:
@@ -331,13 +391,9 @@ class Batches:
             for served in {id(served): served for served, *_ in waiting}.values():  # one model, unless it just changed
                 batch = [(image, number, future) for model, image, number, future in waiting if model is served]
                 try:
-                    digit, total = head_probabilities(
-                        served.model,
-                        torch.from_numpy(np.stack([image for image, _, _ in batch])),
-                        torch.tensor([number for _, number, _ in batch]),
-                        self.device,
+                    answers = model_answers(
+                        served, [image for image, _, _ in batch], [n for _, n, _ in batch], self.device
                     )
-                    answers = list(zip(digit.tolist(), total.tolist()))  # on a GPU, its errors surface here
                 except Exception as error:  # answered as a 500 by each request, the server goes on
                     answers = [error] * len(batch)
                 for (_, _, future), answer in zip(batch, answers):
@@ -373,7 +429,8 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
 
     async def predict(request: Request) -> JSONResponse:
         image, number = await predict_input(request)
-        served, problem = follower.get(), follower.problem  # as they were when the request came
+        served = await follower.get()
+        problem = follower.problem  # as they were when the request came
         digit_probs, sum_probs = await batches.probabilities(served, image, number)
         return JSONResponse(
             {
@@ -389,16 +446,17 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
         )
 
     async def model(request: Request) -> JSONResponse:
-        served = follower.get()
+        served = await follower.get()
         return JSONResponse(run_card(run, served, follower.problem))
 
     async def healthz(request: Request) -> JSONResponse:
-        served = follower.get()
+        follower.refresh()  # a probe never waits for a load: it says what serves now
+        served = follower.current
         return JSONResponse({"status": "ok", "run_id": served.meta.get("run_id"), "problem": follower.problem})
 
     async def plot(request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in listed_plots(run, follower.get()):
+        if name not in listed_plots(run, await follower.get()):
             raise RequestError(404, "no such plot in this run's plots/manifest.json")
         try:
             content = (run.plots / name).read_bytes()
@@ -416,7 +474,14 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
             )
         else:  # a bug: the client gets one line, the server keeps serving
             status, message = 500, f"internal error ({type(error).__name__})"
-        return JSONResponse({"error": message}, status_code=status)
+        # the rest of a body too large or too slow is not read: the connection cannot carry another request
+        headers = {"Connection": "close"} if status in (408, 413) else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def gone(request: Request, error: Exception) -> Response:
+        """A client that went away while its request was read: nobody reads the answer, and it
+        is nothing to log (uvicorn logs each exception handled as a 500)."""
+        return Response(status_code=400)
 
     routes = [Route(path, page) for path in STATIC_FILES] + [
         Route("/api/predict", predict, methods=["POST"]),
@@ -437,7 +502,13 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
         raise HTTPException(404)
 
     app = Starlette(
-        routes=routes, exception_handlers={Exception: refused, HTTPException: refused, RequestError: refused}
+        routes=routes,
+        exception_handlers={
+            Exception: refused,
+            HTTPException: refused,
+            RequestError: refused,
+            ClientDisconnect: gone,
+        },
     )
     app.router.redirect_slashes, app.router.default = False, slash_redirect
     return SecurityHeaders(hosts.guarding(app))
@@ -468,8 +539,9 @@ class KnownHosts:
         """`app` behind the check: a request with an unknown Host gets a 400 and one line."""
 
         async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
-            host = next((value for name, value in scope["headers"] if name == b"host"), b"").decode("latin-1")
-            if scope["type"] == "http" and not self.knows(host):
+            if scope["type"] == "http" and not self.knows(
+                next((value for name, value in scope["headers"] if name == b"host"), b"").decode("latin-1")
+            ):
                 refusal = {"error": "unknown Host header: open the address `mnistsum serve` printed"}
                 await JSONResponse(refusal, status_code=400)(scope, receive, send)
                 return
@@ -500,6 +572,43 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_secured)
+
+
+def with_header_deadline(protocol: type) -> type:
+    """uvicorn's HTTP protocol with a deadline for each request's headers: a connection whose
+    headers have not all arrived HEADER_SECONDS after it opened, or after the previous answer,
+    is closed. uvicorn has none: a client that sends nothing, or a byte now and then, would hold
+    its connection for ever (uvicorn's keep-alive timeout ends at the first byte). This relies
+    on what uvicorn's protocols (h11 and httptools) share: a new `cycle` once a request's
+    headers are in, and on_response_complete after each answer."""
+
+    class HeaderDeadline(protocol):
+        header_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request began
+                self.await_headers()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+        def await_headers(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(HEADER_SECONDS, self.close_if_still, self.cycle)
+
+        def close_if_still(self, cycle: Any) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():  # the headers of a new request make a new cycle
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -554,6 +663,8 @@ def serve(
         server_header=False,
         proxy_headers=False,  # nothing stands in front of it: X-Forwarded-* from a client would be believed
         timeout_graceful_shutdown=GRACE_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        http=with_header_deadline(AutoHTTPProtocol),
     )
     server = uvicorn.Server(config)
 

@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -35,7 +37,17 @@ starlette = pytest.importorskip("starlette", reason="the serve extra is not inst
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
 from mnistsum_cli import serve as serve_module  # noqa: E402
-from mnistsum_cli.serve import GRACE_SECONDS, MAX_BODY, Batches, KnownHosts, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli.serve import (  # noqa: E402
+    BODY_SECONDS,
+    GRACE_SECONDS,
+    HEADER_SECONDS,
+    KEEP_ALIVE_SECONDS,
+    MAX_BODY,
+    Batches,
+    KnownHosts,
+    ModelFollower,
+    create_app,
+)
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
 from mnistsum_cli.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
@@ -71,9 +83,11 @@ def run(tmp_path: Path) -> RunDir:
 
 
 @pytest.fixture
-def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.chdir(tmp_path)
-    return TestClient(served_app(run), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    # one event loop for all its requests, as in the server: a model load may outlive the request that began it
+    with TestClient(served_app(run), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
+        yield client
 
 
 def served_app(run: RunDir, host: str = "127.0.0.1"):
@@ -310,6 +324,21 @@ async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
     return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
 
 
+async def asgi_get(app, path: str) -> tuple[int, dict]:
+    """GET `path` straight through the ASGI app: the status and the JSON answer."""
+    scope = {**predict_scope(0), "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b""}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+
+
 def concurrently(app, requests: list[tuple[bytes, int]]) -> list[tuple[int, dict]]:
     async def all_at_once() -> list[tuple[int, dict]]:
         return await asyncio.gather(*(asgi_post(app, body, number) for body, number in requests))
@@ -397,6 +426,45 @@ def test_a_client_that_left_does_not_break_its_batch(run: RunDir) -> None:
     assert np.allclose(sum_probs, expected(run, image, 2)[1], atol=1e-5)
 
 
+def test_a_slow_model_load_does_not_hold_the_other_requests(run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a new model waits while a commit of the folder is unfinished (seconds, when the
+    commit is slow): in a thread, while /healthz answers at once with the model serving now."""
+    app, read = served_app(run), serve_module.read_served_model
+
+    def slow_read(run: RunDir, device: torch.device):
+        time.sleep(2)
+        return read(run, device)
+
+    monkeypatch.setattr(serve_module, "read_served_model", slow_read)
+    write_model(run, "run2", seed=1)
+
+    async def meanwhile() -> tuple:
+        started = time.monotonic()
+        predicting = asyncio.ensure_future(asgi_post(app, drawn_seven(), 3))
+        await asyncio.sleep(0.05)  # the prediction has begun loading run2 and waits for it
+        health = await asgi_get(app, "/healthz")
+        health_took = time.monotonic() - started
+        return health, health_took, await predicting, time.monotonic() - started
+
+    health, health_took, (status, answer), took = asyncio.run(meanwhile())
+    assert health == (200, {"status": "ok", "run_id": "run1", "problem": None}) and health_took < 1, health_took
+    assert (status, answer["run_id"]) == (200, "run2") and took >= 2
+
+
+def test_a_model_that_answers_nan_gets_a_clear_error(run: RunDir, client: TestClient) -> None:
+    """JSON has no NaN: a model whose weights are NaN answers every image with a 500 that says
+    so in one line (not an internal error), and the server serves on."""
+    model = build_model("lean")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    save_model(run.model, model, model_metadata("lean", "broken", epoch=2))
+    for _ in range(2):
+        response = client.post("/api/predict?number=3", content=drawn_seven(), headers=PNG)
+        assert_refused(response, 500, "the model of run broken answered NaN, not probabilities: train it again")
+    assert client.get("/healthz").json() == {"status": "ok", "run_id": "broken", "problem": None}
+
+
 # --------------------------------------------------------------------------- refused requests
 
 
@@ -426,6 +494,7 @@ def blank_png() -> bytes:
 
 
 PNG = {"Content-Type": "image/png"}
+JSON = {"Content-Type": "application/json"}
 REFUSED = {
     "no number": (lambda: ("/api/predict", drawn_seven(), PNG), 400, "missing field: number"),
     "number 10": (lambda: ("/api/predict?number=10", drawn_seven(), PNG), 400, "0-9"),
@@ -509,6 +578,16 @@ REFUSED = {
         422,
         "blank",
     ),
+    "json nested 100,000 deep": (
+        lambda: ("/api/predict", b'{"number": 3, "pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),
+        400,
+        "nested too deep",
+    ),
+    "json pixel 10**400": (
+        lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[10**400] * 28] * 28}).encode(), JSON),
+        400,
+        "0-255",
+    ),
     "too big": (lambda: ("/api/predict?number=1", b"\0" * (MAX_BODY + 1), PNG), 413, "limit"),
 }
 
@@ -574,8 +653,10 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
     assert client.get("/api/model").json()["problem"] == third["problem"]
 
     run.model.unlink()
+    assert "not found" in client.get("/api/model").json()["problem"]
     assert "not found" in client.get("/healthz").json()["problem"]
     write_model(run, "run3", seed=2)
+    assert client.get("/api/model").json()["run_id"] == "run3"  # it waits for the load /healthz does not wait for
     assert client.get("/healthz").json() == {"status": "ok", "run_id": "run3", "problem": None}
 
 
@@ -718,6 +799,87 @@ def test_the_server_answers_only_its_own_host_names(run: RunDir) -> None:
     head, body = refused.split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 400") and b"evil" not in head
     assert json.loads(body) == {"error": "unknown Host header: open the address `mnistsum serve` printed"}
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def closed_after(connection: socket.socket, started: float, drip: bytes = b"") -> tuple[float, bytes]:
+    """Seconds from `started` until the server closed the connection (at most 30: then it is
+    not closed) and what it sent; meanwhile `drip` goes out one byte every 0.5 s."""
+    connection.settimeout(0.5)
+    answer = b""
+    while time.monotonic() - started < 30:
+        try:
+            chunk = connection.recv(65536)
+        except socket.timeout:
+            if drip:
+                try:
+                    connection.sendall(drip[:1])
+                except OSError:  # closed under it
+                    return time.monotonic() - started, answer
+                drip = drip[1:]
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return time.monotonic() - started, answer
+        answer += chunk
+    return 30.0, answer
+
+
+def test_slow_and_stalled_clients_are_disconnected_in_time(run: RunDir) -> None:
+    """Each of these would hold a connection for ever: headers sent a byte at a time, nothing
+    at all, an upload that stalls; and the keep-alive connection after an answer."""
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        header = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 100 + b"\r\n\r\n"
+        clients = {name: socket.create_connection(("127.0.0.1", port)) for name in ("drip", "silent", "keep-alive")}
+        [stalled] = stalled_uploads(port, 1)
+        started = time.monotonic()
+        clients["keep-alive"].sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with ThreadPoolExecutor(4) as pool:
+            waits = {
+                "drip": pool.submit(closed_after, clients["drip"], started, header),
+                "silent": pool.submit(closed_after, clients["silent"], started),
+                "keep-alive": pool.submit(closed_after, clients["keep-alive"], started),
+                "stalled": pool.submit(closed_after, stalled, started),
+            }
+            closed = {name: wait.result(timeout=60) for name, wait in waits.items()}
+        assert healthz(port).startswith(b"HTTP/1.1 200")  # and the server serves on
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    for name, limit in (("drip", HEADER_SECONDS), ("silent", HEADER_SECONDS), ("stalled", BODY_SECONDS)):
+        assert limit - 0.5 < closed[name][0] < limit + 2, (name, closed[name])
+    assert closed["drip"][1] == closed["silent"][1] == b""
+    assert closed["keep-alive"][1].startswith(b"HTTP/1.1 200") and closed["keep-alive"][0] < KEEP_ALIVE_SECONDS + 2
+    head, body = closed["stalled"][1].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": f"the request body did not arrive within {BODY_SECONDS} s"}
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def test_a_client_that_goes_away_is_not_an_error(run: RunDir) -> None:
+    """Clients leave in the middle of an upload, or before their answer: nothing to log."""
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        for connection in stalled_uploads(port, 3):
+            connection.close()
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            body = drawn_seven()
+            connection.sendall(
+                b"POST /api/predict?number=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        time.sleep(1)
+        assert healthz(port).startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
     assert (process.returncode, out, err) == (0, "stopped\n", "")
 
 
