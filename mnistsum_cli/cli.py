@@ -334,10 +334,11 @@ def serve(
     try:
         from mnistsum_cli.serve import serve as serve_stage
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+        if (error.name or "").split(".")[0] not in ("starlette", "uvicorn", "python_multipart"):
             raise
         raise MnistsumError(
-            f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'"
+            f"`mnistsum serve` needs Starlette, uvicorn and python-multipart ({error.name} is missing): "
+            "pip install 'mnistsum[serve]'"
         ) from None
 
     serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), workers, say=typer.echo, warn=report.warning)

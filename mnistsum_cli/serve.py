@@ -1,7 +1,7 @@
 """`mnistsum serve`: a local page to draw a digit and a JSON API, both answered by the run in
 --artifacts.
 
-Only this command imports Starlette and uvicorn (the optional `serve` extra). The app never
+Only this command imports Starlette, uvicorn and python-multipart (the optional `serve` extra). The app never
 writes a file: it reads the static files shipped in the package, the run's model, evaluations
 and the plots its manifest lists, and nothing else. A drawing is prepared and run on the event
 loop (cheaper than a hand-off to a thread); the cores are used by worker processes
@@ -25,14 +25,17 @@ import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
-from typing import Any, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
+import python_multipart  # noqa: F401 (Starlette parses forms with it, and imports without it)
 import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
@@ -53,6 +56,8 @@ MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, 
 INLINE_BODY = 64 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG")  # the decoders an upload may use
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")  # raw image bodies
+FORM_TYPE = "multipart/form-data"  # a form upload: one image file and a number field
+MAX_FORM_PARTS = 16  # files and fields of a form: it needs two
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ANY_ADDRESS = ("0.0.0.0", "::", "")  # --host values that listen on every address of the machine
 HOST_HEADER = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name[:port], [v6 address][:port]
@@ -110,9 +115,14 @@ LOG_CONFIG = {  # what uvicorn logs (warnings and errors; no access log), throug
             "formatter": "one_line",
             "filters": ["not_cancelled"],
             "stream": "ext://sys.stderr",
-        }
+        },
+        "nowhere": {"class": "logging.NullHandler"},
     },
-    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False}},
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+        # a warning for each malformed form, which its client hears about (a 400) already
+        "python_multipart": {"handlers": ["nowhere"], "propagate": False},
+    },
 }
 
 
@@ -314,9 +324,15 @@ def parse_pixels(value: Any) -> np.ndarray:
 async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     """The 28 x 28 model input and the number of a POST /api/predict."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in IMAGE_TYPES + ("application/json",):
-        raise RequestError(415, 'send a PNG/JPEG body (?number=N) or JSON {"number": N, "pixels": 28 x 28}')
+    if media_type not in IMAGE_TYPES + (FORM_TYPE, "application/json"):
+        raise RequestError(
+            415,
+            "send a PNG/JPEG body (?number=N), a form with one image file and a number field, "
+            'or JSON {"number": N, "pixels": 28 x 28}',
+        )
     body = await read_body(request)
+    if media_type == FORM_TYPE:
+        return await form_input(request.headers, body)
     if media_type == "application/json":
         try:
             fields = json.loads(body)
@@ -332,6 +348,38 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     if not body:
         raise RequestError(400, "missing image: the request body is empty")
     return await prepared_upload(body), number
+
+
+class InMemoryParts(MultiPartParser):
+    """Starlette's multipart parser, keeping each file in memory (Starlette's spools one over
+    1 MB to a temporary file): `serve` writes no file, and the whole body, at most MAX_BODY, is
+    in memory already."""
+
+    spool_max_size = MAX_BODY
+
+
+async def form_input(headers: Headers, body: bytes) -> tuple[np.ndarray, int]:
+    """The model input and the number of a form upload (`curl -F image=@seven.png -F number=5`,
+    a browser's FormData): exactly one file field, whatever its name, and a `number` field."""
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await InMemoryParts(headers, whole(), max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS).parse()
+    except MultiPartException as error:
+        raise RequestError(400, f"not a valid multipart/form-data body: {error.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if len(files) != 1:
+        raise RequestError(
+            400,
+            f"send one image file in the form, not {len(files)}" if files else "missing image: the form has no file",
+        )
+    number = parse_number(form.get("number"))
+    image = files[0].file.read()  # from memory (InMemoryParts)
+    if not image:
+        raise RequestError(400, "missing image: the file in the form is empty")
+    return await prepared_upload(image), number
 
 
 async def prepared_upload(image: bytes) -> np.ndarray:

@@ -13,11 +13,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -120,6 +121,22 @@ def assert_refused(response, status: int, words: str) -> None:
     message = response.json()["error"]
     assert "\n" not in message and words in message, message
 
+
+def upload(encoding: str, body: bytes, number: Any = 1, content_type: str = "image/png") -> dict:
+    """The arguments of client.post for an image and its number (None: none given), either as
+    a raw body with ?number=N or as a form (`curl -F image=@seven.png -F number=5`)."""
+    if encoding == "raw":
+        query = "" if number is None else f"?number={number}"
+        return {"url": f"/api/predict{query}", "content": body, "headers": {"Content-Type": content_type}}
+    fields = {} if number is None else {"number": str(number)}
+    return {"url": "/api/predict", "files": {"image": ("digit", body, content_type)}, "data": fields}
+
+
+def raw(path: str, body: bytes, headers: dict) -> dict:
+    return {"url": path, "content": body, "headers": headers}
+
+
+ENCODINGS = ("raw", "form")
 
 # --------------------------------------------------------------------------- routes
 
@@ -255,9 +272,10 @@ def test_a_slash_redirect_is_relative_and_never_names_the_host(client: TestClien
         assert response.status_code == 404 and "location" not in response.headers, path
 
 
-def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) -> None:
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir, encoding: str) -> None:
     body = drawn_seven()
-    response = client.post("/api/predict?number=4", content=body, headers={"Content-Type": "image/png"})
+    response = client.post(**upload(encoding, body, 4))
     assert response.status_code == 200, response.text
     answer = response.json()
     image = prepare_image(io.BytesIO(body), "seven")
@@ -270,10 +288,14 @@ def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) ->
     assert len(answer["digit_probabilities"]) == 10 and len(answer["sum_probabilities"]) == 19
 
 
-def test_predict_jpeg_and_pixels(client: TestClient, run: RunDir) -> None:
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_predict_jpeg(client: TestClient, encoding: str) -> None:
     jpeg = drawn_seven(fmt="JPEG")
-    answer = client.post("/api/predict?number=0", content=jpeg, headers={"Content-Type": "image/jpeg"}).json()
-    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist()
+    answer = client.post(**upload(encoding, jpeg, 0, "image/jpeg")).json()
+    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist() and answer["number"] == 0
+
+
+def test_predict_pixels(client: TestClient, run: RunDir) -> None:
     pixels = np.zeros((28, 28), dtype=np.uint8)
     pixels[6:22, 13:16] = 255
     response = client.post("/api/predict", json={"number": 9, "pixels": pixels.tolist()})
@@ -495,32 +517,59 @@ def blank_png() -> bytes:
 
 PNG = {"Content-Type": "image/png"}
 JSON = {"Content-Type": "application/json"}
-REFUSED = {
-    "no number": (lambda: ("/api/predict", drawn_seven(), PNG), 400, "missing field: number"),
-    "number 10": (lambda: ("/api/predict?number=10", drawn_seven(), PNG), 400, "0-9"),
-    "number -1": (lambda: ("/api/predict?number=-1", drawn_seven(), PNG), 400, "0-9"),
-    "number x": (lambda: ("/api/predict?number=x", drawn_seven(), PNG), 400, "0-9"),
-    "empty body": (lambda: ("/api/predict?number=1", b"", PNG), 400, "empty"),
-    "not an image": (lambda: ("/api/predict?number=1", b"hello, world" * 10, PNG), 422, "not an image"),
-    "truncated png": (lambda: ("/api/predict?number=1", drawn_seven()[:300], PNG), 422, "cannot read image"),
-    "animated gif": (
-        lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}),
-        422,
-        "PNG or JPEG",
+
+
+UPLOADS_REFUSED = {  # refused alike as a raw body and as a form: name -> ((body, number[, type]), status, words)
+    "no number": (lambda: (drawn_seven(), None), 400, "missing field: number"),
+    "number 10": (lambda: (drawn_seven(), 10), 400, "0-9"),
+    "number -1": (lambda: (drawn_seven(), -1), 400, "0-9"),
+    "number x": (lambda: (drawn_seven(), "x"), 400, "0-9"),
+    "empty image": (lambda: (b"", 1), 400, "empty"),
+    "not an image": (lambda: (b"hello, world" * 10, 1), 422, "not an image"),
+    "truncated png": (lambda: (drawn_seven()[:300], 1), 422, "cannot read image"),
+    "animated gif": (lambda: (animated("GIF"), 1, "application/octet-stream"), 422, "PNG or JPEG"),
+    "animated png": (lambda: (animated("PNG"), 1), 422, "animated"),
+    "empty canvas": (lambda: (blank_png(), 1), 422, "blank"),
+    "over pixel limit": (lambda: (png_claiming(5000, 5000), 1), 422, "over 4096 x 4096 pixels"),
+    "pixel bomb": (lambda: (png_claiming(20000, 20000), 1), 422, "over 4096 x 4096 pixels"),
+    "too big": (lambda: (b"\0" * (MAX_BODY + 1), 1), 413, "limit"),
+}
+REFUSED = {  # name -> (the arguments of client.post, status, words of the error)
+    **{
+        f"{name}, {encoding}": (lambda make=make, encoding=encoding: upload(encoding, *make()), status, words)
+        for name, (make, status, words) in UPLOADS_REFUSED.items()
+        for encoding in ENCODINGS
+    },
+    "form without a file": (
+        lambda: {"url": "/api/predict", "files": {"number": (None, "3")}},
+        400,
+        "missing image: the form has no file",
     ),
-    "animated png": (lambda: ("/api/predict?number=1", animated("PNG"), PNG), 422, "animated"),
-    "empty canvas": (lambda: ("/api/predict?number=1", blank_png(), PNG), 422, "blank"),
-    "over pixel limit": (
-        lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG),
-        422,
-        "over 4096 x 4096 pixels",
+    "form with two files": (
+        lambda: {"url": "/api/predict", "files": [("image", ("a", drawn_seven())), ("more", ("b", drawn_seven()))]},
+        400,
+        "send one image file in the form, not 2",
     ),
-    "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "over 4096 x 4096 pixels"),
-    "text body": (lambda: ("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
-    "bad json": (lambda: ("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
-    "json list": (lambda: ("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
+    "form with the number as a file": (
+        lambda: {"url": "/api/predict", "files": {"image": ("a", drawn_seven()), "number": ("n", b"3")}},
+        400,
+        "not 2",
+    ),
+    "form without a boundary": (
+        lambda: raw("/api/predict", drawn_seven(), {"Content-Type": "multipart/form-data"}),
+        400,
+        "not a valid multipart/form-data body: Missing boundary",
+    ),
+    "form that is not one": (
+        lambda: raw("/api/predict", drawn_seven(), {"Content-Type": "multipart/form-data; boundary=x"}),
+        400,
+        "not a valid multipart/form-data body: Invalid multipart data",
+    ),
+    "text body": (lambda: raw("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
+    "bad json": (lambda: raw("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
+    "json list": (lambda: raw("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
     "json no number": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -529,7 +578,7 @@ REFUSED = {
         "number",
     ),
     "json bool number": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": True, "pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -538,12 +587,12 @@ REFUSED = {
         "0-9",
     ),
     "json no pixels": (
-        lambda: ("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}),
+        lambda: raw("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}),
         400,
         "missing field: pixels",
     ),
     "json 27 rows": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[9] * 28] * 27}).encode(),
             {"Content-Type": "application/json"},
@@ -552,7 +601,7 @@ REFUSED = {
         "28 rows",
     ),
     "json ragged": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[9] * 28] * 27 + [[1]]}).encode(),
             {"Content-Type": "application/json"},
@@ -561,7 +610,7 @@ REFUSED = {
         "28 rows",
     ),
     "json 256": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[256] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -570,7 +619,7 @@ REFUSED = {
         "0-255",
     ),
     "json blank": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -579,16 +628,15 @@ REFUSED = {
         "blank",
     ),
     "json nested 100,000 deep": (
-        lambda: ("/api/predict", b'{"number": 3, "pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),
+        lambda: raw("/api/predict", b'{"number": 3, "pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),
         400,
         "nested too deep",
     ),
     "json pixel 10**400": (
-        lambda: ("/api/predict", json.dumps({"number": 3, "pixels": [[10**400] * 28] * 28}).encode(), JSON),
+        lambda: raw("/api/predict", json.dumps({"number": 3, "pixels": [[10**400] * 28] * 28}).encode(), JSON),
         400,
         "0-255",
     ),
-    "too big": (lambda: ("/api/predict?number=1", b"\0" * (MAX_BODY + 1), PNG), 413, "limit"),
 }
 
 
@@ -597,18 +645,20 @@ def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(
     client: TestClient, run: RunDir, tmp_path: Path, case: str
 ) -> None:
     make, status, words = REFUSED[case]
-    path, body, headers = make()
     before = snapshot(tmp_path)
-    assert_refused(client.post(path, content=body, headers=headers), status, words)
+    assert_refused(client.post(**make()), status, words)
     assert client.get("/healthz").status_code == 200
     assert snapshot(tmp_path) == before  # the server writes nothing, not even for bad input
 
 
-def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir) -> None:
+@pytest.mark.parametrize("content_type", ["image/png", "multipart/form-data; boundary=x"])
+def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir, content_type: str) -> None:
     """413 from a false Content-Length, and from a streamed body with none once 2 MB arrived
     (driven at the ASGI level: the test client would collect the whole body first)."""
     response = client.post(
-        "/api/predict?number=1", content=b"\0" * 10, headers={**PNG, "Content-Length": str(MAX_BODY + 1)}
+        "/api/predict?number=1",
+        content=b"\0" * 10,
+        headers={"Content-Type": content_type, "Content-Length": str(MAX_BODY + 1)},
     )
     assert_refused(response, 413, "limit")
 
@@ -621,9 +671,26 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(app(predict_scope(1), receive, send))
+    scope = predict_scope(1)
+    scope["headers"] = [(b"host", b"127.0.0.1:8000"), (b"content-type", content_type.encode())]
+    asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413
     assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
+
+
+def test_a_form_upload_stays_in_memory(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette spools a form's file over 1 MB to a temporary file: `serve` writes no file."""
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("a temporary file was made")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_file)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    assert 1024 * 1024 < len(buffer.getvalue()) < MAX_BODY
+    response = client.post(**upload("form", buffer.getvalue(), 3))
+    assert response.status_code == 200, response.text
 
 
 def test_wrong_method_and_unknown_route(client: TestClient) -> None:
@@ -663,7 +730,7 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
 # --------------------------------------------------------------------------- the command
 
 
-@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
+@pytest.mark.parametrize("package", ["starlette", "uvicorn", "python_multipart"])
 def test_serve_without_the_extra_says_how_to_install_it(
     run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
@@ -880,6 +947,25 @@ def test_a_client_that_goes_away_is_not_an_error(run: RunDir) -> None:
         out, err = process.communicate(timeout=60)
     finally:
         kill_group(process)
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def test_a_form_upload_to_the_server(run: RunDir) -> None:
+    """As `curl -F image=@seven.png -F number=5` sends it (and a browser's FormData); a form
+    that is not one is a 400, and nothing on the server's stderr."""
+    httpx = pytest.importorskip("httpx")
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        url = f"http://127.0.0.1:{port_of(first)}/api/predict"
+        body = drawn_seven()
+        answer = httpx.post(url, files={"image": ("seven.png", body, "image/png")}, data={"number": "5"}).json()
+        bad = httpx.post(url, content=body, headers={"Content-Type": "multipart/form-data; boundary=x"})
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert answer["input"] == prepare_image(io.BytesIO(body), "seven").tolist() and answer["number"] == 5
+    assert bad.status_code == 400 and "multipart" in bad.json()["error"]
     assert (process.returncode, out, err) == (0, "stopped\n", "")
 
 
