@@ -322,7 +322,7 @@ def serve(
         Optional[int],
         typer.Option(
             min=1,
-            help=f"Server processes sharing the port (default: one per core, at most {MAX_DEFAULT_WORKERS}, on the CPU; 1 on a GPU).",
+            help=f"Server processes sharing the port (default: one per core it may use, by its affinity mask and its cgroup's CPU quota, at most {MAX_DEFAULT_WORKERS}, on the CPU; 1 on a GPU).",
             show_default=False,
         ),
     ] = None,

@@ -1053,11 +1053,54 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def test_worker_count(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+CGROUPS = {  # name -> (/proc/self/cgroup, {file under /sys/fs/cgroup: text}, cores in the affinity mask, workers)
+    "v2, 2 CPUs": ("0::/\n", {"cpu.max": "200000 100000\n"}, 16, 2),
+    "v2, no limit": ("0::/\n", {"cpu.max": "max 100000\n"}, 16, MAX_DEFAULT_WORKERS),
+    "v2, 1.5 CPUs round up": ("0::/\n", {"cpu.max": "150000 100000\n"}, 16, 2),
+    "v2, half a CPU": ("0::/\n", {"cpu.max": "50000 100000\n"}, 16, 1),
+    "v2, fewer cores than the quota": ("0::/\n", {"cpu.max": "300000 100000\n"}, 2, 2),
+    "v2, a parent's limit": (
+        "0::/user.slice/app.service\n",
+        {"user.slice/cpu.max": "300000 100000\n", "user.slice/app.service/cpu.max": "max 100000\n"},
+        16,
+        3,
+    ),
+    "v1, 1 CPU, the host's path": (
+        "5:memory:/docker/0123abcd\n4:cpu,cpuacct:/docker/0123abcd\n",  # the container sees its own cgroup as the root
+        {"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        16,
+        1,
+    ),
+    "v1, no limit": (
+        "4:cpu,cpuacct:/\n",
+        {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        16,
+        MAX_DEFAULT_WORKERS,
+    ),
+    "v2, unreadable": ("0::/\n", {"cpu.max": "lots\n"}, 3, 3),
+    "no cgroup files": ("0::/\n", {}, 3, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CGROUPS))
+def test_the_default_worker_count_keeps_to_the_cgroup_cpu_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    membership, files, cores, workers = CGROUPS[case]
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(membership)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers(on_cpu=True, cgroups=tmp_path / "fs", membership=tmp_path / "cgroup") == workers
+
+
+def test_worker_count(run_cli, run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_cgroup = {"cgroups": tmp_path, "membership": tmp_path / "none"}  # whatever this machine's quota is
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert default_workers(on_cpu=True) == MAX_DEFAULT_WORKERS
+    assert default_workers(on_cpu=True, **no_cgroup) == MAX_DEFAULT_WORKERS
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert default_workers(on_cpu=True) == 1
+    assert default_workers(on_cpu=True, **no_cgroup) == 1
     assert default_workers(on_cpu=False) == 1
     with pytest.raises(BadOption, match="--workers 2: one process per GPU"):
         serve_module.serve(run, "127.0.0.1", 0, torch.device("cuda", 0), 2, say=print, warn=print)
