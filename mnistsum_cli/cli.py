@@ -31,7 +31,7 @@ from mnistsum_cli.options import (
     ValSizeOption,
     with_setting_options,
 )
-from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, DataDir, RunDir
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, IMAGE_FILE_FORMATS, DataDir, RunDir, formats_text
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 from mnistsum_cli.torchrun import torchrun_rank
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS
@@ -261,7 +261,8 @@ def plot(
 )
 def predict(
     images: Annotated[
-        Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)
+        Optional[List[Path]],
+        typer.Argument(help=f"{formats_text(IMAGE_FILE_FORMATS)} files, any size or colour.", show_default=False),
     ] = None,
     number: Annotated[
         Optional[int],

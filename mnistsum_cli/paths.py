@@ -18,6 +18,14 @@ DEFAULT_DATA = Path("data")  # where `prepare` writes and the later stages read,
 DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stages read, unless --artifacts
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
+# The decoders `predict` tries on an image file (PIL's names): what photos, scans and drawings come as.
+IMAGE_FILE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+
+
+def formats_text(formats: tuple[str, ...]) -> str:
+    """PIL's format names as a user reads them: ("PNG", "JPEG", "WEBP") -> "PNG, JPEG or WebP"."""
+    names = [{"WEBP": "WebP"}.get(name, name) for name in formats]
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
 
 
 @dataclass(frozen=True)
