@@ -1,13 +1,14 @@
 """`mnistsum serve`: a local page to draw a digit and a JSON API, both answered by the run in
 --artifacts.
 
-Only this command imports Starlette, uvicorn and python-multipart (the optional `serve` extra). The app never
-writes a file: it reads the static files shipped in the package, the run's model, evaluations
-and the plots its manifest lists, and nothing else. A drawing is prepared and run on the event
-loop (cheaper than a hand-off to a thread); the cores are used by worker processes
+Only this command imports Starlette, uvicorn and python-multipart (the optional `serve` extra).
+The app never writes a file: it reads the static files shipped in the package, the run's model,
+evaluations and the plots its manifest lists, and nothing else. A drawing is prepared and run
+on the event loop (cheaper than a hand-off to a thread); the cores are used by worker processes
 (workers.py), each with its own event loop, its own copy of the model and its own check that
-the model is current. Checking and swapping the model happen on the event loop alone, and each
-request keeps the ServedModel it started with, so no lock is needed.
+the model is current. Checking and swapping the model happen on the event loop alone (a new
+model is read in a thread, then swapped in on the loop), and each request keeps the
+ServedModel it started with, so no lock is needed.
 """
 
 from __future__ import annotations
