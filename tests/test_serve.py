@@ -900,9 +900,9 @@ def test_slow_and_stalled_clients_are_disconnected_in_time(run: RunDir) -> None:
     try:
         port = port_of(first)
         header = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 100 + b"\r\n\r\n"
+        started = time.monotonic()  # each deadline begins when the server accepts, after this
         clients = {name: socket.create_connection(("127.0.0.1", port)) for name in ("drip", "silent", "keep-alive")}
         [stalled] = stalled_uploads(port, 1)
-        started = time.monotonic()
         clients["keep-alive"].sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         with ThreadPoolExecutor(4) as pool:
             waits = {
@@ -918,7 +918,7 @@ def test_slow_and_stalled_clients_are_disconnected_in_time(run: RunDir) -> None:
     finally:
         kill_group(process)
     for name, limit in (("drip", HEADER_SECONDS), ("silent", HEADER_SECONDS), ("stalled", BODY_SECONDS)):
-        assert limit - 0.5 < closed[name][0] < limit + 2, (name, closed[name])
+        assert limit <= closed[name][0] < limit + 2, (name, closed[name])
     assert closed["drip"][1] == closed["silent"][1] == b""
     assert closed["keep-alive"][1].startswith(b"HTTP/1.1 200") and closed["keep-alive"][0] < KEEP_ALIVE_SECONDS + 2
     head, body = closed["stalled"][1].split(b"\r\n\r\n", 1)
