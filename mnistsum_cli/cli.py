@@ -31,7 +31,7 @@ from mnistsum_cli.options import (
     ValSizeOption,
     with_setting_options,
 )
-from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, DataDir, RunDir
+from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, IMAGE_FILE_FORMATS, DataDir, RunDir, formats_text
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 from mnistsum_cli.torchrun import torchrun_rank
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS
@@ -261,7 +261,8 @@ def plot(
 )
 def predict(
     images: Annotated[
-        Optional[List[Path]], typer.Argument(help="PNG/JPEG files, any size or colour.", show_default=False)
+        Optional[List[Path]],
+        typer.Argument(help=f"{formats_text(IMAGE_FILE_FORMATS)} files, any size or colour.", show_default=False),
     ] = None,
     number: Annotated[
         Optional[int],
@@ -322,7 +323,7 @@ def serve(
         Optional[int],
         typer.Option(
             min=1,
-            help=f"Server processes sharing the port (default: one per core, at most {MAX_DEFAULT_WORKERS}, on the CPU; 1 on a GPU).",
+            help=f"Server processes sharing the port (default: one per core it may use, by its affinity mask and its cgroup's CPU quota, at most {MAX_DEFAULT_WORKERS}, on the CPU; 1 on a GPU).",
             show_default=False,
         ),
     ] = None,
@@ -334,10 +335,11 @@ def serve(
     try:
         from mnistsum_cli.serve import serve as serve_stage
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in ("starlette", "uvicorn"):
+        if (error.name or "").split(".")[0] not in ("starlette", "uvicorn", "python_multipart"):
             raise
         raise MnistsumError(
-            f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'"
+            f"`mnistsum serve` needs Starlette, uvicorn and python-multipart ({error.name} is missing): "
+            "pip install 'mnistsum[serve]'"
         ) from None
 
     serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), workers, say=typer.echo, warn=report.warning)

@@ -40,6 +40,16 @@ def unknown_run_name() -> str:
     return "unknown-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
+# The decoders `predict` tries on an image file (PIL's names): what photos, scans and drawings come as.
+IMAGE_FILE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+
+
+def formats_text(formats: tuple[str, ...]) -> str:
+    """PIL's format names as a user reads them: ("PNG", "JPEG", "WEBP") -> "PNG, JPEG or WebP"."""
+    names = [{"WEBP": "WebP"}.get(name, name) for name in formats]
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+
+
 @dataclass(frozen=True)
 class DataDir:
     """The folder `prepare` writes and `train`/`evaluate` read."""

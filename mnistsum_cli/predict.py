@@ -1,4 +1,5 @@
-"""Predicting from image files: load any PNG/JPEG, reshape it the way MNIST was made, run a model.
+"""Predicting from image files: load a PNG, JPEG, WebP, TIFF, BMP or GIF (paths.IMAGE_FILE_FORMATS),
+reshape it the way MNIST was made, run a model.
 
 MNIST digits are white on black, scaled so the longer side of the ink is 20 px (aspect ratio
 kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pixel (14, 14).
@@ -20,7 +21,7 @@ from torch import nn
 from mnistsum_cli.checkpoint import load_model
 from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, RunDir
+from mnistsum_cli.paths import IMAGE_FILE_FORMATS, MNIST_SET_OF_SPLIT, RunDir, formats_text
 from mnistsum_cli.prepared import PreparedData
 
 SIZE = 28  # the MNIST field
@@ -34,25 +35,28 @@ MAX_PIXELS = 4096 * 4096
 MAX_PIXELS_TEXT = "4096 x 4096"
 
 
-def open_image(file: BinaryIO, name: str, formats: Optional[tuple[str, ...]] = None) -> Image.Image:
+def open_image(file: BinaryIO, name: str, formats: tuple[str, ...] = IMAGE_FILE_FORMATS) -> Image.Image:
     """Decode an image from an open file (on disk or uploaded), refusing what is not an image,
     an animated image (which frame would be meant?) or one larger than MAX_PIXELS before
-    decoding it; the EXIF rotation is applied. `formats` limits the decoders tried; errors name
-    `name`. The one place that decides which images are read."""
+    decoding it; the EXIF rotation is applied. `formats` are the decoders tried; errors name
+    `name`. The one place that decides which images are read. Damaged metadata (EXIF, stored
+    as TIFF tags) makes PIL warn and skip it: the pixels are read all the same, so it is no
+    error and not a line on stderr (PIL's warnings would print raw)."""
     too_large = f"{name}: over {MAX_PIXELS_TEXT} pixels, far more than a digit needs: scale it down"
     try:
-        with warnings.catch_warnings():  # PIL warns above 89 MP: the limit below speaks instead
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # above 89 MP: MAX_PIXELS speaks instead
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")  # damaged EXIF
             image = Image.open(file, formats=formats)
-        width, height = image.size  # from the header: nothing is decoded yet
-        if width * height > MAX_PIXELS:
-            raise MnistsumError(f"{too_large} ({width} x {height})")
-        if getattr(image, "n_frames", 1) > 1:
-            raise MnistsumError(f"{name}: an animated image ({image.n_frames} frames); give a single picture")
-        image.load()
-        return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
+            width, height = image.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                raise MnistsumError(f"{too_large} ({width} x {height})")
+            if getattr(image, "n_frames", 1) > 1:
+                raise MnistsumError(f"{name}: an animated image ({image.n_frames} frames); give a single picture")
+            image.load()
+            return ImageOps.exif_transpose(image)  # phone photos: apply the EXIF rotation
     except UnidentifiedImageError:
-        raise MnistsumError(f"{name}: not an image (expected PNG or JPEG)") from None
+        raise MnistsumError(f"{name}: not an image (expected {formats_text(formats)})") from None
     except Image.DecompressionBombError:  # PIL's own limit, above 179 MP, refuses in Image.open
         raise MnistsumError(too_large) from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -102,7 +106,7 @@ def opaque(image: Image.Image) -> bool:
 
 
 def prepare_image(
-    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: Optional[tuple[str, ...]] = None
+    source: Union[Path, BinaryIO], name: Optional[str] = None, formats: tuple[str, ...] = IMAGE_FILE_FORMATS
 ) -> np.ndarray:
     """An image file or stream as the model's uint8 [28, 28] input: what `predict` and `serve`
     both feed the model, so the page shows exactly what the command line would see. Errors

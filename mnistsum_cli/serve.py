@@ -1,39 +1,47 @@
 """`mnistsum serve`: a local page to draw a digit and a JSON API, both answered by the run in
 --artifacts.
 
-Only this command imports Starlette and uvicorn (the optional `serve` extra). The app never
-writes a file: it reads the static files shipped in the package, the run's model, evaluations
-and the plots its manifest lists, and nothing else. A drawing is prepared and run on the event
-loop (cheaper than a hand-off to a thread); the cores are used by worker processes
+Only this command imports Starlette, uvicorn and python-multipart (the optional `serve` extra).
+The app never writes a file: it reads the static files shipped in the package, the run's model,
+evaluations and the plots its manifest lists, and nothing else. A drawing is prepared and run
+on the event loop (cheaper than a hand-off to a thread); the cores are used by worker processes
 (workers.py), each with its own event loop, its own copy of the model and its own check that
-the model is current. Checking and swapping the model happen on the event loop alone, and each
-request keeps the ServedModel it started with, so no lock is needed.
+the model is current. Checking and swapping the model happen on the event loop alone (a new
+model is read in a thread, then swapped in on the loop), and each request keeps the
+ServedModel it started with, so no lock is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
-from typing import Any, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
+import python_multipart  # noqa: F401 (Starlette parses forms with it, and imports without it)
 import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Match, Route
 from torch import nn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from mnistsum_cli.checkpoint import load_model_bytes
 from mnistsum_cli.errors import BadOption, MnistsumError
@@ -49,7 +57,16 @@ MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, 
 INLINE_BODY = 64 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG")  # the decoders an upload may use
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")  # raw image bodies
+FORM_TYPE = "multipart/form-data"  # a form upload: one image file and a number field
+MAX_FORM_PARTS = 16  # files and fields of a form: it needs two
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ANY_ADDRESS = ("0.0.0.0", "::", "")  # --host values that listen on every address of the machine
+HOST_HEADER = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")  # name[:port], [v6 address][:port]
+# How long a client may take (a drawing arrives in milliseconds, 2 MB over a slow Wi-Fi in a few
+# seconds): then its connection is closed, so that slow or stalled clients cannot hold them all.
+HEADER_SECONDS = 10  # a request's headers, from the connection or from the previous answer
+BODY_SECONDS = 15  # a request's body, from its headers (then a 408)
+KEEP_ALIVE_SECONDS = 5  # between an answer and the next request's first byte (uvicorn's timeout_keep_alive)
 # On Ctrl-C, requests in progress get this long; then they are cancelled (an upload that stalls
 # must not hold the stop). A worker starts its own grace when the server has stopped.
 GRACE_SECONDS = 3
@@ -99,9 +116,14 @@ LOG_CONFIG = {  # what uvicorn logs (warnings and errors; no access log), throug
             "formatter": "one_line",
             "filters": ["not_cancelled"],
             "stream": "ext://sys.stderr",
-        }
+        },
+        "nowhere": {"class": "logging.NullHandler"},
     },
-    "loggers": {"uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False}},
+    "loggers": {
+        "uvicorn": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+        # a warning for each malformed form, which its client hears about (a 400) already
+        "python_multipart": {"handlers": ["nowhere"], "propagate": False},
+    },
 }
 
 
@@ -151,28 +173,48 @@ def read_served_model(run: RunDir, device: torch.device) -> ServedModel:
 
 class ModelFollower:
     """The model that answers: the run's current model.safetensors, checked by a stat on each
-    request. A new file is loaded once; one that cannot be read leaves the previous model
-    serving, with the reason in `problem` (until the file changes again)."""
+    request. A new file is loaded once, in a thread: the read waits while a commit of the folder
+    is unfinished (store.read_consistently), and meanwhile the event loop answers the other
+    requests (/healthz at once). A file that cannot be loaded leaves the previous model serving,
+    with the reason in `problem` (until the file changes again)."""
 
     def __init__(self, run: RunDir, device: torch.device) -> None:
         self.run, self.device = run, device
         self.current = read_served_model(run, device)
         self.seen: Optional[tuple[int, int, int]] = self.current.identity
         self.problem: Optional[str] = None
+        self.loading: Optional[asyncio.Task] = None
 
-    def get(self) -> ServedModel:
-        try:
-            identity: Optional[tuple[int, int, int]] = file_identity(os.stat(self.run.model))
-        except OSError:
-            identity = None
-        if identity != self.seen:
-            self.seen = identity
+    def refresh(self) -> Optional[asyncio.Task]:
+        """Start loading the file if it changed since it was last looked at; the load under way,
+        if any (one at a time)."""
+        if self.loading is None:
             try:
-                self.current = read_served_model(self.run, self.device)
-                self.seen, self.problem = self.current.identity, None
-            except MnistsumError as error:
-                self.problem = f"{error}; still serving run {self.current.meta.get('run_id')}"
+                identity: Optional[tuple[int, int, int]] = file_identity(os.stat(self.run.model))
+            except OSError:
+                identity = None
+            if identity != self.seen:
+                self.seen = identity
+                self.loading = asyncio.get_running_loop().create_task(self._load())
+        return self.loading
+
+    async def get(self) -> ServedModel:
+        """The current model, after the load that a change of the file started, if any."""
+        loading = self.refresh()
+        if loading is not None:
+            await asyncio.shield(loading)  # a client that leaves does not cancel the load others wait for
         return self.current
+
+    async def _load(self) -> None:
+        try:
+            served = await run_in_threadpool(read_served_model, self.run, self.device)
+        except Exception as error:  # whatever it is, the previous model serves on and `problem` says why
+            reason = str(error) if isinstance(error, MnistsumError) else f"{self.run.model}: cannot load it ({error!r})"
+            self.problem = f"{reason}; still serving run {self.current.meta.get('run_id')}"
+        else:
+            self.current, self.seen, self.problem = served, served.identity, None
+        finally:
+            self.loading = None
 
 
 def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[str, Any]:
@@ -234,17 +276,25 @@ def _json_or_none(path: os.PathLike) -> Any:
 
 async def read_body(request: Request) -> bytes:
     """The request body, refused with 413 from its Content-Length or, without one (or a false
-    one), as soon as more than MAX_BODY bytes have arrived."""
+    one), as soon as more than MAX_BODY bytes have arrived, and with 408 when it has not all
+    arrived BODY_SECONDS after its headers (an upload that stalls must not hold a connection)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
         raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def capped() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise RequestError(413, f"request body over the limit of {MAX_BODY:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(capped(), BODY_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {BODY_SECONDS} s") from None
 
 
 def parse_number(value: Any) -> int:
@@ -263,7 +313,7 @@ def parse_pixels(value: Any) -> np.ndarray:
         raise RequestError(400, "missing field: pixels (28 x 28 numbers 0-255), or send a PNG/JPEG body")
     try:
         pixels = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError, RecursionError):  # OverflowError: an integer past float64
         raise RequestError(400, "pixels must be 28 rows of 28 numbers 0-255") from None
     if pixels.shape != (SIZE, SIZE) or not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
         raise RequestError(400, "pixels must be 28 rows of 28 numbers 0-255")
@@ -275,14 +325,22 @@ def parse_pixels(value: Any) -> np.ndarray:
 async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     """The 28 x 28 model input and the number of a POST /api/predict."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in IMAGE_TYPES + ("application/json",):
-        raise RequestError(415, 'send a PNG/JPEG body (?number=N) or JSON {"number": N, "pixels": 28 x 28}')
+    if media_type not in IMAGE_TYPES + (FORM_TYPE, "application/json"):
+        raise RequestError(
+            415,
+            "send a PNG/JPEG body (?number=N), a form with one image file and a number field, "
+            'or JSON {"number": N, "pixels": 28 x 28}',
+        )
     body = await read_body(request)
+    if media_type == FORM_TYPE:
+        return await form_input(request.headers, body)
     if media_type == "application/json":
         try:
             fields = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise RequestError(400, "the body is not valid JSON") from None
+        except RecursionError:
+            raise RequestError(400, "the JSON body is nested too deep") from None
         if not isinstance(fields, dict):
             raise RequestError(400, "the JSON body must be an object with number and pixels")
         number = parse_number(fields.get("number"))
@@ -290,16 +348,71 @@ async def predict_input(request: Request) -> tuple[np.ndarray, int]:
     number = parse_number(request.query_params.get("number"))
     if not body:
         raise RequestError(400, "missing image: the request body is empty")
-    if len(body) <= INLINE_BODY:
-        return prepared_upload(body), number
-    return await run_in_threadpool(prepared_upload, body), number
+    return await prepared_upload(body), number
 
 
-def prepared_upload(body: bytes) -> np.ndarray:
+class InMemoryParts(MultiPartParser):
+    """Starlette's multipart parser, keeping each file in memory (Starlette's spools one over
+    1 MB to a temporary file): `serve` writes no file, and the whole body, at most MAX_BODY, is
+    in memory already."""
+
+    spool_max_size = MAX_BODY
+
+
+async def form_input(headers: Headers, body: bytes) -> tuple[np.ndarray, int]:
+    """The model input and the number of a form upload (`curl -F image=@seven.png -F number=5`,
+    a browser's FormData): exactly one file field, whatever its name, and a `number` field."""
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield body
+
     try:
-        return prepare_image(BytesIO(body), "image", IMAGE_FORMATS)
+        form = await InMemoryParts(headers, whole(), max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS).parse()
+    except MultiPartException as error:
+        raise RequestError(400, f"not a valid multipart/form-data body: {error.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if len(files) != 1:
+        raise RequestError(
+            400,
+            f"send one image file in the form, not {len(files)}" if files else "missing image: the form has no file",
+        )
+    number = parse_number(form.get("number"))
+    image = files[0].file.read()  # from memory (InMemoryParts)
+    if not image:
+        raise RequestError(400, "missing image: the file in the form is empty")
+    return await prepared_upload(image), number
+
+
+async def prepared_upload(image: bytes) -> np.ndarray:
+    """An uploaded image as the model's input: a drawing on the event loop, a larger one in a
+    thread (INLINE_BODY)."""
+    if len(image) <= INLINE_BODY:
+        return prepared_image(image)
+    return await run_in_threadpool(prepared_image, image)
+
+
+def prepared_image(image: bytes) -> np.ndarray:
+    try:
+        return prepare_image(BytesIO(image), "image", IMAGE_FORMATS)
     except MnistsumError as error:
         raise RequestError(422, str(error)) from None
+
+
+def model_answers(
+    served: ServedModel, images: list[np.ndarray], numbers: list[int], device: torch.device
+) -> list[Union[tuple[list, list], RequestError]]:
+    """The one place `serve` runs a model: for each 28 x 28 image and its number, the digit
+    head's 10 and the sum head's 19 probabilities, or the error that answers it when they are
+    not all numbers (a model with NaN weights answers NaN, and JSON has no NaN)."""
+    digit, total = head_probabilities(served.model, torch.from_numpy(np.stack(images)), torch.tensor(numbers), device)
+    return [
+        (digit_probs, sum_probs)
+        if all(map(math.isfinite, digit_probs + sum_probs))
+        else RequestError(
+            500, f"the model of run {served.meta.get('run_id')} answered NaN, not probabilities: train it again"
+        )
+        for digit_probs, sum_probs in zip(digit.tolist(), total.tolist())  # on a GPU, its errors surface here
+    ]
 
 
 class Batches:
@@ -327,13 +440,9 @@ class Batches:
             for served in {id(served): served for served, *_ in waiting}.values():  # one model, unless it just changed
                 batch = [(image, number, future) for model, image, number, future in waiting if model is served]
                 try:
-                    digit, total = head_probabilities(
-                        served.model,
-                        torch.from_numpy(np.stack([image for image, _, _ in batch])),
-                        torch.tensor([number for _, number, _ in batch]),
-                        self.device,
+                    answers = model_answers(
+                        served, [image for image, _, _ in batch], [n for _, n, _ in batch], self.device
                     )
-                    answers = list(zip(digit.tolist(), total.tolist()))  # on a GPU, its errors surface here
                 except Exception as error:  # answered as a 500 by each request, the server goes on
                     answers = [error] * len(batch)
                 for (_, _, future), answer in zip(batch, answers):
@@ -352,8 +461,9 @@ class Batches:
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(follower: ModelFollower) -> "SecurityHeaders":
-    """The ASGI app of `serve`, answering with the follower's model."""
+def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders":
+    """The ASGI app of `serve`, answering with the follower's model the requests whose Host
+    header `hosts` knows."""
     run, device = follower.run, follower.device
     static = {
         path: (resources.files("mnistsum_cli").joinpath("static", name).read_bytes(), media)
@@ -368,7 +478,8 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
 
     async def predict(request: Request) -> JSONResponse:
         image, number = await predict_input(request)
-        served, problem = follower.get(), follower.problem  # as they were when the request came
+        served = await follower.get()
+        problem = follower.problem  # as they were when the request came
         digit_probs, sum_probs = await batches.probabilities(served, image, number)
         return JSONResponse(
             {
@@ -384,16 +495,17 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
         )
 
     async def model(request: Request) -> JSONResponse:
-        served = follower.get()
+        served = await follower.get()
         return JSONResponse(run_card(run, served, follower.problem))
 
     async def healthz(request: Request) -> JSONResponse:
-        served = follower.get()
+        follower.refresh()  # a probe never waits for a load: it says what serves now
+        served = follower.current
         return JSONResponse({"status": "ok", "run_id": served.meta.get("run_id"), "problem": follower.problem})
 
     async def plot(request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in listed_plots(run, follower.get()):
+        if name not in listed_plots(run, await follower.get()):
             raise RequestError(404, "no such plot in this run's plots/manifest.json")
         try:
             content = (run.plots / name).read_bytes()
@@ -411,7 +523,14 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
             )
         else:  # a bug: the client gets one line, the server keeps serving
             status, message = 500, f"internal error ({type(error).__name__})"
-        return JSONResponse({"error": message}, status_code=status)
+        # the rest of a body too large or too slow is not read: the connection cannot carry another request
+        headers = {"Connection": "close"} if status in (408, 413) else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def gone(request: Request, error: Exception) -> Response:
+        """A client that went away while its request was read: nobody reads the answer, and it
+        is nothing to log (uvicorn logs each exception handled as a 500)."""
+        return Response(status_code=400)
 
     routes = [Route(path, page) for path in STATIC_FILES] + [
         Route("/api/predict", predict, methods=["POST"]),
@@ -419,9 +538,73 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
         Route("/healthz", healthz),
         Route("/plots/{name}", plot),
     ]
-    return SecurityHeaders(
-        Starlette(routes=routes, exception_handlers={Exception: refused, HTTPException: refused, RequestError: refused})
+
+    async def slash_redirect(scope: dict, receive: Callable, send: Callable) -> None:
+        """What Starlette's own slash redirect does (`/healthz/` -> `/healthz`), with a relative
+        Location: Starlette writes an absolute one from the Host header, which a client chooses."""
+        path = scope["path"]
+        toggled = path.rstrip("/") if path.endswith("/") else path + "/"
+        if path != "/" and any(route.matches({**scope, "path": toggled})[0] != Match.NONE for route in routes):
+            query = scope["query_string"].decode("latin-1")
+            await RedirectResponse(toggled + (f"?{query}" if query else ""))(scope, receive, send)
+            return
+        raise HTTPException(404)
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            Exception: refused,
+            HTTPException: refused,
+            RequestError: refused,
+            ClientDisconnect: gone,
+        },
     )
+    app.router.redirect_slashes, app.router.default = False, slash_redirect
+    return SecurityHeaders(hosts.guarding(app))
+
+
+class KnownHosts:
+    """The Host header names `serve` answers: the loopback names, and the --host it listens on
+    (with any port: an ssh tunnel or a port forward changes it). Others get a 400, so that a
+    page of another site cannot reach the server through a name of its own that it points at
+    127.0.0.1 (DNS rebinding). Listening on every address (0.0.0.0, ::), any IP address is
+    answered too, and the machine's own names: a browser sends an IP address as the Host only
+    when it went to that address itself, never for another site's page."""
+
+    def __init__(self, host: str) -> None:
+        self.any_address = host in ANY_ADDRESS
+        names = {*LOOPBACK, host, *((socket.gethostname(), socket.getfqdn()) if self.any_address else ())}
+        self.names = frozenset(f"[{name.lower()}]" if ":" in name else name.lower() for name in names if name)
+
+    def knows(self, header: str) -> bool:
+        """Whether a Host header (`name`, `name:port`, `[v6]:port`) names this server."""
+        match = HOST_HEADER.fullmatch(header)
+        if match is None:
+            return False
+        name = match.group(1).lower()
+        return name in self.names or (self.any_address and _is_address(name.strip("[]")))
+
+    def guarding(self, app: Callable) -> Callable:
+        """`app` behind the check: a request with an unknown Host gets a 400 and one line."""
+
+        async def guarded(scope: dict, receive: Callable, send: Callable) -> None:
+            if scope["type"] == "http" and not self.knows(
+                next((value for name, value in scope["headers"] if name == b"host"), b"").decode("latin-1")
+            ):
+                refusal = {"error": "unknown Host header: open the address `mnistsum serve` printed"}
+                await JSONResponse(refusal, status_code=400)(scope, receive, send)
+                return
+            await app(scope, receive, send)
+
+        return guarded
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class SecurityHeaders:
@@ -438,6 +621,43 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_secured)
+
+
+def with_header_deadline(protocol: type) -> type:
+    """uvicorn's HTTP protocol with a deadline for each request's headers: a connection whose
+    headers have not all arrived HEADER_SECONDS after it opened, or after the previous answer,
+    is closed. uvicorn has none: a client that sends nothing, or a byte now and then, would hold
+    its connection for ever (uvicorn's keep-alive timeout ends at the first byte). This relies
+    on what uvicorn's protocols (h11 and httptools) share: a new `cycle` once a request's
+    headers are in, and on_response_complete after each answer."""
+
+    class HeaderDeadline(protocol):
+        header_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.await_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request began
+                self.await_headers()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            super().connection_lost(exc)
+
+        def await_headers(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+            self.header_timer = self.loop.call_later(HEADER_SECONDS, self.close_if_still, self.cycle)
+
+        def close_if_still(self, cycle: Any) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():  # the headers of a new request make a new cycle
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -484,7 +704,7 @@ def serve(
         warn(f"listening on {host}: anyone who can reach port {port} can use the model")
     shown = f"[{host}]" if ":" in host else host
     config = uvicorn.Config(
-        create_app(follower),
+        create_app(follower, KnownHosts(host)),
         log_level="warning",
         log_config=LOG_CONFIG,
         access_log=False,
@@ -492,6 +712,8 @@ def serve(
         server_header=False,
         proxy_headers=False,  # nothing stands in front of it: X-Forwarded-* from a client would be believed
         timeout_graceful_shutdown=GRACE_SECONDS,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        http=with_header_deadline(AutoHTTPProtocol),
     )
     server = uvicorn.Server(config)
 

@@ -12,27 +12,77 @@ requests and exits by itself. A worker that dies is reported; the others go on s
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, NoReturn
+from pathlib import Path
+from typing import Callable, Iterator, NoReturn, Optional
 
 from mnistsum_cli.errors import BadOption, MnistsumError
 
+CGROUPS = Path("/sys/fs/cgroup")  # where the cgroup hierarchies are mounted
+MEMBERSHIP = Path("/proc/self/cgroup")  # this process's cgroup in each hierarchy
 STOP_SECONDS = 10.0  # the longest a stopping worker may take to finish its requests before it is killed
 MAX_DEFAULT_WORKERS = 4  # the default's ceiling: more processes need more clients than a local page has
 
 
-def default_workers(on_cpu: bool) -> int:
-    """One process per core this process may run on (its affinity mask, which `taskset` and
-    cpusets set), at most MAX_DEFAULT_WORKERS, on the CPU; one on a GPU or without fork()."""
+def default_workers(on_cpu: bool, cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> int:
+    """One process per core this process may use, at most MAX_DEFAULT_WORKERS, on the CPU; one
+    on a GPU or without fork(). The cores it may use: its affinity mask (which `taskset` and
+    cpusets set), or the CPU quota of its cgroup (a container's `--cpus`, a systemd CPUQuota)
+    rounded up, whichever is less: a container given 2 CPUs of a 64-core host sees all 64 in
+    its affinity mask, and more processes than its quota only take turns."""
     if not on_cpu or not hasattr(os, "fork"):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota(cgroups, membership)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
     return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
+def cpu_quota(cgroups: Path = CGROUPS, membership: Path = MEMBERSHIP) -> Optional[float]:
+    """The CPUs this process's cgroup may use (quota / period), the least along its path up to
+    the root of the hierarchy (a parent's limit holds for its children); None without a limit.
+    `membership` (/proc/self/cgroup) names the cgroup: "0::/path" on cgroup v2, whose limit is
+    cpu.max ("200000 100000": 2 CPUs, "max 100000": none); "N:cpu,cpuacct:/path" on v1, whose
+    limit is cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us. In a container the path may
+    name the host's view of it, which the container does not see: its own root then holds the
+    limit, so a folder that is not there is skipped."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3 or (fields[1] and "cpu" not in fields[1].split(",")):
+            continue
+        v2, base = not fields[1], cgroups / fields[1]  # v1: the controller's hierarchy, mounted by its name
+        folder = base / fields[2].lstrip("/")
+        for above in (folder, *folder.parents):
+            quota = _quota(above, v2)
+            if quota is not None:
+                quotas.append(quota)
+            if above == base:
+                break
+    return min(quotas, default=None)
+
+
+def _quota(folder: Path, v2: bool) -> Optional[float]:
+    """The CPU limit one cgroup folder sets, None for none (or none to be read)."""
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:
+            quota, period = ((folder / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 @contextmanager

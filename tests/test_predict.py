@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -21,7 +23,7 @@ from torch import nn
 from conftest import PNG_MAGIC, assert_one_line_error
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.models import build_model
-from mnistsum_cli.predict import MAX_PIXELS, greyscale, load_image, opaque, predict_digits, to_mnist
+from mnistsum_cli.predict import MAX_PIXELS, greyscale, load_image, opaque, predict_digits, prepare_image, to_mnist
 
 # A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
 SEVEN = [(0.1, 0.05), (0.9, 0.05), (0.45, 0.95)]
@@ -437,3 +439,60 @@ def test_file_names_that_are_not_utf8_in_json(workdir: Path, run_cli) -> None:
     code, out, err = run_cli("predict", name, "--number", 3, "--cpu")
     assert code == 0, err
     assert "caf\\xe9 7.png" in out
+
+
+# --------------------------------------------------------------------------- the formats read
+
+
+def test_predict_help_names_the_formats_it_reads(run_cli) -> None:
+    code, out, _ = run_cli("predict", "--help")
+    assert code == 0 and "PNG, JPEG, WebP, TIFF, BMP or GIF files" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_each_format_the_help_names_is_read(tmp_path: Path, fmt: str) -> None:
+    image = draw_seven((90, 120), (10, 10, 80, 110), "L", 0, 255)
+    image.save(tmp_path / "seven", fmt)
+    assert_mnist_like(prepare_image(tmp_path / "seven"))
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "PCX", "ICO", "PPM", "SGI"])
+def test_a_format_the_help_does_not_name_is_refused(tmp_path: Path, fmt: str) -> None:
+    """PIL reads these too: `predict` tries only the decoders it names."""
+    draw_seven((64, 64), (8, 8, 56, 56), "L", 0, 255).save(tmp_path / "seven", fmt)
+    with pytest.raises(MnistsumError, match=r"not an image \(expected PNG, JPEG, WebP, TIFF, BMP or GIF\)$"):
+        prepare_image(tmp_path / "seven")
+
+
+def jpeg_with_damaged_exif() -> bytes:
+    """A JPEG whose EXIF says Orientation 3, then a tag whose data lies past the end and an
+    entry count larger than the entries there: PIL warns "Corrupt EXIF data" and more."""
+    exif = (
+        b"Exif\0\0II*\0\x08\0\0\0"  # a little-endian TIFF header, the first directory at 8
+        + b"\x05\0"  # 5 entries, of which 2 follow
+        + b"\x12\x01\x03\0\x01\0\0\0\x03\0\0\0"  # Orientation (0x0112), SHORT, 1: 3
+        + b"\x0f\x01\x02\0\xff\0\0\0\x40\0\0\0"  # Make (0x010f), ASCII, 255 bytes at 64: past the end
+    )
+    buffer = io.BytesIO()
+    draw_seven((90, 120), (10, 10, 80, 110), "L", 0, 255).save(buffer, "JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_damaged_exif_is_no_warning_on_stderr(workdir: Path) -> None:
+    """PIL's warnings about damaged metadata printed raw (two lines each, with PIL's source
+    line); the pixels are read all the same: nothing on stderr."""
+    (workdir / "seven.jpg").write_bytes(jpeg_with_damaged_exif())
+    with warnings.catch_warnings(record=True) as caught:  # PIL does warn about this file
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(jpeg_with_damaged_exif())).getexif()
+    assert any("EXIF" in str(warning.message) for warning in caught)
+    done = subprocess.run(
+        [sys.executable, "-m", "mnistsum_cli", "predict", "seven.jpg", "--number", "3", "--cpu", "--json"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONWARNINGS": "default"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert json.loads(done.stdout)["number"] == 3

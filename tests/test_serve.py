@@ -13,9 +13,12 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -35,7 +38,17 @@ starlette = pytest.importorskip("starlette", reason="the serve extra is not inst
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
 from mnistsum_cli import serve as serve_module  # noqa: E402
-from mnistsum_cli.serve import GRACE_SECONDS, MAX_BODY, Batches, ModelFollower, create_app  # noqa: E402
+from mnistsum_cli.serve import (  # noqa: E402
+    BODY_SECONDS,
+    GRACE_SECONDS,
+    HEADER_SECONDS,
+    KEEP_ALIVE_SECONDS,
+    MAX_BODY,
+    Batches,
+    KnownHosts,
+    ModelFollower,
+    create_app,
+)
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
 from mnistsum_cli.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
@@ -71,9 +84,16 @@ def run(tmp_path: Path) -> RunDir:
 
 
 @pytest.fixture
-def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.chdir(tmp_path)
-    return TestClient(create_app(ModelFollower(run, CPU)), raise_server_exceptions=False)
+    # one event loop for all its requests, as in the server: a model load may outlive the request that began it
+    with TestClient(served_app(run), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
+        yield client
+
+
+def served_app(run: RunDir, host: str = "127.0.0.1"):
+    """The app as `serve --host HOST` runs it."""
+    return create_app(ModelFollower(run, CPU), KnownHosts(host))
 
 
 def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
@@ -101,6 +121,22 @@ def assert_refused(response, status: int, words: str) -> None:
     message = response.json()["error"]
     assert "\n" not in message and words in message, message
 
+
+def upload(encoding: str, body: bytes, number: Any = 1, content_type: str = "image/png") -> dict:
+    """The arguments of client.post for an image and its number (None: none given), either as
+    a raw body with ?number=N or as a form (`curl -F image=@seven.png -F number=5`)."""
+    if encoding == "raw":
+        query = "" if number is None else f"?number={number}"
+        return {"url": f"/api/predict{query}", "content": body, "headers": {"Content-Type": content_type}}
+    fields = {} if number is None else {"number": str(number)}
+    return {"url": "/api/predict", "files": {"image": ("digit", body, content_type)}, "data": fields}
+
+
+def raw(path: str, body: bytes, headers: dict) -> dict:
+    return {"url": path, "content": body, "headers": headers}
+
+
+ENCODINGS = ("raw", "form")
 
 # --------------------------------------------------------------------------- routes
 
@@ -182,9 +218,66 @@ def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str)
     assert response.json() == {"error": "not found"} or "manifest" in response.json()["error"]
 
 
-def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) -> None:
+HOSTS = {  # --host -> (Host headers answered, Host headers refused)
+    "127.0.0.1": (
+        ["127.0.0.1:8000", "127.0.0.1", "localhost:8000", "LocalHost", "localhost:9999", "[::1]:8000", "[::1]"],
+        [
+            "evil.example",
+            "evil.example:8000",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:8000",
+            "192.168.1.5",
+            "",
+            "localhost:80:80",
+            "localhost:x",
+            "[::1]x",
+            "[::2]:8000",
+            "0.0.0.0:8000",
+        ],
+    ),
+    "::1": (["[::1]:8000", "[::1]", "localhost"], ["::1", "[::1]]", "evil.example"]),
+    "myhost.lan": (["myhost.lan:8000", "MyHost.LAN", "127.0.0.1:8000"], ["other.lan", "192.168.1.5:8000"]),
+    "0.0.0.0": (
+        ["192.168.1.5:8000", "10.0.0.1", "[fe80::1]:8000", socket.gethostname(), "localhost"],
+        ["evil.example:8000", "192.168.1.5.evil.example", "999.1.1.1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("listening", list(HOSTS))
+def test_only_the_hosts_it_listens_on_are_answered(run: RunDir, tmp_path: Path, listening: str) -> None:
+    """A page of another site that points a name of its own at 127.0.0.1 (DNS rebinding) sends
+    that name as the Host: it gets a 400, whatever the path."""
+    client = TestClient(served_app(run, listening), base_url="http://127.0.0.1:8000", raise_server_exceptions=False)
+    answered, refused = HOSTS[listening]
+    for host in answered:
+        assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+    before = snapshot(tmp_path)
+    for host in refused:
+        for response in (
+            client.get("/healthz", headers={"Host": host}),
+            client.get("/api/model", headers={"Host": host}),
+            client.post("/api/predict?number=1", content=drawn_seven(), headers={**PNG, "Host": host}),
+        ):
+            assert_refused(response, 400, "unknown Host header")
+            assert response.headers["content-security-policy"].startswith("default-src 'self'")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_slash_redirect_is_relative_and_never_names_the_host(client: TestClient) -> None:
+    response = client.get("/healthz/?probe=1", headers={"Host": "localhost:8000"}, follow_redirects=False)
+    assert (response.status_code, response.headers["location"]) == (307, "/healthz?probe=1")
+    response = client.get("/healthz/", headers={"Host": "evil.example:8000"}, follow_redirects=False)
+    assert response.status_code == 400 and "location" not in response.headers
+    for path in ("//evil.example/", "//evil.example", "/api/nothing/"):
+        response = client.get(f"http://127.0.0.1:8000{path}", follow_redirects=False)
+        assert response.status_code == 404 and "location" not in response.headers, path
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir, encoding: str) -> None:
     body = drawn_seven()
-    response = client.post("/api/predict?number=4", content=body, headers={"Content-Type": "image/png"})
+    response = client.post(**upload(encoding, body, 4))
     assert response.status_code == 200, response.text
     answer = response.json()
     image = prepare_image(io.BytesIO(body), "seven")
@@ -197,10 +290,14 @@ def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir) ->
     assert len(answer["digit_probabilities"]) == 10 and len(answer["sum_probabilities"]) == 19
 
 
-def test_predict_jpeg_and_pixels(client: TestClient, run: RunDir) -> None:
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_predict_jpeg(client: TestClient, encoding: str) -> None:
     jpeg = drawn_seven(fmt="JPEG")
-    answer = client.post("/api/predict?number=0", content=jpeg, headers={"Content-Type": "image/jpeg"}).json()
-    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist()
+    answer = client.post(**upload(encoding, jpeg, 0, "image/jpeg")).json()
+    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist() and answer["number"] == 0
+
+
+def test_predict_pixels(client: TestClient, run: RunDir) -> None:
     pixels = np.zeros((28, 28), dtype=np.uint8)
     pixels[6:22, 13:16] = 255
     response = client.post("/api/predict", json={"number": 9, "pixels": pixels.tolist()})
@@ -225,7 +322,7 @@ def predict_scope(number: int, *headers: tuple[bytes, bytes]) -> dict:
         "raw_path": b"/api/predict",
         "query_string": f"number={number}".encode(),
         "root_path": "",
-        "headers": [(b"content-type", b"image/png"), *headers],
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"image/png"), *headers],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 8000),
     }
@@ -251,6 +348,21 @@ async def asgi_post(app, body: bytes, number: int) -> tuple[int, dict]:
     return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
 
 
+async def asgi_get(app, path: str) -> tuple[int, dict]:
+    """GET `path` straight through the ASGI app: the status and the JSON answer."""
+    scope = {**predict_scope(0), "method": "GET", "path": path, "raw_path": path.encode(), "query_string": b""}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(b"".join(message.get("body", b"") for message in sent[1:]))
+
+
 def concurrently(app, requests: list[tuple[bytes, int]]) -> list[tuple[int, dict]]:
     async def all_at_once() -> list[tuple[int, dict]]:
         return await asyncio.gather(*(asgi_post(app, body, number) for body, number in requests))
@@ -270,7 +382,7 @@ def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_
     monkeypatch.setattr(serve_module, "head_probabilities", counted)
     write_adding_model(run, "adding", seed=1)
     requests = [(drawn_seven(size), number) for size, number in zip((100, 150, 200, 280, 320, 400), (0, 3, 5, 7, 8, 9))]
-    answers = concurrently(create_app(ModelFollower(run, CPU)), requests)
+    answers = concurrently(served_app(run), requests)
     assert batch_sizes == [6]
     for (body, number), (status, answer) in zip(requests, answers):
         assert status == 200, answer
@@ -317,7 +429,7 @@ def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
         return head_probabilities(model, images, numbers, device)
 
     monkeypatch.setattr(serve_module, "head_probabilities", fails_once)
-    app = create_app(ModelFollower(run, CPU))
+    app = served_app(run)
     answers = concurrently(app, [(drawn_seven(), number) for number in (1, 2, 3)])
     assert answers == [(500, {"error": "internal error (RuntimeError)"})] * 3
     assert [status for status, _ in concurrently(app, [(drawn_seven(), 4)])] == [200]
@@ -336,6 +448,45 @@ def test_a_client_that_left_does_not_break_its_batch(run: RunDir) -> None:
 
     digit_probs, sum_probs = asyncio.run(one_leaves())
     assert np.allclose(sum_probs, expected(run, image, 2)[1], atol=1e-5)
+
+
+def test_a_slow_model_load_does_not_hold_the_other_requests(run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a new model waits while a commit of the folder is unfinished (seconds, when the
+    commit is slow): in a thread, while /healthz answers at once with the model serving now."""
+    app, read = served_app(run), serve_module.read_served_model
+
+    def slow_read(run: RunDir, device: torch.device):
+        time.sleep(2)
+        return read(run, device)
+
+    monkeypatch.setattr(serve_module, "read_served_model", slow_read)
+    write_model(run, "run2", seed=1)
+
+    async def meanwhile() -> tuple:
+        started = time.monotonic()
+        predicting = asyncio.ensure_future(asgi_post(app, drawn_seven(), 3))
+        await asyncio.sleep(0.05)  # the prediction has begun loading run2 and waits for it
+        health = await asgi_get(app, "/healthz")
+        health_took = time.monotonic() - started
+        return health, health_took, await predicting, time.monotonic() - started
+
+    health, health_took, (status, answer), took = asyncio.run(meanwhile())
+    assert health == (200, {"status": "ok", "run_id": "run1", "problem": None}) and health_took < 1, health_took
+    assert (status, answer["run_id"]) == (200, "run2") and took >= 2
+
+
+def test_a_model_that_answers_nan_gets_a_clear_error(run: RunDir, client: TestClient) -> None:
+    """JSON has no NaN: a model whose weights are NaN answers every image with a 500 that says
+    so in one line (not an internal error), and the server serves on."""
+    model = build_model("lean")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))
+    save_model(run.model, model, model_metadata("lean", "broken", epoch=2))
+    for _ in range(2):
+        response = client.post("/api/predict?number=3", content=drawn_seven(), headers=PNG)
+        assert_refused(response, 500, "the model of run broken answered NaN, not probabilities: train it again")
+    assert client.get("/healthz").json() == {"status": "ok", "run_id": "broken", "problem": None}
 
 
 # --------------------------------------------------------------------------- refused requests
@@ -367,32 +518,60 @@ def blank_png() -> bytes:
 
 
 PNG = {"Content-Type": "image/png"}
-REFUSED = {
-    "no number": (lambda: ("/api/predict", drawn_seven(), PNG), 400, "missing field: number"),
-    "number 10": (lambda: ("/api/predict?number=10", drawn_seven(), PNG), 400, "0-9"),
-    "number -1": (lambda: ("/api/predict?number=-1", drawn_seven(), PNG), 400, "0-9"),
-    "number x": (lambda: ("/api/predict?number=x", drawn_seven(), PNG), 400, "0-9"),
-    "empty body": (lambda: ("/api/predict?number=1", b"", PNG), 400, "empty"),
-    "not an image": (lambda: ("/api/predict?number=1", b"hello, world" * 10, PNG), 422, "not an image"),
-    "truncated png": (lambda: ("/api/predict?number=1", drawn_seven()[:300], PNG), 422, "cannot read image"),
-    "animated gif": (
-        lambda: ("/api/predict?number=1", animated("GIF"), {"Content-Type": "application/octet-stream"}),
-        422,
-        "PNG or JPEG",
+JSON = {"Content-Type": "application/json"}
+
+
+UPLOADS_REFUSED = {  # refused alike as a raw body and as a form: name -> ((body, number[, type]), status, words)
+    "no number": (lambda: (drawn_seven(), None), 400, "missing field: number"),
+    "number 10": (lambda: (drawn_seven(), 10), 400, "0-9"),
+    "number -1": (lambda: (drawn_seven(), -1), 400, "0-9"),
+    "number x": (lambda: (drawn_seven(), "x"), 400, "0-9"),
+    "empty image": (lambda: (b"", 1), 400, "empty"),
+    "not an image": (lambda: (b"hello, world" * 10, 1), 422, "not an image"),
+    "truncated png": (lambda: (drawn_seven()[:300], 1), 422, "cannot read image"),
+    "animated gif": (lambda: (animated("GIF"), 1, "application/octet-stream"), 422, "PNG or JPEG"),
+    "animated png": (lambda: (animated("PNG"), 1), 422, "animated"),
+    "empty canvas": (lambda: (blank_png(), 1), 422, "blank"),
+    "over pixel limit": (lambda: (png_claiming(5000, 5000), 1), 422, "over 4096 x 4096 pixels"),
+    "pixel bomb": (lambda: (png_claiming(20000, 20000), 1), 422, "over 4096 x 4096 pixels"),
+    "too big": (lambda: (b"\0" * (MAX_BODY + 1), 1), 413, "limit"),
+}
+REFUSED = {  # name -> (the arguments of client.post, status, words of the error)
+    **{
+        f"{name}, {encoding}": (lambda make=make, encoding=encoding: upload(encoding, *make()), status, words)
+        for name, (make, status, words) in UPLOADS_REFUSED.items()
+        for encoding in ENCODINGS
+    },
+    "form without a file": (
+        lambda: {"url": "/api/predict", "files": {"number": (None, "3")}},
+        400,
+        "missing image: the form has no file",
     ),
-    "animated png": (lambda: ("/api/predict?number=1", animated("PNG"), PNG), 422, "animated"),
-    "empty canvas": (lambda: ("/api/predict?number=1", blank_png(), PNG), 422, "blank"),
-    "over pixel limit": (
-        lambda: ("/api/predict?number=1", png_claiming(5000, 5000), PNG),
-        422,
-        "over 4096 x 4096 pixels",
+    "form with two files": (
+        lambda: {"url": "/api/predict", "files": [("image", ("a", drawn_seven())), ("more", ("b", drawn_seven()))]},
+        400,
+        "send one image file in the form, not 2",
     ),
-    "pixel bomb": (lambda: ("/api/predict?number=1", png_claiming(20000, 20000), PNG), 422, "over 4096 x 4096 pixels"),
-    "text body": (lambda: ("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
-    "bad json": (lambda: ("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
-    "json list": (lambda: ("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
+    "form with the number as a file": (
+        lambda: {"url": "/api/predict", "files": {"image": ("a", drawn_seven()), "number": ("n", b"3")}},
+        400,
+        "not 2",
+    ),
+    "form without a boundary": (
+        lambda: raw("/api/predict", drawn_seven(), {"Content-Type": "multipart/form-data"}),
+        400,
+        "not a valid multipart/form-data body: Missing boundary",
+    ),
+    "form that is not one": (
+        lambda: raw("/api/predict", drawn_seven(), {"Content-Type": "multipart/form-data; boundary=x"}),
+        400,
+        "not a valid multipart/form-data body: Invalid multipart data",
+    ),
+    "text body": (lambda: raw("/api/predict?number=1", b"seven", {"Content-Type": "text/plain"}), 415, "PNG/JPEG"),
+    "bad json": (lambda: raw("/api/predict", b"{nope", {"Content-Type": "application/json"}), 400, "not valid JSON"),
+    "json list": (lambda: raw("/api/predict", b"[1, 2]", {"Content-Type": "application/json"}), 400, "object"),
     "json no number": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -401,7 +580,7 @@ REFUSED = {
         "number",
     ),
     "json bool number": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": True, "pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -410,12 +589,12 @@ REFUSED = {
         "0-9",
     ),
     "json no pixels": (
-        lambda: ("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}),
+        lambda: raw("/api/predict", b'{"number": 3}', {"Content-Type": "application/json"}),
         400,
         "missing field: pixels",
     ),
     "json 27 rows": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[9] * 28] * 27}).encode(),
             {"Content-Type": "application/json"},
@@ -424,7 +603,7 @@ REFUSED = {
         "28 rows",
     ),
     "json ragged": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[9] * 28] * 27 + [[1]]}).encode(),
             {"Content-Type": "application/json"},
@@ -433,7 +612,7 @@ REFUSED = {
         "28 rows",
     ),
     "json 256": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[256] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -442,7 +621,7 @@ REFUSED = {
         "0-255",
     ),
     "json blank": (
-        lambda: (
+        lambda: raw(
             "/api/predict",
             json.dumps({"number": 3, "pixels": [[0] * 28] * 28}).encode(),
             {"Content-Type": "application/json"},
@@ -450,7 +629,16 @@ REFUSED = {
         422,
         "blank",
     ),
-    "too big": (lambda: ("/api/predict?number=1", b"\0" * (MAX_BODY + 1), PNG), 413, "limit"),
+    "json nested 100,000 deep": (
+        lambda: raw("/api/predict", b'{"number": 3, "pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON),
+        400,
+        "nested too deep",
+    ),
+    "json pixel 10**400": (
+        lambda: raw("/api/predict", json.dumps({"number": 3, "pixels": [[10**400] * 28] * 28}).encode(), JSON),
+        400,
+        "0-255",
+    ),
 }
 
 
@@ -459,22 +647,24 @@ def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(
     client: TestClient, run: RunDir, tmp_path: Path, case: str
 ) -> None:
     make, status, words = REFUSED[case]
-    path, body, headers = make()
     before = snapshot(tmp_path)
-    assert_refused(client.post(path, content=body, headers=headers), status, words)
+    assert_refused(client.post(**make()), status, words)
     assert client.get("/healthz").status_code == 200
     assert snapshot(tmp_path) == before  # the server writes nothing, not even for bad input
 
 
-def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir) -> None:
+@pytest.mark.parametrize("content_type", ["image/png", "multipart/form-data; boundary=x"])
+def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, run: RunDir, content_type: str) -> None:
     """413 from a false Content-Length, and from a streamed body with none once 2 MB arrived
     (driven at the ASGI level: the test client would collect the whole body first)."""
     response = client.post(
-        "/api/predict?number=1", content=b"\0" * 10, headers={**PNG, "Content-Length": str(MAX_BODY + 1)}
+        "/api/predict?number=1",
+        content=b"\0" * 10,
+        headers={"Content-Type": content_type, "Content-Length": str(MAX_BODY + 1)},
     )
     assert_refused(response, 413, "limit")
 
-    app, chunk, pulled, sent = create_app(ModelFollower(run, CPU)), 256 * 1024, [], []
+    app, chunk, pulled, sent = served_app(run), 256 * 1024, [], []
 
     async def receive() -> dict:
         pulled.append(chunk)
@@ -483,9 +673,26 @@ def test_oversize_body_is_refused_before_it_is_read_whole(client: TestClient, ru
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(app(predict_scope(1, (b"host", b"test")), receive, send))
+    scope = predict_scope(1)
+    scope["headers"] = [(b"host", b"127.0.0.1:8000"), (b"content-type", content_type.encode())]
+    asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 413
     assert len(pulled) == MAX_BODY // chunk + 1  # stopped at the first chunk over the limit, not at 64
+
+
+def test_a_form_upload_stays_in_memory(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette spools a form's file over 1 MB to a temporary file: `serve` writes no file."""
+
+    def no_file(*args, **kwargs):
+        raise AssertionError("a temporary file was made")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", no_file)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    assert 1024 * 1024 < len(buffer.getvalue()) < MAX_BODY
+    response = client.post(**upload("form", buffer.getvalue(), 3))
+    assert response.status_code == 200, response.text
 
 
 def test_wrong_method_and_unknown_route(client: TestClient) -> None:
@@ -515,15 +722,17 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
     assert client.get("/api/model").json()["problem"] == third["problem"]
 
     run.model.unlink()
+    assert "not found" in client.get("/api/model").json()["problem"]
     assert "not found" in client.get("/healthz").json()["problem"]
     write_model(run, "run3", seed=2)
+    assert client.get("/api/model").json()["run_id"] == "run3"  # it waits for the load /healthz does not wait for
     assert client.get("/healthz").json() == {"status": "ok", "run_id": "run3", "problem": None}
 
 
 # --------------------------------------------------------------------------- the command
 
 
-@pytest.mark.parametrize("package", ["starlette", "uvicorn"])
+@pytest.mark.parametrize("package", ["starlette", "uvicorn", "python_multipart"])
 def test_serve_without_the_extra_says_how_to_install_it(
     run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
@@ -573,10 +782,14 @@ def start_serve(run: RunDir, *options: str) -> tuple[subprocess.Popen, str]:
     return process, process.stdout.readline()
 
 
-def healthz(port: int) -> bytes:
+def healthz(port: int, host: str = "127.0.0.1") -> bytes:
+    """The whole answer to GET /healthz with this Host header."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
-        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        return connection.recv(100)
+        connection.sendall(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+        return answer
 
 
 def worker_pids(process: subprocess.Popen) -> list[int]:
@@ -614,7 +827,7 @@ def connect_until_each_accepts(port: int, pids: list[int], most: int = 60) -> li
     while not all(accepted(pid, port) for pid in pids):
         assert len(connections) < most, {pid: accepted(pid, port) for pid in pids}
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert connection.recv(100).startswith(b"HTTP/1.1 200")
         connections.append(connection)
     return connections
@@ -625,7 +838,7 @@ def stalled_uploads(port: int, count: int = 6) -> list[socket.socket]:
     connections = []
     for _ in range(count):
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
-        connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n")
+        connection.sendall(b"POST /api/predict?number=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n")
         connection.sendall(b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
         connections.append(connection)
     return connections
@@ -640,6 +853,122 @@ def wait_until_gone(pids: list[int], seconds: float) -> bool:
 
 def port_of(first: str) -> int:
     return int(first.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def test_the_server_answers_only_its_own_host_names(run: RunDir) -> None:
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        assert healthz(port, f"localhost:{port}").startswith(b"HTTP/1.1 200")
+        refused = healthz(port, f"rebound.evil.example:{port}")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    head, body = refused.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 400") and b"evil" not in head
+    assert json.loads(body) == {"error": "unknown Host header: open the address `mnistsum serve` printed"}
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def closed_after(connection: socket.socket, started: float, drip: bytes = b"") -> tuple[float, bytes]:
+    """Seconds from `started` until the server closed the connection (at most 30: then it is
+    not closed) and what it sent; meanwhile `drip` goes out one byte every 0.5 s."""
+    connection.settimeout(0.5)
+    answer = b""
+    while time.monotonic() - started < 30:
+        try:
+            chunk = connection.recv(65536)
+        except socket.timeout:
+            if drip:
+                try:
+                    connection.sendall(drip[:1])
+                except OSError:  # closed under it
+                    return time.monotonic() - started, answer
+                drip = drip[1:]
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return time.monotonic() - started, answer
+        answer += chunk
+    return 30.0, answer
+
+
+def test_slow_and_stalled_clients_are_disconnected_in_time(run: RunDir) -> None:
+    """Each of these would hold a connection for ever: headers sent a byte at a time, nothing
+    at all, an upload that stalls; and the keep-alive connection after an answer."""
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        header = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"x" * 100 + b"\r\n\r\n"
+        started = time.monotonic()  # each deadline begins when the server accepts, after this
+        clients = {name: socket.create_connection(("127.0.0.1", port)) for name in ("drip", "silent", "keep-alive")}
+        [stalled] = stalled_uploads(port, 1)
+        clients["keep-alive"].sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with ThreadPoolExecutor(4) as pool:
+            waits = {
+                "drip": pool.submit(closed_after, clients["drip"], started, header),
+                "silent": pool.submit(closed_after, clients["silent"], started),
+                "keep-alive": pool.submit(closed_after, clients["keep-alive"], started),
+                "stalled": pool.submit(closed_after, stalled, started),
+            }
+            closed = {name: wait.result(timeout=60) for name, wait in waits.items()}
+        assert healthz(port).startswith(b"HTTP/1.1 200")  # and the server serves on
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    for name, limit in (("drip", HEADER_SECONDS), ("silent", HEADER_SECONDS), ("stalled", BODY_SECONDS)):
+        assert limit <= closed[name][0] < limit + 2, (name, closed[name])
+    assert closed["drip"][1] == closed["silent"][1] == b""
+    assert closed["keep-alive"][1].startswith(b"HTTP/1.1 200") and closed["keep-alive"][0] < KEEP_ALIVE_SECONDS + 2
+    head, body = closed["stalled"][1].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 408") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": f"the request body did not arrive within {BODY_SECONDS} s"}
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def test_a_client_that_goes_away_is_not_an_error(run: RunDir) -> None:
+    """Clients leave in the middle of an upload, or before their answer: nothing to log."""
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        port = port_of(first)
+        for connection in stalled_uploads(port, 3):
+            connection.close()
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            body = drawn_seven()
+            connection.sendall(
+                b"POST /api/predict?number=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        time.sleep(1)
+        assert healthz(port).startswith(b"HTTP/1.1 200")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
+
+
+def test_a_form_upload_to_the_server(run: RunDir) -> None:
+    """As `curl -F image=@seven.png -F number=5` sends it (and a browser's FormData); a form
+    that is not one is a 400, and nothing on the server's stderr."""
+    httpx = pytest.importorskip("httpx")
+    process, first = start_serve(run, "--workers", "1")
+    try:
+        url = f"http://127.0.0.1:{port_of(first)}/api/predict"
+        body = drawn_seven()
+        answer = httpx.post(url, files={"image": ("seven.png", body, "image/png")}, data={"number": "5"}).json()
+        bad = httpx.post(url, content=body, headers={"Content-Type": "multipart/form-data; boundary=x"})
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        kill_group(process)
+    assert answer["input"] == prepare_image(io.BytesIO(body), "seven").tolist() and answer["number"] == 5
+    assert bad.status_code == 400 and "multipart" in bad.json()["error"]
+    assert (process.returncode, out, err) == (0, "stopped\n", "")
 
 
 @pytest.mark.parametrize("stop", ["Ctrl-C in a terminal", "SIGINT to the server", "SIGTERM to the server"])
@@ -726,11 +1055,54 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait(timeout=60)
 
 
-def test_worker_count(run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+CGROUPS = {  # name -> (/proc/self/cgroup, {file under /sys/fs/cgroup: text}, cores in the affinity mask, workers)
+    "v2, 2 CPUs": ("0::/\n", {"cpu.max": "200000 100000\n"}, 16, 2),
+    "v2, no limit": ("0::/\n", {"cpu.max": "max 100000\n"}, 16, MAX_DEFAULT_WORKERS),
+    "v2, 1.5 CPUs round up": ("0::/\n", {"cpu.max": "150000 100000\n"}, 16, 2),
+    "v2, half a CPU": ("0::/\n", {"cpu.max": "50000 100000\n"}, 16, 1),
+    "v2, fewer cores than the quota": ("0::/\n", {"cpu.max": "300000 100000\n"}, 2, 2),
+    "v2, a parent's limit": (
+        "0::/user.slice/app.service\n",
+        {"user.slice/cpu.max": "300000 100000\n", "user.slice/app.service/cpu.max": "max 100000\n"},
+        16,
+        3,
+    ),
+    "v1, 1 CPU, the host's path": (
+        "5:memory:/docker/0123abcd\n4:cpu,cpuacct:/docker/0123abcd\n",  # the container sees its own cgroup as the root
+        {"cpu,cpuacct/cpu.cfs_quota_us": "100000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        16,
+        1,
+    ),
+    "v1, no limit": (
+        "4:cpu,cpuacct:/\n",
+        {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+        16,
+        MAX_DEFAULT_WORKERS,
+    ),
+    "v2, unreadable": ("0::/\n", {"cpu.max": "lots\n"}, 3, 3),
+    "no cgroup files": ("0::/\n", {}, 3, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CGROUPS))
+def test_the_default_worker_count_keeps_to_the_cgroup_cpu_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    membership, files, cores, workers = CGROUPS[case]
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    (tmp_path / "cgroup").write_text(membership)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers(on_cpu=True, cgroups=tmp_path / "fs", membership=tmp_path / "cgroup") == workers
+
+
+def test_worker_count(run_cli, run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    no_cgroup = {"cgroups": tmp_path, "membership": tmp_path / "none"}  # whatever this machine's quota is
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert default_workers(on_cpu=True) == MAX_DEFAULT_WORKERS
+    assert default_workers(on_cpu=True, **no_cgroup) == MAX_DEFAULT_WORKERS
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert default_workers(on_cpu=True) == 1
+    assert default_workers(on_cpu=True, **no_cgroup) == 1
     assert default_workers(on_cpu=False) == 1
     with pytest.raises(BadOption, match="--workers 2: one process per GPU"):
         serve_module.serve(run, "127.0.0.1", 0, torch.device("cuda", 0), 2, say=print, warn=print)
