@@ -12,6 +12,7 @@ import typer
 
 from mnistsum_cli.config import MAX_SEED, PRESETS, Setting, describe_preset, setting_fields
 from mnistsum_cli.mnist import MNIST_DIR_ENV
+from mnistsum_cli.onnx_runtime import RUNTIMES
 from mnistsum_cli.paths import SPLITS
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
@@ -46,6 +47,14 @@ GpuOption = Annotated[
 ]
 CpuOption = Annotated[
     bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)
+]
+RuntimeOption = Annotated[
+    Literal[RUNTIMES],
+    typer.Option(
+        "--runtime",
+        help="torch: model.safetensors; onnx: model.onnx (`mnistsum export`) on onnxruntime, on the CPU, without torch.",
+        rich_help_panel=DEVICE,
+    ),
 ]
 SplitOption = Annotated[Literal[SPLITS], typer.Option(help="Split to measure.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]

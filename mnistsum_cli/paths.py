@@ -18,6 +18,7 @@ DEFAULT_DATA = Path("data")  # where `prepare` writes and the later stages read,
 DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stages read, unless --artifacts
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
+ONNX_FORMAT = "mnistsum-onnx/1"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.root / "model.safetensors"
+
+    @property
+    def onnx(self) -> Path:
+        """`mnistsum export`: the kept model as one ONNX file, for onnxruntime (export.py)."""
+        return self.root / "model.onnx"
 
     @property
     def checkpoint(self) -> Path:
@@ -75,4 +81,4 @@ class RunDir:
     def run_files(self) -> list[Path]:
         """Everything one training run and the stages after it write here (present or not)."""
         trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
-        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots]
+        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx]
