@@ -372,10 +372,11 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    runtime: RuntimeOption = "torch",
 ) -> None:
     """Serve a local page to draw a digit and pick a number, and a JSON API, until Ctrl-C.
 
-    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request Needs the serve extra: pip install 'mnistsum\\[serve]'.
+    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request (with --runtime onnx, a newly exported model.onnx of it). Needs the serve extra: pip install 'mnistsum\\[serve]'.
     """
     try:
         from mnistsum_cli.serve import serve as serve_stage
@@ -386,7 +387,11 @@ def serve(
             f"`mnistsum serve` needs Starlette and uvicorn ({error.name} is missing): pip install 'mnistsum[serve]'"
         ) from None
 
-    serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), workers, say=typer.echo, warn=report.warning)
+    from mnistsum_cli.onnx_runtime import onnx_extra
+
+    device = _runtime_device(runtime, gpu, cpu)
+    with onnx_extra("serve --runtime onnx"):
+        serve_stage(RunDir(artifacts), host, port, device, workers, typer.echo, report.warning, runtime)
 
 
 # --------------------------------------------------------------------------- the pipeline

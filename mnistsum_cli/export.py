@@ -16,7 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mnistsum_cli import __version__
 from mnistsum_cli.errors import BadOption, MnistsumError, first_line
@@ -143,6 +143,22 @@ def onnx_graph(model: nn.Module, opset: Optional[int], metadata: dict[str, str])
     return proto
 
 
+def export_metadata(model_meta: dict[str, Any], model_sha256: str) -> dict[str, str]:
+    """The metadata_props of the export of a model.safetensors with metadata `model_meta` and
+    hash `model_sha256` (onnx_graph adds the opset and the graph's hash, export_model the check)."""
+    return {
+        "format": ONNX_FORMAT,
+        "arch": model_meta["arch"],
+        "run_id": model_meta["run_id"],
+        "dataset_id": model_meta["dataset_id"],
+        "model_sha256": model_sha256,
+        "inputs": INPUTS_TEXT,
+        "outputs": OUTPUTS_TEXT,
+        "package_version": __version__,
+        "created_at": now_iso(),
+    }
+
+
 def opset_of(proto: onnx.ModelProto) -> int:
     return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
 
@@ -208,21 +224,7 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
         )
     test = split_tensors(dataset, mnist, "test", torch_device)
     expected = predict(model, test)
-    proto = onnx_graph(
-        model,
-        opset,
-        {
-            "format": ONNX_FORMAT,
-            "arch": model_meta["arch"],
-            "run_id": model_meta["run_id"],
-            "dataset_id": model_meta["dataset_id"],
-            "model_sha256": sha256,
-            "inputs": INPUTS_TEXT,
-            "outputs": OUTPUTS_TEXT,
-            "package_version": __version__,
-            "created_at": now_iso(),
-        },
-    )
+    proto = onnx_graph(model, opset, export_metadata(model_meta, sha256))
     onnx_model = OnnxModel(onnx_session(proto.SerializeToString(), target), {})
     images, numbers = test.images.numpy(), test.numbers.numpy()
     parts = [
