@@ -311,6 +311,29 @@ def test_run_export_exports_once(lean_copy: Path, run_cli) -> None:
     assert "export: up to date" in out
 
 
+def test_export_bench_smoke(lean_copy: Path, in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/export_bench.py on tiny counts: both runtimes serve, predict and run the test split
+    (its figures are measured by running it, not here)."""
+    import importlib.util
+
+    pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
+    spec = importlib.util.spec_from_file_location("export_bench", REPO / "bench" / "export_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "export_bench", bench)
+    spec.loader.exec_module(bench)
+    results = bench.run_all(lean_copy, in_tmp / "data", [1], [2], 20, 120, predict_runs=1, repeats=1)
+    assert [(row["runtime"], row["errors"], row["requests"]) for row in results["serve"]] == [
+        ("torch", 0, 20),
+        ("onnx", 0, 20),
+    ]
+    assert results["serve_exit_codes"] == {"torch": [0], "onnx": [0]}
+    assert all(len(times) == 1 and times[0] > 0 for times in results["predict_process_s"].values())
+    assert {runtime: figures["rows"] for runtime, figures in results["throughput"].items()} == {
+        "torch": 120,
+        "onnx": 120,
+    }
+
+
 def test_the_docs_example_runs(exported, tmp_path: Path) -> None:
     page = (REPO / "docs" / "export.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
