@@ -424,6 +424,10 @@ def run(
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
     from mnistsum_cli.prepared import PreparedData
 
+    if export:
+        from mnistsum_cli.onnx_runtime import require_extra
+
+        require_extra("run --export")  # before any stage runs
     prepared, run_dir = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
     device = functools.cache(lambda: _device(gpu, cpu))  # found when a stage needs it: that loads torch
     if gpu is not None:

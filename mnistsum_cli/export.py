@@ -32,6 +32,7 @@ from mnistsum_cli.onnx_runtime import (
     graph_fingerprint,
     model_fingerprint,
     onnx_session,
+    require_extra,
 )
 from mnistsum_cli.paths import ONNX_FORMAT, RunDir
 from mnistsum_cli.prepared import PreparedData
@@ -178,11 +179,8 @@ def agreement(
 
 
 def check_opset(opset: Optional[int]) -> None:
-    """--opset within what the exporter writes and this onnx package knows. Imports the whole
-    onnx extra first, so that a missing part of it is one line before any work."""
+    """--opset within what the exporter writes and this onnx package knows."""
     import onnx
-    import onnxruntime  # noqa: F401
-    import onnxscript  # noqa: F401 - torch's exporter imports it where its absence would be a traceback
 
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and not MIN_OPSET <= opset <= newest:
@@ -199,6 +197,7 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
     from mnistsum_cli.data import split_tensors
     from mnistsum_cli.inference import predict
 
+    require_extra("export")
     check_opset(opset)
     target = run.onnx if out is None else out
     if out is not None and any(_same(out, path) for path in run.run_files() if path != run.onnx):

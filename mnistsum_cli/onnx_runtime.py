@@ -54,6 +54,15 @@ def onnx_extra(command: str) -> Iterator[None]:
         ) from None
 
 
+def require_extra(command: str) -> None:
+    """Import the whole onnx extra now, so that a missing part of it is one line before any
+    work (torch's exporter imports onnxscript where its absence would be a traceback)."""
+    with onnx_extra(command):
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+
+
 # --------------------------------------------------------------------------- metadata
 
 

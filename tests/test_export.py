@@ -265,6 +265,7 @@ def test_a_read_only_folder_is_one_line(lean_copy: Path, run_cli, monkeypatch: p
     [
         (["export"], "onnx"),
         (["export"], "onnxscript"),
+        (["run", "--cpu", "--export", "--epochs", "2"], "onnxscript"),
         (["predict", "--index", "0", "--runtime", "onnx"], "onnxruntime"),
     ],
 )
