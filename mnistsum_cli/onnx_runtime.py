@@ -25,7 +25,6 @@ from mnistsum_cli.store import read_consistently
 if TYPE_CHECKING:
     import numpy as np
 
-RUNTIMES = ("torch", "onnx")  # what --runtime chooses: model.safetensors on torch, or model.onnx on onnxruntime
 INPUT_NAMES = ("images", "numbers")
 OUTPUT_NAMES = ("digit_probabilities", "sum_probabilities", "digit_logits", "sum_logits")
 INPUTS_TEXT = (

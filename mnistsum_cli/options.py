@@ -12,7 +12,6 @@ import typer
 
 from mnistsum_cli.config import MAX_SEED, PRESETS, Setting, describe_preset, setting_fields
 from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.onnx_runtime import RUNTIMES
 from mnistsum_cli.paths import SPLITS
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
 
@@ -48,6 +47,7 @@ GpuOption = Annotated[
 CpuOption = Annotated[
     bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)
 ]
+RUNTIMES = ("torch", "onnx")  # --runtime: model.safetensors on torch, or model.onnx on onnxruntime (onnx_runtime.py)
 RuntimeOption = Annotated[
     Literal[RUNTIMES],
     typer.Option(
