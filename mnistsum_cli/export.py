@@ -199,6 +199,8 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
 
     require_extra("export")
     check_opset(opset)
+    if out is not None and _same(out, run.onnx):
+        out = None  # the run's own model.onnx: written by a commit of its folder, as by default
     target = run.onnx if out is None else out
     if out is not None and any(_same(out, path) for path in run.run_files() if path != run.onnx):
         raise BadOption(f"--out {out}: a file of the run itself; give another name (default {run.onnx})")

@@ -138,11 +138,11 @@ def test_predict_with_onnx_imports_no_torch(lean_copy: Path, in_tmp: Path) -> No
         "import sys, json\nfrom mnistsum_cli.cli import main\n"
         f"try:\n    main(['predict', {str(png)!r}, '--number', '3', '--json', '--runtime', 'onnx', "
         f"'--artifacts', {str(lean_copy)!r}])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        f"print('LOADED:', *[name for name in {HEAVY!r} + ('onnx',) if name in sys.modules])"
+        f"print('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["runtime"] == "onnx"
-    assert result.stdout.splitlines()[-1] == "LOADED: PIL"  # PIL prepares the image; no torch, no onnx
+    assert result.stdout.splitlines()[-1] == "LOADED: PIL onnxruntime"  # PIL prepares the image; no torch, no onnx
 
 
 def test_status_reads_the_export_without_onnx_or_torch(lean_copy: Path) -> None:
@@ -284,9 +284,12 @@ def test_a_missing_extra_says_how_to_install_it(
 
 
 def test_out_writes_elsewhere_and_never_over_the_run(lean_copy: Path, in_tmp: Path, run_cli) -> None:
+    generation = (lean_copy / ".mnistsum-generation").read_bytes()
     code, out, err = run_cli("export", "--out", in_tmp / "elsewhere" / "lean.onnx")
     assert code == 0, err
     assert onnx.load(str(in_tmp / "elsewhere" / "lean.onnx")).graph.input[0].name == "images"
+    assert run_cli("export", "--out", lean_copy / "model.onnx")[0] == 0
+    assert (lean_copy / ".mnistsum-generation").read_bytes() != generation  # a commit of the run folder
     before = snapshot(lean_copy)
     code, out, err = run_cli("export", "--out", lean_copy / "model.safetensors")
     assert code == 2 and "a file of the run itself" in assert_one_line_error(err, out)
