@@ -196,7 +196,8 @@ def predict_digits(
 ) -> list[dict[str, int | float]]:
     """Digit and sum predictions with their probabilities (see head_probabilities)."""
     digit_probs, sum_probs = head_probabilities(model, images, numbers, device)
-    return predictions(digit_probs.cpu().numpy(), sum_probs.cpu().numpy())
+    # through tolist, the one host read of a GPU's (or a simulated GPU's) results
+    return predictions(*(np.asarray(probs.tolist(), dtype=np.float32) for probs in (digit_probs, sum_probs)))
 
 
 def predictions(digit_probs: np.ndarray, sum_probs: np.ndarray) -> list[dict[str, int | float]]:
