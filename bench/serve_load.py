@@ -5,6 +5,7 @@ over the run, side by side with what a user pays without the server: `mnistsum p
 one file as a process.
 
     python bench/serve_load.py --artifacts artifacts --workers 1 2 --clients 1 8 --requests 10000
+    python bench/serve_load.py --runtime onnx ...   # model.onnx on onnxruntime (`mnistsum export` first)
 
 One server per --workers value (`python -m mnistsum_cli serve --cpu --port 0 --workers W`) is
 started here and stopped with Ctrl-C after its rows. The clients are threads of this process,
@@ -57,9 +58,9 @@ def drawing_png(size: int = SENT_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(artifacts: Path, workers: int, log: IO[str]) -> tuple[subprocess.Popen, str]:
-    """`mnistsum serve` on a free loopback port, its stderr into `log` (a pipe nobody reads
-    would fill up and stall it); returns the process and its host:port."""
+def start_server(artifacts: Path, workers: int, log: IO[str], runtime: str = "torch") -> tuple[subprocess.Popen, str]:
+    """`mnistsum serve --runtime RUNTIME` on a free loopback port, its stderr into `log` (a pipe
+    nobody reads would fill up and stall it); returns the process and its host:port."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -73,6 +74,8 @@ def start_server(artifacts: Path, workers: int, log: IO[str]) -> tuple[subproces
             "0",
             "--workers",
             str(workers),
+            "--runtime",
+            runtime,
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.PIPE,
@@ -110,6 +113,7 @@ def server_pss_mib(pid: int) -> float:
 
 @dataclass
 class LoadResult:
+    runtime: str
     workers: int
     clients: int
     requests: int
@@ -189,7 +193,14 @@ def predict_request(address: str, body: bytes) -> bytes:
 
 
 def load(
-    address: str, body: bytes, workers: int, clients: int, requests: int, max_seconds: float, server_pid: int
+    address: str,
+    body: bytes,
+    workers: int,
+    clients: int,
+    requests: int,
+    max_seconds: float,
+    server_pid: int,
+    runtime: str = "torch",
 ) -> LoadResult:
     """`requests` POST /api/predict spread over `clients` threads, stopping early at `max_seconds`."""
     request = predict_request(address, body)
@@ -226,6 +237,7 @@ def load(
     memory.append(server_pss_mib(server_pid))
     ordered = sorted(latencies)
     return LoadResult(
+        runtime=runtime,
         workers=workers,
         clients=clients,
         requests=len(ordered),
@@ -241,8 +253,9 @@ def load(
     )
 
 
-def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[float]:
-    """Wall seconds of `mnistsum predict IMAGE --number N --cpu` as a fresh process, `runs` times."""
+def predict_process_seconds(artifacts: Path, image: Path, runs: int, runtime: str = "torch") -> list[float]:
+    """Wall seconds of `mnistsum predict IMAGE --number N --cpu --runtime RUNTIME` as a fresh
+    process, `runs` times."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -258,6 +271,8 @@ def predict_process_seconds(artifacts: Path, image: Path, runs: int) -> list[flo
                 "--cpu",
                 "--artifacts",
                 str(artifacts),
+                "--runtime",
+                runtime,
             ],
             env={**os.environ, "PYTHONPATH": str(REPO)},
             check=True,
@@ -275,26 +290,30 @@ def run_bench(
     max_seconds: float,
     predict_runs: int,
     size: int = SENT_SIZE,
+    runtime: str = "torch",
 ) -> dict:
-    """The whole measurement: one server per workers value with one load run per client count,
-    then the `predict` runs."""
+    """The whole measurement on one runtime: one server per workers value with one load run per
+    client count, then the `predict` runs."""
     body, load_before = drawing_png(size), os.getloadavg()  # other jobs on the machine skew every figure
     rows, exit_codes = [], []
     for count in workers:
         with tempfile.TemporaryFile("w+") as log:
-            process, address = start_server(artifacts, count, log)
+            process, address = start_server(artifacts, count, log, runtime)
             try:
-                rows += [asdict(load(address, body, count, n, requests, max_seconds, process.pid)) for n in clients]
+                rows += [
+                    asdict(load(address, body, count, n, requests, max_seconds, process.pid, runtime)) for n in clients
+                ]
             finally:
                 exit_codes.append(stop_server(process))
     with tempfile.TemporaryDirectory() as folder:
         image = Path(folder) / "seven.png"
         image.write_bytes(body)
-        predict_times = predict_process_seconds(artifacts, image, predict_runs)
+        predict_times = predict_process_seconds(artifacts, image, predict_runs, runtime)
     return {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
+        "runtime": runtime,
         "png": {"side_px": size, "bytes": len(body)},
         "serve": rows,
         "serve_exit_codes": exit_codes,
@@ -317,6 +336,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--requests", type=int, default=10_000, help="requests per run (default: 10000)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="stop a run after this long (default: 600)")
     parser.add_argument("--predict-runs", type=int, default=3, help="`predict` processes to time (default: 3)")
+    parser.add_argument(
+        "--runtime", choices=("torch", "onnx"), default="torch", help="serve --runtime and predict --runtime"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if not (args.artifacts / "model.safetensors").is_file():
@@ -324,7 +346,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if min(args.workers + args.clients) < 1 or args.requests < 1 or args.predict_runs < 1 or args.size < 1:
         raise SystemExit("error: --workers, --clients, --requests, --predict-runs and --size must be 1 or more")
     results = run_bench(
-        args.artifacts, args.workers, args.clients, args.requests, args.max_seconds, args.predict_runs, args.size
+        args.artifacts,
+        args.workers,
+        args.clients,
+        args.requests,
+        args.max_seconds,
+        args.predict_runs,
+        args.size,
+        args.runtime,
     )
     loads = " / ".join(
         ", ".join(f"{x:.2f}" for x in results[key]) for key in ("load_average_before", "load_average_after")

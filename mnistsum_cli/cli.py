@@ -25,6 +25,7 @@ from mnistsum_cli.options import (
     PresetOption,
     RunLimitOption,
     RunSeedOption,
+    RuntimeOption,
     RunValSizeOption,
     Settings,
     SplitOption,
@@ -61,6 +62,15 @@ def _device(gpu: Optional[int], cpu: bool) -> "torch.device":
     if notice:
         report.notice(notice)
     return device
+
+
+def _runtime_device(runtime: str, gpu: Optional[int], cpu: bool) -> Optional["torch.device"]:
+    """torch's device for --runtime torch; None for onnx, which runs on the CPU and loads no torch."""
+    if runtime == "onnx":
+        if gpu is not None:
+            raise BadOption("--runtime onnx runs on the CPU: drop --gpu")
+        return None
+    return _device(gpu, cpu)
 
 
 def _folder(new: Path, new_flag: str, out: Optional[Path], default: Path) -> Path:
@@ -285,11 +295,13 @@ def predict(
     mnist_dir: MnistDirOption = None,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
+    runtime: RuntimeOption = "torch",
 ) -> None:
     """Predict the digit and the sum for image files or a dataset row.
 
-    Images are brought to MNIST form: greyscale, inverted when the background is light, the digit scaled to 20 px and centred by its centre of mass in 28 x 28.
+    Images are brought to MNIST form: greyscale, inverted when the background is light, the digit scaled to 20 px and centred by its centre of mass in 28 x 28. --runtime onnx answers with model.onnx on onnxruntime (image files load no torch); the output names the runtime.
     """
+    from mnistsum_cli.onnx_runtime import onnx_extra
     from mnistsum_cli.predict import predict_files, predict_row
     from mnistsum_cli.prepared import PreparedData
 
@@ -299,15 +311,49 @@ def predict(
         raise BadOption("give either image files or --index, not both")
     if images and number is None:
         raise BadOption("--number N (0-9) is required with image files")
-    device = _device(gpu, cpu)
-    if index is not None:
-        results = [predict_row(index, split, number, PreparedData(DataDir(data), mnist_dir), RunDir(artifacts), device)]
-    else:
-        results = predict_files(images, number, RunDir(artifacts), device)
+    device = _runtime_device(runtime, gpu, cpu)
+    with onnx_extra("predict --runtime onnx"):
+        if index is not None:
+            prepared = PreparedData(DataDir(data), mnist_dir)
+            results = [predict_row(index, split, number, prepared, RunDir(artifacts), device, runtime)]
+        else:
+            results = predict_files(images, number, RunDir(artifacts), device, runtime)
     if as_json:
         report.print_json(results[0] if len(results) == 1 else results)
     else:
         report.predictions_table(results)
+
+
+@app.command(
+    cls=Command,
+    epilog="Examples: mnistsum export · mnistsum export --out lean.onnx --opset 20 · "
+    "mnistsum predict seven.png --number 5 --runtime onnx",
+)
+def export(
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="ONNX file to write (default: <artifacts>/model.onnx).", show_default=False),
+    ] = None,
+    opset: Annotated[
+        Optional[int],
+        typer.Option(help="ONNX opset of the graph (default: the exporter's).", show_default=False),
+    ] = None,
+    data: DataOption = DEFAULT_DATA,
+    mnist_dir: MnistDirOption = None,
+) -> None:
+    """Export the run's model as model.onnx, for onnxruntime and other ONNX runtimes.
+
+    One file, weights inside; inputs: images uint8 [N, 28, 28] in MNIST form (normalised inside the graph) and numbers int64 [N]; outputs: both heads' probabilities and logits (docs/export.md). Before it is written, onnxruntime and torch must agree on the whole test split of --data. Needs the onnx extra: pip install 'mnistsum\\[onnx]'.
+    """
+    from mnistsum_cli.onnx_runtime import onnx_extra
+
+    with onnx_extra("export"):
+        from mnistsum_cli.export import export_model
+        from mnistsum_cli.prepared import PreparedData
+
+        exported = export_model(RunDir(artifacts), PreparedData(DataDir(data), mnist_dir), out, opset)
+    report.export_summary(exported)
 
 
 @app.command(cls=Command, epilog="Example: mnistsum serve --artifacts artifacts --cpu  (then open the URL it prints)")
@@ -327,10 +373,11 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    runtime: RuntimeOption = "torch",
 ) -> None:
     """Serve a local page to draw a digit and pick a number, and a JSON API, until Ctrl-C.
 
-    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request. Needs the serve extra: pip install 'mnistsum\\[serve]'.
+    The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request (with --runtime onnx, a newly exported model.onnx of it). Needs the serve extra: pip install 'mnistsum\\[serve]'.
     """
     try:
         from mnistsum_cli.serve import serve as serve_stage
@@ -342,7 +389,11 @@ def serve(
             "pip install 'mnistsum[serve]'"
         ) from None
 
-    serve_stage(RunDir(artifacts), host, port, _device(gpu, cpu), workers, say=typer.echo, warn=report.warning)
+    from mnistsum_cli.onnx_runtime import onnx_extra
+
+    device = _runtime_device(runtime, gpu, cpu)
+    with onnx_extra("serve --runtime onnx"):
+        serve_stage(RunDir(artifacts), host, port, device, workers, typer.echo, report.warning, runtime)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -357,6 +408,9 @@ def run(
     limit: RunLimitOption = None,
     split: SplitOption = "test",
     force: Annotated[bool, typer.Option("--force", help="Redo every stage, up to date or not.")] = False,
+    export: Annotated[
+        bool, typer.Option("--export", help="Also export model.onnx (as `mnistsum export`; needs the onnx extra).")
+    ] = False,
     gpu: GpuOption = None,
     cpu: CpuOption = False,
     data: DataOption = DEFAULT_DATA,
@@ -372,6 +426,10 @@ def run(
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
     from mnistsum_cli.prepared import PreparedData
 
+    if export:
+        from mnistsum_cli.onnx_runtime import require_extra
+
+        require_extra("run --export")  # before any stage runs
     prepared, run_dir = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
     device = functools.cache(lambda: _device(gpu, cpu))  # found when a stage needs it: that loads torch
     if gpu is not None:
@@ -380,7 +438,9 @@ def run(
     _notice_if(chosen)
     prepare_options = wanted_prepare_options(prepared, seed, val_size, limit)
     with report.ProgressReporter() as reporter:
-        stages = run_pipeline(prepare_options, config, split, prepared, run_dir, device, report.notice, reporter, force)
+        stages = run_pipeline(
+            prepare_options, config, split, prepared, run_dir, device, report.notice, reporter, force, export
+        )
         for stage, skipped, result in stages:
             device_name = str(device()) if stage == "train" and skipped is None else ""
             report.stage_done(stage, skipped, result, prepared.folder, run_dir, device_name, prepare_options.seed)

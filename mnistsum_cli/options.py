@@ -47,6 +47,15 @@ GpuOption = Annotated[
 CpuOption = Annotated[
     bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)
 ]
+RUNTIMES = ("torch", "onnx")  # --runtime: model.safetensors on torch, or model.onnx on onnxruntime (onnx_runtime.py)
+RuntimeOption = Annotated[
+    Literal[RUNTIMES],
+    typer.Option(
+        "--runtime",
+        help="torch: model.safetensors; onnx: model.onnx (`mnistsum export`) on onnxruntime, on the CPU, without torch.",
+        rich_help_panel=DEVICE,
+    ),
+]
 SplitOption = Annotated[Literal[SPLITS], typer.Option(help="Split to measure.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]
 

@@ -50,6 +50,9 @@ def formats_text(formats: tuple[str, ...]) -> str:
     return " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
 
 
+ONNX_FORMAT = "mnistsum-onnx/1"
+
+
 @dataclass(frozen=True)
 class DataDir:
     """The folder `prepare` writes and `train`/`evaluate` read."""
@@ -74,6 +77,11 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.root / "model.safetensors"
+
+    @property
+    def onnx(self) -> Path:
+        """`mnistsum export`: the kept model as one ONNX file, for onnxruntime (export.py)."""
+        return self.root / "model.onnx"
 
     @property
     def checkpoint(self) -> Path:
@@ -112,4 +120,4 @@ class RunDir:
         a new run sets aside into previous/<run id>/, and, with DataDir.files, the only names a
         commit may write (store.py checks every journal against them: add a new artifact here)."""
         trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
-        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots]
+        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx]

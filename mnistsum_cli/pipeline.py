@@ -133,6 +133,28 @@ def plot_status(run_dir: RunDir) -> StageStatus:
     return StageStatus("plot", CURRENT, f"{len(files)} plots", artifacts, figures)
 
 
+def export_status(run_dir: RunDir) -> Optional[StageStatus]:
+    """model.onnx's state, or None when there is none (export is the optional stage: `status`
+    shows it once a model was exported). Current when it is the export of model.safetensors."""
+    from mnistsum_cli.onnx_runtime import model_fingerprint, onnx_metadata, stale_reason
+
+    path = run_dir.onnx
+    if not path.exists():
+        return None
+    try:
+        meta = onnx_metadata(path.read_bytes(), path)
+        model_sha256 = model_fingerprint(run_dir.model.read_bytes()) if run_dir.model.exists() else None
+    except MnistsumError as error:
+        return StageStatus("export", INVALID, str(error), [str(path)])
+    except OSError as error:
+        return StageStatus("export", INVALID, f"cannot read it ({error.strerror})", [str(path)])
+    figures = {"arch": meta["arch"], "opset": meta["opset"], "check": meta["check"]}
+    reason = stale_reason(meta, model_sha256, run_dir)
+    if reason is not None:
+        return StageStatus("export", STALE, f"{reason}: `mnistsum export`", [str(path)], figures)
+    return StageStatus("export", CURRENT, f"model {meta['model_sha256']}, opset {meta['opset']}", [str(path)], figures)
+
+
 def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
     """The splits' header, or None when there are no valid splits."""
     try:
@@ -145,10 +167,13 @@ def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list
     """Every stage's state, each judged against the artifacts of the stage before it. Each
     folder is read between commits (a `train` running meanwhile never shows a mix of epochs)."""
     header = dataset_header(prepared)
-    return [prepare_status(prepared)] + read_consistently(
-        run_dir.root,
-        lambda: [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)],
-    )
+
+    def run_stages() -> list[StageStatus]:
+        exported = export_status(run_dir)
+        stages = [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)]
+        return stages + ([exported] if exported is not None else [])
+
+    return [prepare_status(prepared)] + read_consistently(run_dir.root, run_stages)
 
 
 def wanted_prepare_options(
@@ -184,8 +209,10 @@ def run_pipeline(
     notify: Callable[[str], None],
     reporter: Reporter,
     force: bool = False,
+    export: bool = False,
 ) -> Iterator[tuple[str, Optional[StageStatus], Any]]:
-    """prepare → train → evaluate → plot, skipping stages that are up to date (unless forced).
+    """prepare → train → evaluate → plot (→ export, when asked), skipping stages that are up to
+    date (unless forced).
 
     Yields (stage, the status that made it skip or None, what the stage returned). Before a
     stage runs, `notify` hears why. An interrupted training run with the same settings is
@@ -225,25 +252,33 @@ def run_pipeline(
 
             return plot(run_dir, prepared=prepared)
 
+        def export_stage(status: Optional[StageStatus]) -> Any:
+            from mnistsum_cli.onnx_runtime import onnx_extra
+
+            with onnx_extra("run --export"):
+                from mnistsum_cli.export import export_model
+
+                return export_model(run_dir, prepared, None, None)
+
         stages = [
             ("prepare", lambda: prepare_status(prepared, prepare_options, check_mnist=True), prepare_stage),
             ("train", lambda: train_status(run_dir, dataset_header(prepared), config), train_stage),
             ("evaluate", lambda: evaluate_status(run_dir, dataset_header(prepared), split), evaluate_stage),
             ("plot", lambda: plot_status(run_dir), plot_stage),
-        ]
+        ] + ([("export", lambda: export_status(run_dir), export_stage)] if export else [])
         for stage, check, act in stages:
             status = check()
-            if force or not status.current:
+            if force or status is None or not status.current:
                 notify(why_it_runs(stage, status, force))
                 yield stage, None, act(status)
             else:
                 yield stage, status, None
 
 
-def why_it_runs(stage: str, status: StageStatus, force: bool) -> str:
+def why_it_runs(stage: str, status: Optional[StageStatus], force: bool) -> str:
     if force:
         return f"{stage}: --force, running it"
-    if status.state == MISSING:
+    if status is None or status.state == MISSING:
         return f"{stage}: not done yet, running it"
     action = "resuming it" if status.state == INCOMPLETE else "running it"
     return f"{stage}: {status.state}: {status.detail}; {action}"

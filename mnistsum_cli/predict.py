@@ -3,6 +3,8 @@ reshape it the way MNIST was made, run a model.
 
 MNIST digits are white on black, scaled so the longer side of the ink is 20 px (aspect ratio
 kept, antialiased) and placed in a 28 x 28 field with their centre of mass at pixel (14, 14).
+Preparing an image needs numpy and PIL alone; torch is imported by the functions that run it,
+so `predict --runtime onnx` and `serve --runtime onnx` run without it (onnx_runtime.py).
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import nn
 
-from mnistsum_cli.checkpoint import load_model
-from mnistsum_cli.data import normalise
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.paths import IMAGE_FILE_FORMATS, MNIST_SET_OF_SPLIT, RunDir, formats_text
-from mnistsum_cli.prepared import PreparedData
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from mnistsum_cli.prepared import PreparedData
 
 SIZE = 28  # the MNIST field
 BOX = 20  # the longer side of the ink
@@ -124,8 +127,10 @@ def prepare_image(
 
 
 def _background(grey: np.ndarray) -> float:
-    """The median of the border pixels."""
-    return float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
+    """The median of the border pixels (as np.median, whose NaN check imports numpy.ma: 40 ms
+    of a `predict` process's start)."""
+    border = np.sort(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]]))
+    return float((border[(len(border) - 1) // 2] + border[len(border) // 2]) / 2)
 
 
 def to_mnist(grey: np.ndarray) -> np.ndarray:
@@ -163,7 +168,6 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     return np.round(canvas * 255.0).astype(np.uint8)
 
 
-@torch.no_grad()
 def head_probabilities(
     model: nn.Module, images: torch.Tensor, numbers: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +175,10 @@ def head_probabilities(
     uint8 images [N, 28, 28] and int64 numbers [N] in 0-9; the model runs in eval mode on
     `device` (where it must live). A model in training mode is switched to eval mode and back;
     one in eval mode (as load_model returns it) is used as it is."""
+    import torch
+
+    from mnistsum_cli.data import normalise
+
     if images.shape[1:] != (SIZE, SIZE) or images.shape[0] != numbers.shape[0]:
         raise ValueError(
             f"expected images [N, 28, 28] and numbers [N], got {tuple(images.shape)} and {tuple(numbers.shape)}"
@@ -180,7 +188,8 @@ def head_probabilities(
     was_training = model.training
     if was_training:  # a served model is in eval mode already: switching walks every module (0.3 ms)
         model.eval()
-    digit_logits, sum_logits = model(normalise(images.to(device)), numbers.to(device))
+    with torch.no_grad():
+        digit_logits, sum_logits = model(normalise(images.to(device)), numbers.to(device))
     if was_training:
         model.train()
     return digit_logits.float().softmax(dim=1), sum_logits.float().softmax(dim=1)
@@ -191,20 +200,52 @@ def predict_digits(
 ) -> list[dict[str, int | float]]:
     """Digit and sum predictions with their probabilities (see head_probabilities)."""
     digit_probs, sum_probs = head_probabilities(model, images, numbers, device)
-    digit_conf, digit = digit_probs.max(dim=1)
-    sum_conf, total = sum_probs.max(dim=1)
+    # through tolist, the one host read of a GPU's (or a simulated GPU's) results
+    return predictions(*(np.asarray(probs.tolist(), dtype=np.float32) for probs in (digit_probs, sum_probs)))
+
+
+def predictions(digit_probs: np.ndarray, sum_probs: np.ndarray) -> list[dict[str, int | float]]:
+    """Each row's most likely digit and sum with their probabilities, as plain JSON values,
+    from the heads' probabilities [N, 10] and [N, 19] of either runtime."""
+    digit, total = digit_probs.argmax(axis=1), sum_probs.argmax(axis=1)
+    rows = np.arange(len(digit))
+    digit_conf, sum_conf = digit_probs[rows, digit], sum_probs[rows, total]
     return [
         {"digit": d, "sum": s, "digit_confidence": dc, "sum_confidence": sc}
         for d, s, dc, sc in zip(digit.tolist(), total.tolist(), digit_conf.tolist(), sum_conf.tolist())
     ]
 
 
-def predict_files(paths: list[Path], number: int, run: RunDir, device: torch.device) -> list[dict[str, Any]]:
-    """The `predict` command on image files: one result per file, with its path."""
+def predict_files(
+    paths: list[Path], number: int, run: RunDir, device: Optional[torch.device], runtime: str = "torch"
+) -> list[dict[str, Any]]:
+    """The `predict` command on image files: one result per file, with its path and the runtime
+    that answered (`device` is torch's; onnx runs on the CPU)."""
+    answer = model_runner(run, device, runtime)
+    images = np.stack([prepare_image(path) for path in paths])
+    results = answer(images, np.full(len(paths), number, dtype=np.int64))
+    return [
+        {"image": str(path), "number": number, **result, "runtime": runtime} for path, result in zip(paths, results)
+    ]
+
+
+def model_runner(
+    run: RunDir, device: Optional[torch.device], runtime: str
+) -> Callable[[np.ndarray, np.ndarray], list[dict[str, int | float]]]:
+    """The run's model on `runtime` (torch: model.safetensors on `device`; onnx: a current
+    model.onnx on onnxruntime, without torch), as a function from uint8 images [N, 28, 28] and
+    int64 numbers [N] to `predictions`; the model is read now, so its errors come first."""
+    if runtime == "onnx":
+        from mnistsum_cli.onnx_runtime import load_onnx_model
+
+        onnx_model = load_onnx_model(run)
+        return lambda images, numbers: predictions(*onnx_model.probabilities(images, numbers))
+    import torch
+
+    from mnistsum_cli.checkpoint import load_model
+
     model, _ = load_model(run.model, device)
-    images = [prepare_image(path) for path in paths]
-    results = predict_digits(model, torch.from_numpy(np.stack(images)), torch.full((len(paths),), number), device)
-    return [{"image": str(path), "number": number, **result} for path, result in zip(paths, results)]
+    return lambda images, numbers: predict_digits(model, torch.from_numpy(images), torch.from_numpy(numbers), device)
 
 
 def predict_row(
@@ -213,17 +254,19 @@ def predict_row(
     number: Optional[int],
     prepared: PreparedData,
     run: RunDir,
-    device: torch.device,
+    device: Optional[torch.device],
+    runtime: str = "torch",
 ) -> dict[str, Any]:
-    """The `predict` command on row `index` of a prepared split (its number unless one is given)."""
-    model, _ = load_model(run.model, device)
+    """The `predict` command on row `index` of a prepared split (its number unless one is given).
+    MNIST is read through torchvision, so this loads torch whatever the runtime."""
+    answer = model_runner(run, device, runtime)
     dataset, mnist = prepared.dataset, prepared.mnist
     rows = dataset.splits[split]
     if not 0 <= index < len(rows):
         raise BadOption(f"--index {index}: the {split} split has rows 0-{len(rows) - 1}")
     number = int(rows.number[index]) if number is None else number
     image = mnist.images[MNIST_SET_OF_SPLIT[split]][int(rows.image_index[index])]
-    result = predict_digits(model, torch.from_numpy(image[None]), torch.tensor([number]), device)[0]
+    result = answer(image[None], np.array([number], dtype=np.int64))[0]
     true_sum = int(rows.digit[index]) + number
     return {
         "split": split,
@@ -232,4 +275,5 @@ def predict_row(
         "true_digit": int(rows.digit[index]),
         "true_sum": true_sum,
         **result,
+        "runtime": runtime,
     }

@@ -263,11 +263,22 @@ def written(paths: list[Path]) -> None:
         console.print(f"wrote {escape(printable(str(path)))}", soft_wrap=True)
 
 
+def export_summary(exported: Any) -> None:
+    """What `mnistsum export` prints: the agreement check it passed and the file written."""
+    meta = exported.meta
+    console.print(f"onnxruntime agrees with torch on {escape(meta['check'])}", soft_wrap=True)
+    console.print(
+        f"wrote {escape(printable(str(exported.path)))} ({exported.size / 1e6:.1f} MB, opset {exported.opset}; "
+        f"run {meta['run_id']}, {meta['arch']}, model {meta['model_sha256']})",
+        soft_wrap=True,
+    )
+
+
 # --------------------------------------------------------------------------- predict
 
 
 def predictions_table(results: list[dict[str, Any]]) -> None:
-    table = Table(title="mnistsum predict")
+    table = Table(title="mnistsum predict", caption=f"answered by {results[0]['runtime']}")
     source = "image" if "image" in results[0] else "row"
     for column in (source, "number", "digit", "confidence", "sum", "confidence"):
         table.add_column(column, justify="left" if column == source else "right")
@@ -305,6 +316,8 @@ def stage_done(
         train_summary(result, run, device)
     elif stage == "evaluate":
         evaluation_summary(result, run.evaluation(result["split"]))
+    elif stage == "export":
+        export_summary(result)
     else:
         written(result)
 

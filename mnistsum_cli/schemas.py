@@ -579,7 +579,45 @@ PLOTS_MANIFEST = Schema(
     "Written last, with the PNGs, in one folder swap.",
 )
 
-SCHEMAS = (SPLIT_META, HISTORY, TRAIN_STATE, RUN_CONFIG, MODEL_META, CHECKPOINT_META, EVALUATION, PLOTS_MANIFEST)
+ONNX_META = Schema(
+    "model.onnx: metadata_props (each value a plain string)",
+    "export",
+    Record(
+        {
+            "format": Field(Str(), "mnistsum-onnx/1"),
+            "arch": Field(Str(ARCHITECTURE_NAMES), "the architecture exported"),
+            "run_id": RUN_ID,
+            "dataset_id": DATASET_ID,
+            "model_sha256": Field(
+                Str(),
+                "content hash (16 hex digits) of the model.safetensors exported: a model.onnx whose hash is not "
+                "the current model's is refused",
+            ),
+            "graph_sha256": Field(Str(), "hash (16 hex digits) of the graph, weights included: tells a damaged file"),
+            "inputs": Field(Str(), "the input convention (docs/export.md)"),
+            "outputs": Field(Str(), "the outputs, in order"),
+            "opset": Field(Str(), "the ONNX opset of the graph"),
+            "check": Field(Str(), "how onnxruntime agreed with torch at export (test split rows, max |Δp|)"),
+            "package_version": Field(Str(), "mnistsum version that wrote it", required=False),
+            "created_at": Field(Str(), "UTC time, ISO 8601", required=False),
+        }
+    ),
+    "One file, weights inside. Inputs `images` (uint8 [N, 28, 28], MNIST form: normalised inside the graph) and "
+    "`numbers` (int64 [N], 0-9); outputs `digit_probabilities` [N, 10], `sum_probabilities` [N, 19], "
+    "`digit_logits`, `sum_logits`; N is dynamic.",
+)
+
+SCHEMAS = (
+    SPLIT_META,
+    HISTORY,
+    TRAIN_STATE,
+    RUN_CONFIG,
+    MODEL_META,
+    CHECKPOINT_META,
+    EVALUATION,
+    PLOTS_MANIFEST,
+    ONNX_META,
+)
 
 
 # --------------------------------------------------------------------------- documentation

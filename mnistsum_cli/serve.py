@@ -8,7 +8,8 @@ on the event loop (cheaper than a hand-off to a thread); the cores are used by w
 (workers.py), each with its own event loop, its own copy of the model and its own check that
 the model is current. Checking and swapping the model happen on the event loop alone (a new
 model is read in a thread, then swapped in on the loop), and each request keeps the
-ServedModel it started with, so no lock is needed.
+ServedModel it started with, so no lock is needed. With `--runtime onnx` the model is the run's
+model.onnx on onnxruntime (onnx_runtime.py) and torch is never imported.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
 import python_multipart  # noqa: F401 (Starlette parses forms with it, and imports without it)
-import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -40,16 +40,17 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
-from torch import nn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from mnistsum_cli.checkpoint import load_model_bytes
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.fingerprints import now_iso
-from mnistsum_cli.paths import SPLITS, RunDir
+from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
 from mnistsum_cli.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
 from mnistsum_cli.store import read_consistently
 from mnistsum_cli.workers import default_workers, forked_workers
+
+if TYPE_CHECKING:  # torch loads only for --runtime torch
+    import torch
 
 MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, a stream of junk does not
 # A drawing from the page (a few KB) is prepared in about 2 ms: on the event loop, cheaper than a hand-off to a
@@ -140,57 +141,93 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ServedModel:
-    model: nn.Module
-    meta: dict[str, Any]
-    identity: tuple[int, int, int]  # (inode, size, mtime_ns) of the file that was read
+    model: Any  # an nn.Module on torch's device (runtime torch) or an onnx_runtime.OnnxModel
+    meta: dict[str, Any]  # model.safetensors' metadata
+    identity: tuple[tuple[int, int, int], ...]  # (inode, size, mtime_ns) of each file read (served_files)
     sha256: str  # as fingerprints.fingerprint_file: what evaluations and the plot manifest record
     loaded_at: str
+    runtime: str = "torch"
 
 
 def file_identity(stat: os.stat_result) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def read_served_model(run: RunDir, device: torch.device) -> ServedModel:
+def served_files(run: RunDir, runtime: str) -> tuple[os.PathLike, ...]:
+    """The files a model is read from: model.safetensors, and model.onnx on the onnx runtime."""
+    return (run.model, run.onnx) if runtime == "onnx" else (run.model,)
+
+
+def read_served_model(run: RunDir, device: Optional[torch.device], runtime: str = "torch") -> ServedModel:
     """Read the run's model as one consistent version: every read of a run by `serve` goes
     through here. It reads as every reader of a run folder does (store.read_consistently: never
     during an unfinished commit); one open + one read sees a whole file, and its identity comes
-    from that same open file."""
+    from that same open file. On the onnx runtime, model.onnx answers, and only when it is the
+    export of that model.safetensors (whose header gives the metadata, read without torch)."""
+    files = served_files(run, runtime)
 
-    def read() -> tuple[tuple[int, int, int], bytes]:
-        with open(run.model, "rb") as handle:
-            return file_identity(os.fstat(handle.fileno())), handle.read()
+    def read() -> tuple[tuple[tuple[int, int, int], ...], list[bytes]]:
+        identities, contents = [], []
+        for path in files:
+            with open(path, "rb") as handle:
+                identities.append(file_identity(os.fstat(handle.fileno())))
+                contents.append(handle.read())
+        return tuple(identities), contents
 
     try:
-        identity, data = read_consistently(run.root, read)
-    except FileNotFoundError:
-        raise MnistsumError(f"{run.model} not found: run `mnistsum train` first") from None
+        identity, contents = read_consistently(run.root, read)
+    except FileNotFoundError as error:
+        missing = run.onnx if error.filename == str(run.onnx) else run.model
+        stage = "export" if missing == run.onnx else "train"
+        raise MnistsumError(f"{missing} not found: run `mnistsum {stage}` first") from None
     except OSError as error:
-        raise MnistsumError(f"{run.model}: cannot read it ({error.strerror or type(error).__name__})") from None
-    model, meta = load_model_bytes(data, run.model, device)
-    return ServedModel(model, meta, identity, hashlib.sha256(data).hexdigest()[:16], now_iso())
+        raise MnistsumError(f"{error.filename}: cannot read it ({error.strerror or type(error).__name__})") from None
+    data, sha256 = contents[0], hashlib.sha256(contents[0]).hexdigest()[:16]
+    if runtime == "onnx":
+        from mnistsum_cli.onnx_runtime import current_onnx_model
+        from mnistsum_cli.schemas import MODEL_META
+        from mnistsum_cli.tensorfiles import safetensors_metadata
+
+        meta = MODEL_META.check(safetensors_metadata(data, run.model, "train", MODEL_FORMAT), run.model)
+        model = current_onnx_model(contents[1], sha256, run, threads=1)
+    else:
+        from mnistsum_cli.checkpoint import load_model_bytes
+
+        model, meta = load_model_bytes(data, run.model, device)
+    return ServedModel(model, meta, identity, sha256, now_iso(), runtime)
+
+
+def served_probabilities(
+    served: ServedModel, images: np.ndarray, numbers: list[int], device: Optional[torch.device]
+) -> tuple[Any, Any]:
+    """Both heads' probabilities for uint8 images [N, 28, 28]: a tensor or an array each, by runtime."""
+    if served.runtime == "onnx":
+        return served.model.probabilities(images, np.array(numbers, dtype=np.int64))
+    import torch
+
+    return head_probabilities(served.model, torch.from_numpy(images), torch.tensor(numbers), device)
 
 
 class ModelFollower:
-    """The model that answers: the run's current model.safetensors, checked by a stat on each
+    """The model that answers: the run's current model (served_files), checked by a stat on each
     request. A new file is loaded once, in a thread: the read waits while a commit of the folder
     is unfinished (store.read_consistently), and meanwhile the event loop answers the other
     requests (/healthz at once). A file that cannot be loaded leaves the previous model serving,
     with the reason in `problem` (until the file changes again)."""
 
-    def __init__(self, run: RunDir, device: torch.device) -> None:
-        self.run, self.device = run, device
-        self.current = read_served_model(run, device)
-        self.seen: Optional[tuple[int, int, int]] = self.current.identity
+    def __init__(self, run: RunDir, device: Optional[torch.device], runtime: str = "torch") -> None:
+        self.run, self.device, self.runtime = run, device, runtime
+        self.current = read_served_model(run, device, runtime)
+        self.seen: Optional[tuple[tuple[int, int, int], ...]] = self.current.identity
         self.problem: Optional[str] = None
         self.loading: Optional[asyncio.Task] = None
 
     def refresh(self) -> Optional[asyncio.Task]:
-        """Start loading the file if it changed since it was last looked at; the load under way,
-        if any (one at a time)."""
+        """Start loading the files if they changed since they were last looked at; the load under
+        way, if any (one at a time)."""
         if self.loading is None:
             try:
-                identity: Optional[tuple[int, int, int]] = file_identity(os.stat(self.run.model))
+                identity = tuple(file_identity(os.stat(path)) for path in served_files(self.run, self.runtime))
             except OSError:
                 identity = None
             if identity != self.seen:
@@ -199,7 +236,7 @@ class ModelFollower:
         return self.loading
 
     async def get(self) -> ServedModel:
-        """The current model, after the load that a change of the file started, if any."""
+        """The current model, after the load that a change of the files started, if any."""
         loading = self.refresh()
         if loading is not None:
             await asyncio.shield(loading)  # a client that leaves does not cancel the load others wait for
@@ -207,7 +244,7 @@ class ModelFollower:
 
     async def _load(self) -> None:
         try:
-            served = await run_in_threadpool(read_served_model, self.run, self.device)
+            served = await run_in_threadpool(read_served_model, self.run, self.device, self.runtime)
         except Exception as error:  # whatever it is, the previous model serves on and `problem` says why
             reason = str(error) if isinstance(error, MnistsumError) else f"{self.run.model}: cannot load it ({error!r})"
             self.problem = f"{reason}; still serving run {self.current.meta.get('run_id')}"
@@ -234,6 +271,7 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
         "epoch": meta.get("epoch"),
         "dataset_id": meta.get("dataset_id"),
         "sha256": served.sha256,
+        "runtime": served.runtime,
         "loaded_at": served.loaded_at,
         "training_val": {
             "digit_accuracy": meta.get("val_digit_accuracy"),
@@ -399,12 +437,13 @@ def prepared_image(image: bytes) -> np.ndarray:
 
 
 def model_answers(
-    served: ServedModel, images: list[np.ndarray], numbers: list[int], device: torch.device
+    served: ServedModel, images: list[np.ndarray], numbers: list[int], device: Optional[torch.device]
 ) -> list[Union[tuple[list, list], RequestError]]:
-    """The one place `serve` runs a model: for each 28 x 28 image and its number, the digit
-    head's 10 and the sum head's 19 probabilities, or the error that answers it when they are
-    not all numbers (a model with NaN weights answers NaN, and JSON has no NaN)."""
-    digit, total = head_probabilities(served.model, torch.from_numpy(np.stack(images)), torch.tensor(numbers), device)
+    """The one place `serve` runs a model, on either runtime (served_probabilities): for each
+    28 x 28 image and its number, the digit head's 10 and the sum head's 19 probabilities, or the
+    error that answers it when they are not all numbers (a model with NaN weights answers NaN,
+    and JSON has no NaN)."""
+    digit, total = served_probabilities(served, np.stack(images), numbers, device)
     return [
         (digit_probs, sum_probs)
         if all(map(math.isfinite, digit_probs + sum_probs))
@@ -421,7 +460,7 @@ class Batches:
     0.9 ms against 0.36 ms for one image (measured in-process), and a lone request waits for
     nothing: its batch runs as soon as the loop has started the requests already received."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: Optional[torch.device]) -> None:
         self.device = device
         self.waiting: list[tuple[ServedModel, np.ndarray, int, asyncio.Future]] = []
 
@@ -681,23 +720,28 @@ def serve(
     run: RunDir,
     host: str,
     port: int,
-    device: torch.device,
+    device: Optional[torch.device],
     workers: Optional[int],
     say: Callable[[str], None],
     warn: Callable[[str], None],
+    runtime: str = "torch",
 ) -> None:
     """Serve until Ctrl-C (or SIGTERM) with `workers` processes (None: workers.default_workers);
-    every problem before the first request is a MnistsumError."""
+    every problem before the first request is a MnistsumError. `device` is torch's (None on the
+    onnx runtime, which runs on the CPU)."""
     if not run.root.is_dir():
         raise MnistsumError(f"--artifacts {run.root}: no such folder (the folder `mnistsum train` wrote)")
-    workers = default_workers(device.type == "cpu") if workers is None else workers
-    if workers > 1 and device.type != "cpu":
+    on_cpu = device is None or device.type == "cpu"
+    workers = default_workers(on_cpu) if workers is None else workers
+    if workers > 1 and not on_cpu:
         raise BadOption(
             f"--workers {workers}: one process per GPU (a GPU answers a request in well under a millisecond)"
         )
-    if device.type == "cpu":
+    if device is not None and on_cpu:
+        import torch
+
         torch.set_num_threads(1)  # one 28 x 28 image per request: more threads only add hand-offs
-    follower = ModelFollower(run, device)
+    follower = ModelFollower(run, device, runtime)
     sock = listening_socket(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     if host not in LOOPBACK:
@@ -732,7 +776,7 @@ def serve(
     try:
         with forked_workers(workers - 1, serve_forever, stop, warn):  # after the model is loaded: they share it
             say(
-                f"serving run {follower.current.meta.get('run_id')} from {run.root} at http://{shown}:{port}/ "
+                f"serving run {follower.current.meta.get('run_id')} on {runtime} from {run.root} at http://{shown}:{port}/ "
                 f"({workers} worker process{'es' if workers > 1 else ''}; Ctrl-C stops)"
             )
             serve_forever()

@@ -54,12 +54,21 @@ def decode_safetensors(data: bytes, path: Path, stage: str, expected_format: str
 
     try:
         tensors = load(data)
+    except Exception as error:  # as above
+        raise _not_safetensors(path, stage, error) from None
+    return tensors, safetensors_metadata(data, path, stage, expected_format)
+
+
+def safetensors_metadata(data: bytes, path: Path, stage: str, expected_format: str) -> dict[str, Any]:
+    """The decoded metadata of a safetensors file's bytes, from its header alone (no torch:
+    `serve --runtime onnx`), checking the file's kind."""
+    try:
         (header_size,) = struct.unpack("<Q", data[:8])
         raw = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
         metadata = {key: json.loads(value) for key, value in raw.items()}
-    except Exception as error:  # as above, plus struct / JSON errors of the header
+    except Exception as error:  # struct / JSON errors of the header
         raise _not_safetensors(path, stage, error) from None
-    return tensors, _checked_kind(metadata, path, stage, expected_format)
+    return _checked_kind(metadata, path, stage, expected_format)
 
 
 def _not_safetensors(path: Path, stage: str, error: BaseException) -> MnistsumError:

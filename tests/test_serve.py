@@ -32,7 +32,7 @@ from mnistsum_cli.fingerprints import fingerprint_file
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import RunDir
 from mnistsum_cli.predict import head_probabilities, prepare_image
-from mnistsum_cli.store import write_json
+from mnistsum_cli.store import commit, write_json
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
@@ -76,6 +76,26 @@ def write_adding_model(run: RunDir, run_id: str, seed: int) -> None:
     save_model(run.model, model, model_metadata("lean", run_id, epoch=2))
 
 
+_EXPORTS: dict[str, bytes] = {}  # model.onnx of each model.safetensors hash: each model is exported once
+
+
+def write_export(run: RunDir) -> None:
+    """model.onnx of the run's model.safetensors, as `mnistsum export` writes it (without its
+    check on a test split: these models were trained on no dataset)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[dev]'")
+    from mnistsum_cli.checkpoint import load_model
+    from mnistsum_cli.export import export_metadata, onnx_graph
+
+    sha = fingerprint_file(run.model)
+    if sha not in _EXPORTS:
+        model, meta = load_model(run.model, CPU)
+        proto = onnx_graph(model, None, export_metadata(meta, sha))
+        proto.metadata_props.add(key="check", value="none (a test)")
+        _EXPORTS[sha] = proto.SerializeToString()
+    with commit(run.root) as change:
+        change.write(run.onnx.name, _EXPORTS[sha])
+
+
 @pytest.fixture
 def run(tmp_path: Path) -> RunDir:
     run = RunDir(tmp_path / "artifacts")
@@ -83,17 +103,31 @@ def run(tmp_path: Path) -> RunDir:
     return run
 
 
+@pytest.fixture(params=["torch", "onnx"])
+def runtime(request: pytest.FixtureRequest) -> str:
+    """The runtime the `client` serves with: the key API tests run on both."""
+    return request.param
+
+
+def follower(run: RunDir, runtime: str) -> ModelFollower:
+    if runtime == "onnx":
+        write_export(run)
+        return ModelFollower(run, None, "onnx")
+    return ModelFollower(run, CPU)
+
+
 @pytest.fixture
-def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(run: RunDir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str) -> Iterator[TestClient]:
     monkeypatch.chdir(tmp_path)
     # one event loop for all its requests, as in the server: a model load may outlive the request that began it
-    with TestClient(served_app(run), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
+    app = served_app(run, runtime=runtime)
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
         yield client
 
 
-def served_app(run: RunDir, host: str = "127.0.0.1"):
-    """The app as `serve --host HOST` runs it."""
-    return create_app(ModelFollower(run, CPU), KnownHosts(host))
+def served_app(run: RunDir, host: str = "127.0.0.1", runtime: str = "torch"):
+    """The app as `serve --host HOST --runtime RUNTIME` runs it."""
+    return create_app(follower(run, runtime), KnownHosts(host))
 
 
 def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
@@ -158,10 +192,11 @@ def test_page_and_its_files_come_from_the_app_with_a_strict_policy(client: TestC
         assert needle in page.text, needle
 
 
-def test_healthz_and_model_card(client: TestClient, run: RunDir) -> None:
+def test_healthz_and_model_card(client: TestClient, run: RunDir, runtime: str) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "run_id": "run1", "problem": None}
     card = client.get("/api/model").json()
     assert (card["run_id"], card["arch"], card["epoch"], card["problem"]) == ("run1", "lean", 2, None)
+    assert card["runtime"] == runtime
     assert card["sha256"] == fingerprint_file(run.model)
     assert card["evaluations"] == {} and card["plots"] == []
 
@@ -455,9 +490,9 @@ def test_a_slow_model_load_does_not_hold_the_other_requests(run: RunDir, monkeyp
     commit is slow): in a thread, while /healthz answers at once with the model serving now."""
     app, read = served_app(run), serve_module.read_served_model
 
-    def slow_read(run: RunDir, device: torch.device):
+    def slow_read(run: RunDir, device: torch.device, runtime: str):
         time.sleep(2)
-        return read(run, device)
+        return read(run, device, runtime)
 
     monkeypatch.setattr(serve_module, "read_served_model", slow_read)
     write_model(run, "run2", seed=1)
@@ -475,7 +510,7 @@ def test_a_slow_model_load_does_not_hold_the_other_requests(run: RunDir, monkeyp
     assert (status, answer["run_id"]) == (200, "run2") and took >= 2
 
 
-def test_a_model_that_answers_nan_gets_a_clear_error(run: RunDir, client: TestClient) -> None:
+def test_a_model_that_answers_nan_gets_a_clear_error(run: RunDir, client: TestClient, runtime: str) -> None:
     """JSON has no NaN: a model whose weights are NaN answers every image with a 500 that says
     so in one line (not an internal error), and the server serves on."""
     model = build_model("lean")
@@ -483,6 +518,8 @@ def test_a_model_that_answers_nan_gets_a_clear_error(run: RunDir, client: TestCl
         for parameter in model.parameters():
             parameter.fill_(float("nan"))
     save_model(run.model, model, model_metadata("lean", "broken", epoch=2))
+    if runtime == "onnx":
+        write_export(run)
     for _ in range(2):
         response = client.post("/api/predict?number=3", content=drawn_seven(), headers=PNG)
         assert_refused(response, 500, "the model of run broken answered NaN, not probabilities: train it again")
@@ -704,6 +741,7 @@ def test_wrong_method_and_unknown_route(client: TestClient) -> None:
 # --------------------------------------------------------------------------- following the run
 
 
+@pytest.mark.parametrize("runtime", ["torch"])  # onnx: test_the_onnx_model_follows_its_export
 def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir) -> None:
     body = drawn_seven()
     first = client.post("/api/predict?number=2", content=body, headers=PNG).json()
@@ -727,6 +765,29 @@ def test_the_model_follows_the_artifacts_folder(client: TestClient, run: RunDir)
     write_model(run, "run3", seed=2)
     assert client.get("/api/model").json()["run_id"] == "run3"  # it waits for the load /healthz does not wait for
     assert client.get("/healthz").json() == {"status": "ok", "run_id": "run3", "problem": None}
+
+
+@pytest.mark.parametrize("runtime", ["onnx"])
+def test_the_onnx_model_follows_its_export(client: TestClient, run: RunDir) -> None:
+    """On onnxruntime a new model.safetensors answers once it is exported: until then model.onnx
+    is stale, and the model before it keeps serving, with the reason."""
+    body = drawn_seven()
+    first = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    write_model(run, "run2", seed=1)  # a new `train`: model.onnx is now the export of another model
+    second = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    assert second["run_id"] == "run1" and second["digit_probabilities"] == first["digit_probabilities"]
+    assert "model.onnx is stale" in second["problem"] and "still serving run run1" in second["problem"]
+    write_export(run)  # `mnistsum export`
+    third = client.post("/api/predict?number=2", content=body, headers=PNG).json()
+    assert third["run_id"] == "run2" and third["problem"] is None
+    assert np.allclose(
+        third["digit_probabilities"], expected(run, np.array(third["input"], dtype=np.uint8), 2)[0], atol=1e-6
+    )
+    damaged = run.onnx.read_bytes()
+    with commit(run.root) as change:
+        change.write(run.onnx.name, damaged[: len(damaged) // 2])
+    fourth = client.get("/api/model").json()
+    assert fourth["run_id"] == "run2" and "not a valid ONNX file" in fourth["problem"]
 
 
 # --------------------------------------------------------------------------- the command
@@ -758,6 +819,29 @@ def test_serve_refuses_what_it_cannot_serve(run_cli, tmp_path: Path, run: RunDir
     assert code == 2 and "--port" in assert_one_line_error(err, out)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--gpu", "0", "--cpu")
     assert code == 2 and "exclude each other" in assert_one_line_error(err, out)  # the device policy of every command
+
+
+def test_serve_on_onnx_refuses_a_missing_or_stale_export(run_cli, run: RunDir) -> None:
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--runtime", "onnx")
+    assert code == 1 and "model.onnx not found: run `mnistsum export` first" in assert_one_line_error(err, out)
+    write_export(run)
+    write_model(run, "run2", seed=1)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--runtime", "onnx")
+    assert code == 1 and "model.onnx is stale" in assert_one_line_error(err, out)
+    code, out, err = run_cli("serve", "--artifacts", run.root, "--runtime", "onnx", "--gpu", "0")
+    assert code == 2 and "--runtime onnx runs on the CPU" in assert_one_line_error(err, out)
+
+
+def test_serve_on_onnx_loads_no_torch(run: RunDir) -> None:
+    write_export(run)
+    process, first = start_serve(run, "--runtime", "onnx", "--workers", "1")
+    try:
+        assert " on onnx from " in first, first
+        assert healthz(port_of(first)).startswith(b"HTTP/1.1 200")
+        libraries = Path(f"/proc/{process.pid}/maps").read_text()
+        assert "onnxruntime" in libraries and "libtorch" not in libraries
+    finally:
+        kill_group(process)
 
 
 def test_a_busy_port_is_one_line(run_cli, run: RunDir) -> None:

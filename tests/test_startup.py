@@ -15,7 +15,19 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
 from mnistsum_cli.config import PRESETS, describe_preset
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "starlette", "uvicorn", "PIL", "tensorboard")
+HEAVY = (
+    "torch",
+    "torchvision",
+    "matplotlib",
+    "pyarrow",
+    "starlette",
+    "uvicorn",
+    "PIL",
+    "tensorboard",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+)
 
 
 def python(code: str, **kwargs) -> subprocess.CompletedProcess:
@@ -31,6 +43,8 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         ["train", "--help"],
         ["run", "--help"],
         ["serve", "--help"],
+        ["export", "--help"],
+        ["predict", "--runtime", "nope"],
         ["train", "--bogus"],
         ["train", "--arch", "nope"],
         ["--version"],
@@ -43,6 +57,8 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         "train --help",
         "run --help",
         "serve --help",
+        "export --help",
+        "bad runtime",
         "bad flag",
         "bad arch",
         "--version",
@@ -68,7 +84,8 @@ def flattened(text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare"]
+    "command",
+    ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare", "export"],
 )
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
