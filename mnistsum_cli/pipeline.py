@@ -108,7 +108,11 @@ def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
     figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
     model_sha = metrics["model"]["sha256"]
-    if not run_dir.model.exists() or fingerprint_file(run_dir.model) != model_sha:
+    try:
+        current_model = fingerprint_file(run_dir.model, MODEL_META) if run_dir.model.exists() else None
+    except MnistsumError as error:
+        return StageStatus("evaluate", STALE, f"the model cannot be read: {error}", [str(path)], figures)
+    if current_model != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
     if header is None or metrics.get("dataset_id") != header.dataset_id:
         return StageStatus("evaluate", STALE, "evaluated on another dataset", [str(path)], figures)
@@ -128,7 +132,11 @@ def plot_status(run_dir: RunDir) -> StageStatus:
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):
         return StageStatus("plot", STALE, "some plots are missing", artifacts, figures)
-    if inputs != plot_inputs(run_dir):
+    try:
+        current_inputs = plot_inputs(run_dir)
+    except MnistsumError as error:
+        return StageStatus("plot", STALE, f"an input cannot be read: {error}", artifacts, figures)
+    if inputs != current_inputs:
         return StageStatus("plot", STALE, "drawn from older history or evaluations", artifacts, figures)
     return StageStatus("plot", CURRENT, f"{len(files)} plots", artifacts, figures)
 

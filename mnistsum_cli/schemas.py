@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from mnistsum_cli.config import ARCHITECTURE_NAMES, MAX_SEED, TrainConfig
+from mnistsum_cli.diskfiles import (
+    MAX_CHECKPOINT_BYTES,
+    MAX_HISTORY_BYTES,
+    MAX_MODEL_BYTES,
+    MAX_SMALL_JSON_BYTES,
+    MAX_SPLIT_BYTES,
+    MIB,
+)
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, SPLITS
 from mnistsum_cli.store import read_json
@@ -215,6 +223,7 @@ class Schema:
     record: Record
     about: str
     rules: tuple[tuple[str, Callable[[dict], bool]], ...] = ()  # (what must hold, test) across fields
+    max_bytes: int = MAX_SMALL_JSON_BYTES  # the largest file of this kind a reader reads (diskfiles.py says why)
 
     def check(self, data: Any, path: Path | str) -> Any:
         """`data` if it fits the declaration; else one MnistsumError naming the file, the
@@ -231,7 +240,7 @@ class Schema:
 
     def read_json(self, path: Path) -> Any:
         """Read a JSON artifact of this kind and check it."""
-        return self.check(read_json(path, stage=self.stage), path)
+        return self.check(read_json(path, stage=self.stage, max_bytes=self.max_bytes), path)
 
 
 def _settings() -> Record:
@@ -282,6 +291,7 @@ SPLIT_META = Schema(
         }
     ),
     "The rows are the columns image_index (uint16), digit, number, sum (uint8), none null.",
+    max_bytes=MAX_SPLIT_BYTES,
 )
 
 STEP_RECORD = Record(
@@ -330,6 +340,7 @@ HISTORY = Schema(
     ),
     "Rewritten after every epoch.",
     rules=(("best_epoch <= the number of epochs", lambda history: history["best_epoch"] <= len(history["epochs"])),),
+    max_bytes=MAX_HISTORY_BYTES,
 )
 
 TRAIN_STATE = Schema(
@@ -387,6 +398,7 @@ MODEL_META = Schema(
         }
     ),
     "Tensors: the model's state_dict.",
+    max_bytes=MAX_MODEL_BYTES,
 )
 
 CHECKPOINT_META = Schema(
@@ -407,6 +419,7 @@ CHECKPOINT_META = Schema(
         }
     ),
     "Tensors: `model.<name>` weights, `optim.<param>.<key>` AdamW state.",
+    max_bytes=MAX_CHECKPOINT_BYTES,
 )
 
 MISCLASSIFIED_ROW = Record(
@@ -517,7 +530,8 @@ def markdown() -> str:
     ]
     for schema in SCHEMAS:
         rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
-        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}", ""]
+        cap = f" At most {schema.max_bytes / MIB:g} MiB: a larger file is refused unread."
+        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}{cap}", ""]
         parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
     parts += [
         "",

@@ -22,6 +22,7 @@ import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -36,11 +37,13 @@ from starlette.routing import Route
 from torch import nn
 
 from mnistsum_cli.checkpoint import load_model_bytes
+from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, read_file, read_with_status
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.fingerprints import now_iso
 from mnistsum_cli.paths import SPLITS, RunDir
 from mnistsum_cli.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
-from mnistsum_cli.store import read_consistently
+from mnistsum_cli.schemas import EVALUATION, MODEL_META, PLOTS_MANIFEST, Schema
+from mnistsum_cli.store import read_consistently, read_json
 from mnistsum_cli.workers import default_workers, forked_workers
 
 MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, a stream of junk does not
@@ -132,19 +135,11 @@ def file_identity(stat: os.stat_result) -> tuple[int, int, int]:
 def read_served_model(run: RunDir, device: torch.device) -> ServedModel:
     """Read the run's model as one consistent version: every read of a run by `serve` goes
     through here. It reads as every reader of a run folder does (store.read_consistently: never
-    during an unfinished commit); one open + one read sees a whole file, and its identity comes
-    from that same open file."""
+    during an unfinished commit); one checked open (a regular file within the model's size cap:
+    diskfiles.read_with_status) + one read sees a whole file, and its identity comes from that same open file."""
 
-    def read() -> tuple[tuple[int, int, int], bytes]:
-        with open(run.model, "rb") as handle:
-            return file_identity(os.fstat(handle.fileno())), handle.read()
-
-    try:
-        identity, data = read_consistently(run.root, read)
-    except FileNotFoundError:
-        raise MnistsumError(f"{run.model} not found: run `mnistsum train` first") from None
-    except OSError as error:
-        raise MnistsumError(f"{run.model}: cannot read it ({error.strerror or type(error).__name__})") from None
+    status, data = read_consistently(run.root, lambda: read_with_status(run.model, MODEL_META.max_bytes, "train"))
+    identity = file_identity(status)
     model, meta = load_model_bytes(data, run.model, device)
     return ServedModel(model, meta, identity, hashlib.sha256(data).hexdigest()[:16], now_iso())
 
@@ -181,7 +176,7 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
     meta = served.meta
     evaluations = {}
     for split in SPLITS:
-        metrics = _json_or_none(run.evaluation(split))
+        metrics = _json_or_none(run.evaluation(split), EVALUATION)
         if isinstance(metrics, dict) and (metrics.get("model") or {}).get("sha256") == served.sha256:
             evaluations[split] = {
                 key: metrics.get(key) for key in ("rows", "digit_accuracy", "sum_accuracy", "consistency")
@@ -206,7 +201,7 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
 def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
     """The plot file names plots/manifest.json lists, when it was drawn for this model; the only
     files of the run the app serves."""
-    manifest = _json_or_none(run.plots_manifest)
+    manifest = _json_or_none(run.plots_manifest, PLOTS_MANIFEST)
     if not isinstance(manifest, dict) or (manifest.get("inputs") or {}).get("model") != served.sha256:
         return []
     files = manifest.get("files")
@@ -221,11 +216,12 @@ def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
     ]
 
 
-def _json_or_none(path: os.PathLike) -> Any:
+def _json_or_none(path: Path, kind: Schema) -> Any:
+    """The JSON in `path`, read as a checked file of `kind` (store.read_json), or None when it
+    cannot be read: the page shows what it can."""
     try:
-        with open(path, "rb") as handle:
-            return json.loads(handle.read())
-    except (OSError, ValueError):
+        return read_json(path, kind.stage, kind.max_bytes)
+    except MnistsumError:
         return None
 
 
@@ -396,8 +392,8 @@ def create_app(follower: ModelFollower) -> "SecurityHeaders":
         if name not in listed_plots(run, follower.get()):
             raise RequestError(404, "no such plot in this run's plots/manifest.json")
         try:
-            content = (run.plots / name).read_bytes()
-        except OSError:
+            content = read_file(run.plots / name, MAX_PLOT_BYTES, "plot")
+        except MnistsumError:
             raise RequestError(404, f"plot {name} is listed but cannot be read: rerun `mnistsum plot`") from None
         return Response(content, media_type="image/png")
 

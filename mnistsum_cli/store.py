@@ -26,11 +26,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
+from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, Missing, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
 
 LOCK = ".mnistsum-lock"
 JOURNAL = ".mnistsum-journal.json"
 GENERATION = ".mnistsum-generation"
+MAX_GENERATION_BYTES = 1024  # the generation file holds one commit's token (8 hex digits)
 TEMP_PREFIX = ".mnistsum-tmp."  # every temporary file or folder, removed by the next writer
 READ_WAIT_SECONDS = 10.0  # how long a reader waits for a commit in progress (commits take milliseconds)
 INSTALL, MOVE = "install", "move"
@@ -315,8 +317,8 @@ def _generation(folder: Path) -> Optional[bytes]:
     """The last commit's token (b"" before any), or None while a commit is unfinished. The
     generation is read before the journal is looked for: see read_consistently."""
     try:
-        generation = (folder / GENERATION).read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
+        generation = read_file(folder / GENERATION, MAX_GENERATION_BYTES, stage=None)
+    except Missing:
         generation = b""
     return None if (folder / JOURNAL).exists() else generation
 
@@ -339,13 +341,13 @@ def _settle(folder: Path, deadline: float) -> None:
     time.sleep(0.005)
 
 
-def read_json(path: Path, stage: str) -> Any:
-    """Read a JSON artifact; `stage` is the command that makes it, named in errors."""
-    if not path.exists():
-        raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
+def read_json(path: Path, stage: str, max_bytes: int = MAX_SMALL_JSON_BYTES) -> Any:
+    """Read a JSON artifact of at most `max_bytes` (a checked regular file: diskfiles.read_file);
+    `stage` is the command that makes it, named in errors."""
+    data = read_file(path, max_bytes, stage)
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
         raise MnistsumError(f"{path} is unreadable ({first_line(error)}): rerun `mnistsum {stage}`") from None
 
 
