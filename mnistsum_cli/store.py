@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
-from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, Missing, read_file
+from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, Missing, fault_text, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
 
 LOCK = ".mnistsum-lock"
@@ -257,15 +257,19 @@ def write_file(path: Path, data: bytes) -> None:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write a file that no run folder's commits manage (a figure at `compare --out`): whole or
-    not at all, through a temporary file beside it and one rename."""
+    not at all, through a temporary file beside it and one rename; an OSError (a full disk, a
+    read-only or missing folder) is one line and leaves no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
     try:
-        write_file(temporary, data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_file(temporary, data)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise MnistsumError(f"cannot write {fault_text(path, error)}; nothing was written") from None
 
 
 def _fsync_folder(folder: Path) -> None:
