@@ -477,13 +477,14 @@ def compare(
 
     The current run's plots/ is left as it is.
     """
-    from mnistsum_cli.plot import compare_runs
-    from mnistsum_cli.runlist import compare_labels, compare_path, find_run
+    from mnistsum_cli.runlist import compare_labels, compare_output, find_run
 
     entries = [find_run(artifacts, name) for name in run_names]
     labels, caption = compare_labels(entries)
-    path = compare_runs([entry.history for entry in entries], labels, caption, out or compare_path(artifacts, entries))
-    report.written([path])
+    path = compare_output(out, artifacts, entries)  # before matplotlib loads
+    from mnistsum_cli.plot import compare_runs
+
+    report.written([compare_runs([entry.history for entry in entries], labels, caption, path)])
 
 
 # --------------------------------------------------------------------------- entry point

@@ -262,7 +262,6 @@ def replace_file(path: Path, data: bytes) -> None:
     path = Path(path)
     temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_file(temporary, data)
             os.replace(temporary, path)
