@@ -190,7 +190,9 @@ def train(
     if resume:
         saved = saved_config(run_dir)
         if saved is None:
-            raise MnistsumError(f"nothing to resume in {run_dir.root}: run `mnistsum train` without --resume")
+            raise MnistsumError(
+                f"nothing to resume in {run_dir.root} (no {run_dir.checkpoint.name}): run `mnistsum train` without --resume"
+            )
         done = saved_run(run_dir)
         if done is not None and done.complete and saved.with_overrides(**settings) == saved == done.config:
             HISTORY.read_json(run_dir.history)  # complete means whole: a damaged history is an error, not "done"
