@@ -50,21 +50,27 @@ def decode_safetensors(
     consistent version of a file that writers replace). `metadata_only` still checks the whole
     file, without torch: `status` and an up-to-date `run` need none."""
     try:
-        if metadata_only:
-            from safetensors import deserialize
-
-            deserialize(data)  # the header and every tensor's extent, as loading would check them
-            tensors = {}
-        else:
-            from safetensors.torch import load
-
-            tensors = load(data)
-        (header_size,) = struct.unpack("<Q", data[:8])
-        raw = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors, raw = parse_safetensors(data, metadata_only)
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except Exception as error:  # safetensors raises several unrelated types on damage, plus struct / JSON errors
         raise _not_safetensors(path, stage, error) from None
     return tensors, _checked_kind(metadata, path, stage, expected_format)
+
+
+def parse_safetensors(data: bytes, metadata_only: bool) -> tuple[dict, dict[str, str]]:
+    """The tensors (none when metadata_only, and then without torch) and the raw metadata (str ->
+    str) of a safetensors file's bytes; raises on damage."""
+    if metadata_only:
+        from safetensors import deserialize
+
+        deserialize(data)  # the header and every tensor's extent, as loading would check them
+        tensors = {}
+    else:
+        from safetensors.torch import load
+
+        tensors = load(data)
+    (header_size,) = struct.unpack("<Q", data[:8])
+    return tensors, json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
 
 
 def _not_safetensors(path: Path, stage: str, error: BaseException) -> MnistsumError:
