@@ -74,7 +74,7 @@ def open_checked(path: Path, max_bytes: int, stage: Optional[str]) -> int:
     try:
         descriptor = os.open(path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
-        raise Missing(f"{path} not found: run `mnistsum {stage}` first") from None
+        raise Missing(f"{path} not found" + (f": run `mnistsum {stage}` first" if stage else "")) from None
     except OSError as error:
         if error.errno == errno.ELOOP and os.path.islink(path):
             raise MnistsumError(
