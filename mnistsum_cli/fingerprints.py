@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mnistsum_cli.diskfiles import opened
+from mnistsum_cli.diskfiles import read_file
 from mnistsum_cli.paths import SPLIT_COLUMNS, SPLITS, RunDir
 from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META, Schema
 
@@ -38,13 +38,9 @@ def fingerprint_bytes(data: bytes) -> str:
 
 
 def fingerprint_file(path: Path, kind: Schema) -> str:
-    """fingerprint_bytes of the artifact `path`, streamed from a checked regular file no larger
-    than its kind allows (diskfiles.opened)."""
-    digest = hashlib.sha256()
-    with opened(path, kind.max_bytes, kind.stage) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    """fingerprint_bytes of the artifact `path`, read as a checked regular file no larger than
+    its kind allows (diskfiles.read_file)."""
+    return fingerprint_bytes(read_file(path, kind.max_bytes, kind.stage))
 
 
 def plot_inputs(run: RunDir) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.config import TrainConfig
+from mnistsum_cli.diskfiles import each_file_read_once
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
@@ -151,12 +152,14 @@ def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
 
 def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it. Each
-    folder is read between commits (a `train` running meanwhile never shows a mix of epochs)."""
-    header = dataset_header(prepared)
-    return [prepare_status(prepared)] + read_consistently(
-        run_dir.root,
-        lambda: [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)],
-    )
+    folder is read between commits (a `train` running meanwhile never shows a mix of epochs),
+    and each file once."""
+    with each_file_read_once():
+        header = dataset_header(prepared)
+        return [prepare_status(prepared)] + read_consistently(
+            run_dir.root,
+            lambda: [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)],
+        )
 
 
 def wanted_prepare_options(
