@@ -8,7 +8,8 @@ without blocking and without following a final symbolic link, checks through tha
 that it is a regular file no larger than its kind can be, and only then reads it (`read_file`,
 `opened`). mnistsum writes every artifact as a regular file renamed into place (store.py), so a
 symbolic link in place of one is never its own: it is refused, whatever it points at, rather
-than followed into another folder. The folders themselves may be links.
+than followed into another folder. The folders themselves may be links. Within
+`each_file_read_once` (`status`) a file still at the version read before is not read again.
 
 Any OSError on an artifact path, read or write, becomes one line naming the path and the cause
 (`fault_text`): these messages, and cli.main's last resort for an OSError that no reader caught.
