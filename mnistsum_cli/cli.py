@@ -12,6 +12,7 @@ import typer
 from mnistsum_cli import __version__, report
 from mnistsum_cli.commands import Command, CommandGroup
 from mnistsum_cli.config import MAX_SEED
+from mnistsum_cli.diskfiles import fault_text, require
 from mnistsum_cli.errors import BadOption, MnistsumError, OutputClosed, OutputFailed
 from mnistsum_cli.options import (
     ArtifactsOption,
@@ -32,8 +33,17 @@ from mnistsum_cli.options import (
     ValSizeOption,
     with_setting_options,
 )
-from mnistsum_cli.paths import DEFAULT_ARTIFACTS, DEFAULT_DATA, IMAGE_FILE_FORMATS, DataDir, RunDir, formats_text
+from mnistsum_cli.paths import (
+    DEFAULT_ARTIFACTS,
+    DEFAULT_DATA,
+    IMAGE_FILE_FORMATS,
+    SPLITS,
+    DataDir,
+    RunDir,
+    formats_text,
+)
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE
+from mnistsum_cli.schemas import HISTORY, MODEL_META, SPLIT_META, Schema
 from mnistsum_cli.torchrun import torchrun_rank
 from mnistsum_cli.workers import MAX_DEFAULT_WORKERS
 
@@ -81,6 +91,18 @@ def _folder(new: Path, new_flag: str, out: Optional[Path], default: Path) -> Pat
         raise BadOption(f"--out is the old name of {new_flag}: pass only {new_flag}")
     report.notice(f"--out is deprecated and will be removed: use {new_flag} {out}")
     return out
+
+
+def _require(*inputs: tuple[Path, Schema]) -> None:
+    """Refuse a missing or unreadable input (path, its kind) in one line before a command imports
+    torch (seconds and hundreds of MB), as the later read would."""
+    for path, kind in inputs:
+        require(path, kind.max_bytes, kind.stage)
+
+
+def _splits(data: Path) -> list[tuple[Path, Schema]]:
+    """The three splits of a data folder, as inputs of _require."""
+    return [(DataDir(data).split(name), SPLIT_META) for name in SPLITS]
 
 
 def _notice_if(message: Optional[str]) -> None:
@@ -171,21 +193,24 @@ def train(
 
     Writes model.safetensors (the epoch with the best validation sum accuracy), history.json, config.json, and a checkpoint every epoch that --resume continues from. A run already in --artifacts moves to <artifacts>/previous/<run id>/ when the first epoch is saved.
     """
+    run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
+    if resume and preset_name is not None:
+        raise BadOption("--resume continues with the checkpoint's settings: drop --preset")
+    if not resume:  # (--resume of a complete run needs no data: it says so and stops)
+        _require(*_splits(data))
     from mnistsum_cli.checkpoint import saved_config
     from mnistsum_cli.distributed import process_group
     from mnistsum_cli.prepared import PreparedData
     from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-    from mnistsum_cli.schemas import HISTORY
     from mnistsum_cli.tensorboard_log import FOLDER, check_installed, tensorboard_events
     from mnistsum_cli.train import SilentReporter
 
-    run_dir = RunDir(_folder(artifacts, "--artifacts", out, DEFAULT_ARTIFACTS))
     if resume:
-        if preset_name is not None:
-            raise BadOption("--resume continues with the checkpoint's settings: drop --preset")
         saved = saved_config(run_dir)
         if saved is None:
-            raise MnistsumError(f"nothing to resume in {run_dir.root}: run `mnistsum train` without --resume")
+            raise MnistsumError(
+                f"nothing to resume in {run_dir.root} (no {run_dir.checkpoint.name}): run `mnistsum train` without --resume"
+            )
         done = saved_run(run_dir)
         if done is not None and done.complete and saved.with_overrides(**settings) == saved == done.config:
             HISTORY.read_json(run_dir.history)  # complete means whole: a damaged history is an error, not "done"
@@ -236,10 +261,11 @@ def evaluate(
 
     Digit and sum accuracy, losses, per-digit accuracy, confusion matrices and consistency (predicted sum = predicted digit + number); written to evaluation_<split>.json.
     """
+    run_dir = RunDir(artifacts)
+    _require((run_dir.model, MODEL_META), *_splits(data))
     from mnistsum_cli.evaluate import evaluate_model
     from mnistsum_cli.prepared import PreparedData
 
-    run_dir = RunDir(artifacts)
     metrics = evaluate_model(split, PreparedData(DataDir(data), mnist_dir), run_dir, _device(gpu, cpu), force)
     if as_json:
         report.print_json(metrics)
@@ -258,10 +284,12 @@ def plot(
 
     Curves from history.json; for each current evaluation, confusion heatmaps and a gallery of the rows it got wrong. PNGs go to <artifacts>/plots.
     """
+    run_dir = RunDir(artifacts)
+    _require((run_dir.history, HISTORY), (run_dir.model, MODEL_META))
     from mnistsum_cli.plot import plot as plot_stage
     from mnistsum_cli.prepared import PreparedData
 
-    report.written(plot_stage(RunDir(artifacts), force, PreparedData(DataDir(data), mnist_dir)))
+    report.written(plot_stage(run_dir, force, PreparedData(DataDir(data), mnist_dir)))
 
 
 @app.command(
@@ -301,16 +329,17 @@ def predict(
 
     Images are brought to MNIST form: greyscale, inverted when the background is light, the digit scaled to 20 px and centred by its centre of mass in 28 x 28. --runtime onnx answers with model.onnx on onnxruntime (image files load no torch); the output names the runtime.
     """
-    from mnistsum_cli.onnx_runtime import onnx_extra
-    from mnistsum_cli.predict import predict_files, predict_row
-    from mnistsum_cli.prepared import PreparedData
-
     if index is None and not images:
         raise BadOption("give image files with --number N, or --index K to predict a dataset row")
     if index is not None and images:
         raise BadOption("give either image files or --index, not both")
     if images and number is None:
         raise BadOption("--number N (0-9) is required with image files")
+    _require((RunDir(artifacts).model, MODEL_META), *(_splits(data) if index is not None else []))
+    from mnistsum_cli.onnx_runtime import onnx_extra
+    from mnistsum_cli.predict import predict_files, predict_row
+    from mnistsum_cli.prepared import PreparedData
+
     device = _runtime_device(runtime, gpu, cpu)
     with onnx_extra("predict --runtime onnx"):
         if index is not None:
@@ -379,6 +408,8 @@ def serve(
 
     The page shows both heads' answers with their probabilities and the 28 x 28 image the model saw (prepared as by predict). The model follows --artifacts: a newly trained model.safetensors answers the next request (with --runtime onnx, a newly exported model.onnx of it). Needs the serve extra: pip install 'mnistsum\\[serve]'.
     """
+    if RunDir(artifacts).root.is_dir():  # else serve says the folder is missing
+        _require((RunDir(artifacts).model, MODEL_META))
     try:
         from mnistsum_cli.serve import serve as serve_stage
     except ModuleNotFoundError as error:
@@ -518,13 +549,14 @@ def compare(
 
     The current run's plots/ is left as it is.
     """
-    from mnistsum_cli.plot import compare_runs
-    from mnistsum_cli.runlist import compare_labels, compare_path, find_run
+    from mnistsum_cli.runlist import compare_labels, compare_output, find_run
 
     entries = [find_run(artifacts, name) for name in run_names]
     labels, caption = compare_labels(entries)
-    path = compare_runs([entry.history for entry in entries], labels, caption, out or compare_path(artifacts, entries))
-    report.written([path])
+    path = compare_output(out, artifacts, entries)  # before matplotlib loads
+    from mnistsum_cli.plot import compare_runs
+
+    report.written([compare_runs([entry.history for entry in entries], labels, caption, path)])
 
 
 # --------------------------------------------------------------------------- entry point
@@ -603,6 +635,12 @@ def _main(argv: Optional[List[str]]) -> None:
         if not quiet:
             report.error(str(error))
         sys.exit(error.exit_code)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: main() exits quietly
+    except OSError as error:  # the last resort for a file-system fault no stage put in its own words
+        if not quiet:
+            report.error(fault_text(None, error))
+        sys.exit(1)
     except Exception as error:
         if not _is_usage_error(error):
             raise

@@ -9,14 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnistsum_cli.checkpoint import load_model
+from mnistsum_cli.checkpoint import load_model_bytes
 from mnistsum_cli.data import SplitTensors, split_tensors
+from mnistsum_cli.diskfiles import read_file
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.fingerprints import fingerprint_file, now_iso
+from mnistsum_cli.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.inference import EVAL_PRECISION, predict
 from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, RunDir
 from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.schemas import MAX_MISCLASSIFIED
+from mnistsum_cli.schemas import MAX_MISCLASSIFIED, MODEL_META
 from mnistsum_cli.splits import Dataset
 from mnistsum_cli.store import folder_lock, write_json
 
@@ -85,12 +86,12 @@ def check_finite_losses(metrics: dict[str, Any], model_path: Path) -> None:
             )
 
 
-def provenance(model_path: Path, model_meta: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
+def provenance(model_path: Path, model_sha: str, model_meta: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """What an evaluation was made from, so later stages can tell when it is stale."""
     return {
         "model": {
             "path": str(model_path),
-            "sha256": fingerprint_file(model_path),
+            "sha256": model_sha,
             "run_id": model_meta.get("run_id"),
             "arch": model_meta.get("arch"),
             "epoch": model_meta.get("epoch"),
@@ -107,12 +108,13 @@ def evaluate_model(
     """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON (holding
     the artifacts folder's lock throughout, so that the model cannot change under it)."""
     with folder_lock(run.root, "evaluate", "--artifacts", create=False):
-        model, meta = load_model(run.model, device)
+        data = read_file(run.model, MODEL_META.max_bytes, "train")  # once: the hash is of the weights measured
+        model, meta = load_model_bytes(data, run.model, device)
         dataset, mnist = prepared.dataset, prepared.mnist
         check_model_matches(meta, dataset, force)
         rows = dataset.splits[split]
         metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
         check_finite_losses(metrics, run.model)
-        metrics.update(provenance(run.model, meta, dataset))
+        metrics.update(provenance(run.model, fingerprint_bytes(data), meta, dataset))
         write_json(run.evaluation(split), metrics)
     return metrics

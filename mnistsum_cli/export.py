@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from mnistsum_cli import __version__
+from mnistsum_cli.diskfiles import read_file
 from mnistsum_cli.errors import BadOption, MnistsumError, first_line
-from mnistsum_cli.fingerprints import now_iso
+from mnistsum_cli.fingerprints import fingerprint_bytes, fingerprint_file, now_iso
 from mnistsum_cli.inference import EVAL_BATCH_SIZE
 from mnistsum_cli.onnx_runtime import (
     INPUT_NAMES,
@@ -30,12 +31,12 @@ from mnistsum_cli.onnx_runtime import (
     OnnxModel,
     current_onnx_model,
     graph_fingerprint,
-    model_fingerprint,
     onnx_session,
     require_extra,
 )
 from mnistsum_cli.paths import ONNX_FORMAT, RunDir
 from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.schemas import MODEL_META
 from mnistsum_cli.store import commit, read_consistently, replace_file
 
 if TYPE_CHECKING:
@@ -205,18 +206,10 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
     if out is not None and any(_same(out, path) for path in run.run_files() if path != run.onnx):
         raise BadOption(f"--out {out}: a file of the run itself; give another name (default {run.onnx})")
 
-    def read() -> bytes:
-        return run.model.read_bytes()
-
-    try:
-        model_data = read_consistently(run.root, read)
-    except FileNotFoundError:
-        raise MnistsumError(f"{run.model} not found: run `mnistsum train` first") from None
-    except OSError as error:
-        raise MnistsumError(f"{run.model}: cannot read it ({error.strerror or type(error).__name__})") from None
+    model_data = read_consistently(run.root, lambda: read_file(run.model, MODEL_META.max_bytes, "train"))
     torch_device = torch.device("cpu")
     model, model_meta = load_model_bytes(model_data, run.model, torch_device)
-    sha256 = model_fingerprint(model_data)
+    sha256 = fingerprint_bytes(model_data)
     dataset, mnist = prepared.dataset, prepared.mnist
     if dataset.meta["dataset_id"] != model_meta["dataset_id"]:
         raise MnistsumError(
@@ -245,7 +238,7 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
     meta = current_onnx_model(data, sha256, run).meta  # what predict and serve will check, checked now
     if out is None:
         with commit(run.root, "export", "--artifacts") as change:
-            if model_fingerprint(run.model.read_bytes()) != sha256:  # under the lock: train cannot change it now
+            if fingerprint_file(run.model, MODEL_META) != sha256:  # under the lock: train cannot change it now
                 raise MnistsumError(f"{run.model} changed while it was exported: run `mnistsum export` again")
             change.write(run.onnx, data)
     else:

@@ -8,7 +8,9 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mnistsum_cli.diskfiles import read_file
 from mnistsum_cli.paths import SPLIT_COLUMNS, SPLITS, RunDir
+from mnistsum_cli.schemas import EVALUATION, HISTORY, MODEL_META, Schema
 
 if TYPE_CHECKING:  # numpy loads in the functions that use it: the CLI starts without it
     import numpy as np
@@ -30,21 +32,26 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def fingerprint_bytes(data: bytes) -> str:
+    """A short content hash of a file's bytes (what evaluations and the plot manifest record)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def fingerprint_file(path: Path, kind: Schema) -> str:
+    """fingerprint_bytes of the artifact `path`, read as a checked regular file no larger than
+    its kind allows (diskfiles.read_file)."""
+    return fingerprint_bytes(read_file(path, kind.max_bytes, kind.stage))
 
 
 def plot_inputs(run: RunDir) -> dict[str, Any]:
     """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
     return {
-        "history": fingerprint_file(run.history) if run.history.exists() else None,
-        "model": fingerprint_file(run.model) if run.model.exists() else None,
+        "history": fingerprint_file(run.history, HISTORY) if run.history.exists() else None,
+        "model": fingerprint_file(run.model, MODEL_META) if run.model.exists() else None,
         "evaluations": {
-            split: fingerprint_file(run.evaluation(split)) for split in SPLITS if run.evaluation(split).exists()
+            split: fingerprint_file(run.evaluation(split), EVALUATION)
+            for split in SPLITS
+            if run.evaluation(split).exists()
         },
     }
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+from mnistsum_cli.diskfiles import Missing, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.fingerprints import fingerprint_bytes
 from mnistsum_cli.paths import NUM_DIGITS, NUM_SUMS, ONNX_FORMAT, RunDir
-from mnistsum_cli.schemas import ONNX_META
+from mnistsum_cli.schemas import MODEL_META, ONNX_META
 from mnistsum_cli.store import read_consistently
 
 if TYPE_CHECKING:
@@ -126,11 +128,6 @@ def graph_fingerprint(data: bytes) -> Optional[str]:
     return hashlib.sha256(graphs[0]).hexdigest()[:16] if len(graphs) == 1 else None
 
 
-def model_fingerprint(data: bytes) -> str:
-    """model.safetensors' hash as fingerprints.fingerprint_file gives it (what evaluations record)."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def stale_reason(meta: dict[str, str], model_sha256: Optional[str], run: RunDir) -> Optional[str]:
     """Why a model.onnx with metadata `meta` is not the export of the model.safetensors whose hash
     is `model_sha256` (None: no such file), or None when it is."""
@@ -188,23 +185,16 @@ def onnx_session(data: bytes, path: Path, threads: Optional[int] = None) -> Any:
 
 def read_onnx_files(run: RunDir) -> tuple[bytes, Optional[str]]:
     """model.onnx's bytes and the hash of the model.safetensors beside it (None when missing), as
-    one commit left them (store.read_consistently)."""
+    one commit left them (store.read_consistently), each a checked file within its cap."""
 
     def read() -> tuple[bytes, Optional[str]]:
-        with open(run.onnx, "rb") as handle:
-            data = handle.read()
+        data = read_file(run.onnx, ONNX_META.max_bytes, "export")
         try:
-            with open(run.model, "rb") as handle:
-                return data, model_fingerprint(handle.read())
-        except FileNotFoundError:
+            return data, fingerprint_bytes(read_file(run.model, MODEL_META.max_bytes, "train"))
+        except Missing:
             return data, None
 
-    try:
-        return read_consistently(run.root, read)
-    except FileNotFoundError:
-        raise MnistsumError(f"{run.onnx} not found: run `mnistsum export` first (needs the onnx extra)") from None
-    except OSError as error:
-        raise MnistsumError(f"{run.onnx}: cannot read it ({error.strerror or type(error).__name__})") from None
+    return read_consistently(run.root, read)
 
 
 def current_onnx_model(

@@ -10,13 +10,14 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.config import TrainConfig
+from mnistsum_cli.diskfiles import each_file_read_once, read_file
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
 from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
 from mnistsum_cli.prepared import DatasetHeader, PreparedData
 from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-from mnistsum_cli.schemas import EVALUATION, MODEL_META, PLOTS_MANIFEST, TRAIN_STATE
+from mnistsum_cli.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, TRAIN_STATE
 from mnistsum_cli.store import folder_lock, read_consistently
 from mnistsum_cli.tensorfiles import read_safetensors
 
@@ -108,7 +109,11 @@ def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
     figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
     model_sha = metrics["model"]["sha256"]
-    if not run_dir.model.exists() or fingerprint_file(run_dir.model) != model_sha:
+    try:
+        current_model = fingerprint_file(run_dir.model, MODEL_META) if run_dir.model.exists() else None
+    except MnistsumError as error:
+        return StageStatus("evaluate", STALE, f"the model cannot be read: {error}", [str(path)], figures)
+    if current_model != model_sha:
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
     if header is None or metrics.get("dataset_id") != header.dataset_id:
         return StageStatus("evaluate", STALE, "evaluated on another dataset", [str(path)], figures)
@@ -128,7 +133,11 @@ def plot_status(run_dir: RunDir) -> StageStatus:
     figures = {"plots": len(files)}
     if not all(path.exists() for path in files):
         return StageStatus("plot", STALE, "some plots are missing", artifacts, figures)
-    if inputs != plot_inputs(run_dir):
+    try:
+        current_inputs = plot_inputs(run_dir)
+    except MnistsumError as error:
+        return StageStatus("plot", STALE, f"an input cannot be read: {error}", artifacts, figures)
+    if inputs != current_inputs:
         return StageStatus("plot", STALE, "drawn from older history or evaluations", artifacts, figures)
     return StageStatus("plot", CURRENT, f"{len(files)} plots", artifacts, figures)
 
@@ -136,18 +145,16 @@ def plot_status(run_dir: RunDir) -> StageStatus:
 def export_status(run_dir: RunDir) -> Optional[StageStatus]:
     """model.onnx's state, or None when there is none (export is the optional stage: `status`
     shows it once a model was exported). Current when it is the export of model.safetensors."""
-    from mnistsum_cli.onnx_runtime import model_fingerprint, onnx_metadata, stale_reason
+    from mnistsum_cli.onnx_runtime import onnx_metadata, stale_reason
 
     path = run_dir.onnx
     if not path.exists():
         return None
     try:
-        meta = onnx_metadata(path.read_bytes(), path)
-        model_sha256 = model_fingerprint(run_dir.model.read_bytes()) if run_dir.model.exists() else None
+        meta = onnx_metadata(read_file(path, ONNX_META.max_bytes, "export"), path)
+        model_sha256 = fingerprint_file(run_dir.model, MODEL_META) if run_dir.model.exists() else None
     except MnistsumError as error:
         return StageStatus("export", INVALID, str(error), [str(path)])
-    except OSError as error:
-        return StageStatus("export", INVALID, f"cannot read it ({error.strerror})", [str(path)])
     figures = {"arch": meta["arch"], "opset": meta["opset"], "check": meta["check"]}
     reason = stale_reason(meta, model_sha256, run_dir)
     if reason is not None:
@@ -165,15 +172,17 @@ def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
 
 def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it. Each
-    folder is read between commits (a `train` running meanwhile never shows a mix of epochs)."""
-    header = dataset_header(prepared)
+    folder is read between commits (a `train` running meanwhile never shows a mix of epochs),
+    and each file once."""
+    with each_file_read_once():
+        header = dataset_header(prepared)
 
-    def run_stages() -> list[StageStatus]:
-        exported = export_status(run_dir)
-        stages = [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)]
-        return stages + ([exported] if exported is not None else [])
+        def run_stages() -> list[StageStatus]:
+            exported = export_status(run_dir)
+            stages = [train_status(run_dir, header), evaluate_status(run_dir, header, split), plot_status(run_dir)]
+            return stages + ([exported] if exported is not None else [])
 
-    return [prepare_status(prepared)] + read_consistently(run_dir.root, run_stages)
+        return [prepare_status(prepared)] + read_consistently(run_dir.root, run_stages)
 
 
 def wanted_prepare_options(

@@ -214,7 +214,7 @@ def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, colu
 
 def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
     """Evaluation files that belong to the current model (all present ones, when forced)."""
-    model_sha = fingerprint_file(run.model)
+    model_sha = fingerprint_file(run.model, MODEL_META)
     evaluations = {}
     for split in SPLITS:
         path = run.evaluation(split)

@@ -5,6 +5,7 @@ previous/<run id>/. Read from the JSON files a run writes (no torch), for `mnist
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnistsum_cli.config import TrainConfig
+from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, fault_text, opened
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import RunDir, is_run_id
+from mnistsum_cli.paths import RunDir
 from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
 from mnistsum_cli.store import read_consistently
 
@@ -32,6 +34,9 @@ FIGURES = (
 SETTINGS = tuple(TrainConfig().to_dict())
 COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, "folder")
 DEFAULT_SORT = "started"
+MAX_COMPARE_NAME = 120  # characters of compare's default file name: far below the 255 bytes a file system allows
+COMPARE_NAMED_RUNS = 4  # runs a longer default name still names, before the count and hash of all
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 
 @dataclass
@@ -179,7 +184,38 @@ def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
 
 def compare_path(artifacts: Path, entries: list[RunEntry]) -> Path:
     """Where `compare` writes without --out: <artifacts>/compare/, beside (never inside) the
-    current run's plots/, named by the runs' ids (an id that cannot name a file, one a
-    planted history holds, is "run")."""
-    ids = [entry.row["run_id"][:8] for entry in entries]
-    return artifacts / "compare" / ("-".join(short if is_run_id(short) else "run" for short in ids) + ".png")
+    current run's plots/, named by the runs' ids (their letters and digits: a run id is read from
+    a file); past MAX_COMPARE_NAME characters, by the first few and a hash of all."""
+    ids = ["".join(filter(str.isalnum, entry.row["run_id"][:8])) or "run" for entry in entries]
+    name = "-".join(ids)
+    if len(name) > MAX_COMPARE_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{'-'.join(ids[:COMPARE_NAMED_RUNS])}-and-{len(ids) - COMPARE_NAMED_RUNS}-more-{digest}"
+    return artifacts / "compare" / f"{name}.png"
+
+
+def compare_output(out: Optional[Path], artifacts: Path, entries: list[RunEntry]) -> Path:
+    """The file `compare` writes, checked before anything is drawn: --out must be a .png in an
+    existing folder, not in a run's plots/ (`mnistsum plot` alone writes there), and replace no
+    file but a PNG; the default folder <artifacts>/compare/ is created."""
+    if out is None:
+        path = compare_path(artifacts, entries)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MnistsumError(f"cannot write {fault_text(path.parent, error)}; nothing was written") from None
+        return path
+    if out.suffix.lower() != ".png":
+        raise BadOption(f"--out {out}: the figure is a PNG: give a file name ending in .png")
+    in_plots = out.parent.name == "plots" and (out.parent / "manifest.json").exists()
+    if in_plots or out.name.startswith(".mnistsum-"):
+        raise BadOption(
+            f"--out {out} is a file of a run folder, which `mnistsum plot` and `train` write: choose another"
+        )
+    if not out.parent.is_dir():
+        raise MnistsumError(f"--out {out}: no such folder {out.parent}")
+    if out.exists() or out.is_symlink():
+        with opened(out, MAX_PLOT_BYTES, None) as handle:
+            if handle.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                raise MnistsumError(f"--out {out} exists and is not a PNG: not replacing it; choose another name")
+    return out

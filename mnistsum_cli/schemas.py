@@ -27,6 +27,14 @@ from mnistsum_cli.config import (
     Setting,
     setting_fields,
 )
+from mnistsum_cli.diskfiles import (
+    MAX_CHECKPOINT_BYTES,
+    MAX_HISTORY_BYTES,
+    MAX_MODEL_BYTES,
+    MAX_SMALL_JSON_BYTES,
+    MAX_SPLIT_BYTES,
+    MIB,
+)
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import MAX_RUN_ID, MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, RUN_ID_PATTERN, SPLITS
 from mnistsum_cli.store import read_json
@@ -254,6 +262,7 @@ class Schema:
     record: Record
     about: str
     rules: tuple[tuple[str, Callable[[dict], bool]], ...] = ()  # (what must hold, test) across fields
+    max_bytes: int = MAX_SMALL_JSON_BYTES  # the largest file of this kind a reader reads (diskfiles.py says why)
 
     def check(self, data: Any, path: Path | str) -> Any:
         """`data` if it fits the declaration; else one MnistsumError naming the file, the
@@ -270,7 +279,7 @@ class Schema:
 
     def read_json(self, path: Path) -> Any:
         """Read a JSON artifact of this kind and check it."""
-        return self.check(read_json(path, stage=self.stage), path)
+        return self.check(read_json(path, stage=self.stage, max_bytes=self.max_bytes), path)
 
 
 def _setting_kind(kind: type, setting: Setting) -> Kind:
@@ -348,6 +357,7 @@ SPLIT_META = Schema(
         }
     ),
     "The rows are the columns image_index (uint16), digit, number, sum (uint8), none null.",
+    max_bytes=MAX_SPLIT_BYTES,
 )
 
 STEP_RECORD = Record(
@@ -398,6 +408,7 @@ HISTORY = Schema(
     ),
     "Rewritten after every epoch.",
     rules=(("best_epoch <= the number of epochs", lambda history: history["best_epoch"] <= len(history["epochs"])),),
+    max_bytes=MAX_HISTORY_BYTES,
 )
 
 TRAIN_STATE = Schema(
@@ -455,6 +466,7 @@ MODEL_META = Schema(
         }
     ),
     "Tensors: the model's state_dict.",
+    max_bytes=MAX_MODEL_BYTES,
 )
 
 # What `train --resume` restores of AdamW's hyperparameters (other keys are torch's flags).
@@ -487,6 +499,7 @@ CHECKPOINT_META = Schema(
         }
     ),
     "Tensors: `model.<name>` weights, `optim.<param>.<key>` AdamW state.",
+    max_bytes=MAX_CHECKPOINT_BYTES,
 )
 
 MAX_MISCLASSIFIED = 100  # rows an evaluation lists for the gallery
@@ -605,6 +618,7 @@ ONNX_META = Schema(
     "One file, weights inside. Inputs `images` (uint8 [N, 28, 28], MNIST form: normalised inside the graph) and "
     "`numbers` (int64 [N], 0-9); outputs `digit_probabilities` [N, 10], `sum_probabilities` [N, 19], "
     "`digit_logits`, `sum_logits`; N is dynamic.",
+    max_bytes=MAX_MODEL_BYTES,  # the same weights as model.safetensors, and a graph of a few KB
 )
 
 SCHEMAS = (
@@ -648,7 +662,8 @@ def markdown() -> str:
     ]
     for schema in SCHEMAS:
         rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
-        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}", ""]
+        cap = f" At most {schema.max_bytes / MIB:g} MiB: a larger file is refused unread."
+        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}{cap}", ""]
         parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
     parts += [
         "",

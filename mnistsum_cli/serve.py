@@ -15,7 +15,6 @@ model.onnx on onnxruntime (onnx_runtime.py) and torch is never imported.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import json
 import logging
@@ -27,6 +26,7 @@ import socket
 from dataclasses import dataclass
 from importlib import resources
 from io import BytesIO
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Union
 
 import numpy as np
@@ -42,11 +42,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, read_file, read_with_status
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.fingerprints import now_iso
+from mnistsum_cli.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
 from mnistsum_cli.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
-from mnistsum_cli.store import read_consistently
+from mnistsum_cli.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, Schema
+from mnistsum_cli.store import read_consistently, read_json
 from mnistsum_cli.workers import default_workers, forked_workers
 
 if TYPE_CHECKING:  # torch loads only for --runtime torch
@@ -161,34 +163,28 @@ def served_files(run: RunDir, runtime: str) -> tuple[os.PathLike, ...]:
 def read_served_model(run: RunDir, device: Optional[torch.device], runtime: str = "torch") -> ServedModel:
     """Read the run's model as one consistent version: every read of a run by `serve` goes
     through here. It reads as every reader of a run folder does (store.read_consistently: never
-    during an unfinished commit); one open + one read sees a whole file, and its identity comes
-    from that same open file. On the onnx runtime, model.onnx answers, and only when it is the
-    export of that model.safetensors (whose header gives the metadata, read without torch)."""
-    files = served_files(run, runtime)
+    during an unfinished commit); one checked open of each file (a regular file within its
+    kind's size cap: diskfiles.read_with_status) + one read sees a whole file, and its identity
+    comes from that same open file. On the onnx runtime, model.onnx answers, and only when it is
+    the export of that model.safetensors (whose header gives the metadata, read without torch)."""
+    files = list(zip(served_files(run, runtime), ((MODEL_META.max_bytes, "train"), (ONNX_META.max_bytes, "export"))))
 
     def read() -> tuple[tuple[tuple[int, int, int], ...], list[bytes]]:
         identities, contents = [], []
-        for path in files:
-            with open(path, "rb") as handle:
-                identities.append(file_identity(os.fstat(handle.fileno())))
-                contents.append(handle.read())
+        for path, (max_bytes, stage) in files:
+            status, data = read_with_status(path, max_bytes, stage)
+            identities.append(file_identity(status))
+            contents.append(data)
         return tuple(identities), contents
 
-    try:
-        identity, contents = read_consistently(run.root, read)
-    except FileNotFoundError as error:
-        missing = run.onnx if error.filename == str(run.onnx) else run.model
-        stage = "export" if missing == run.onnx else "train"
-        raise MnistsumError(f"{missing} not found: run `mnistsum {stage}` first") from None
-    except OSError as error:
-        raise MnistsumError(f"{error.filename}: cannot read it ({error.strerror or type(error).__name__})") from None
-    data, sha256 = contents[0], hashlib.sha256(contents[0]).hexdigest()[:16]
+    identity, contents = read_consistently(run.root, read)
+    data, sha256 = contents[0], fingerprint_bytes(contents[0])
     if runtime == "onnx":
         from mnistsum_cli.onnx_runtime import current_onnx_model
-        from mnistsum_cli.schemas import MODEL_META
-        from mnistsum_cli.tensorfiles import safetensors_metadata
+        from mnistsum_cli.tensorfiles import decode_safetensors
 
-        meta = MODEL_META.check(safetensors_metadata(data, run.model, "train", MODEL_FORMAT), run.model)
+        _, header = decode_safetensors(data, run.model, "train", MODEL_FORMAT, metadata_only=True)  # without torch
+        meta = MODEL_META.check(header, run.model)
         model = current_onnx_model(contents[1], sha256, run, threads=1)
     else:
         from mnistsum_cli.checkpoint import load_model_bytes
@@ -260,7 +256,7 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
     meta = served.meta
     evaluations = {}
     for split in SPLITS:
-        metrics = _json_or_none(run.evaluation(split))
+        metrics = _json_or_none(run.evaluation(split), EVALUATION)
         if isinstance(metrics, dict) and (metrics.get("model") or {}).get("sha256") == served.sha256:
             evaluations[split] = {
                 key: metrics.get(key) for key in ("rows", "digit_accuracy", "sum_accuracy", "consistency")
@@ -286,7 +282,7 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
 def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
     """The plot file names plots/manifest.json lists, when it was drawn for this model; the only
     files of the run the app serves."""
-    manifest = _json_or_none(run.plots_manifest)
+    manifest = _json_or_none(run.plots_manifest, PLOTS_MANIFEST)
     if not isinstance(manifest, dict) or (manifest.get("inputs") or {}).get("model") != served.sha256:
         return []
     files = manifest.get("files")
@@ -301,11 +297,12 @@ def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
     ]
 
 
-def _json_or_none(path: os.PathLike) -> Any:
+def _json_or_none(path: Path, kind: Schema) -> Any:
+    """The JSON in `path`, read as a checked file of `kind` (store.read_json), or None when it
+    cannot be read: the page shows what it can."""
     try:
-        with open(path, "rb") as handle:
-            return json.loads(handle.read())
-    except (OSError, ValueError):
+        return read_json(path, kind.stage, kind.max_bytes)
+    except MnistsumError:
         return None
 
 
@@ -547,8 +544,8 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
         if name not in listed_plots(run, await follower.get()):
             raise RequestError(404, "no such plot in this run's plots/manifest.json")
         try:
-            content = (run.plots / name).read_bytes()
-        except OSError:
+            content = read_file(run.plots / name, MAX_PLOT_BYTES, "plot")
+        except MnistsumError:
             raise RequestError(404, f"plot {name} is listed but cannot be read: rerun `mnistsum plot`") from None
         return Response(content, media_type="image/png")
 

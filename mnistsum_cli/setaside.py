@@ -8,12 +8,13 @@ a run to put back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
+from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.paths import RunDir, is_run_id, unknown_run_name
-from mnistsum_cli.store import Change, unused
+from mnistsum_cli.schemas import HISTORY, RUN_CONFIG, TRAIN_STATE
+from mnistsum_cli.store import Change, read_json, unused
 
 
 def aside_folder(run: RunDir) -> Optional[Path]:
@@ -34,10 +35,10 @@ def set_aside(change: Change, run: RunDir, kept: Path) -> None:
 def _run_id_on_disk(run: RunDir) -> str:
     """The run id its JSON files record, or a time stamp when none is readable or usable as a
     folder name (this is where a run id becomes a path: paths.is_run_id says which can)."""
-    for path in (run.train_state, run.history, run.config):
+    for path, kind in ((run.train_state, TRAIN_STATE), (run.history, HISTORY), (run.config, RUN_CONFIG)):
         try:
-            run_id = json.loads(path.read_text()).get("run_id")
-        except (OSError, ValueError, AttributeError, RecursionError):
+            run_id = read_json(path, kind.stage, kind.max_bytes).get("run_id")
+        except (MnistsumError, AttributeError):
             continue
         if is_run_id(run_id):
             return run_id

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mnistsum_cli.diskfiles import MAX_SPLIT_ROWS, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.fingerprints import dataset_fingerprint
 from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, SPLIT_COLUMNS, SPLITS, DataDir
+from mnistsum_cli.schemas import SPLIT_META
 from mnistsum_cli.store import read_consistently
 
 if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
@@ -78,18 +80,18 @@ def split_bytes(columns: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
 
 
 def open_split(data: DataDir, name: str) -> tuple[pq.ParquetFile, dict[str, Any]]:
-    """One split's Parquet file, opened without reading its rows, its columns and `prepare`'s
-    metadata checked: where `read_split` and the up-to-date checks (prepared.py) both start.
+    """One split's Parquet file, read once as a checked regular file (diskfiles.read_file) and
+    opened in memory without decoding its rows; its columns, `prepare`'s metadata and the rows
+    its footer declares checked (no more than the images of its MNIST set: a small file must not
+    declare millions): where `read_split` and the up-to-date checks (prepared.py) both start.
     The caller closes the file."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = data.split(name)
-    if not path.exists():
-        raise MnistsumError(f"{path} not found: run `mnistsum prepare` first")
-    if not path.is_file():
-        raise MnistsumError(f"{path} is not a file (a folder or a device): {RERUN}")
+    content = read_file(path, SPLIT_META.max_bytes, "prepare")
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(pa.BufferReader(content))
         schema = parquet.schema_arrow
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, UnicodeDecodeError, ... on damage
         raise MnistsumError(f"{path} is not a valid Parquet file ({first_line(error)}): {RERUN}") from None
@@ -101,6 +103,12 @@ def open_split(data: DataDir, name: str) -> tuple[pq.ParquetFile, dict[str, Any]
         meta = split_metadata(schema, path)
         if meta["split"] != name:
             raise MnistsumError(f"{path} holds the {meta['split']!r} split, not {name!r}: {RERUN}")
+        images = min(meta["mnist_sizes"][MNIST_SET_OF_SPLIT[name]], MAX_SPLIT_ROWS)
+        if parquet.metadata.num_rows > images:
+            raise MnistsumError(
+                f"{path} declares {parquet.metadata.num_rows:,} rows, more than the {images:,} images "
+                f"its rows can take: {RERUN}"
+            )
     except MnistsumError:
         parquet.close()
         raise
@@ -158,8 +166,6 @@ def _read_three(data: DataDir) -> Dataset:
 
 def split_metadata(schema: pa.Schema, path: Path) -> dict[str, Any]:
     """`prepare`'s metadata in a split's Parquet schema, checked against its schema."""
-    from mnistsum_cli.schemas import SPLIT_META  # schemas reads this module's constants
-
     try:
         meta = json.loads((schema.metadata or {})[METADATA_KEY])
     except (KeyError, ValueError, RecursionError):

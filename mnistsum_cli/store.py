@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
+from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, Missing, fault_text, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.paths import KEPT_NAME, DataDir, RunDir, unknown_run_name
 from mnistsum_cli.report import notice
@@ -39,6 +40,7 @@ from mnistsum_cli.report import notice
 LOCK = ".mnistsum-lock"
 JOURNAL = ".mnistsum-journal.json"
 GENERATION = ".mnistsum-generation"
+MAX_GENERATION_BYTES = 1024  # the generation file holds one commit's token (8 hex digits)
 TEMP_PREFIX = ".mnistsum-tmp."  # every temporary file or folder, removed by the next writer
 READ_WAIT_SECONDS = 10.0  # how long a reader waits for a commit in progress (commits take milliseconds)
 INSTALL, MOVE = "install", "move"
@@ -637,15 +639,18 @@ def write_file(path: Path, data: bytes) -> None:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Write a file that no run folder's commits manage (a figure at `compare --out`): whole or
-    not at all, through a temporary file beside it and one rename."""
+    not at all, through a temporary file beside it and one rename; an OSError (a full disk, a
+    read-only or missing folder) is one line and leaves no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
     try:
-        write_file(temporary, data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            write_file(temporary, data)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise MnistsumError(f"cannot write {fault_text(path, error)}; nothing was written") from None
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -719,13 +724,9 @@ def _generation_token(folder: Path) -> bytes:
     """What the generation file holds (a few bytes), never through a link nor from anything but
     a regular file (b"" then, and before the first commit)."""
     try:
-        descriptor = os.open(folder / GENERATION, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return read_file(folder / GENERATION, MAX_GENERATION_BYTES, stage=None)
+    except Missing:
         return b""
-    try:
-        return os.read(descriptor, 64) if stat.S_ISREG(os.fstat(descriptor).st_mode) else b""
-    finally:
-        os.close(descriptor)
 
 
 def _settle(folder: Path, deadline: float) -> None:
@@ -746,13 +747,13 @@ def _settle(folder: Path, deadline: float) -> None:
     time.sleep(0.005)
 
 
-def read_json(path: Path, stage: str) -> Any:
-    """Read a JSON artifact; `stage` is the command that makes it, named in errors."""
-    if not path.exists():
-        raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
+def read_json(path: Path, stage: str, max_bytes: int = MAX_SMALL_JSON_BYTES) -> Any:
+    """Read a JSON artifact of at most `max_bytes` (a checked regular file: diskfiles.read_file);
+    `stage` is the command that makes it, named in errors."""
+    data = read_file(path, max_bytes, stage)
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
         raise MnistsumError(f"{path} is unreadable ({first_line(error)}): rerun `mnistsum {stage}`") from None
 
 

@@ -7,8 +7,13 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from mnistsum_cli.diskfiles import read_file
 from mnistsum_cli.errors import MnistsumError, first_line
+from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
+from mnistsum_cli.schemas import CHECKPOINT_META, MODEL_META
 from mnistsum_cli.store import commit
+
+SCHEMA_OF_FORMAT = {MODEL_FORMAT: MODEL_META, CHECKPOINT_FORMAT: CHECKPOINT_META}  # what each kind of file holds
 
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
@@ -31,44 +36,42 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, Any]) -> No
 def read_safetensors(
     path: Path, stage: str, expected_format: str, metadata_only: bool = False
 ) -> tuple[dict, dict[str, Any]]:
-    """Load tensors (none when metadata_only) and decoded metadata, checking the file's kind."""
-    from safetensors import safe_open
-
-    if not path.exists():
-        raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
-    try:
-        # numpy, not torch, when no tensor is wanted: `status` and an up-to-date `run` need no torch
-        with safe_open(str(path), framework="numpy" if metadata_only else "pt") as handle:
-            raw = handle.metadata() or {}
-            tensors = {} if metadata_only else {name: handle.get_tensor(name) for name in handle.keys()}
-        metadata = {key: json.loads(value) for key, value in raw.items()}
-    except Exception as error:  # safetensors raises several unrelated types on damage
-        raise _not_safetensors(path, stage, error) from None
-    return tensors, _checked_kind(metadata, path, stage, expected_format)
+    """Load tensors (none when metadata_only) and decoded metadata, checking the file's kind. The
+    file is read once, as a checked regular file no larger than its schema allows
+    (diskfiles.read_file): safetensors' own safe_open maps whatever the path names, a FIFO or
+    /dev/zero included."""
+    data = read_file(path, SCHEMA_OF_FORMAT[expected_format].max_bytes, stage)
+    return decode_safetensors(data, path, stage, expected_format, metadata_only)
 
 
-def decode_safetensors(data: bytes, path: Path, stage: str, expected_format: str) -> tuple[dict, dict[str, Any]]:
+def decode_safetensors(
+    data: bytes, path: Path, stage: str, expected_format: str, metadata_only: bool = False
+) -> tuple[dict, dict[str, Any]]:
     """read_safetensors on bytes already read from `path` (one read: a reader that must see one
-    consistent version of a file that writers replace)."""
-    from safetensors.torch import load
-
+    consistent version of a file that writers replace). `metadata_only` still checks the whole
+    file, without torch: `status` and an up-to-date `run` need none."""
     try:
-        tensors = load(data)
-    except Exception as error:  # as above
-        raise _not_safetensors(path, stage, error) from None
-    return tensors, safetensors_metadata(data, path, stage, expected_format)
-
-
-def safetensors_metadata(data: bytes, path: Path, stage: str, expected_format: str) -> dict[str, Any]:
-    """The decoded metadata of a safetensors file's bytes, from its header alone (no torch:
-    `serve --runtime onnx`), checking the file's kind."""
-    try:
-        (header_size,) = struct.unpack("<Q", data[:8])
-        raw = json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
+        tensors, raw = parse_safetensors(data, metadata_only)
         metadata = {key: json.loads(value) for key, value in raw.items()}
-    except Exception as error:  # struct / JSON errors of the header
+    except Exception as error:  # safetensors raises several unrelated types on damage, plus struct / JSON errors
         raise _not_safetensors(path, stage, error) from None
     return _checked_kind(metadata, path, stage, expected_format)
+
+
+def parse_safetensors(data: bytes, metadata_only: bool) -> tuple[dict, dict[str, str]]:
+    """The tensors (none when metadata_only, and then without torch) and the raw metadata (str ->
+    str) of a safetensors file's bytes; raises on damage."""
+    if metadata_only:
+        from safetensors import deserialize
+
+        deserialize(data)  # the header and every tensor's extent, as loading would check them
+        tensors = {}
+    else:
+        from safetensors.torch import load
+
+        tensors = load(data)
+    (header_size,) = struct.unpack("<Q", data[:8])
+    return tensors, json.loads(data[8 : 8 + header_size]).get("__metadata__") or {}
 
 
 def _not_safetensors(path: Path, stage: str, error: BaseException) -> MnistsumError:

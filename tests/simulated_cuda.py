@@ -180,8 +180,14 @@ class SafetensorsStore:
         )
         return key.encode()
 
-    def safe_open(self, filename: str, framework: str = "pt", device: str = "cpu") -> "_OpenFile":
-        return _OpenFile(*self.files[Path(filename).read_text()])
+    def parse(self, data: bytes, metadata_only: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """tensorfiles.parse_safetensors on a recorded file's key: CPU zeros of the recorded shapes
+        (safetensors hands out CPU tensors) and the metadata."""
+        tensors, raw = self.files[data.decode()]
+        zeros = (
+            {} if metadata_only else {n: torch.zeros(shape, dtype=dtype) for n, (shape, dtype, _) in tensors.items()}
+        )
+        return zeros, raw
 
     def edit_metadata(self, path: Path, key: str, edit) -> None:
         """Rewrite one metadata entry of the recorded file at `path` (JSON-decoded for `edit`)."""
@@ -190,28 +196,6 @@ class SafetensorsStore:
 
     def written_devices(self) -> set[str]:
         return {device for tensors, _ in self.files.values() for _, _, device in tensors.values()}
-
-
-@dataclass
-class _OpenFile:
-    tensors: dict[str, tuple[tuple[int, ...], torch.dtype, str]]
-    raw_metadata: dict[str, str]
-
-    def __enter__(self) -> "_OpenFile":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def metadata(self) -> dict[str, str]:
-        return self.raw_metadata
-
-    def keys(self) -> list[str]:
-        return list(self.tensors)
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        shape, dtype, _ = self.tensors[name]
-        return torch.zeros(shape, dtype=dtype)  # safetensors hands out CPU tensors
 
 
 @dataclass
@@ -257,10 +241,10 @@ def _parameters_reached(loss: torch.Tensor) -> Iterator[torch.Tensor]:
 
 def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] = (9, 0)) -> SimulatedCuda:
     """Install the stand-ins for one test; monkeypatch undoes them."""
-    import safetensors
     import safetensors.torch
 
     import mnistsum_cli.checkpoint
+    import mnistsum_cli.tensorfiles
     import mnistsum_cli.train
     from mnistsum_cli.models import build_model
 
@@ -316,7 +300,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     monkeypatch.setattr(safetensors.torch, "save", sim.store.save)
-    monkeypatch.setattr(safetensors, "safe_open", sim.store.safe_open)
+    monkeypatch.setattr(mnistsum_cli.tensorfiles, "parse_safetensors", sim.store.parse)
     return sim
 
 

@@ -124,3 +124,22 @@ def test_predict_unreadable_file_and_missing_model(workdir: Path, in_tmp: Path, 
     Image.fromarray(np.eye(28, dtype=np.uint8) * 255).save(image)
     code, out, err = run_cli("predict", image, "--number", 1, "--cpu", "--artifacts", in_tmp / "nowhere")
     assert code == 1 and "mnistsum train" in assert_one_line_error(err, out)
+
+
+def test_status_reads_each_file_once(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's header, its hash for the evaluation and for the plots, the splits' header and
+    rows: one read each."""
+    from mnistsum_cli import diskfiles
+
+    assert run_cli("plot")[0] == 0
+    reads: dict[str, int] = {}
+    real_opened = diskfiles.opened
+
+    def counted(path, *args):
+        reads[str(path)] = reads.get(str(path), 0) + 1
+        return real_opened(path, *args)
+
+    monkeypatch.setattr(diskfiles, "opened", counted)
+    assert set(states(run_cli).values()) == {"up to date"}
+    assert {"artifacts/model.safetensors", "artifacts/evaluation_test.json", "data/train.parquet"} <= set(reads)
+    assert {path: count for path, count in reads.items() if count > 1} == {}

@@ -381,9 +381,12 @@ def test_resume_of_a_finished_run_does_nothing(
     if damage == "empty model":
         (artifacts / "model.safetensors").write_bytes(b"")
     if damage == "read-only":  # root ignores file modes: refuse at the store instead
+        real_open = os.open
 
-        def read_only(*args, **kwargs):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        def read_only(path, flags, *args, **kwargs):  # a read-only file system still reads
+            if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return real_open(path, flags, *args, **kwargs)
 
         monkeypatch.setattr(mnistsum_cli.store.os, "open", read_only)
     before = snapshot(artifacts)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, snapshot
 from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.runlist import COLUMNS
+from mnistsum_cli.runlist import COLUMNS, MAX_COMPARE_NAME, RunEntry, compare_path
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,38 @@ def test_compare_refuses_what_is_not_a_run(
     code, out, err = run_cli("compare", name, "--artifacts", ".")
     assert code == 1 and message in assert_one_line_error(err, out)
     assert not (many_runs / "artifacts" / "compare" / "ffff.png").exists()
+
+
+@pytest.mark.parametrize(
+    "out, code, message",
+    [
+        ("model.safetensors", 2, "ending in .png"),  # would have replaced the trained model with a PNG
+        ("plots/loss.png", 2, "a file of a run folder"),
+        ("notes.png", 1, "exists and is not a PNG"),
+        ("nowhere/two.png", 1, "no such folder"),
+    ],
+)
+def test_compare_refuses_an_out_it_must_not_write(
+    many_runs: Path, run_cli, tmp_path: Path, out: str, code: int, message: str
+) -> None:
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(many_runs / "artifacts", artifacts)
+    (artifacts / "plots").mkdir(exist_ok=True)
+    (artifacts / "plots" / "manifest.json").write_text("{}")
+    (artifacts / "notes.png").write_text("not a picture\n")
+    before = snapshot(artifacts)
+    found, listed, error = run_cli("compare", artifacts, "--out", artifacts / out)
+    assert found == code and message in assert_one_line_error(error, listed)
+    assert snapshot(artifacts) == before
+
+
+def test_compare_names_many_runs_within_a_file_name() -> None:
+    """29 runs of 8-digit ids joined would be 260 bytes, over the 255 a file name may have; a run
+    id read from a file cannot lead the name out of compare/."""
+    entries = [RunEntry(Path(f"r{index}"), {"run_id": f"{index:08x}" * 2}) for index in range(40)]
+    path = compare_path(Path("artifacts"), entries)
+    assert path.parent == Path("artifacts/compare") and len(path.name.encode()) <= MAX_COMPARE_NAME + 4
+    assert path.name.startswith("00000000-00000001-00000002-00000003-and-36-more-")
+    assert compare_path(Path("artifacts"), entries[:39]) != path
+    sly = compare_path(Path("artifacts"), [RunEntry(Path("x"), {"run_id": "../../../etc/passwd"})])
+    assert sly == Path("artifacts/compare/run.png")

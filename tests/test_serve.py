@@ -32,6 +32,7 @@ from mnistsum_cli.fingerprints import fingerprint_file
 from mnistsum_cli.models import build_model
 from mnistsum_cli.paths import RunDir
 from mnistsum_cli.predict import head_probabilities, prepare_image
+from mnistsum_cli.schemas import MODEL_META
 from mnistsum_cli.store import commit, write_json
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
@@ -197,12 +198,12 @@ def test_healthz_and_model_card(client: TestClient, run: RunDir, runtime: str) -
     card = client.get("/api/model").json()
     assert (card["run_id"], card["arch"], card["epoch"], card["problem"]) == ("run1", "lean", 2, None)
     assert card["runtime"] == runtime
-    assert card["sha256"] == fingerprint_file(run.model)
+    assert card["sha256"] == fingerprint_file(run.model, MODEL_META)
     assert card["evaluations"] == {} and card["plots"] == []
 
 
 def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient, run: RunDir) -> None:
-    sha = fingerprint_file(run.model)
+    sha = fingerprint_file(run.model, MODEL_META)
     write_json(
         run.evaluation("test"),
         {"rows": 10, "digit_accuracy": 0.9, "sum_accuracy": 0.8, "consistency": 1.0, "model": {"sha256": sha}},
@@ -247,7 +248,9 @@ def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient,
 )
 def test_no_path_reaches_other_files(client: TestClient, run: RunDir, path: str) -> None:
     run.plots.mkdir()
-    run.plots_manifest.write_text(json.dumps({"inputs": {"model": fingerprint_file(run.model)}, "files": ["loss.png"]}))
+    run.plots_manifest.write_text(
+        json.dumps({"inputs": {"model": fingerprint_file(run.model, MODEL_META)}, "files": ["loss.png"]})
+    )
     response = client.get(path)
     assert response.status_code == 404, (path, response.status_code)
     assert response.json() == {"error": "not found"} or "manifest" in response.json()["error"]

@@ -50,6 +50,11 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         ["--version"],
         ["runs", "--artifacts", "."],
         ["compare", "--help"],
+        ["evaluate", "--data", "nowhere", "--artifacts", "nowhere"],
+        ["train", "--data", "nowhere"],
+        ["plot", "--artifacts", "nowhere"],
+        ["predict", "--index", "0", "--artifacts", "nowhere"],
+        ["serve", "--artifacts", "."],
     ],
     ids=[
         "import",
@@ -64,6 +69,11 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         "--version",
         "runs",
         "compare --help",
+        "evaluate without inputs",
+        "train without data",
+        "plot without inputs",
+        "predict without a model",
+        "serve without a model",
     ],
 )
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
