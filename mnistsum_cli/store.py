@@ -232,7 +232,9 @@ def _remove_made(folder: Path, made: list[Path]) -> None:
 
 
 def _open_lock(folder: Path, flags: int) -> int:
-    """The lock file's descriptor, never through a link, and only a regular file."""
+    """The lock file's descriptor, never through a link, and only a regular file with no other
+    name: the holder's pid is written into it, so a hard link to a file elsewhere would have that
+    file overwritten."""
     path = folder / LOCK
 
     def refused(what: str) -> MnistsumError:
@@ -245,9 +247,10 @@ def _open_lock(folder: Path, flags: int) -> int:
             what = "a symbolic link, which mnistsum never makes" if error.errno == errno.ELOOP else "a folder"
             raise refused(what) from None
         raise
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    found = os.fstat(descriptor)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
         os.close(descriptor)
-        raise refused("not a regular file")
+        raise refused("not a regular file" if not stat.S_ISREG(found.st_mode) else "a hard link to another file")
     return descriptor
 
 

@@ -240,6 +240,25 @@ def test_a_lock_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Pa
     assert snapshot(artifacts) == before and state_of(outside) == before_outside
 
 
+@pytest.mark.parametrize("command", ["status", "evaluate"])
+def test_a_lock_hard_linked_to_a_file_outside_is_never_written(
+    workdir: Path, outside: Path, run_cli, command: str
+) -> None:
+    """A hard link is a regular file of the folder: the holder's pid would overwrite the file
+    outside (status writes it too, to finish a planted journal)."""
+    artifacts = workdir / "artifacts"
+    (artifacts / LOCK).unlink()
+    os.link(outside / "precious.txt", artifacts / LOCK)
+    plant_journal(artifacts, [["install", "../x", "model.safetensors"]])
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli(*{"status": ["status"], "evaluate": ["evaluate", "--cpu"]}[command])
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{LOCK} is a hard link to another file: nothing was changed; remove it to use artifacts/" in line, line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+    assert (outside / "precious.txt").read_bytes() == b"precious\n"
+
+
 def test_linked_temporaries_are_removed_as_links(workdir: Path, outside: Path, run_cli) -> None:
     artifacts = workdir / "artifacts"
     (artifacts / f"{TEMP_PREFIX}dead.1").symlink_to(outside / "victim")
