@@ -625,10 +625,11 @@ def _subfolder(parent: int, name: str) -> Iterator[int]:
         os.close(descriptor)
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes, folder_fd: Optional[int] = None) -> None:
     """Create `path` (it must not exist) with `data`, durably: written whole and fsynced. The
-    mode is the usual one for new files (0666 less the umask)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    mode is the usual one for new files (0666 less the umask). With `folder_fd`, `path` is a
+    name in the folder open there."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
     try:
         view = memoryview(data)
         while view:
@@ -639,16 +640,37 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write a file that no run folder's commits manage (a figure at `compare --out`): whole or
-    not at all, through a temporary file beside it and one rename."""
+    """Write a file that no run folder's commits manage (a figure at `compare --out`, or in
+    <artifacts>/compare/): whole or not at all, through a temporary file beside it and one
+    rename. Its folder is created when missing and opened without following a link: a link
+    planted as that folder (<artifacts>/compare a link to elsewhere) is refused, so the figure
+    lands where the path says or nowhere. One line on failure, and nothing is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    folder = path.parent
     try:
-        write_file(temporary, data)
-        os.replace(temporary, path)
+        if not os.path.lexists(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        found = _lstat(folder)
+        if found is not None and stat.S_ISLNK(found.st_mode):
+            raise MnistsumError(
+                f"cannot write {path}: {folder} is a symbolic link, which mnistsum does not write through; "
+                "nothing was written (give the folder it points to, or remove the link)"
+            ) from None
+        raise MnistsumError(f"cannot write {path}: {error.strerror or error}; nothing was written") from None
+    temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    try:
+        write_file(Path(temporary), data, folder_fd)
+        os.replace(temporary, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+    except OSError as error:
+        raise MnistsumError(f"cannot write {path}: {error.strerror or error}; nothing was written") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            os.unlink(temporary, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        os.close(folder_fd)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -510,3 +510,21 @@ def test_compare_names_its_figure_only_by_run_ids_that_can_name_a_file(tmp_path:
 
     entries = [RunEntry(tmp_path, {"run_id": "../../../x"}), RunEntry(tmp_path, {"run_id": "0123456789abcdef"})]
     assert compare_path(tmp_path / "artifacts", entries) == tmp_path / "artifacts" / "compare" / "run-01234567.png"
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling link"])
+def test_compare_never_writes_through_a_linked_compare_folder(
+    workdir: Path, outside: Path, run_cli, planted: str
+) -> None:
+    """<artifacts>/compare planted as a link to a folder elsewhere: the figure is refused in one
+    line, not written into the link's target."""
+    artifacts = workdir / "artifacts"
+    target = outside / "victim" if planted == "link" else outside / "missing"
+    (artifacts / "compare").symlink_to(target)
+    run_id = json.loads((artifacts / "history.json").read_text())["run_id"]
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("compare", run_id)
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "artifacts/compare is a symbolic link, which mnistsum does not write through; nothing was written" in line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
