@@ -528,3 +528,32 @@ def test_compare_never_writes_through_a_linked_compare_folder(
     line = assert_one_line_error(err, out)
     assert "artifacts/compare is a symbolic link, which mnistsum does not write through; nothing was written" in line
     assert snapshot(artifacts) == before and state_of(outside) == before_outside
+
+
+@pytest.mark.parametrize("planted", ["tensorboard", "tensorboard/<run id>"])
+def test_train_tensorboard_never_writes_events_through_a_planted_link(
+    workdir: Path, outside: Path, run_cli, ctrl_c_after_epoch, planted: str
+) -> None:
+    """<artifacts>/tensorboard a link: refused before training starts. <artifacts>/tensorboard/
+    <run id> a link (the id `--resume` continues is in the folder's history): refused before
+    the first event, the epoch saved."""
+    pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
+    artifacts = workdir / "artifacts"
+    ctrl_c_after_epoch()
+    assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2, "--seed", 5)[0] == 130
+    ctrl_c_after_epoch(False)
+    run_id = json.loads((artifacts / "history.json").read_text())["run_id"]
+    link = artifacts / planted.replace("<run id>", run_id)
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(outside / "victim")
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("train", "--resume", "--cpu", "--tensorboard")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{link.relative_to(workdir)} is a symbolic link, which mnistsum does not write events through" in line
+    assert state_of(outside) == before_outside
+    epochs = len(json.loads((artifacts / "history.json").read_text())["epochs"])
+    if planted == "tensorboard":
+        assert snapshot(artifacts) == before and epochs == 1, "refused before training"
+    else:
+        assert epochs == 2, "the epoch is saved; only its events are refused"
