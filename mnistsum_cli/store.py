@@ -698,11 +698,13 @@ def write_json(path: Path, data: Any) -> None:
 # --------------------------------------------------------------------------- readers
 
 
-def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
+def read_consistently(folder: Path, read: Callable[[], Result], kept: bool = False) -> Result:
     """`read()`, which reads files of `folder`, rerun until no commit overlapped it (the
     generation before and after is the same and no journal was there), so that it sees one
     commit's files, never a mix. A journal whose writer died is finished first (under the lock,
-    after the checks of recover: a journal no commit writes is refused in one line).
+    after the checks of recover: a journal no commit writes is refused in one line). A `kept`
+    run (previous/<run id>/) is never a commit's folder: a journal there was put there by
+    someone else, and is refused in one line without being run.
 
     Why that suffices (a seqlock): a commit puts its journal in place (time J), renames the
     files, installs its new generation (G) and removes the journal (D), J < renames < G < D. Each
@@ -715,6 +717,8 @@ def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
     checks pass over a mix of two commits."""
     folder = Path(folder)
     deadline = time.monotonic() + READ_WAIT_SECONDS
+    if kept and os.path.lexists(folder / JOURNAL):
+        raise _journal_refused(folder, "a kept run, which no commit writes")
     while True:
         before = _generation(folder)
         if before is None:

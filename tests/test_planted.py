@@ -143,19 +143,49 @@ def test_each_kind_of_foreign_entry_is_refused(tmp_path: Path, entry: list, why:
     assert state_of(tmp_path) == before
 
 
-def test_runs_refuses_a_journal_planted_in_a_kept_run(workdir: Path, outside: Path, run_cli) -> None:
-    kept = workdir / "artifacts" / "previous" / "abc"
+def _kept_run(artifacts: Path, name: str = "abc") -> Path:
+    """A copy of the current run's history and model in previous/<name>/."""
+    kept = artifacts / "previous" / name
     kept.mkdir(parents=True)
-    for name in ("history.json", "model.safetensors"):
-        (kept / name).write_bytes((workdir / "artifacts" / name).read_bytes())
-    plant_journal(kept, escaping_journal(outside))
-    before_outside = state_of(outside)
+    for file in ("history.json", "model.safetensors"):
+        (kept / file).write_bytes((artifacts / file).read_bytes())
+    return kept
+
+
+@pytest.mark.parametrize("journal", ["escaping", "one a commit could write"])
+def test_runs_never_runs_a_journal_planted_in_a_kept_run(workdir: Path, outside: Path, run_cli, journal: str) -> None:
+    """No commit writes into previous/<run id>/: a journal there, even one that names only the
+    run's own files, is someone else's. The run's row says so; nothing of it runs."""
+    kept = _kept_run(workdir / "artifacts")
+    if journal == "escaping":
+        plant_journal(kept, escaping_journal(outside))
+    else:
+        (kept / f"{TEMP_PREFIX}x.1").write_bytes(b"not a history")
+        plant_journal(kept, [["install", f"{TEMP_PREFIX}x.1", "history.json"]])
+    before, before_outside = state_of(kept), state_of(outside)
     code, out, err = run_cli("runs", "--json")
     assert code == 0, err
     rows = {Path(row["folder"]).name: row for row in json.loads(out)}
-    assert "is not a journal mnistsum writes" in rows["abc"]["state"]
+    assert rows["abc"]["state"].startswith("unreadable: "), rows["abc"]
+    assert "is not a journal mnistsum writes (a kept run, which no commit writes)" in rows["abc"]["state"]
+    assert state_of(kept) == before and state_of(outside) == before_outside
+    code, out, err = run_cli("compare", "artifacts/previous/abc")
+    assert code == 1 and "a kept run, which no commit writes" in assert_one_line_error(err, out)
+    assert state_of(kept) == before and state_of(outside) == before_outside
+
+
+def test_runs_does_not_follow_a_link_in_previous(workdir: Path, outside: Path, run_cli) -> None:
+    """previous/<link> to a run elsewhere (with a journal of its own) is not listed nor read."""
+    elsewhere = _kept_run(workdir / "artifacts", "elsewhere")
+    elsewhere = elsewhere.rename(outside / "run")
+    (elsewhere / f"{TEMP_PREFIX}x.1").write_bytes(b"not a history")
+    plant_journal(elsewhere, [["install", f"{TEMP_PREFIX}x.1", "history.json"]])
+    (workdir / "artifacts" / "previous" / "linked").symlink_to(elsewhere)
+    before_outside = state_of(outside)
+    code, out, err = run_cli("runs", "--json")
+    assert code == 0, err
+    assert [Path(row["folder"]).name for row in json.loads(out)] == ["artifacts"]
     assert state_of(outside) == before_outside
-    assert (kept / JOURNAL).exists()
 
 
 @pytest.mark.parametrize("planted", ["link", "fifo"])
