@@ -563,7 +563,7 @@ def _apply(folder: Path, operations: list[list[str]]) -> None:
             if kind == INSTALL:
                 _install(folder, source, target)
             else:
-                _move(folder, source, target)
+                _move(folder, source, target, _installed_over(folder, source, operations[index:]))
         except OSError as error:
             raise _StepFailed(index, entry, error) from None
     for name in os.listdir(folder):
@@ -591,9 +591,18 @@ def _install(folder: Path, source_name: str, target_name: str) -> None:
     os.replace(source, target)
 
 
-def _move(folder: Path, source_name: str, target: str) -> None:
+def _installed_over(folder: Path, name: str, later: list[list[str]]) -> bool:
+    """Whether one of the `later` entries installed onto `name` already (its staged file is
+    gone): then what `name` holds is the new file, not the one an earlier move takes."""
+    return any(kind == INSTALL and target == name and _lstat(folder / source) is None for kind, source, target in later)
+
+
+def _move(folder: Path, source_name: str, target: str, installed_over: bool) -> None:
     """Rename `source_name` (directly in `folder`) to previous/<kept>/<name>, creating those two
-    folders, each opened without following a link, so the rename cannot leave `folder`."""
+    folders, each opened without following a link, so the rename cannot leave `folder`. When
+    the target exists and `source_name` is still the file to move (`installed_over` is false),
+    the target is not ours (planted): the source is set aside as .mnistsum-blocked.<token>.<name>
+    rather than left for a later install to replace."""
     previous, kept, name = target.split("/")
     root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -602,10 +611,16 @@ def _move(folder: Path, source_name: str, target: str) -> None:
         with _subfolder(root, previous) as previous_fd, _subfolder(previous_fd, kept) as kept_fd:
             try:
                 os.stat(name, dir_fd=kept_fd, follow_symlinks=False)
-                return  # the target exists: moved already (a move goes to a name that did not exist)
             except FileNotFoundError:
-                pass
-            os.rename(source_name, name, src_dir_fd=root, dst_dir_fd=kept_fd)
+                os.rename(source_name, name, src_dir_fd=root, dst_dir_fd=kept_fd)
+                return
+            if installed_over:
+                return  # moved already, and the new file installed in its place
+            blocked = f"{BLOCKED_PREFIX}{secrets.token_hex(4)}.{source_name}"
+            os.rename(source_name, blocked, src_dir_fd=root, dst_dir_fd=root)
+            notice(
+                f"{folder / target} was there already, not from this change: {folder / source_name} is kept as {folder / blocked}"
+            )
     finally:
         os.close(root)
 

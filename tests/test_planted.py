@@ -347,6 +347,31 @@ def test_a_folder_where_a_file_goes_is_set_aside(workdir: Path, run_cli) -> None
     assert leftovers(artifacts) == []
 
 
+def test_a_planted_file_at_a_moves_target_does_not_cost_the_file_it_moves(workdir: Path, run_cli) -> None:
+    """previous/a/model.safetensors planted before a journal that moves the model there, then
+    installs a new one: the user's model is set aside, not replaced by the install."""
+    artifacts = workdir / "artifacts"
+    model = (artifacts / "model.safetensors").read_bytes()
+    (artifacts / "previous" / "a").mkdir(parents=True)
+    (artifacts / "previous" / "a" / "model.safetensors").write_bytes(b"planted")
+    (artifacts / f"{TEMP_PREFIX}x.1").write_bytes(b"new model")
+    plant_journal(
+        artifacts,
+        [
+            ["move", "model.safetensors", "previous/a/model.safetensors"],
+            ["install", f"{TEMP_PREFIX}x.1", "model.safetensors"],
+        ],
+    )
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    (blocked,) = artifacts.glob(".mnistsum-blocked.*.model.safetensors")
+    assert blocked.read_bytes() == model, "the user's model is kept"
+    assert f"artifacts/model.safetensors is kept as {blocked.relative_to(workdir)}" in err
+    assert (artifacts / "previous" / "a" / "model.safetensors").read_bytes() == b"planted"
+    assert (artifacts / "model.safetensors").read_bytes() == b"new model"
+    assert leftovers(artifacts) == []
+
+
 def test_a_long_run_id_on_disk_does_not_brick_a_new_run(workdir: Path, run_cli) -> None:
     """A run id of 300 letters in train_state/history (hand-edited or planted) is not made a
     folder name: the new run keeps the previous one in previous/unknown-<time>/ and trains."""
