@@ -796,7 +796,7 @@ def read_json(path: Path, stage: str) -> Any:
         raise MnistsumError(f"{path} not found: run `mnistsum {stage}` first")
     try:
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:  # RecursionError: [[[[...
         raise MnistsumError(f"{path} is unreadable ({first_line(error)}): rerun `mnistsum {stage}`") from None
 
 

@@ -612,3 +612,20 @@ def test_train_tensorboard_never_writes_events_through_a_planted_link(
         assert snapshot(artifacts) == before and epochs == 1, "refused before training"
     else:
         assert epochs == 2, "the epoch is saved; only its events are refused"
+
+
+@pytest.mark.parametrize("number", ["1" + "0" * 400, "1" * 5000], ids=["beyond a float", "5000 digits"])
+def test_a_number_no_float_holds_is_one_line(workdir: Path, run_cli, number: str) -> None:
+    """train_loss 10**400 would pass as a finite number and overflow in float() later; an
+    integer of 5000 digits makes Python's JSON reader raise ValueError (not JSONDecodeError)."""
+    artifacts = workdir / "artifacts"
+    text = (artifacts / "history.json").read_text()
+    history = json.loads(text)
+    loss = history["epochs"][0]["train_loss"]
+    (artifacts / "history.json").write_text(text.replace(json.dumps(loss), number, 1))
+    before = snapshot(artifacts)
+    code, out, err = run_cli("plot")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "history.json" in line, line
+    assert snapshot(artifacts) == before
