@@ -58,10 +58,18 @@ class FolderInUse(MnistsumError):
 # --------------------------------------------------------------------------- errors
 
 
-def folder_error(folder: Path, error: OSError, after: str = "nothing was changed") -> MnistsumError:
+class FolderNotWritable(MnistsumError):
+    """folder_error's line; `error` is the OSError, for a caller that knows better what is on disk."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def folder_error(folder: Path, error: OSError, after: str = "nothing was changed") -> FolderNotWritable:
     """One line for an OSError met while writing `folder`: the folder, the cause, what is on disk."""
     cause = error.strerror or str(error)
-    return MnistsumError(f"cannot write {folder}/: {cause}; {after}")
+    return FolderNotWritable(f"cannot write {folder}/: {cause}; {after}", error)
 
 
 class _StepFailed(Exception):
@@ -773,9 +781,14 @@ def _generation_token(folder: Path) -> bytes:
 
 
 def _settle(folder: Path, deadline: float) -> None:
-    """A journal is there: wait while its writer is alive, else finish its commit."""
+    """A journal is there: wait while its writer is alive, else finish its commit (a reader
+    that cannot take the lock, on read-only media, says that the change waits)."""
     try:
-        if _identity(folder) in _held:
+        held = _identity(folder) in _held
+    except OSError:
+        return  # the folder went: the next look says what is there now
+    try:
+        if held:
             recover(folder)
             return
         if not _locked_elsewhere(folder):
@@ -783,8 +796,10 @@ def _settle(folder: Path, deadline: float) -> None:
                 return
     except FolderInUse:
         pass  # a writer came first: it finishes the change
-    except OSError as error:
-        raise folder_error(folder, error, "an interrupted change waits for a command that can write it") from None
+    except FolderNotWritable as failed:
+        raise folder_error(
+            folder, failed.error, "an interrupted change waits for a command that can write it"
+        ) from None
     if time.monotonic() > deadline:
         raise MnistsumError(f"{folder}/ is being written and did not settle in {READ_WAIT_SECONDS:.0f} s: try again")
     time.sleep(0.005)

@@ -423,6 +423,35 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
     assert {name: (artifacts / "previous" / "abc" / name).read_bytes() for name in previous} == previous
 
 
+def test_a_reader_on_read_only_media_says_the_change_waits(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader meets a journal it cannot finish (no lock can be written): nothing changes, and
+    its line says the change waits for a writer, not that nothing was changed."""
+    import errno
+
+    import mnistsum_cli.store
+
+    artifacts = workdir / "artifacts"
+    _planted_epoch_commit(artifacts, "abc")
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(mnistsum_cli.store.os, "open", read_only)
+    before = snapshot(artifacts)
+    code, out, err = run_cli("status")
+    assert code == 1
+    assert assert_one_line_error(err, out) == (
+        "error: cannot write artifacts/: Read-only file system; an interrupted change waits for a command that "
+        "can write it"
+    )
+    assert snapshot(artifacts) == before and (artifacts / JOURNAL).exists()
+
+
 # --------------------------------------------------------------------------- temporaries of older versions
 
 
