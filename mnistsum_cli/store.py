@@ -113,6 +113,14 @@ def _lstat(path: Path) -> Optional[os.stat_result]:
         return None
 
 
+def _is_real_folder(path: Path) -> bool:
+    """Whether `path` is a folder itself, not a link (False for a name the file system refuses)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
     """What makes `entry` one that no commit of `folder` writes, or None: an install takes a
     temporary file or folder of `folder` itself onto a name paths.py declares; a move takes such
@@ -143,7 +151,7 @@ def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
         if found is not None and not stat.S_ISDIR(found.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
             return f"moves {source} into {'/'.join(parts[:depth])}/, which is {what}"
-    if not KEPT_NAME.fullmatch(parts[1]):
+    if found is None and not KEPT_NAME.fullmatch(parts[1]):  # one there already: the journal began its moves
         return f"moves {source} into {previous}/{parts[1]!r}/, a name mnistsum does not make"
     return None
 
@@ -172,14 +180,21 @@ def _journal_refused(folder: Path, why: str) -> MnistsumError:
 def _renamed_runs(folder: Path, operations: list[Any]) -> tuple[list[Any], dict[str, str]]:
     """`operations` with each kept-run folder whose name mnistsum does not make (a run id of 300
     letters from an older version: the file system refuses it) replaced by a fresh
-    previous/unknown-<time>/, and what was renamed. Any other entry stays as it is."""
+    previous/unknown-<time>/, and what was renamed. A folder of that name that is already there
+    (a real one: the file system took the name, and the journal's first moves went into it)
+    keeps its name, so the run is not split over two folders. Any other entry stays as it is."""
     renamed: dict[str, str] = {}
     previous = RunDir(folder).previous
     fixed = []
     for entry in operations:
         if isinstance(entry, list) and len(entry) == 3 and entry[0] == MOVE and isinstance(entry[2], str):
             parts = entry[2].split("/")
-            if len(parts) == 3 and not _leaves(parts[1]) and not KEPT_NAME.fullmatch(parts[1]):
+            if (
+                len(parts) == 3
+                and not _leaves(parts[1])
+                and not KEPT_NAME.fullmatch(parts[1])
+                and not _is_real_folder(previous / parts[1])
+            ):
                 if parts[1] not in renamed:
                     renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
                 entry = [MOVE, entry[1], "/".join([parts[0], renamed[parts[1]], parts[2]])]

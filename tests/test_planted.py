@@ -331,6 +331,26 @@ def test_a_run_id_the_file_system_refuses_gets_a_fresh_folder(workdir: Path, run
     assert leftovers(artifacts) == []
 
 
+def test_a_kept_name_the_file_system_took_stays_one_folder(workdir: Path, run_cli) -> None:
+    """A journal of an older version into previous/<100 letters>/ (a name the file system takes
+    but mnistsum no longer makes), killed after its first move: the rest of the run follows
+    the first file into that folder, not into a fresh unknown-<time>/."""
+    artifacts = workdir / "artifacts"
+    name = "a" * 100
+    previous = _planted_epoch_commit(artifacts, name)
+    (artifacts / "previous" / name).mkdir(parents=True)
+    (artifacts / "model.safetensors").rename(artifacts / "previous" / name / "model.safetensors")
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    assert [p.name for p in (artifacts / "previous").iterdir()] == [name]
+    kept = artifacts / "previous" / name
+    assert {file: (kept / file).read_bytes() for file in previous} == previous, (
+        "the previous run is whole, in one folder"
+    )
+    assert (artifacts / "model.safetensors").read_bytes() == b"new model.safetensors"
+    assert leftovers(artifacts) == []
+
+
 def test_a_folder_where_a_file_goes_is_set_aside(workdir: Path, run_cli) -> None:
     artifacts = workdir / "artifacts"
     (artifacts / "config.json").unlink()
