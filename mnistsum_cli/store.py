@@ -106,26 +106,22 @@ def _is_temporary(name: str) -> bool:
 
 
 def _lstat(path: Path) -> Optional[os.stat_result]:
-    """The entry `path` names itself (a link, not what it points to), or None when there is none."""
+    """The entry `path` names itself (a link, not what it points to), or None when there is none
+    (a name the file system refuses, ENAMETOOLONG, names none)."""
     try:
         return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return None
+        raise
 
 
-def _is_real_folder(path: Path) -> bool:
-    """Whether `path` is a folder itself, not a link (False for a name the file system refuses)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
+def _entry_problem(folder: Path, entry: Any, any_kept_name: bool = False) -> Optional[str]:
     """What makes `entry` one that no commit of `folder` writes, or None: an install takes a
     temporary file or folder of `folder` itself onto a name paths.py declares; a move takes such
     a name into previous/<kept run>/ under the same name, through real folders only (no link
-    anywhere: a link could lead the rename out of `folder`)."""
+    anywhere: a link could lead the rename out of `folder`), into a kept-run folder whose name
+    mnistsum makes, or one already there (`any_kept_name`: any name; see _renamed_runs)."""
     if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(part, str) for part in entry)):
         return "not a [kind, source, target] of names"
     kind, source, target = entry
@@ -151,7 +147,7 @@ def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
         if found is not None and not stat.S_ISDIR(found.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
             return f"moves {source} into {'/'.join(parts[:depth])}/, which is {what}"
-    if found is None and not KEPT_NAME.fullmatch(parts[1]):  # one there already: the journal began its moves
+    if not any_kept_name and found is None and not KEPT_NAME.fullmatch(parts[1]):  # one there: its moves began
         return f"moves {source} into {previous}/{parts[1]!r}/, a name mnistsum does not make"
     return None
 
@@ -187,17 +183,12 @@ def _renamed_runs(folder: Path, operations: list[Any]) -> tuple[list[Any], dict[
     previous = RunDir(folder).previous
     fixed = []
     for entry in operations:
-        if isinstance(entry, list) and len(entry) == 3 and entry[0] == MOVE and isinstance(entry[2], str):
-            parts = entry[2].split("/")
-            if (
-                len(parts) == 3
-                and not _leaves(parts[1])
-                and not KEPT_NAME.fullmatch(parts[1])
-                and not _is_real_folder(previous / parts[1])
-            ):
-                if parts[1] not in renamed:
-                    renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
-                entry = [MOVE, entry[1], "/".join([parts[0], renamed[parts[1]], parts[2]])]
+        if _entry_problem(folder, entry) is not None and _entry_problem(folder, entry, any_kept_name=True) is None:
+            _, source, target = entry  # a move, wrong only in the name of a kept-run folder not there yet
+            parts = target.split("/")
+            if parts[1] not in renamed:
+                renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
+            entry = [MOVE, source, "/".join([parts[0], renamed[parts[1]], parts[2]])]
         fixed.append(entry)
     return fixed, renamed
 
