@@ -678,3 +678,15 @@ def test_a_number_no_float_holds_is_one_line(workdir: Path, run_cli, number: str
     line = assert_one_line_error(err, out)
     assert "history.json" in line, line
     assert snapshot(artifacts) == before
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("nan", "nan is not a finite number"), ("inf", "inf is not a finite number"), ("11", "11.0 is above 10")],
+)
+def test_a_float_setting_says_which_rule_it_breaks(run_cli, value: str, message: str) -> None:
+    """NaN fails every comparison: typer's range check, which runs before the callback, said
+    "should be less than or equal to 10" of it."""
+    code, out, err = run_cli("train", "--lr", value)
+    assert code == 2
+    assert f"Invalid value for '--lr': {message} (see `mnistsum train --help`)" in assert_one_line_error(err, out)
