@@ -43,7 +43,8 @@ TEMP_PREFIX = ".mnistsum-tmp."  # every temporary file or folder, removed by the
 READ_WAIT_SECONDS = 10.0  # how long a reader waits for a commit in progress (commits take milliseconds)
 INSTALL, MOVE = "install", "move"
 MAX_JOURNAL_BYTES = 1 << 20  # a journal names a few renames: one this large is not one
-OLD_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.(?:tmp|old)")  # see _old_temporary
+OLD_TEMPORARY_FILE = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # see _old_temporary
+OLD_TEMPORARY_FOLDER = re.compile(r"\.plots\.(?:[a-z0-9_]{8}\.tmp|[0-9a-f]{8}\.old)")
 BLOCKED_PREFIX = ".mnistsum-blocked."  # what stood in the way of a rename, set aside (never removed)
 
 Result = TypeVar("Result")
@@ -435,12 +436,20 @@ def _rewrite_journal(folder: Path, operations: list[Any]) -> None:
     _fsync_folder(folder)
 
 
-def _old_temporary(name: str) -> bool:
-    """A temporary name of mnistsum before the store: .<artifact>.<8 random>.tmp (tempfile's
-    mkstemp and mkdtemp beside each file, the plots' staging folder) and .plots.<8 hex>.old (the
-    plots folder it replaced)."""
-    match = OLD_TEMPORARY.fullmatch(name)
-    return match is not None and match.group(1) in _installable_names()
+def _old_temporary(name: str, found: os.stat_result) -> bool:
+    """Whether the entry `name` (lstat `found`) is a temporary of mnistsum before the store, by
+    exactly the names it made: .<file>.<8 of tempfile's [a-z0-9_]>.tmp, a regular file
+    (tempfile.mkstemp beside each file of a run or dataset it wrote); .plots.<8 of the
+    same>.tmp, a folder (mkdtemp, the plots' staging); .plots.<8 hex>.old, a folder (the plots
+    it replaced)."""
+    if stat.S_ISDIR(found.st_mode):
+        return OLD_TEMPORARY_FOLDER.fullmatch(name) is not None
+    match = OLD_TEMPORARY_FILE.fullmatch(name)
+    return (
+        stat.S_ISREG(found.st_mode)
+        and match is not None
+        and match.group(1) in _installable_names() - {GENERATION, RunDir(Path()).plots.name}
+    )
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -454,10 +463,8 @@ def _remove_temporaries(folder: Path) -> None:
     for name in names:
         if name.startswith(TEMP_PREFIX):
             _remove(folder / name)
-        elif _old_temporary(name):
-            found = _lstat(folder / name)
-            if found is not None and (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)):
-                _remove(folder / name)
+        elif (found := _lstat(folder / name)) is not None and _old_temporary(name, found):
+            _remove(folder / name)
 
 
 def _remove(path: Path) -> None:

@@ -484,12 +484,25 @@ def test_temporaries_of_older_versions_are_removed_but_not_through_links(workdir
     (data / ".train.parquet.zz00yy11.tmp").write_bytes(b"half a split")
     (artifacts / ".history.json.abcd1234.tmp").symlink_to(outside / "precious.txt")
     (artifacts / ".notes.abcd1234.tmp").write_text("not an artifact's name: not ours")
+    not_historic = [
+        ".history.json.abcd1234.old",  # only the plots folder was replaced via .old
+        ".plots.zz_z1234.old",  # .old had 8 hex digits
+        ".model.safetensors.abcd1234.tmp",  # a folder: mkstemp made files
+    ]
+    (artifacts / not_historic[0]).write_text("mine")
+    (artifacts / not_historic[1]).mkdir()
+    (artifacts / not_historic[2]).mkdir()
     before_outside = state_of(outside)
     code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
     assert code == 0, err
     with folder_lock(data, "test", "--data"):
         pass
-    assert sorted(p.name for p in artifacts.glob(".*.tmp")) == [".history.json.abcd1234.tmp", ".notes.abcd1234.tmp"]
+    assert sorted(p.name for p in artifacts.glob(".*.tmp")) == [
+        ".history.json.abcd1234.tmp",
+        ".model.safetensors.abcd1234.tmp",
+        ".notes.abcd1234.tmp",
+    ]
+    assert all((artifacts / name).exists() for name in not_historic)
     assert not (artifacts / ".plots.0a1b2c3d.old").exists()
     assert not (data / ".train.parquet.zz00yy11.tmp").exists()
     assert state_of(outside) == before_outside
