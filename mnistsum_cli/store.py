@@ -409,7 +409,7 @@ def recover(folder: Path) -> None:
                 _rewrite_journal(folder, operations)
                 for old, new in renamed.items():
                     notice(
-                        f"{folder}/: the interrupted change keeps a run in previous/{old[:40]!r}..., a name "
+                        f"{folder}/: the interrupted change keeps a run in previous/{_shown_name(old)}/, a name "
                         f"mnistsum does not make: it goes to previous/{new}/ instead"
                     )
             _apply(folder, operations)
@@ -426,6 +426,13 @@ def recover(folder: Path) -> None:
             f"recorded; fix the cause, then any mnistsum command that writes {folder}/ finishes it"
         ) from None
     _remove_temporaries(folder)
+
+
+def _shown_name(name: str) -> str:
+    """A name from a journal in a message: as it is, control characters escaped (a planted one
+    cannot rewrite the terminal), cut to 40 characters with "..." only when longer."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _rewrite_journal(folder: Path, operations: list[Any]) -> None:

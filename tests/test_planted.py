@@ -331,6 +331,21 @@ def test_a_run_id_the_file_system_refuses_gets_a_fresh_folder(workdir: Path, run
     assert leftovers(artifacts) == []
 
 
+@pytest.mark.parametrize(
+    "kept_name, shown",
+    [
+        ("a.b", "previous/a.b/"),
+        ("a\tb\x1b[2J", "previous/a\\tb\\x1b[2J/"),
+        ("a" * 300, "previous/" + "a" * 37 + ".../"),
+    ],
+)
+def test_the_note_of_a_renamed_run_shows_its_name_plainly(workdir: Path, run_cli, kept_name: str, shown: str) -> None:
+    _planted_epoch_commit(workdir / "artifacts", kept_name)
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    assert f"the interrupted change keeps a run in {shown}, a name mnistsum does not make" in " ".join(err.split())
+
+
 def test_a_kept_name_the_file_system_took_stays_one_folder(workdir: Path, run_cli) -> None:
     """A journal of an older version into previous/<100 letters>/ (a name the file system takes
     but mnistsum no longer makes), killed after its first move: the rest of the run follows
