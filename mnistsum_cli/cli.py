@@ -202,7 +202,8 @@ def train(
     from mnistsum_cli.distributed import process_group
     from mnistsum_cli.prepared import PreparedData
     from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-    from mnistsum_cli.tensorboard_log import FOLDER, check_installed, tensorboard_events
+    from mnistsum_cli.schemas import HISTORY
+    from mnistsum_cli.tensorboard_log import check_installed, default_log_root, tensorboard_events
     from mnistsum_cli.train import SilentReporter
 
     if resume:
@@ -218,7 +219,7 @@ def train(
             return
     if tensorboard or tensorboard_dir is not None:
         check_installed()
-        tensorboard_dir = tensorboard_dir or run_dir.root / FOLDER
+        tensorboard_dir = tensorboard_dir or default_log_root(run_dir)
     with process_group(gpu, cpu, notify=report.notice) as (group, device):
         if resume:
             config = saved.with_overrides(**settings)

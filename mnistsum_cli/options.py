@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
@@ -102,7 +103,8 @@ Settings = dict[str, Any]  # TrainConfig field name → the value given on the c
 def setting_option(name: str, kind: type, setting: Setting) -> Any:
     """The Typer option of one training setting: `--max-shift N`, or `--amp/--no-amp` for a
     bool; choices become a Literal (so shell completion offers them), `min`/`max` a range, and
-    what click cannot check (finite floats, `above`) a callback. None means: not given."""
+    what click cannot check (finite floats, `above`) a callback; a float is parsed by
+    _finite_float, which leaves its range to the callback too. None means: not given."""
     flag = "--" + name.replace("_", "-")
     value_type = Literal[setting.choices] if setting.choices else kind
 
@@ -116,12 +118,27 @@ def setting_option(name: str, kind: type, setting: Setting) -> Any:
         f"{flag}/--no-{flag[2:]}" if kind is bool else flag,
         min=setting.min,
         max=setting.max,
+        parser=_finite_float if kind is float else None,
         callback=check,
         help=setting.help,
         show_default=False,
         rich_help_panel=SETTINGS,
     )
     return Annotated[Optional[value_type], option]
+
+
+def _finite_float(text: str) -> float:
+    """A float option's value, refused first when it is no finite number: typer checks a range
+    before the callback, and NaN, which fails every comparison, would read "should be less than
+    or equal to 10". With a parser typer shows the range in --help but leaves its check to the
+    callback (Setting.problem), so each refusal names the rule it breaks."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text} is not a finite number")
+    return value
 
 
 def with_setting_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -57,14 +58,30 @@ def run_folders(artifacts: Path) -> list[Path]:
     current = [artifacts] if any(path.exists() for path in RunDir(artifacts).run_files()) else []
     previous = RunDir(artifacts).previous
     kept = (
-        sorted(p for p in previous.iterdir() if p.is_dir() and not p.name.startswith(".")) if previous.is_dir() else []
+        sorted(p for p in previous.iterdir() if _is_folder(p) and not p.name.startswith("."))
+        if _is_folder(previous)
+        else []
     )
     return current + kept
 
 
-def read_run(folder: Path) -> RunEntry:
+def _is_folder(path: Path) -> bool:
+    """Whether `path` is a real folder, not a link to one (a link in previous/ could lead anywhere)."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _is_kept(folder: Path) -> bool:
+    """Whether the folder a user named is a kept run, previous/<run id>/ (which no commit ever writes)."""
+    return folder.absolute().parent.name == RunDir(Path()).previous.name
+
+
+def read_run(folder: Path, kept_run: bool) -> RunEntry:
     """The row of the run in `folder`; a folder without a readable history.json gets a row that
-    says why, with the rest left empty."""
+    says why, with the rest left empty. A `kept_run`'s journal is refused, never run (see
+    store.read_consistently)."""
     run = RunDir(folder)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row["folder"] = str(folder)
@@ -72,7 +89,7 @@ def read_run(folder: Path) -> RunEntry:
         row["state"] = "not a run (no history.json)"
         return RunEntry(folder, row)
     try:
-        history = read_consistently(run.root, lambda: HISTORY.read_json(run.history))
+        history = read_consistently(run.root, lambda: HISTORY.read_json(run.history), kept=kept_run)
         settings = TrainConfig.from_dict(history["config"]).to_dict()
         records = history["epochs"]
         kept = records[int(history["best_epoch"]) - 1] if history["best_epoch"] else None
@@ -125,7 +142,7 @@ def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:
         raise BadOption(f"--sort {sort!r} is not a column; choose from {', '.join(COLUMNS)}")
     if not artifacts.is_dir():
         raise MnistsumError(f"{artifacts} not found: run `mnistsum train` first (or pass --artifacts)")
-    entries = [read_run(folder) for folder in run_folders(artifacts)]
+    entries = [read_run(folder, kept_run=folder != artifacts) for folder in run_folders(artifacts)]
     filled = sorted((e for e in entries if e.row[sort] is not None), key=lambda e: e.row[sort])
     return filled + [e for e in entries if e.row[sort] is None]
 
@@ -155,11 +172,15 @@ def find_run(artifacts: Path, name: str) -> RunEntry:
     """A run named by its folder or by (a unique prefix of) its run id among the runs in `artifacts`."""
     folder = Path(name)
     if folder.is_dir():
-        entry = read_run(folder)
+        entry = read_run(folder, kept_run=_is_kept(folder))
         if not entry.readable:
             raise MnistsumError(f"{folder} holds no readable run ({entry.row['state']})")
         return entry
-    entries = [e for e in (read_run(f) for f in run_folders(artifacts)) if e.readable] if artifacts.is_dir() else []
+    entries = (
+        [e for e in (read_run(f, kept_run=f != artifacts) for f in run_folders(artifacts)) if e.readable]
+        if artifacts.is_dir()
+        else []
+    )
     matches = [e for e in entries if e.row["run_id"].startswith(name)] if name else []
     if len(matches) == 1:
         return matches[0]

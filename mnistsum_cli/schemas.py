@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -112,7 +113,8 @@ class Float(Kind):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Invalid(where, f"is {_shown(value)}, {expected}")
         if (
-            not (isinstance(value, int) or math.isfinite(value))  # an int can be too large for a float
+            # an int beyond the largest float: float() of it (a plot, torch) raises OverflowError
+            not (math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max)
             or (self.low is not None and value < self.low)
             or (self.high is not None and value > self.high)
             or (self.above is not None and not value > self.above)

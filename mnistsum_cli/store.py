@@ -45,7 +45,8 @@ TEMP_PREFIX = ".mnistsum-tmp."  # every temporary file or folder, removed by the
 READ_WAIT_SECONDS = 10.0  # how long a reader waits for a commit in progress (commits take milliseconds)
 INSTALL, MOVE = "install", "move"
 MAX_JOURNAL_BYTES = 1 << 20  # a journal names a few renames: one this large is not one
-OLD_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.(?:tmp|old)")  # see _old_temporary
+OLD_TEMPORARY_FILE = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")  # see _old_temporary
+OLD_TEMPORARY_FOLDER = re.compile(r"\.plots\.(?:[a-z0-9_]{8}\.tmp|[0-9a-f]{8}\.old)")
 BLOCKED_PREFIX = ".mnistsum-blocked."  # what stood in the way of a rename, set aside (never removed)
 
 Result = TypeVar("Result")
@@ -60,10 +61,18 @@ class FolderInUse(MnistsumError):
 # --------------------------------------------------------------------------- errors
 
 
-def folder_error(folder: Path, error: OSError, after: str = "nothing was changed") -> MnistsumError:
+class FolderNotWritable(MnistsumError):
+    """folder_error's line; `error` is the OSError, for a caller that knows better what is on disk."""
+
+    def __init__(self, message: str, error: OSError) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def folder_error(folder: Path, error: OSError, after: str = "nothing was changed") -> FolderNotWritable:
     """One line for an OSError met while writing `folder`: the folder, the cause, what is on disk."""
     cause = error.strerror or str(error)
-    return MnistsumError(f"cannot write {folder}/: {cause}; {after}")
+    return FolderNotWritable(f"cannot write {folder}/: {cause}; {after}", error)
 
 
 class _StepFailed(Exception):
@@ -100,18 +109,22 @@ def _is_temporary(name: str) -> bool:
 
 
 def _lstat(path: Path) -> Optional[os.stat_result]:
-    """The entry `path` names itself (a link, not what it points to), or None when there is none."""
+    """The entry `path` names itself (a link, not what it points to), or None when there is none
+    (a name the file system refuses, ENAMETOOLONG, names none)."""
     try:
         return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            return None
+        raise
 
 
-def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
+def _entry_problem(folder: Path, entry: Any, any_kept_name: bool = False) -> Optional[str]:
     """What makes `entry` one that no commit of `folder` writes, or None: an install takes a
     temporary file or folder of `folder` itself onto a name paths.py declares; a move takes such
     a name into previous/<kept run>/ under the same name, through real folders only (no link
-    anywhere: a link could lead the rename out of `folder`)."""
+    anywhere: a link could lead the rename out of `folder`), into a kept-run folder whose name
+    mnistsum makes, or one already there (`any_kept_name`: any name; see _renamed_runs)."""
     if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(part, str) for part in entry)):
         return "not a [kind, source, target] of names"
     kind, source, target = entry
@@ -137,7 +150,7 @@ def _entry_problem(folder: Path, entry: Any) -> Optional[str]:
         if found is not None and not stat.S_ISDIR(found.st_mode):
             what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
             return f"moves {source} into {'/'.join(parts[:depth])}/, which is {what}"
-    if not KEPT_NAME.fullmatch(parts[1]):
+    if not any_kept_name and found is None and not KEPT_NAME.fullmatch(parts[1]):  # one there: its moves began
         return f"moves {source} into {previous}/{parts[1]!r}/, a name mnistsum does not make"
     return None
 
@@ -166,17 +179,19 @@ def _journal_refused(folder: Path, why: str) -> MnistsumError:
 def _renamed_runs(folder: Path, operations: list[Any]) -> tuple[list[Any], dict[str, str]]:
     """`operations` with each kept-run folder whose name mnistsum does not make (a run id of 300
     letters from an older version: the file system refuses it) replaced by a fresh
-    previous/unknown-<time>/, and what was renamed. Any other entry stays as it is."""
+    previous/unknown-<time>/, and what was renamed. A folder of that name that is already there
+    (a real one: the file system took the name, and the journal's first moves went into it)
+    keeps its name, so the run is not split over two folders. Any other entry stays as it is."""
     renamed: dict[str, str] = {}
     previous = RunDir(folder).previous
     fixed = []
     for entry in operations:
-        if isinstance(entry, list) and len(entry) == 3 and entry[0] == MOVE and isinstance(entry[2], str):
-            parts = entry[2].split("/")
-            if len(parts) == 3 and not _leaves(parts[1]) and not KEPT_NAME.fullmatch(parts[1]):
-                if parts[1] not in renamed:
-                    renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
-                entry = [MOVE, entry[1], "/".join([parts[0], renamed[parts[1]], parts[2]])]
+        if _entry_problem(folder, entry) is not None and _entry_problem(folder, entry, any_kept_name=True) is None:
+            _, source, target = entry  # a move, wrong only in the name of a kept-run folder not there yet
+            parts = target.split("/")
+            if parts[1] not in renamed:
+                renamed[parts[1]] = unused(previous / unknown_run_name(), taken=set(renamed.values())).name
+            entry = [MOVE, source, "/".join([parts[0], renamed[parts[1]], parts[2]])]
         fixed.append(entry)
     return fixed, renamed
 
@@ -234,7 +249,9 @@ def _remove_made(folder: Path, made: list[Path]) -> None:
 
 
 def _open_lock(folder: Path, flags: int) -> int:
-    """The lock file's descriptor, never through a link, and only a regular file."""
+    """The lock file's descriptor, never through a link, and only a regular file with no other
+    name: the holder's pid is written into it, so a hard link to a file elsewhere would have that
+    file overwritten."""
     path = folder / LOCK
 
     def refused(what: str) -> MnistsumError:
@@ -247,9 +264,10 @@ def _open_lock(folder: Path, flags: int) -> int:
             what = "a symbolic link, which mnistsum never makes" if error.errno == errno.ELOOP else "a folder"
             raise refused(what) from None
         raise
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    found = os.fstat(descriptor)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
         os.close(descriptor)
-        raise refused("not a regular file")
+        raise refused("not a regular file" if not stat.S_ISREG(found.st_mode) else "a hard link to another file")
     return descriptor
 
 
@@ -393,7 +411,7 @@ def recover(folder: Path) -> None:
                 _rewrite_journal(folder, operations)
                 for old, new in renamed.items():
                     notice(
-                        f"{folder}/: the interrupted change keeps a run in previous/{old[:40]!r}..., a name "
+                        f"{folder}/: the interrupted change keeps a run in previous/{_shown_name(old)}/, a name "
                         f"mnistsum does not make: it goes to previous/{new}/ instead"
                     )
             _apply(folder, operations)
@@ -412,6 +430,13 @@ def recover(folder: Path) -> None:
     _remove_temporaries(folder)
 
 
+def _shown_name(name: str) -> str:
+    """A name from a journal in a message: as it is, control characters escaped (a planted one
+    cannot rewrite the terminal), cut to 40 characters with "..." only when longer."""
+    text = name if name.isprintable() else repr(name)[1:-1]
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _rewrite_journal(folder: Path, operations: list[Any]) -> None:
     """Replace the journal by `operations`, in one rename (a kill leaves the old or the new)."""
     staged = folder / f"{TEMP_PREFIX}{secrets.token_hex(4)}.journal"
@@ -420,12 +445,20 @@ def _rewrite_journal(folder: Path, operations: list[Any]) -> None:
     _fsync_folder(folder)
 
 
-def _old_temporary(name: str) -> bool:
-    """A temporary name of mnistsum before the store: .<artifact>.<8 random>.tmp (tempfile's
-    mkstemp and mkdtemp beside each file, the plots' staging folder) and .plots.<8 hex>.old (the
-    plots folder it replaced)."""
-    match = OLD_TEMPORARY.fullmatch(name)
-    return match is not None and match.group(1) in _installable_names()
+def _old_temporary(name: str, found: os.stat_result) -> bool:
+    """Whether the entry `name` (lstat `found`) is a temporary of mnistsum before the store, by
+    exactly the names it made: .<file>.<8 of tempfile's [a-z0-9_]>.tmp, a regular file
+    (tempfile.mkstemp beside each file of a run or dataset it wrote); .plots.<8 of the
+    same>.tmp, a folder (mkdtemp, the plots' staging); .plots.<8 hex>.old, a folder (the plots
+    it replaced)."""
+    if stat.S_ISDIR(found.st_mode):
+        return OLD_TEMPORARY_FOLDER.fullmatch(name) is not None
+    match = OLD_TEMPORARY_FILE.fullmatch(name)
+    return (
+        stat.S_ISREG(found.st_mode)
+        and match is not None
+        and match.group(1) in _installable_names() - {GENERATION, RunDir(Path()).plots.name}
+    )
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -439,10 +472,8 @@ def _remove_temporaries(folder: Path) -> None:
     for name in names:
         if name.startswith(TEMP_PREFIX):
             _remove(folder / name)
-        elif _old_temporary(name):
-            found = _lstat(folder / name)
-            if found is not None and (stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode)):
-                _remove(folder / name)
+        elif (found := _lstat(folder / name)) is not None and _old_temporary(name, found):
+            _remove(folder / name)
 
 
 def _remove(path: Path) -> None:
@@ -562,7 +593,7 @@ def _apply(folder: Path, operations: list[list[str]]) -> None:
             if kind == INSTALL:
                 _install(folder, source, target)
             else:
-                _move(folder, source, target)
+                _move(folder, source, target, _installed_over(folder, source, operations[index:]))
         except OSError as error:
             raise _StepFailed(index, entry, error) from None
     for name in os.listdir(folder):
@@ -590,9 +621,18 @@ def _install(folder: Path, source_name: str, target_name: str) -> None:
     os.replace(source, target)
 
 
-def _move(folder: Path, source_name: str, target: str) -> None:
+def _installed_over(folder: Path, name: str, later: list[list[str]]) -> bool:
+    """Whether one of the `later` entries installed onto `name` already (its staged file is
+    gone): then what `name` holds is the new file, not the one an earlier move takes."""
+    return any(kind == INSTALL and target == name and _lstat(folder / source) is None for kind, source, target in later)
+
+
+def _move(folder: Path, source_name: str, target: str, installed_over: bool) -> None:
     """Rename `source_name` (directly in `folder`) to previous/<kept>/<name>, creating those two
-    folders, each opened without following a link, so the rename cannot leave `folder`."""
+    folders, each opened without following a link, so the rename cannot leave `folder`. When
+    the target exists and `source_name` is still the file to move (`installed_over` is false),
+    the target is not ours (planted): the source is set aside as .mnistsum-blocked.<token>.<name>
+    rather than left for a later install to replace."""
     previous, kept, name = target.split("/")
     root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -601,10 +641,16 @@ def _move(folder: Path, source_name: str, target: str) -> None:
         with _subfolder(root, previous) as previous_fd, _subfolder(previous_fd, kept) as kept_fd:
             try:
                 os.stat(name, dir_fd=kept_fd, follow_symlinks=False)
-                return  # the target exists: moved already (a move goes to a name that did not exist)
             except FileNotFoundError:
-                pass
-            os.rename(source_name, name, src_dir_fd=root, dst_dir_fd=kept_fd)
+                os.rename(source_name, name, src_dir_fd=root, dst_dir_fd=kept_fd)
+                return
+            if installed_over:
+                return  # moved already, and the new file installed in its place
+            blocked = f"{BLOCKED_PREFIX}{secrets.token_hex(4)}.{source_name}"
+            os.rename(source_name, blocked, src_dir_fd=root, dst_dir_fd=root)
+            notice(
+                f"{folder / target} was there already, not from this change: {folder / source_name} is kept as {folder / blocked}"
+            )
     finally:
         os.close(root)
 
@@ -624,10 +670,11 @@ def _subfolder(parent: int, name: str) -> Iterator[int]:
         os.close(descriptor)
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes, folder_fd: Optional[int] = None) -> None:
     """Create `path` (it must not exist) with `data`, durably: written whole and fsynced. The
-    mode is the usual one for new files (0666 less the umask)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    mode is the usual one for new files (0666 less the umask). With `folder_fd`, `path` is a
+    name in the folder open there."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666, dir_fd=folder_fd)
     try:
         view = memoryview(data)
         while view:
@@ -638,19 +685,37 @@ def write_file(path: Path, data: bytes) -> None:
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Write a file that no run folder's commits manage (a figure at `compare --out`): whole or
-    not at all, through a temporary file beside it and one rename; an OSError (a full disk, a
-    read-only or missing folder) is one line and leaves no temporary file."""
+    """Write a file that no run folder's commits manage (a figure at `compare --out`, or in
+    <artifacts>/compare/): whole or not at all, through a temporary file beside it and one
+    rename. Its folder is created when missing and opened without following a link: a link
+    planted as that folder (<artifacts>/compare a link to elsewhere) is refused, so the figure
+    lands where the path says or nowhere. One line on failure, and nothing is written."""
     path = Path(path)
-    temporary = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    folder = path.parent
     try:
-        try:
-            write_file(temporary, data)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        if not os.path.lexists(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        found = _lstat(folder)
+        if found is not None and stat.S_ISLNK(found.st_mode):
+            raise MnistsumError(
+                f"cannot write {path}: {folder} is a symbolic link, which mnistsum does not write through; "
+                "nothing was written (give the folder it points to, or remove the link)"
+            ) from None
+        raise MnistsumError(f"cannot write {fault_text(path, error)}; nothing was written") from None
+    temporary = f"{TEMP_PREFIX}{secrets.token_hex(6)}"
+    try:
+        write_file(Path(temporary), data, folder_fd)
+        os.replace(temporary, path.name, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
     except OSError as error:
         raise MnistsumError(f"cannot write {fault_text(path, error)}; nothing was written") from None
+    finally:
+        try:
+            os.unlink(temporary, dir_fd=folder_fd)
+        except FileNotFoundError:
+            pass
+        os.close(folder_fd)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -678,11 +743,13 @@ def write_json(path: Path, data: Any) -> None:
 # --------------------------------------------------------------------------- readers
 
 
-def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
+def read_consistently(folder: Path, read: Callable[[], Result], kept: bool = False) -> Result:
     """`read()`, which reads files of `folder`, rerun until no commit overlapped it (the
     generation before and after is the same and no journal was there), so that it sees one
     commit's files, never a mix. A journal whose writer died is finished first (under the lock,
-    after the checks of recover: a journal no commit writes is refused in one line).
+    after the checks of recover: a journal no commit writes is refused in one line). A `kept`
+    run (previous/<run id>/) is never a commit's folder: a journal there was put there by
+    someone else, and is refused in one line without being run.
 
     Why that suffices (a seqlock): a commit puts its journal in place (time J), renames the
     files, installs its new generation (G) and removes the journal (D), J < renames < G < D. Each
@@ -695,6 +762,8 @@ def read_consistently(folder: Path, read: Callable[[], Result]) -> Result:
     checks pass over a mix of two commits."""
     folder = Path(folder)
     deadline = time.monotonic() + READ_WAIT_SECONDS
+    if kept and os.path.lexists(folder / JOURNAL):
+        raise _journal_refused(folder, "a kept run, which no commit writes")
     while True:
         before = _generation(folder)
         if before is None:
@@ -730,9 +799,14 @@ def _generation_token(folder: Path) -> bytes:
 
 
 def _settle(folder: Path, deadline: float) -> None:
-    """A journal is there: wait while its writer is alive, else finish its commit."""
+    """A journal is there: wait while its writer is alive, else finish its commit (a reader
+    that cannot take the lock, on read-only media, says that the change waits)."""
     try:
-        if _identity(folder) in _held:
+        held = _identity(folder) in _held
+    except OSError:
+        return  # the folder went: the next look says what is there now
+    try:
+        if held:
             recover(folder)
             return
         if not _locked_elsewhere(folder):
@@ -740,8 +814,10 @@ def _settle(folder: Path, deadline: float) -> None:
                 return
     except FolderInUse:
         pass  # a writer came first: it finishes the change
-    except OSError as error:
-        raise folder_error(folder, error, "an interrupted change waits for a command that can write it") from None
+    except FolderNotWritable as failed:
+        raise folder_error(
+            folder, failed.error, "an interrupted change waits for a command that can write it"
+        ) from None
     if time.monotonic() > deadline:
         raise MnistsumError(f"{folder}/ is being written and did not settle in {READ_WAIT_SECONDS:.0f} s: try again")
     time.sleep(0.005)
@@ -753,7 +829,7 @@ def read_json(path: Path, stage: str, max_bytes: int = MAX_SMALL_JSON_BYTES) -> 
     data = read_file(path, max_bytes, stage)
     try:
         return json.loads(data.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:  # RecursionError: [[[[...
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: bad JSON, a 5000-digit number
         raise MnistsumError(f"{path} is unreadable ({first_line(error)}): rerun `mnistsum {stage}`") from None
 
 

@@ -41,6 +41,23 @@ def check_installed() -> None:
         raise MnistsumError(f"--tensorboard needs the tensorboard package: {INSTALL}")
 
 
+def default_log_root(run: RunDir) -> Path:
+    """<artifacts>/tensorboard, refused before training starts when it is a link (planted in a
+    folder someone else prepared, it would take the event files elsewhere). A --tensorboard-dir
+    is the user's own choice and is taken as given."""
+    root = run.root / FOLDER
+    _refuse_link(root)
+    return root
+
+
+def _refuse_link(folder: Path) -> None:
+    if folder.is_symlink():
+        raise MnistsumError(
+            f"{folder} is a symbolic link, which mnistsum does not write events through: remove it "
+            "(or pass --tensorboard-dir)"
+        )
+
+
 @contextmanager
 def tensorboard_events(inner: Reporter, run: RunDir, log_root: Optional[Path]) -> Iterator[Reporter]:
     """`inner`, writing TensorBoard events under `log_root` too when it is given (files closed at the end)."""
@@ -95,5 +112,6 @@ class TensorBoardReporter:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _refuse_link(self.log_root / run_id)  # <root>/<run id> planted for the run --resume continues
             self.writer = SummaryWriter(log_dir=str(self.log_root / run_id))
         return self.writer

@@ -143,19 +143,49 @@ def test_each_kind_of_foreign_entry_is_refused(tmp_path: Path, entry: list, why:
     assert state_of(tmp_path) == before
 
 
-def test_runs_refuses_a_journal_planted_in_a_kept_run(workdir: Path, outside: Path, run_cli) -> None:
-    kept = workdir / "artifacts" / "previous" / "abc"
+def _kept_run(artifacts: Path, name: str = "abc") -> Path:
+    """A copy of the current run's history and model in previous/<name>/."""
+    kept = artifacts / "previous" / name
     kept.mkdir(parents=True)
-    for name in ("history.json", "model.safetensors"):
-        (kept / name).write_bytes((workdir / "artifacts" / name).read_bytes())
-    plant_journal(kept, escaping_journal(outside))
-    before_outside = state_of(outside)
+    for file in ("history.json", "model.safetensors"):
+        (kept / file).write_bytes((artifacts / file).read_bytes())
+    return kept
+
+
+@pytest.mark.parametrize("journal", ["escaping", "one a commit could write"])
+def test_runs_never_runs_a_journal_planted_in_a_kept_run(workdir: Path, outside: Path, run_cli, journal: str) -> None:
+    """No commit writes into previous/<run id>/: a journal there, even one that names only the
+    run's own files, is someone else's. The run's row says so; nothing of it runs."""
+    kept = _kept_run(workdir / "artifacts")
+    if journal == "escaping":
+        plant_journal(kept, escaping_journal(outside))
+    else:
+        (kept / f"{TEMP_PREFIX}x.1").write_bytes(b"not a history")
+        plant_journal(kept, [["install", f"{TEMP_PREFIX}x.1", "history.json"]])
+    before, before_outside = state_of(kept), state_of(outside)
     code, out, err = run_cli("runs", "--json")
     assert code == 0, err
     rows = {Path(row["folder"]).name: row for row in json.loads(out)}
-    assert "is not a journal mnistsum writes" in rows["abc"]["state"]
+    assert rows["abc"]["state"].startswith("unreadable: "), rows["abc"]
+    assert "is not a journal mnistsum writes (a kept run, which no commit writes)" in rows["abc"]["state"]
+    assert state_of(kept) == before and state_of(outside) == before_outside
+    code, out, err = run_cli("compare", "artifacts/previous/abc")
+    assert code == 1 and "a kept run, which no commit writes" in assert_one_line_error(err, out)
+    assert state_of(kept) == before and state_of(outside) == before_outside
+
+
+def test_runs_does_not_follow_a_link_in_previous(workdir: Path, outside: Path, run_cli) -> None:
+    """previous/<link> to a run elsewhere (with a journal of its own) is not listed nor read."""
+    elsewhere = _kept_run(workdir / "artifacts", "elsewhere")
+    elsewhere = elsewhere.rename(outside / "run")
+    (elsewhere / f"{TEMP_PREFIX}x.1").write_bytes(b"not a history")
+    plant_journal(elsewhere, [["install", f"{TEMP_PREFIX}x.1", "history.json"]])
+    (workdir / "artifacts" / "previous" / "linked").symlink_to(elsewhere)
+    before_outside = state_of(outside)
+    code, out, err = run_cli("runs", "--json")
+    assert code == 0, err
+    assert [Path(row["folder"]).name for row in json.loads(out)] == ["artifacts"]
     assert state_of(outside) == before_outside
-    assert (kept / JOURNAL).exists()
 
 
 @pytest.mark.parametrize("planted", ["link", "fifo"])
@@ -240,6 +270,25 @@ def test_a_lock_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Pa
     assert snapshot(artifacts) == before and state_of(outside) == before_outside
 
 
+@pytest.mark.parametrize("command", ["status", "evaluate"])
+def test_a_lock_hard_linked_to_a_file_outside_is_never_written(
+    workdir: Path, outside: Path, run_cli, command: str
+) -> None:
+    """A hard link is a regular file of the folder: the holder's pid would overwrite the file
+    outside (status writes it too, to finish a planted journal)."""
+    artifacts = workdir / "artifacts"
+    (artifacts / LOCK).unlink()
+    os.link(outside / "precious.txt", artifacts / LOCK)
+    plant_journal(artifacts, [["install", "../x", "model.safetensors"]])
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli(*{"status": ["status"], "evaluate": ["evaluate", "--cpu"]}[command])
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{LOCK} is a hard link to another file: nothing was changed; remove it to use artifacts/" in line, line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+    assert (outside / "precious.txt").read_bytes() == b"precious\n"
+
+
 def test_linked_temporaries_are_removed_as_links(workdir: Path, outside: Path, run_cli) -> None:
     artifacts = workdir / "artifacts"
     (artifacts / f"{TEMP_PREFIX}dead.1").symlink_to(outside / "victim")
@@ -282,6 +331,41 @@ def test_a_run_id_the_file_system_refuses_gets_a_fresh_folder(workdir: Path, run
     assert leftovers(artifacts) == []
 
 
+@pytest.mark.parametrize(
+    "kept_name, shown",
+    [
+        ("a.b", "previous/a.b/"),
+        ("a\tb\x1b[2J", "previous/a\\tb\\x1b[2J/"),
+        ("a" * 300, "previous/" + "a" * 37 + ".../"),
+    ],
+)
+def test_the_note_of_a_renamed_run_shows_its_name_plainly(workdir: Path, run_cli, kept_name: str, shown: str) -> None:
+    _planted_epoch_commit(workdir / "artifacts", kept_name)
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    assert f"the interrupted change keeps a run in {shown}, a name mnistsum does not make" in " ".join(err.split())
+
+
+def test_a_kept_name_the_file_system_took_stays_one_folder(workdir: Path, run_cli) -> None:
+    """A journal of an older version into previous/<100 letters>/ (a name the file system takes
+    but mnistsum no longer makes), killed after its first move: the rest of the run follows
+    the first file into that folder, not into a fresh unknown-<time>/."""
+    artifacts = workdir / "artifacts"
+    name = "a" * 100
+    previous = _planted_epoch_commit(artifacts, name)
+    (artifacts / "previous" / name).mkdir(parents=True)
+    (artifacts / "model.safetensors").rename(artifacts / "previous" / name / "model.safetensors")
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    assert [p.name for p in (artifacts / "previous").iterdir()] == [name]
+    kept = artifacts / "previous" / name
+    assert {file: (kept / file).read_bytes() for file in previous} == previous, (
+        "the previous run is whole, in one folder"
+    )
+    assert (artifacts / "model.safetensors").read_bytes() == b"new model.safetensors"
+    assert leftovers(artifacts) == []
+
+
 def test_a_folder_where_a_file_goes_is_set_aside(workdir: Path, run_cli) -> None:
     artifacts = workdir / "artifacts"
     (artifacts / "config.json").unlink()
@@ -295,6 +379,31 @@ def test_a_folder_where_a_file_goes_is_set_aside(workdir: Path, run_cli) -> None
     assert f"was in the way of the change (a folder): kept as {blocked.relative_to(workdir)}" in err
     assert (blocked / "notes.txt").read_text() == "mine"
     assert (artifacts / "config.json").read_bytes() == b"{}"
+    assert leftovers(artifacts) == []
+
+
+def test_a_planted_file_at_a_moves_target_does_not_cost_the_file_it_moves(workdir: Path, run_cli) -> None:
+    """previous/a/model.safetensors planted before a journal that moves the model there, then
+    installs a new one: the user's model is set aside, not replaced by the install."""
+    artifacts = workdir / "artifacts"
+    model = (artifacts / "model.safetensors").read_bytes()
+    (artifacts / "previous" / "a").mkdir(parents=True)
+    (artifacts / "previous" / "a" / "model.safetensors").write_bytes(b"planted")
+    (artifacts / f"{TEMP_PREFIX}x.1").write_bytes(b"new model")
+    plant_journal(
+        artifacts,
+        [
+            ["move", "model.safetensors", "previous/a/model.safetensors"],
+            ["install", f"{TEMP_PREFIX}x.1", "model.safetensors"],
+        ],
+    )
+    code, out, err = run_cli("status", "--json")
+    assert code == 0, err
+    (blocked,) = artifacts.glob(".mnistsum-blocked.*.model.safetensors")
+    assert blocked.read_bytes() == model, "the user's model is kept"
+    assert f"artifacts/model.safetensors is kept as {blocked.relative_to(workdir)}" in err
+    assert (artifacts / "previous" / "a" / "model.safetensors").read_bytes() == b"planted"
+    assert (artifacts / "model.safetensors").read_bytes() == b"new model"
     assert leftovers(artifacts) == []
 
 
@@ -349,6 +458,35 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
     assert {name: (artifacts / "previous" / "abc" / name).read_bytes() for name in previous} == previous
 
 
+def test_a_reader_on_read_only_media_says_the_change_waits(
+    workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader meets a journal it cannot finish (no lock can be written): nothing changes, and
+    its line says the change waits for a writer, not that nothing was changed."""
+    import errno
+
+    import mnistsum_cli.store
+
+    artifacts = workdir / "artifacts"
+    _planted_epoch_commit(artifacts, "abc")
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(mnistsum_cli.store.os, "open", read_only)
+    before = snapshot(artifacts)
+    code, out, err = run_cli("status")
+    assert code == 1
+    assert assert_one_line_error(err, out) == (
+        "error: cannot write artifacts/: Read-only file system; an interrupted change waits for a command that "
+        "can write it"
+    )
+    assert snapshot(artifacts) == before and (artifacts / JOURNAL).exists()
+
+
 # --------------------------------------------------------------------------- temporaries of older versions
 
 
@@ -361,12 +499,25 @@ def test_temporaries_of_older_versions_are_removed_but_not_through_links(workdir
     (data / ".train.parquet.zz00yy11.tmp").write_bytes(b"half a split")
     (artifacts / ".history.json.abcd1234.tmp").symlink_to(outside / "precious.txt")
     (artifacts / ".notes.abcd1234.tmp").write_text("not an artifact's name: not ours")
+    not_historic = [
+        ".history.json.abcd1234.old",  # only the plots folder was replaced via .old
+        ".plots.zz_z1234.old",  # .old had 8 hex digits
+        ".model.safetensors.abcd1234.tmp",  # a folder: mkstemp made files
+    ]
+    (artifacts / not_historic[0]).write_text("mine")
+    (artifacts / not_historic[1]).mkdir()
+    (artifacts / not_historic[2]).mkdir()
     before_outside = state_of(outside)
     code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
     assert code == 0, err
     with folder_lock(data, "test", "--data"):
         pass
-    assert sorted(p.name for p in artifacts.glob(".*.tmp")) == [".history.json.abcd1234.tmp", ".notes.abcd1234.tmp"]
+    assert sorted(p.name for p in artifacts.glob(".*.tmp")) == [
+        ".history.json.abcd1234.tmp",
+        ".model.safetensors.abcd1234.tmp",
+        ".notes.abcd1234.tmp",
+    ]
+    assert all((artifacts / name).exists() for name in not_historic)
     assert not (artifacts / ".plots.0a1b2c3d.old").exists()
     assert not (data / ".train.parquet.zz00yy11.tmp").exists()
     assert state_of(outside) == before_outside
@@ -491,3 +642,79 @@ def test_compare_names_its_figure_only_by_run_ids_that_can_name_a_file(tmp_path:
 
     entries = [RunEntry(tmp_path, {"run_id": "../../../x"}), RunEntry(tmp_path, {"run_id": "0123456789abcdef"})]
     assert compare_path(tmp_path / "artifacts", entries) == tmp_path / "artifacts" / "compare" / "run-01234567.png"
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling link"])
+def test_compare_never_writes_through_a_linked_compare_folder(
+    workdir: Path, outside: Path, run_cli, planted: str
+) -> None:
+    """<artifacts>/compare planted as a link to a folder elsewhere: the figure is refused in one
+    line, not written into the link's target."""
+    artifacts = workdir / "artifacts"
+    target = outside / "victim" if planted == "link" else outside / "missing"
+    (artifacts / "compare").symlink_to(target)
+    run_id = json.loads((artifacts / "history.json").read_text())["run_id"]
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("compare", run_id)
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "artifacts/compare is a symbolic link, which mnistsum does not write through; nothing was written" in line
+    assert snapshot(artifacts) == before and state_of(outside) == before_outside
+
+
+@pytest.mark.parametrize("planted", ["tensorboard", "tensorboard/<run id>"])
+def test_train_tensorboard_never_writes_events_through_a_planted_link(
+    workdir: Path, outside: Path, run_cli, ctrl_c_after_epoch, planted: str
+) -> None:
+    """<artifacts>/tensorboard a link: refused before training starts. <artifacts>/tensorboard/
+    <run id> a link (the id `--resume` continues is in the folder's history): refused before
+    the first event, the epoch saved."""
+    pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
+    artifacts = workdir / "artifacts"
+    ctrl_c_after_epoch()
+    assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 2, "--seed", 5)[0] == 130
+    ctrl_c_after_epoch(False)
+    run_id = json.loads((artifacts / "history.json").read_text())["run_id"]
+    link = artifacts / planted.replace("<run id>", run_id)
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(outside / "victim")
+    before, before_outside = snapshot(artifacts), state_of(outside)
+    code, out, err = run_cli("train", "--resume", "--cpu", "--tensorboard")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert f"{link.relative_to(workdir)} is a symbolic link, which mnistsum does not write events through" in line
+    assert state_of(outside) == before_outside
+    epochs = len(json.loads((artifacts / "history.json").read_text())["epochs"])
+    if planted == "tensorboard":
+        assert snapshot(artifacts) == before and epochs == 1, "refused before training"
+    else:
+        assert epochs == 2, "the epoch is saved; only its events are refused"
+
+
+@pytest.mark.parametrize("number", ["1" + "0" * 400, "1" * 5000], ids=["beyond a float", "5000 digits"])
+def test_a_number_no_float_holds_is_one_line(workdir: Path, run_cli, number: str) -> None:
+    """train_loss 10**400 would pass as a finite number and overflow in float() later; an
+    integer of 5000 digits makes Python's JSON reader raise ValueError (not JSONDecodeError)."""
+    artifacts = workdir / "artifacts"
+    text = (artifacts / "history.json").read_text()
+    history = json.loads(text)
+    loss = history["epochs"][0]["train_loss"]
+    (artifacts / "history.json").write_text(text.replace(json.dumps(loss), number, 1))
+    before = snapshot(artifacts)
+    code, out, err = run_cli("plot")
+    assert code == 1
+    line = assert_one_line_error(err, out)
+    assert "history.json" in line, line
+    assert snapshot(artifacts) == before
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("nan", "nan is not a finite number"), ("inf", "inf is not a finite number"), ("11", "11.0 is above 10")],
+)
+def test_a_float_setting_says_which_rule_it_breaks(run_cli, value: str, message: str) -> None:
+    """NaN fails every comparison: typer's range check, which runs before the callback, said
+    "should be less than or equal to 10" of it."""
+    code, out, err = run_cli("train", "--lr", value)
+    assert code == 2
+    assert f"Invalid value for '--lr': {message} (see `mnistsum train --help`)" in assert_one_line_error(err, out)

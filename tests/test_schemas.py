@@ -148,10 +148,13 @@ def test_fields_not_declared_are_accepted() -> None:
     HISTORY.check({**_history(), "notes": "from the future"}, "history.json")
 
 
-def test_numbers_take_integers() -> None:
+def test_numbers_take_integers_a_float_can_hold() -> None:
     history = _history()
-    history["epochs"][0].update(train_loss=1, val_loss=10**400)  # too large for a float, still a number >= 0
+    history["epochs"][0].update(train_loss=1, val_loss=10**300)
     HISTORY.check(history, "history.json")
+    history["epochs"][0]["val_loss"] = 10**400  # float() of it raises OverflowError
+    with pytest.raises(MnistsumError, match=r"epochs\[0\]\.val_loss is 1000.*\.\.\., expected a finite number >= 0"):
+        HISTORY.check(history, "history.json")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
