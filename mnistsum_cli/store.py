@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar, Union
 
-from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, Missing, fault_text, read_file
+from mnistsum_cli.diskfiles import MAX_SMALL_JSON_BYTES, fault_text, read_file
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.paths import KEPT_NAME, DataDir, RunDir, unknown_run_name
 from mnistsum_cli.report import notice
@@ -791,10 +791,12 @@ def _generation(folder: Path) -> Optional[bytes]:
 
 def _generation_token(folder: Path) -> bytes:
     """What the generation file holds (a few bytes), never through a link nor from anything but
-    a regular file (b"" then, and before the first commit)."""
+    a regular file within its cap (diskfiles.read_file): b"" then, as before the first commit.
+    A planted one changes nothing a reader trusts: the next commit installs a real one over it,
+    and the journal, looked for first, is what tells a commit under way."""
     try:
         return read_file(folder / GENERATION, MAX_GENERATION_BYTES, stage=None)
-    except Missing:
+    except MnistsumError:  # missing, a link, a FIFO, a folder, too large, unreadable
         return b""
 
 

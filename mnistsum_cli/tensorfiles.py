@@ -55,7 +55,7 @@ def decode_safetensors(
         metadata = {key: json.loads(value) for key, value in raw.items()}
     except Exception as error:  # safetensors raises several unrelated types on damage, plus struct / JSON errors
         raise _not_safetensors(path, stage, error) from None
-    return _checked_kind(metadata, path, stage, expected_format)
+    return tensors, _checked_kind(metadata, path, stage, expected_format)
 
 
 def parse_safetensors(data: bytes, metadata_only: bool) -> tuple[dict, dict[str, str]]:

@@ -24,6 +24,7 @@ from mnistsum_cli.mnist import MNIST_DIR_ENV
 from mnistsum_cli.models import ARCHITECTURES
 from mnistsum_cli.paths import RunDir
 from mnistsum_cli.predict import head_probabilities
+from mnistsum_cli.schemas import MODEL_META
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -84,7 +85,7 @@ def test_every_architecture_exports_and_agrees_with_torch(exported, arch: str) -
     model, model_meta = load_model(run.model, torch.device("cpu"))
     assert meta["arch"] == arch and meta["run_id"] == model_meta["run_id"]
     assert meta["dataset_id"] == model_meta["dataset_id"]
-    assert meta["model_sha256"] == fingerprint_file(run.model)
+    assert meta["model_sha256"] == fingerprint_file(run.model, MODEL_META)
     assert "uint8 [N, 28, 28]" in meta["inputs"] and "identical digit and sum on every row" in meta["check"]
     session = onnxruntime.InferenceSession(str(run.onnx), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images", "numbers"]

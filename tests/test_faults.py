@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -221,10 +221,12 @@ def failing_writes(fault: str, folder: Path) -> Iterator[None]:
     real_open, real_mkdir = os.open, os.mkdir
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
-    def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if flags & writing and _under(path, folder):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
-        return real_open(path, flags, *args, **kwargs)
+    def os_open(path: Any, flags: int, *args: Any, dir_fd: Optional[int] = None, **kwargs: Any) -> int:
+        # a name relative to a folder's descriptor (store.replace_file writes so) is where that folder is
+        where = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fsdecode(path))
+        if flags & writing and _under(where, folder):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(where))
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kwargs)
 
     def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
         if _under(path, folder):

@@ -87,7 +87,7 @@ def write_export(run: RunDir) -> None:
     from mnistsum_cli.checkpoint import load_model
     from mnistsum_cli.export import export_metadata, onnx_graph
 
-    sha = fingerprint_file(run.model)
+    sha = fingerprint_file(run.model, MODEL_META)
     if sha not in _EXPORTS:
         model, meta = load_model(run.model, CPU)
         proto = onnx_graph(model, None, export_metadata(meta, sha))
