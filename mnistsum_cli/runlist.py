@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, fault_text, opened
+from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, opened
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.paths import RunDir
 from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
@@ -218,14 +218,10 @@ def compare_path(artifacts: Path, entries: list[RunEntry]) -> Path:
 def compare_output(out: Optional[Path], artifacts: Path, entries: list[RunEntry]) -> Path:
     """The file `compare` writes, checked before anything is drawn: --out must be a .png in an
     existing folder, not in a run's plots/ (`mnistsum plot` alone writes there), and replace no
-    file but a PNG; the default folder <artifacts>/compare/ is created."""
+    file but a PNG. The default folder <artifacts>/compare/ is made by the write itself
+    (store.replace_file), which refuses a link planted in its place."""
     if out is None:
-        path = compare_path(artifacts, entries)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise MnistsumError(f"cannot write {fault_text(path.parent, error)}; nothing was written") from None
-        return path
+        return compare_path(artifacts, entries)
     if out.suffix.lower() != ".png":
         raise BadOption(f"--out {out}: the figure is a PNG: give a file name ending in .png")
     in_plots = out.parent.name == "plots" and (out.parent / "manifest.json").exists()
