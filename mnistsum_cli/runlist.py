@@ -1,5 +1,5 @@
-"""The training runs an artifacts folder holds, one row each: the current run and every run kept in
-previous/<run id>/. Read from the JSON files a run writes (no torch), for `mnistsum runs` and
+"""The training runs an artifacts folder holds, one row each: the current run, every run kept in
+previous/<run id>/ and every trial of a sweep (sweeps/<study>/trial-<n>/). Read from the JSON files a run writes (no torch), for `mnistsum runs` and
 `mnistsum compare`. A folder that is not a readable run is listed as such, never an error."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
+from mnistsum_cli.paths import SWEEPS, RunDir
+from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG, TRIAL
 from mnistsum_cli.store import read_consistently
 
 # The columns of every row after the run's settings (TrainConfig's fields), in table order.
@@ -29,8 +29,10 @@ FIGURES = (
     "test_digit_accuracy",
     "test_sum_accuracy",
 )
+# A sweep trial's study, number, state and value (trial.json); None for other runs.
+TRIAL_COLUMNS = ("study", "trial", "trial_state", "trial_value")
 SETTINGS = tuple(TrainConfig().to_dict())
-COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, "folder")
+COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, *TRIAL_COLUMNS, "folder")
 DEFAULT_SORT = "started"
 
 
@@ -48,13 +50,20 @@ class RunEntry:
 
 
 def run_folders(artifacts: Path) -> list[Path]:
-    """The artifacts folder itself when it holds a run, then each folder in previous/."""
+    """The artifacts folder itself when it holds a run, then each folder in previous/, then each
+    sweep trial's folder (by study, then trial number)."""
     current = [artifacts] if any(path.exists() for path in RunDir(artifacts).run_files()) else []
-    previous = RunDir(artifacts).previous
-    kept = (
-        sorted(p for p in previous.iterdir() if p.is_dir() and not p.name.startswith(".")) if previous.is_dir() else []
-    )
-    return current + kept
+    trials = sorted(artifacts.glob(f"{SWEEPS}/*/trial-*"), key=lambda p: (p.parent.name, _trial_number(p)))
+    return current + _subfolders(RunDir(artifacts).previous) + [p for p in trials if p.is_dir()]
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _trial_number(folder: Path) -> int:
+    suffix = folder.name[len("trial-") :]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def read_run(folder: Path) -> RunEntry:
@@ -88,6 +97,7 @@ def read_run(folder: Path) -> RunEntry:
         return RunEntry(folder, row)
     row.update(_run_info(run))
     row.update(_test_figures(run, row))
+    row.update(_trial_figures(run, row))
     return RunEntry(folder, row, history)
 
 
@@ -112,6 +122,24 @@ def _test_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
     if model.get("run_id") != row["run_id"] or model.get("epoch") != row["kept_epoch"]:
         return {}
     return {"test_digit_accuracy": evaluation["digit_accuracy"], "test_sum_accuracy": evaluation["sum_accuracy"]}
+
+
+def _trial_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
+    """The sweep trial this run is (trial.json), when the record describes this run."""
+    if not run.trial.exists():
+        return {}
+    try:
+        record = TRIAL.read_json(run.trial)
+    except MnistsumError:
+        return {}
+    if record["run_id"] != row["run_id"]:
+        return {}
+    return {
+        "study": record["study"],
+        "trial": record["number"],
+        "trial_state": record["state"],
+        "trial_value": record["value"],
+    }
 
 
 def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:

@@ -15,7 +15,18 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
 from mnistsum_cli.config import PRESETS, describe_preset
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "matplotlib", "pyarrow", "starlette", "uvicorn", "PIL", "tensorboard")
+HEAVY = (
+    "torch",
+    "torchvision",
+    "matplotlib",
+    "pyarrow",
+    "starlette",
+    "uvicorn",
+    "PIL",
+    "tensorboard",
+    "optuna",
+    "sqlalchemy",
+)
 
 
 def python(code: str, **kwargs) -> subprocess.CompletedProcess:
@@ -36,6 +47,7 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         ["--version"],
         ["runs", "--artifacts", "."],
         ["compare", "--help"],
+        ["sweep", "--help"],
     ],
     ids=[
         "import",
@@ -48,6 +60,7 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         "--version",
         "runs",
         "compare --help",
+        "sweep --help",
     ],
 )
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
@@ -68,7 +81,7 @@ def flattened(text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare"]
+    "command", ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare", "sweep"]
 )
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
