@@ -41,6 +41,7 @@ PRUNERS = ("median", "hyperband", "none")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
 GRACE_HEARTBEATS = 3  # a trial silent this many heartbeats long is failed (and retried once)
+TABLE_ATTEMPTS = 3  # tries at making Optuna's tables (see open_storage)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks again
 # What a study records of the sweep that made it (study user attrs); a joining sweep must agree.
 STUDY_ATTRS = ("dataset_id", "objective", "space", "base_config")
@@ -131,22 +132,32 @@ def storage_errors(url: str) -> Iterator[None]:
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, create: bool = True) -> optuna.storages.RDBStorage:
     """The study's RDBStorage with heartbeats: a trial whose process stops beating is failed by the
-    next worker that looks, and retried once. `create`: make Optuna's tables when missing."""
+    next worker that looks, and retried once. `create`: make Optuna's tables when missing. Two
+    processes making the tables of an empty database at once collide (PostgreSQL: a duplicate
+    key); the loser tries again and finds them made."""
     import optuna
     import sqlalchemy.exc
 
     quiet_optuna()
-    try:
-        with storage_errors(url):  # SQLite waits 5 s for a lock (Python's default), then says it is locked
-            return optuna.storages.RDBStorage(
-                url,
-                skip_table_creation=not create,
-                heartbeat_interval=heartbeat,
-                grace_period=GRACE_HEARTBEATS * heartbeat,
-                **_retry_once(),
-            )
-    except (sqlalchemy.exc.ArgumentError, ValueError, optuna.exceptions.OptunaError) as error:
-        raise BadOption(f"--storage {shown_url(url)}: {first_line(error)}") from None
+    attempts = 0
+    while True:
+        try:
+            with storage_errors(url):  # SQLite waits 5 s for a lock (Python's default), then says it is locked
+                return optuna.storages.RDBStorage(
+                    url,
+                    skip_table_creation=not create,
+                    heartbeat_interval=heartbeat,
+                    grace_period=GRACE_HEARTBEATS * heartbeat,
+                    **_retry_once(),
+                )
+        except MnistsumError as error:
+            attempts += 1
+            collided = isinstance(error.__context__, (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError))
+            if not (create and collided and attempts < TABLE_ATTEMPTS):
+                raise
+            time.sleep(0.5)
+        except (sqlalchemy.exc.ArgumentError, ValueError, optuna.exceptions.OptunaError) as error:
+            raise BadOption(f"--storage {shown_url(url)}: {first_line(error)}") from None
 
 
 def _retry_once() -> dict[str, Any]:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -264,7 +265,7 @@ def postgres_bin() -> Path | None:
 
 
 @pytest.fixture
-def postgres(tmp_path: Path):
+def postgres():
     """A PostgreSQL server of its own in a temp folder, on a Unix socket only (no TCP), run as
     `nobody` when the tests run as root (PostgreSQL refuses root); yields its storage URL."""
     binaries = postgres_bin()
@@ -272,7 +273,8 @@ def postgres(tmp_path: Path):
         if os.environ.get("CI") == "true":
             pytest.fail("PostgreSQL is not installed (apt-get install postgresql): CI must run the PostgreSQL test")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    root = Path(tempfile_dir(tmp_path))
+    root = Path(tempfile.mkdtemp(prefix="mnistsum-pg-"))  # short: a Unix socket path stays under 108 bytes
+    os.chmod(root, 0o755)
     data, sockets = root / "data", root / "sockets"
     sockets.mkdir()
     as_user: list[str] = []
@@ -309,17 +311,9 @@ def postgres(tmp_path: Path):
         assert created.returncode == 0, created.stderr
         yield f"postgresql+psycopg://mnistsum@/sweeps?host={sockets}"
     finally:
-        server.send_signal(signal.SIGINT)  # fast shutdown
+        run(binaries / "pg_ctl", "stop", "-D", data, "-m", "fast")  # runuser passes no signal on
         server.wait(timeout=60)
-
-
-def tempfile_dir(tmp_path: Path) -> str:
-    """A short folder (a Unix socket path must stay under 108 bytes), readable by `nobody`."""
-    import tempfile
-
-    folder = tempfile.mkdtemp(prefix="mnistsum-pg-")
-    os.chmod(folder, 0o755)
-    return folder
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_two_processes_share_one_postgresql_study(postgres: str, prepared: Path, tmp_path: Path) -> None:
