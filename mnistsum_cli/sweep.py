@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import warnings
 from collections import Counter
@@ -41,6 +42,7 @@ PRUNERS = ("median", "hyperband", "none")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
 GRACE_HEARTBEATS = 3  # a trial silent this many heartbeats long is failed (and retried once)
+SQLITE_LOCK_WAIT = 60.0  # seconds SQLite waits for another process's write: heartbeats on a busy machine wait too
 TABLE_ATTEMPTS = 3  # tries at making Optuna's tables (see open_storage)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks again
 # What a study records of the sweep that made it (study user attrs); a joining sweep must agree.
@@ -107,11 +109,11 @@ def shown_url(url: str) -> str:
 
 
 def quiet_optuna() -> None:
-    """Optuna logs every trial at INFO and warns that heartbeats are experimental: the sweep
-    prints its own lines."""
+    """Optuna logs every trial at INFO (a failed one at WARNING, with its traceback) and warns
+    that heartbeats are experimental: the sweep prints its own lines."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -124,10 +126,16 @@ def storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
-        cause = getattr(error, "orig", None) or error.__cause__ or error
-        raise MnistsumError(f"storage {shown_url(url)}: {first_line(cause)}") from None
+        raise MnistsumError(f"storage {shown_url(url)}: {storage_cause(error)}") from None
     except ImportError as error:  # the URL's database driver is not installed
         raise MnistsumError(f"storage {shown_url(url)}: {first_line(error)}") from None
+
+
+def storage_cause(error: BaseException) -> str:
+    """The database's own words under Optuna's and SQLAlchemy's wrappers ('database is locked')."""
+    while getattr(error, "orig", None) or error.__cause__:
+        error = getattr(error, "orig", None) or error.__cause__
+    return first_line(error)
 
 
 def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, create: bool = True) -> optuna.storages.RDBStorage:
@@ -142,9 +150,10 @@ def open_storage(url: str, heartbeat: int = DEFAULT_HEARTBEAT, create: bool = Tr
     attempts = 0
     while True:
         try:
-            with storage_errors(url):  # SQLite waits 5 s for a lock (Python's default), then says it is locked
+            with storage_errors(url):
                 return optuna.storages.RDBStorage(
                     url,
+                    engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_WAIT}} if url.startswith("sqlite") else {},
                     skip_table_creation=not create,
                     heartbeat_interval=heartbeat,
                     grace_period=GRACE_HEARTBEATS * heartbeat,
@@ -320,6 +329,7 @@ class Worker:
         self.notify = notify or (lambda message: None)
         self.prepared: PreparedData = PreparedData(DataDir(plan.data), plan.mnist_dir)  # read once, for every trial
         self.stats = WorkerStats()
+        self.current: Optional[int] = None  # the number of the trial this worker runs now (or ran last)
         self._noticed: set[str] = set()
 
     def study(self) -> optuna.Study:
@@ -339,22 +349,49 @@ class Worker:
 
         study = self.study()
         started = time.perf_counter()
+        hook, threading.excepthook = threading.excepthook, self._thread_failed
         try:
             while True:
                 with storage_errors(self.plan.storage):
-                    optuna.storages.fail_stale_trials(study)
                     step = next_step(trial_counts(study), self.plan.trials)
                 if step == "done" or self.timed_out(started):
                     break
-                if step == "wait":
+                if step == "wait":  # (optimize fails stale trials itself before each trial)
                     time.sleep(POLL_SECONDS)
+                    with storage_errors(self.plan.storage):
+                        optuna.storages.fail_stale_trials(study)
                     continue
-                with storage_errors(self.plan.storage):
-                    study.optimize(self.objective, n_trials=1, callbacks=[self.progress])
+                try:
+                    with storage_errors(self.plan.storage):
+                        study.optimize(self.objective, n_trials=1, callbacks=[self.progress])
+                except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                    if not self.lost_trial(study):
+                        raise
                 self.stats.trials += 1
         finally:
+            threading.excepthook = hook
             self.stats.loop_seconds = time.perf_counter() - started
         return self.stats
+
+    def _thread_failed(self, failure: Any) -> None:
+        """Optuna's heartbeat thread stops at its first storage error: one line, not a traceback
+        (the trial goes on; if its heartbeats stay away, another worker fails and retries it)."""
+        self.notify(f"trial {self.current}: a heartbeat could not be written ({storage_cause(failure.exc_value)})")
+
+    def lost_trial(self, study: optuna.Study) -> bool:
+        """Whether another worker failed this worker's trial (its heartbeats did not reach the
+        storage for a grace period, say on a busy machine); that trial is retried, so this
+        worker goes on with the next. Optuna then refuses the late report or result."""
+        from optuna.trial import TrialState
+
+        if self.current is None:
+            return False
+        with storage_errors(self.plan.storage):
+            state = study.get_trials(deepcopy=False)[self.current].state
+        if state != TrialState.FAIL:
+            return False
+        self.notify(f"trial {self.current} was failed by another worker: its heartbeats stopped; it is retried")
+        return True
 
     def timed_out(self, started: float) -> bool:
         return self.plan.timeout is not None and time.perf_counter() - started >= self.plan.timeout
@@ -373,6 +410,7 @@ class Worker:
         from mnistsum_cli.runs import continue_command, run_training
         from mnistsum_cli.train import SilentReporter
 
+        self.current = trial.number
         config = self.plan.space.config(self.plan.base, trial)
         run = RunDir(self.plan.folder / f"trial-{trial.number}")
         trial.set_user_attr("folder", str(run.root))
@@ -400,7 +438,6 @@ class Worker:
             record = write_trial_record(run, self.plan.study, trial, state, seconds)
             if record is not None:
                 trial.set_user_attr("epochs_done", record["epochs_done"])
-                trial.set_user_attr("run_id", record["run_id"])
         value = record["value"]
         trial.set_user_attr("seconds", seconds)
         return (value, seconds) if len(self.plan.directions) == 2 else value

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -21,6 +20,7 @@ from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error
 from mnistsum_cli.paths import DataDir
 from mnistsum_cli.prepared import read_dataset_header
 from mnistsum_cli.sweep import retried_number
+from pgserver import postgres_binaries, postgres_server
 
 optuna = pytest.importorskip("optuna")
 
@@ -141,6 +141,59 @@ def test_a_hopeless_trial_is_pruned_at_an_epoch_end(run_cli, prepared: Path, tmp
     assert "trial 5  pruned" in out
 
 
+def test_ctrl_c_keeps_finished_epochs_marks_the_trial_failed_and_a_rerun_continues(
+    run_cli, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mnistsum_cli.pruning import PruningReporter
+
+    original = PruningReporter.epoch_end
+
+    def end_then_ctrl_c(self, record):
+        original(self, record)
+        raise KeyboardInterrupt
+
+    artifacts = tmp_path / "artifacts"
+    monkeypatch.setattr(PruningReporter, "epoch_end", end_then_ctrl_c)
+    code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 2))
+    line = assert_one_line_error(err)
+    assert code == 130 and "interrupted: the study holds 0 of 2 finished trials" in line and "rerun" in line
+    assert states(study_of(artifacts)) == ["FAIL"]
+    folder = artifacts / "sweeps" / "sweep" / "trial-0"
+    assert len(json.loads((folder / "history.json").read_text())["epochs"]) == 1
+    assert json.loads((folder / "trial.json").read_text())["state"] == "failed"
+
+    monkeypatch.setattr(PruningReporter, "epoch_end", original)
+    code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 2))
+    assert code == 0, err
+    assert states(study_of(artifacts)) == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_a_worker_whose_trial_another_failed_goes_on(
+    run_cli, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a busy machine a worker's heartbeats may not reach the storage for the grace period;
+    another worker then fails its trial (and retries it). The first worker's next report is
+    refused: it says so in one line and goes on, and the study still reaches its number."""
+    from optuna.trial import TrialState
+
+    from mnistsum_cli.pruning import PruningReporter
+
+    original = PruningReporter.epoch_end
+
+    def failed_elsewhere(self, record):
+        if self.trial.number == 0 and record["epoch"] == 1:
+            self.trial.storage.set_trial_state_values(self.trial._trial_id, TrialState.FAIL)
+        original(self, record)
+
+    monkeypatch.setattr(PruningReporter, "epoch_end", failed_elsewhere)
+    artifacts = tmp_path / "artifacts"
+    code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 1))
+    assert code == 0, err
+    assert "trial 0 was failed by another worker: its heartbeats stopped; it is retried" in err
+    assert "Traceback" not in err
+    assert states(study_of(artifacts)) == ["FAIL", "COMPLETE"]
+
+
 def test_a_killed_workers_trial_is_retried(prepared: Path, tmp_path: Path) -> None:
     """SIGKILL mid-trial leaves it RUNNING; the next sweep's heartbeat check fails it after the
     grace period and runs it again, and the study still reaches its number."""
@@ -215,7 +268,9 @@ def test_a_bad_space_is_one_line_before_anything_runs(run_cli, prepared: Path, t
     assert not artifacts.exists()
 
 
-def test_storage_problems_are_one_line(run_cli, prepared: Path, tmp_path: Path) -> None:
+def test_storage_problems_are_one_line(
+    run_cli, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     artifacts = tmp_path / "artifacts"
     for storage, problem in [
         ("nosuchdb://here", "storage nosuchdb://here: Can't load plugin"),
@@ -236,9 +291,10 @@ def test_storage_problems_are_one_line(run_cli, prepared: Path, tmp_path: Path) 
     assert "--objective accuracy,time needs maximize, minimize" in assert_one_line_error(err) and code == 1
     assert database.read_bytes() == before
 
-    # a SQLite file another process holds locked
+    # a SQLite file another process holds locked (waited for a second here, not a minute)
     import sqlite3
 
+    monkeypatch.setattr("mnistsum_cli.sweep.SQLITE_LOCK_WAIT", 1.0)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
@@ -256,64 +312,17 @@ def test_storage_problems_are_one_line(run_cli, prepared: Path, tmp_path: Path) 
 # --------------------------------------------------------------------------- PostgreSQL
 
 
-def postgres_bin() -> Path | None:
-    versions = (
-        sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres")) if Path("/usr/lib/postgresql").is_dir() else []
-    )
-    found = shutil.which("postgres")
-    return versions[-1].parent if versions else (Path(found).parent if found else None)
-
-
 @pytest.fixture
-def postgres():
-    """A PostgreSQL server of its own in a temp folder, on a Unix socket only (no TCP), run as
-    `nobody` when the tests run as root (PostgreSQL refuses root); yields its storage URL."""
-    binaries = postgres_bin()
+def postgres() -> Iterator[str]:
+    """The storage URL of a PostgreSQL server of our own (tests/pgserver.py). Skipped where none
+    is installed, but under CI=true, where a missing server fails."""
+    binaries = postgres_binaries()
     if binaries is None:
         if os.environ.get("CI") == "true":
             pytest.fail("PostgreSQL is not installed (apt-get install postgresql): CI must run the PostgreSQL test")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    root = Path(tempfile.mkdtemp(prefix="mnistsum-pg-"))  # short: a Unix socket path stays under 108 bytes
-    os.chmod(root, 0o755)
-    data, sockets = root / "data", root / "sockets"
-    sockets.mkdir()
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "nobody")
-        shutil.chown(sockets, "nobody")
-        as_user = ["runuser", "-u", "nobody", "--"]
-    run = lambda *command: subprocess.run([*as_user, *map(str, command)], capture_output=True, text=True, timeout=120)  # noqa: E731
-    init = run(binaries / "initdb", "-D", data, "-U", "mnistsum", "--auth=trust")
-    assert init.returncode == 0, init.stderr
-    server = subprocess.Popen(
-        [
-            *as_user,
-            str(binaries / "postgres"),
-            "-D",
-            str(data),
-            "-k",
-            str(sockets),
-            "-c",
-            "listen_addresses=",
-            "-c",
-            "fsync=off",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not list(sockets.glob(".s.PGSQL.*")) and server.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert server.poll() is None, server.stderr.read()
-        created = run(binaries / "createdb", "-h", sockets, "-U", "mnistsum", "sweeps")
-        assert created.returncode == 0, created.stderr
-        yield f"postgresql+psycopg://mnistsum@/sweeps?host={sockets}"
-    finally:
-        run(binaries / "pg_ctl", "stop", "-D", data, "-m", "fast")  # runuser passes no signal on
-        server.wait(timeout=60)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server(binaries) as url:
+        yield url
 
 
 def test_two_processes_share_one_postgresql_study(postgres: str, prepared: Path, tmp_path: Path) -> None:
