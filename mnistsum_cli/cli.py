@@ -5,7 +5,7 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Literal, Optional
 
 import typer
 
@@ -451,13 +451,14 @@ def sweep(
     ] = None,
     preset_name: PresetOption = None,
     objective: Annotated[
-        str,
+        Literal["accuracy", "accuracy,time"],
         typer.Option(
             "--objective", help="accuracy (val sum), or accuracy,time for the Pareto front with training seconds."
         ),
     ] = "accuracy",
     pruner: Annotated[
-        str, typer.Option("--pruner", help="Stop hopeless trials at an epoch's end: median, hyperband or none.")
+        Literal["median", "hyperband", "none"],
+        typer.Option("--pruner", help="Stop hopeless trials at an epoch's end (median: Optuna's MedianPruner)."),
     ] = "median",
     timeout: Annotated[
         Optional[float],

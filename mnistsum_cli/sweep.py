@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from mnistsum_cli.prepared import PreparedData
 
 OBJECTIVES = {"accuracy": ("maximize",), "accuracy,time": ("maximize", "minimize")}
-PRUNERS = ("median", "hyperband", "none")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
 GRACE_HEARTBEATS = 3  # a trial silent this many heartbeats long is failed (and retried once)
@@ -750,10 +749,6 @@ def make_plan(
     from mnistsum_cli.sweepspace import default_space, read_space
 
     check_study_name(study)
-    if objective not in OBJECTIVES:
-        raise BadOption(f"--objective {objective!r}: choose {' or '.join(OBJECTIVES)}")
-    if pruner not in PRUNERS:
-        raise BadOption(f"--pruner {pruner!r}: choose from {', '.join(PRUNERS)}")
     chosen_space = read_space(space) if space is not None else None
     url = storage or default_storage(artifacts, study)
     recorded = (
