@@ -451,11 +451,13 @@ def sweep(
     ] = None,
     preset_name: PresetOption = None,
     objective: Annotated[
-        Literal["accuracy", "accuracy,time"],
+        Optional[Literal["accuracy", "accuracy,time"]],
         typer.Option(
-            "--objective", help="accuracy (val sum), or accuracy,time for the Pareto front with training seconds."
+            "--objective",
+            help="accuracy (val sum; the default), or accuracy,time for the Pareto front with training seconds.",
+            show_default=False,
         ),
-    ] = "accuracy",
+    ] = None,
     pruner: Annotated[
         Literal["median", "hyperband", "none"],
         typer.Option("--pruner", help="Stop hopeless trials at an epoch's end (median: Optuna's MedianPruner)."),

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from mnistsum_cli.prepared import PreparedData
 
 OBJECTIVES = {"accuracy": ("maximize",), "accuracy,time": ("maximize", "minimize")}
+DEFAULT_OBJECTIVE = "accuracy"
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DEFAULT_HEARTBEAT = 10  # seconds between a running trial's heartbeats
 GRACE_HEARTBEATS = 3  # a trial silent this many heartbeats long is failed (and retried once)
@@ -733,7 +734,7 @@ def make_plan(
     storage: Optional[str],
     space: Optional[Path],
     preset_name: Optional[str],
-    objective: str,
+    objective: Optional[str],
     pruner: str,
     timeout: Optional[float],
     seed: Optional[int],
@@ -757,9 +758,11 @@ def make_plan(
     if recorded is not None:
         base = preset(preset_name) if preset_name else recorded["base"]
         chosen_space = chosen_space or recorded["space"]
+        objective = objective or recorded["objective"]
     else:
         base = preset(preset_name or preset_for_device(device_type()))
         chosen_space = chosen_space or default_space(device_type())
+        objective = objective or DEFAULT_OBJECTIVE
     return SweepPlan(
         study=study,
         storage=url,
