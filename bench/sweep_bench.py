@@ -5,12 +5,13 @@
    tests/pgserver.py; left out where PostgreSQL is not installed): one in-process worker each;
 2. the epochs pruning saves: the median pruner against none, same sampler seed, with the best
    val sum accuracy each found;
-3. the wall time of `mnistsum sweep --jobs 2` against `--jobs 1` (each a whole CLI run).
+3. the wall time of `mnistsum sweep --jobs 2` against `--jobs 1` (each a whole CLI run: one
+   job keeps torch's threads, two get one thread each).
 
 Every sweep searches the default space of the `cpu` preset (mnistsum_cli/sweepspace.py) on a
 `prepare --limit` subset of MNIST. The machine's load (`uptime`) is recorded before each part.
 
-    python bench/sweep_bench.py --mnist-dir /work/shared/mnist [--limit 3000] [--trials 16]
+    python bench/sweep_bench.py --mnist-dir /work/shared/mnist [--limit 3000] [--trials 16] [--threads 1]
 """
 
 from __future__ import annotations
@@ -119,7 +120,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=None, help="fix the epochs (default: the cpu preset's)")
     parser.add_argument("--json-out", type=Path, default=REPO / "bench" / "results" / "sweep.json")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the in-process worker (1: a shared machine)"
+    )
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from mnistsum_cli.sweepspace import DEFAULT_SPACES
     from pgserver import postgres_binaries, postgres_server
