@@ -468,7 +468,13 @@ def sweep(
     ] = None,
     seed: Annotated[
         Optional[int],
-        typer.Option("--seed", min=0, max=MAX_SEED, help="Seed of the sampler (job k adds k).", show_default=False),
+        typer.Option(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Seed of the sampler (with the job's number and the trials so far).",
+            show_default=False,
+        ),
     ] = None,
     heartbeat: Annotated[
         int,

@@ -335,14 +335,23 @@ class Worker:
     def study(self) -> optuna.Study:
         import optuna
 
-        seed = None if self.plan.seed is None else self.plan.seed + self.worker
         with storage_errors(self.plan.storage):
-            return optuna.load_study(
+            study = optuna.load_study(
                 study_name=self.plan.study,
                 storage=open_storage(self.plan.storage, self.plan.heartbeat),
-                sampler=optuna.samplers.TPESampler(seed=seed),
                 pruner=make_pruner(self.plan),
             )
+            study.sampler = optuna.samplers.TPESampler(seed=self.sampler_seed(len(study.get_trials(deepcopy=False))))
+        return study
+
+    def sampler_seed(self, trials: int) -> Optional[int]:
+        """The sampler's seed: from --seed, this job's number and the trials the study holds now,
+        so that a rerun does not draw its first trials again (TPE draws its first 10 at random)."""
+        if self.plan.seed is None:
+            return None
+        import numpy as np
+
+        return int(np.random.SeedSequence([self.plan.seed, self.worker, trials]).generate_state(1)[0])
 
     def run(self) -> WorkerStats:
         import optuna
@@ -795,11 +804,11 @@ def start_sweep(
     devices, threads = plan_devices(gpus, jobs, cpu)
     plan = make_plan(**options, device_type=lambda: devices[0].split(":")[0])
     dataset_id = check_data(PreparedData(DataDir(plan.data), plan.mnist_dir))
-    if plan.pruner != "none" and not plan.prunes:
-        report.notice("Optuna cannot prune trials of two objectives: pruning is off for --objective accuracy,time")
     if options["storage"] is None:
         plan.folder.mkdir(parents=True, exist_ok=True)  # the default SQLite file's folder
     open_study(plan, dataset_id)
+    if plan.pruner != "none" and not plan.prunes:
+        report.notice("Optuna cannot prune trials of two objectives: pruning is off for --objective accuracy,time")
     report.notice(
         f"study {plan.study!r} in {shown_url(plan.storage)}: {len(devices)} job(s) on {', '.join(sorted(set(devices)))}"
         + (f", {threads} thread(s) each" if threads else "")

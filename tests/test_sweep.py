@@ -95,11 +95,14 @@ def test_a_sweep_reaches_its_trials_and_a_rerun_continues(run_cli, prepared: Pat
     plots = artifacts / "sweeps" / "sweep" / "plots"
     assert sorted(p.name for p in plots.iterdir()) == ["history.png", "importance.png", "parallel.png"]
 
-    # the same command, asking for more, continues: trials 0 and 1 stay, trial 2 is new
-    code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 3))
+    # the same command, asking for more, continues: trials 0 and 1 stay, trial 2 is new (and
+    # not trial 0 again: the sampler's seed counts the trials there)
+    code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 3, "--seed", 0))
     assert code == 0, err
     assert states(study_of(artifacts)) == ["COMPLETE"] * 3
     assert out.count("complete ") == 1  # one trial line: trial 2's
+    trials = study_of(artifacts).trials
+    assert trials[2].params != trials[0].params
 
     # reached already: nothing runs
     code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 3))
