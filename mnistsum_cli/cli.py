@@ -5,7 +5,7 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Literal, Optional
 
 import typer
 
@@ -494,6 +494,130 @@ def status(
         report.print_json([stage.to_dict() for stage in stages])
     else:
         report.status_table(stages)
+
+
+# --------------------------------------------------------------------------- searching settings
+
+
+@app.command(
+    cls=Command,
+    epilog="Examples: mnistsum sweep --trials 20 --jobs 2 --cpu · mnistsum sweep --show · "
+    "mnistsum sweep --storage postgresql+psycopg://user@host/db --study s1  (on each machine)",
+)
+def sweep(
+    study: Annotated[str, typer.Option("--study", help="Study name: its folder is <artifacts>/sweeps/NAME.")] = "sweep",
+    trials: Annotated[
+        int, typer.Option("--trials", min=1, help="Run until the study holds N finished (complete or pruned) trials.")
+    ] = 20,
+    jobs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--jobs",
+            min=1,
+            help="Trials at a time here, one process each (default 1; --gpus: one per GPU).",
+            show_default=False,
+        ),
+    ] = None,
+    gpus: Annotated[
+        Optional[str],
+        typer.Option(
+            "--gpus",
+            help="GPUs to use, e.g. 0,1: one trial per GPU at a time.",
+            show_default=False,
+            rich_help_panel="Device",
+        ),
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            "--storage",
+            help="Optuna storage URL shared by every process (default: sqlite:///<study folder>/study.db).",
+            show_default=False,
+        ),
+    ] = None,
+    space: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--space",
+            help="TOML file of the settings to search (default: the device's space, docs/sweep.md).",
+            show_default=False,
+        ),
+    ] = None,
+    preset_name: PresetOption = None,
+    objective: Annotated[
+        Optional[Literal["accuracy", "accuracy,time"]],
+        typer.Option(
+            "--objective",
+            help="accuracy (val sum; the default), or accuracy,time for the Pareto front with training seconds.",
+            show_default=False,
+        ),
+    ] = None,
+    pruner: Annotated[
+        Literal["median", "hyperband", "none"],
+        typer.Option("--pruner", help="Stop hopeless trials at an epoch's end (median: Optuna's MedianPruner)."),
+    ] = "median",
+    timeout: Annotated[
+        Optional[float],
+        typer.Option("--timeout", min=0, help="Start no trial after this many seconds.", show_default=False),
+    ] = None,
+    seed: Annotated[
+        Optional[int],
+        typer.Option(
+            "--seed",
+            min=0,
+            max=MAX_SEED,
+            help="Seed of the sampler (with the job's number and the trials so far).",
+            show_default=False,
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            min=1,
+            help="Seconds between a trial's heartbeats; one silent 3x as long is failed and retried once.",
+        ),
+    ] = 10,
+    show: Annotated[bool, typer.Option("--show", help="Print the study's trials; run nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --show: JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="With --show: CSV.")] = False,
+    cpu: CpuOption = False,
+    data: DataOption = DEFAULT_DATA,
+    artifacts: ArtifactsOption = DEFAULT_ARTIFACTS,
+    mnist_dir: MnistDirOption = None,
+) -> None:
+    """Search training settings with Optuna: each trial a run folder in <artifacts>/sweeps/<study>/trial-<n>/.
+
+    Trials maximise validation sum accuracy (never the test split). Running the command again continues the study; another machine joins with the same --storage and --study. At the end: the best trial's `mnistsum train` command, and plots in the study folder. Needs the sweep extra: pip install 'mnistsum\\[sweep]'.
+    """
+    from mnistsum_cli.sweep import check_installed, show_study, start_sweep
+
+    check_installed()
+    if as_json and as_csv:
+        raise BadOption("pass --json or --csv, not both")
+    if (as_json or as_csv) and not show:
+        raise BadOption("--json and --csv go with --show")
+    if show:
+        show_study(study, storage, artifacts, as_json, as_csv)
+        return
+    start_sweep(
+        study=study,
+        trials=trials,
+        jobs=jobs,
+        gpus=gpus,
+        storage=storage,
+        space=space,
+        preset_name=preset_name,
+        objective=objective,
+        pruner=pruner,
+        timeout=timeout,
+        seed=seed,
+        heartbeat=heartbeat,
+        cpu=cpu,
+        data=data,
+        artifacts=artifacts,
+        mnist_dir=mnist_dir,
+    )
 
 
 # --------------------------------------------------------------------------- runs side by side

@@ -19,6 +19,7 @@ MNIST_SET_OF_SPLIT = {"train": "train", "val": "train", "test": "test"}
 SPLIT_COLUMNS = ("image_index", "digit", "number", "sum")
 DEFAULT_DATA = Path("data")  # where `prepare` writes and the later stages read, unless --data
 DEFAULT_ARTIFACTS = Path("artifacts")  # where `train` writes and the later stages read, unless --artifacts
+SWEEPS = "sweeps"  # <artifacts>/sweeps/<study>/: a study's trial-<n>/ run folders, plots and default storage
 MODEL_FORMAT = "mnistsum-model/1"
 CHECKPOINT_FORMAT = "mnistsum-checkpoint/1"
 MAX_RUN_ID = 64  # training makes 16 hex digits; a longer id is not one of its own
@@ -101,6 +102,11 @@ class RunDir:
 
     def evaluation(self, split: str) -> Path:
         return self.root / f"evaluation_{split}.json"
+
+    @property
+    def trial(self) -> Path:
+        """What `sweep` records about the trial this run is (trial-<n>/ of a study folder)."""
+        return self.root / "trial.json"
 
     @property
     def plots(self) -> Path:

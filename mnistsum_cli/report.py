@@ -372,6 +372,8 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
         "test digit",
         "test sum",
     ]
+    trials = any(entry.row["study"] is not None for entry in entries)
+    columns += ["sweep trial"] if trials else []  # study #number: state, value
     for column in columns:
         table.add_column(column, overflow="fold")
     for entry in entries:
@@ -396,5 +398,38 @@ def runs_table(entries: list, differ: list[str], same: dict[str, Any], folder: P
             f"{row['train_seconds']:.1f}",
             str(row["kept_epoch"] or ""),
             *shown,
+            *([trial_text(row)] if trials else []),
+        )
+    console.print(table)
+
+
+def trial_text(row: dict[str, Any]) -> str:
+    """A run's sweep trial for the runs table: `study #3 pruned 41.25%`."""
+    if row["study"] is None:
+        return ""
+    value = f" {percent(row['trial_value'])}" if row["trial_value"] is not None else ""
+    return escape(f"{row['study']} #{row['trial']} {row['trial_state']}{value}")
+
+
+def line(text: str) -> None:
+    """One line on stdout as it is (a sweep's trial lines: several processes write them)."""
+    console.print(escape(printable(text)), soft_wrap=True)
+
+
+def sweep_table(title: str, rows: list[dict[str, Any]], names: list[str]) -> None:
+    """`mnistsum sweep --show`: one row per trial of the study."""
+    table = Table(title=title)
+    for column in ("trial", "state", "val sum", "train s", "epochs", *names, "retry of"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        seconds = row["seconds"]
+        table.add_row(
+            str(row["number"]),
+            row["state"],
+            percent(row["val_sum_accuracy"]) if row["val_sum_accuracy"] is not None else "",
+            f"{seconds:.1f}" if seconds is not None else "",
+            str(row["epochs_done"] if row["epochs_done"] is not None else ""),
+            *[escape(f"{row[name]:.4g}" if isinstance(row[name], float) else str(row[name])) for name in names],
+            str(row["retry_of"] if row["retry_of"] is not None else ""),
         )
     console.print(table)

@@ -1,5 +1,5 @@
-"""The training runs an artifacts folder holds, one row each: the current run and every run kept in
-previous/<run id>/. Read from the JSON files a run writes (no torch), for `mnistsum runs` and
+"""The training runs an artifacts folder holds, one row each: the current run, every run kept in
+previous/<run id>/ and every trial of a sweep (sweeps/<study>/trial-<n>/). Read from the JSON files a run writes (no torch), for `mnistsum runs` and
 `mnistsum compare`. A folder that is not a readable run is listed as such, never an error."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, Optional
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.diskfiles import MAX_PLOT_BYTES, opened
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG
+from mnistsum_cli.paths import SWEEPS, RunDir
+from mnistsum_cli.schemas import EVALUATION, HISTORY, RUN_CONFIG, TRIAL
 from mnistsum_cli.store import read_consistently
 
 # The columns of every row after the run's settings (TrainConfig's fields), in table order.
@@ -32,8 +32,10 @@ FIGURES = (
     "test_digit_accuracy",
     "test_sum_accuracy",
 )
+# A sweep trial's study, number, state and value (trial.json); None for other runs.
+TRIAL_COLUMNS = ("study", "trial", "trial_state", "trial_value")
 SETTINGS = tuple(TrainConfig().to_dict())
-COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, "folder")
+COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, *TRIAL_COLUMNS, "folder")
 DEFAULT_SORT = "started"
 MAX_COMPARE_NAME = 120  # characters of compare's default file name: far below the 255 bytes a file system allows
 COMPARE_NAMED_RUNS = 4  # runs a longer default name still names, before the count and hash of all
@@ -54,7 +56,8 @@ class RunEntry:
 
 
 def run_folders(artifacts: Path) -> list[Path]:
-    """The artifacts folder itself when it holds a run, then each folder in previous/."""
+    """The artifacts folder itself when it holds a run, then each folder in previous/, then each
+    sweep trial's folder (by study, then trial number)."""
     current = [artifacts] if any(path.exists() for path in RunDir(artifacts).run_files()) else []
     previous = RunDir(artifacts).previous
     kept = (
@@ -62,7 +65,14 @@ def run_folders(artifacts: Path) -> list[Path]:
         if _is_folder(previous)
         else []
     )
-    return current + kept
+    trials = sorted(artifacts.glob(f"{SWEEPS}/*/trial-*"), key=lambda p: (p.parent.name, _trial_number(p)))
+    real = [p for p in trials if _is_folder(p) and _is_folder(p.parent) and _is_folder(p.parent.parent)]  # no link
+    return current + kept + real
+
+
+def _trial_number(folder: Path) -> int:
+    suffix = folder.name[len("trial-") :]
+    return int(suffix) if suffix.isdigit() else -1
 
 
 def _is_folder(path: Path) -> bool:
@@ -110,6 +120,7 @@ def read_run(folder: Path, kept_run: bool) -> RunEntry:
         return RunEntry(folder, row)
     row.update(_run_info(run))
     row.update(_test_figures(run, row))
+    row.update(_trial_figures(run, row))
     return RunEntry(folder, row, history)
 
 
@@ -136,13 +147,31 @@ def _test_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
     return {"test_digit_accuracy": evaluation["digit_accuracy"], "test_sum_accuracy": evaluation["sum_accuracy"]}
 
 
+def _trial_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
+    """The sweep trial this run is (trial.json), when the record describes this run."""
+    if not run.trial.exists():
+        return {}
+    try:
+        record = TRIAL.read_json(run.trial)
+    except MnistsumError:
+        return {}
+    if record["run_id"] != row["run_id"]:
+        return {}
+    return {
+        "study": record["study"],
+        "trial": record["number"],
+        "trial_state": record["state"],
+        "trial_value": record["value"],
+    }
+
+
 def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:
     """Every run in `artifacts`, sorted by column `sort` (empty values last)."""
     if sort not in COLUMNS:
         raise BadOption(f"--sort {sort!r} is not a column; choose from {', '.join(COLUMNS)}")
     if not artifacts.is_dir():
         raise MnistsumError(f"{artifacts} not found: run `mnistsum train` first (or pass --artifacts)")
-    entries = [read_run(folder, kept_run=folder != artifacts) for folder in run_folders(artifacts)]
+    entries = [read_run(folder, kept_run=_is_kept(folder)) for folder in run_folders(artifacts)]
     filled = sorted((e for e in entries if e.row[sort] is not None), key=lambda e: e.row[sort])
     return filled + [e for e in entries if e.row[sort] is None]
 
@@ -177,7 +206,7 @@ def find_run(artifacts: Path, name: str) -> RunEntry:
             raise MnistsumError(f"{folder} holds no readable run ({entry.row['state']})")
         return entry
     entries = (
-        [e for e in (read_run(f, kept_run=f != artifacts) for f in run_folders(artifacts)) if e.readable]
+        [e for e in (read_run(f, kept_run=_is_kept(f)) for f in run_folders(artifacts)) if e.readable]
         if artifacts.is_dir()
         else []
     )

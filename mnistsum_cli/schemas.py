@@ -623,6 +623,27 @@ ONNX_META = Schema(
     max_bytes=MAX_MODEL_BYTES,  # the same weights as model.safetensors, and a graph of a few KB
 )
 
+TRIAL_STATES = ("complete", "pruned", "failed")
+
+TRIAL = Schema(
+    "trial.json",
+    "sweep",
+    Record(
+        {
+            "study": Field(Str(), "the Optuna study (`sweep --study`)"),
+            "number": Field(Int(0), "the trial's number in the study (its folder is trial-<number>)"),
+            "state": Field(Str(TRIAL_STATES), "how the trial ended"),
+            "value": Field(Nullable(Float()), "val sum accuracy of the kept epoch (null when failed)"),
+            "seconds": Field(Nullable(Float()), "training seconds (the second objective of --objective accuracy,time)"),
+            "epochs_done": Field(Int(0), "epochs finished (a pruned trial stops early)"),
+            "run_id": RUN_ID,
+            "params": Field(Record({}, title="object"), "the values the trial drew, by setting name"),
+            "updated_at": Field(Str(), "UTC time, ISO 8601", required=False),
+        }
+    ),
+    "Written when the trial ends, in the trial's run folder; `runs` shows it when run_id matches history.json's.",
+)
+
 SCHEMAS = (
     SPLIT_META,
     HISTORY,
@@ -633,6 +654,7 @@ SCHEMAS = (
     EVALUATION,
     PLOTS_MANIFEST,
     ONNX_META,
+    TRIAL,
 )
 
 

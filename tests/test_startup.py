@@ -27,6 +27,8 @@ HEAVY = (
     "onnx",
     "onnxscript",
     "onnxruntime",
+    "optuna",
+    "sqlalchemy",
 )
 
 
@@ -55,6 +57,7 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         ["plot", "--artifacts", "nowhere"],
         ["predict", "--index", "0", "--artifacts", "nowhere"],
         ["serve", "--artifacts", "."],
+        ["sweep", "--help"],
     ],
     ids=[
         "import",
@@ -74,6 +77,7 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
         "plot without inputs",
         "predict without a model",
         "serve without a model",
+        "sweep --help",
     ],
 )
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
@@ -95,7 +99,7 @@ def flattened(text: str) -> str:
 
 @pytest.mark.parametrize(
     "command",
-    ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare", "export"],
+    ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare", "export", "sweep"],
 )
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
