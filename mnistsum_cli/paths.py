@@ -126,4 +126,4 @@ class RunDir:
         a new run sets aside into previous/<run id>/, and, with DataDir.files, the only names a
         commit may write (store.py checks every journal against them: add a new artifact here)."""
         trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
-        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx]
+        return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx, self.trial]

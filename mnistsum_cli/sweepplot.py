@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from mnistsum_cli.store import commit
+from mnistsum_cli.store import commit, write_file
 
 if TYPE_CHECKING:
     import optuna
@@ -70,6 +70,7 @@ def draw_study(study: optuna.Study, folder: Path) -> list[Path]:
             images[name] = buffer.getvalue()
     plots = folder / "plots"
     with commit(folder, "sweep", "--artifacts") as change:
+        staging = change.folder_of(plots)  # the plots replace the last set as a whole, as `plot`'s do
         for name, data in images.items():
-            change.write(plots / name, data)
+            write_file(staging / name, data)
     return [plots / name for name in images]
