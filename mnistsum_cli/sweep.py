@@ -47,6 +47,9 @@ TABLE_ATTEMPTS = 3  # tries at making Optuna's tables (see open_storage)
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks again
 # What a study records of the sweep that made it (study user attrs); a joining sweep must agree.
 STUDY_ATTRS = ("dataset_id", "objective", "space", "base_config")
+# A process that makes a study records these one by one right after: another one that finds the
+# study meanwhile waits this long for them before it calls the study foreign
+ATTRS_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,10 @@ def open_study(plan: SweepPlan, dataset_id: str) -> None:
             for key, value in wanted.items():
                 study.set_user_attr(key, value)
         study = optuna.load_study(study_name=plan.study, storage=storage)
+        deadline = time.monotonic() + ATTRS_WAIT_SECONDS
+        while not all(key in study.user_attrs for key in STUDY_ATTRS) and time.monotonic() < deadline:
+            time.sleep(0.2)  # another process made the study a moment ago and is still recording what it is
+            study = optuna.load_study(study_name=plan.study, storage=storage)
         check_study(study, plan, wanted)
 
 

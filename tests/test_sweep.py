@@ -348,3 +348,31 @@ def test_two_processes_share_one_postgresql_study(postgres: str, prepared: Path,
         folder = Path(trial.user_attrs["folder"])
         assert json.loads((folder / "trial.json").read_text())["number"] == trial.number
     assert socket.gethostname() in finished[0].user_attrs["worker"]
+
+
+def test_a_study_another_process_is_still_recording_is_waited_for(run_cli, prepared: Path, tmp_path: Path) -> None:
+    """Two processes start one study: the second finds it made but its attributes (dataset id,
+    objective, space) not yet recorded -- the first sets them one by one -- and waits for them
+    rather than calling the study foreign (seen on PostgreSQL in CI)."""
+    import threading
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(*sweep_args(prepared, first, "--trials", 1, "--seed", 0))[0] == 0
+    attrs = study_of(first).user_attrs
+    storage = f"sqlite:///{second / 'sweeps' / 'sweep' / 'study.db'}"
+    (second / "sweeps" / "sweep").mkdir(parents=True)
+    made = optuna.create_study(study_name="sweep", storage=storage, direction="maximize")
+
+    def record_later() -> None:
+        time.sleep(1.5)
+        for key, value in attrs.items():
+            made.set_user_attr(key, value)
+
+    recorder = threading.Thread(target=record_later)
+    recorder.start()
+    try:
+        code, out, err = run_cli(*sweep_args(prepared, second, "--trials", 1, "--seed", 0))
+    finally:
+        recorder.join()
+    assert code == 0, err
+    assert states(study_of(second)) == ["COMPLETE"]
