@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VAL_SIZE, Crash, FakeMnist, assert_one_line_error, crash_at, leftovers, snapshot
+from conftest import VAL_SIZE, Crash, FakeMnist, assert_one_line_error, crash_at, leftovers, mnistsum_process, snapshot
 from mnistsum_cli.checkpoint import Learner, load_checkpoint, load_model
 from mnistsum_cli.config import TrainConfig
 from mnistsum_cli.mnist import load_mnist, resolve_source
@@ -400,29 +399,22 @@ def test_resume_of_a_finished_run_does_nothing(
 # --------------------------------------------------------------------------- two processes
 
 
-def _mnistsum(*args: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "MNISTSUM_TEST_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnistsum_cli", *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_two_train_processes_into_one_folder(workdir: Path, run_cli) -> None:
     """The second `train` is refused at once, naming the first; the first is untouched by it.
     Then SIGKILL the first mid-run: its lock goes with it, `status` tells the truth about the
     last saved epoch and `train --resume` finishes the run."""
     artifacts = workdir / "A"
-    first = _mnistsum("train", "--preset", "cpu", "--cpu", "--epochs", 30, "--batch-size", 16, "--artifacts", artifacts)
+    first = mnistsum_process(
+        "train", "--preset", "cpu", "--cpu", "--epochs", 30, "--batch-size", 16, "--artifacts", artifacts
+    )
     try:
         deadline = time.monotonic() + 120
         while not (artifacts / "train_state.json").exists():  # epoch 1 is saved: the first is well under way
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.05)
-        second = _mnistsum("train", "--preset", "cpu", "--cpu", "--epochs", 2, "--seed", 7, "--artifacts", artifacts)
+        second = mnistsum_process(
+            "train", "--preset", "cpu", "--cpu", "--epochs", 2, "--seed", 7, "--artifacts", artifacts
+        )
         out, err = second.communicate(timeout=120)
         assert second.returncode == 1
         assert assert_one_line_error(err, out) == (

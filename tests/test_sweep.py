@@ -8,15 +8,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error
+from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, mnistsum_process
 from mnistsum_cli.paths import DataDir
 from mnistsum_cli.prepared import read_dataset_header
 from mnistsum_cli.sweep import retried_number
@@ -66,18 +64,6 @@ def study_of(artifacts: Path, name: str = "sweep") -> optuna.Study:
 
 def states(study: optuna.Study) -> list[str]:
     return [trial.state.name for trial in study.get_trials()]
-
-
-def cli_process(*args: object, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mnistsum_cli", *map(str, args)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kwargs,
-    )
 
 
 def test_a_sweep_reaches_its_trials_and_a_rerun_continues(run_cli, prepared: Path, tmp_path: Path) -> None:
@@ -204,7 +190,7 @@ def test_a_killed_workers_trial_is_retried(prepared: Path, tmp_path: Path) -> No
     space = tmp_path / "space.toml"
     space.write_text("epochs = 4\nbatch_size = 16\n[lr]\nchoices = [0.01]\n")
     args = ["sweep", "--cpu", "--data", prepared / "data", "--artifacts", artifacts, "--space", space, "--heartbeat", 1]
-    worker = cli_process(*args, "--trials", 1)
+    worker = mnistsum_process(*args, "--trials", 1)
     first_epoch = artifacts / "sweeps" / "sweep" / "trial-0" / "train_state.json"
     deadline = time.monotonic() + 120
     while not first_epoch.exists() and worker.poll() is None and time.monotonic() < deadline:
@@ -214,7 +200,7 @@ def test_a_killed_workers_trial_is_retried(prepared: Path, tmp_path: Path) -> No
     assert first_epoch.exists(), "the worker never saved an epoch"
     assert states(study_of(artifacts)) == ["RUNNING"]
 
-    rerun = cli_process(*args, "--trials", 1)
+    rerun = mnistsum_process(*args, "--trials", 1)
     out, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     trials = study_of(artifacts).trials
@@ -333,7 +319,7 @@ def test_two_processes_share_one_postgresql_study(postgres: str, prepared: Path,
     server: the study ends with 4 finished trials (plus at most one started by both at once), no
     number twice, and trials of both processes."""
     args = ["sweep", "--cpu", "--data", prepared / "data", "--space", prepared / "space.toml", "--storage", postgres]
-    workers = [cli_process(*args, "--artifacts", tmp_path / f"machine-{n}", "--trials", 4) for n in (1, 2)]
+    workers = [mnistsum_process(*args, "--artifacts", tmp_path / f"machine-{n}", "--trials", 4) for n in (1, 2)]
     results = [worker.communicate(timeout=300) for worker in workers]
     for worker, (_out, err) in zip(workers, results):
         assert worker.returncode == 0, err
