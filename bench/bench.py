@@ -30,19 +30,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from mnistsum_cli.checkpoint import checkpoint_model
-from mnistsum_cli.config import PRESETS, TrainConfig, preset
-from mnistsum_cli.data import SplitTensors, split_tensors
-from mnistsum_cli.devices import select_device
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV, Mnist, load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.tensors import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.inference import predict
-from mnistsum_cli.mnist import MNIST_DIR_ENV, Mnist, load_mnist, resolve_source
-from mnistsum_cli.models import ARCHITECTURES, build_model
-from mnistsum_cli.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.splits import Dataset, Split
-from mnistsum_cli.train import load_train_data, train
+from mnistsum_cli.evaluation.inference import predict
+from mnistsum_cli.settings import PRESETS, TrainConfig, preset
+from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
+from mnistsum_cli.store.splits import Dataset, Split
+from mnistsum_cli.training.checkpoint import checkpoint_model
+from mnistsum_cli.training.devices import select_device
+from mnistsum_cli.training.loop import load_train_data, train
+from mnistsum_cli.training.models import ARCHITECTURES, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSIC = "classic pipeline"

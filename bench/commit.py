@@ -38,7 +38,7 @@ def per_file_writes(run, learner, state, improved: bool, run_info: dict) -> None
     """The writes an epoch made before the store: five files, each atomic on its own."""
     from safetensors.torch import save_file
 
-    from mnistsum_cli.checkpoint import COMMON_KEYS, WEIGHTS_PREFIX, optimizer_tensors
+    from mnistsum_cli.training.checkpoint import COMMON_KEYS, WEIGHTS_PREFIX, optimizer_tensors
 
     def atomic(path: Path, write) -> None:
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -71,11 +71,11 @@ def time_commits(artifacts: Path, repeat: int) -> dict[str, list[float]]:
     """save_epoch and the per-file writes, alternated, on the run `train` left in `artifacts`."""
     import torch
 
-    from mnistsum_cli.checkpoint import Learner, load_checkpoint, save_epoch
-    from mnistsum_cli.config import TrainConfig
-    from mnistsum_cli.models import build_model
-    from mnistsum_cli.paths import RunDir
-    from mnistsum_cli.train import make_optimizer
+    from mnistsum_cli.settings import TrainConfig
+    from mnistsum_cli.store.paths import RunDir
+    from mnistsum_cli.training.checkpoint import Learner, load_checkpoint, save_epoch
+    from mnistsum_cli.training.loop import make_optimizer
+    from mnistsum_cli.training.models import build_model
 
     run = RunDir(artifacts)
     state_file = json.loads(run.train_state.read_text())

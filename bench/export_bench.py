@@ -52,12 +52,12 @@ def split_throughput(artifacts: Path, data: Path, repeats: int) -> dict[str, dic
     with its batches and losses; onnx: the same batches through onnxruntime), best of `repeats`."""
     import torch
 
-    from mnistsum_cli.checkpoint import load_model
-    from mnistsum_cli.data import split_tensors
-    from mnistsum_cli.inference import EVAL_BATCH_SIZE, predict
-    from mnistsum_cli.onnx_runtime import load_onnx_model
-    from mnistsum_cli.paths import DataDir, RunDir
-    from mnistsum_cli.prepared import PreparedData
+    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.tensors import split_tensors
+    from mnistsum_cli.evaluation.inference import EVAL_BATCH_SIZE, predict
+    from mnistsum_cli.evaluation.onnx_runtime import load_onnx_model
+    from mnistsum_cli.store.paths import DataDir, RunDir
+    from mnistsum_cli.training.checkpoint import load_model
 
     run, prepared, cpu = RunDir(artifacts), PreparedData(DataDir(data)), torch.device("cpu")
     test = split_tensors(prepared.dataset, prepared.mnist, "test", cpu)

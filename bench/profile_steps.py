@@ -22,13 +22,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from mnistsum_cli.config import PRESETS, preset
-from mnistsum_cli.devices import select_device
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.paths import DataDir, RunDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.train import load_train_data, train
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.settings import PRESETS, preset
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.training.devices import select_device
+from mnistsum_cli.training.loop import load_train_data, train
 
 TOP = 10
 

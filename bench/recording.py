@@ -22,15 +22,15 @@ from unittest import mock
 
 import torch
 
-import mnistsum_cli.train as train_module
-from mnistsum_cli.config import preset
-from mnistsum_cli.distributed import Group
-from mnistsum_cli.metrics import StepRecorder
-from mnistsum_cli.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
-from mnistsum_cli.paths import DataDir, RunDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.train import load_train_data, train
+import mnistsum_cli.training.loop as train_module
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.settings import preset
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.training.distributed import Group
+from mnistsum_cli.training.loop import load_train_data, train
+from mnistsum_cli.training.metrics import StepRecorder
 
 
 class TotalsOnly:

@@ -8,7 +8,7 @@
 3. the wall time of `mnistsum sweep --jobs 2` against `--jobs 1` (each a whole CLI run: one
    job keeps torch's threads, two get one thread each).
 
-Every sweep searches the default space of the `cpu` preset (mnistsum_cli/sweepspace.py) on a
+Every sweep searches the default space of the `cpu` preset (mnistsum_cli/sweep/space.py) on a
 `prepare --limit` subset of MNIST. The machine's load (`uptime`) is recorded before each part.
 
     python bench/sweep_bench.py --mnist-dir /work/shared/mnist [--limit 3000] [--trials 16] [--threads 1]
@@ -47,7 +47,7 @@ def plan_for(storage: str, study: str, args: argparse.Namespace, pruner: str, da
     """The plan `mnistsum sweep --cpu --seed 0` makes, with the epochs fixed when --epochs."""
     from dataclasses import replace
 
-    from mnistsum_cli.sweep import make_plan
+    from mnistsum_cli.sweep.study import make_plan
 
     plan = make_plan(
         study=study,
@@ -72,9 +72,9 @@ def plan_for(storage: str, study: str, args: argparse.Namespace, pruner: str, da
 
 def in_process_sweep(storage: str, study: str, args: argparse.Namespace, data: Path, pruner: str) -> dict[str, Any]:
     """One worker in this process; its time split into run_training and the rest."""
-    from mnistsum_cli.paths import DataDir
-    from mnistsum_cli.prepared import PreparedData
-    from mnistsum_cli.sweep import Worker, finished_count, load_study, open_study, trial_counts
+    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.store.paths import DataDir
+    from mnistsum_cli.sweep.study import Worker, finished_count, load_study, open_study, trial_counts
 
     plan = plan_for(storage, study, args, pruner, data)
     open_study(plan, PreparedData(DataDir(data)).header.dataset_id)
@@ -128,7 +128,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    from mnistsum_cli.sweepspace import DEFAULT_SPACES
+    from mnistsum_cli.sweep.space import DEFAULT_SPACES
     from pgserver import postgres_binaries, postgres_server
 
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as work:

@@ -1,3 +1,3 @@
-from mnistsum_cli.cli import main
+from mnistsum_cli.cli.app import main
 
 main()

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from mnistsum_cli import __version__
-from mnistsum_cli.diskfiles import read_file
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import BadOption, MnistsumError, first_line
-from mnistsum_cli.fingerprints import fingerprint_bytes, fingerprint_file, now_iso
-from mnistsum_cli.inference import EVAL_BATCH_SIZE
-from mnistsum_cli.onnx_runtime import (
+from mnistsum_cli.evaluation.inference import EVAL_BATCH_SIZE
+from mnistsum_cli.evaluation.onnx_runtime import (
     INPUT_NAMES,
     INPUTS_TEXT,
     OUTPUT_NAMES,
@@ -34,10 +33,11 @@ from mnistsum_cli.onnx_runtime import (
     onnx_session,
     require_extra,
 )
-from mnistsum_cli.paths import ONNX_FORMAT, RunDir
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.schemas import MODEL_META
-from mnistsum_cli.store import commit, read_consistently, replace_file
+from mnistsum_cli.store.diskfiles import read_file
+from mnistsum_cli.store.fingerprints import fingerprint_bytes, fingerprint_file, now_iso
+from mnistsum_cli.store.paths import ONNX_FORMAT, RunDir
+from mnistsum_cli.store.schemas import MODEL_META
+from mnistsum_cli.store.transactions import commit, read_consistently, replace_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,7 +90,7 @@ def exported_graph(model: nn.Module) -> nn.Module:
     and logits out (OUTPUT_NAMES), in eval mode."""
     import torch
 
-    from mnistsum_cli.data import normalise
+    from mnistsum_cli.data.tensors import normalise
 
     class ExportedGraph(torch.nn.Module):
         def __init__(self) -> None:
@@ -194,9 +194,9 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
     import numpy as np
     import torch
 
-    from mnistsum_cli.checkpoint import load_model_bytes
-    from mnistsum_cli.data import split_tensors
-    from mnistsum_cli.inference import predict
+    from mnistsum_cli.data.tensors import split_tensors
+    from mnistsum_cli.evaluation.inference import predict
+    from mnistsum_cli.training.checkpoint import load_model_bytes
 
     require_extra("export")
     check_opset(opset)

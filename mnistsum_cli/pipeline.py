@@ -9,22 +9,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.diskfiles import each_file_read_once, read_file
+from mnistsum_cli.data.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
+from mnistsum_cli.data.prepared import DatasetHeader, PreparedData
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.fingerprints import fingerprint_file, plot_inputs
-from mnistsum_cli.paths import MODEL_FORMAT, SPLITS, RunDir
-from mnistsum_cli.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
-from mnistsum_cli.prepared import DatasetHeader, PreparedData
-from mnistsum_cli.runs import choose_config, continue_command, run_training, saved_run
-from mnistsum_cli.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, TRAIN_STATE
-from mnistsum_cli.store import folder_lock, read_consistently
-from mnistsum_cli.tensorfiles import read_safetensors
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.diskfiles import each_file_read_once, read_file
+from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
+from mnistsum_cli.store.paths import MODEL_FORMAT, SPLITS, RunDir
+from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, TRAIN_STATE
+from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.store.transactions import folder_lock, read_consistently
+from mnistsum_cli.training.run import choose_config, continue_command, run_training, saved_run
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
     import torch
 
-    from mnistsum_cli.train import Reporter
+    from mnistsum_cli.training.loop import Reporter
 
 MISSING, CURRENT, STALE, INCOMPLETE, INVALID = "missing", "up to date", "stale", "incomplete", "invalid"
 
@@ -145,7 +145,7 @@ def plot_status(run_dir: RunDir) -> StageStatus:
 def export_status(run_dir: RunDir) -> Optional[StageStatus]:
     """model.onnx's state, or None when there is none (export is the optional stage: `status`
     shows it once a model was exported). Current when it is the export of model.safetensors."""
-    from mnistsum_cli.onnx_runtime import onnx_metadata, stale_reason
+    from mnistsum_cli.evaluation.onnx_runtime import onnx_metadata, stale_reason
 
     path = run_dir.onnx
     if not path.exists():
@@ -252,17 +252,17 @@ def run_pipeline(
 
         # evaluate and plot import their modules when they run: an up-to-date `run` loads no torch
         def evaluate_stage(status: StageStatus) -> Any:
-            from mnistsum_cli.evaluate import evaluate_model
+            from mnistsum_cli.evaluation.evaluate import evaluate_model
 
             return evaluate_model(split, prepared, run_dir, device())
 
         def plot_stage(status: StageStatus) -> Any:
-            from mnistsum_cli.plot import plot
+            from mnistsum_cli.evaluation.plot import plot
 
             return plot(run_dir, prepared=prepared)
 
         def export_stage(status: Optional[StageStatus]) -> Any:
-            from mnistsum_cli.onnx_runtime import onnx_extra
+            from mnistsum_cli.evaluation.onnx_runtime import onnx_extra
 
             with onnx_extra("run --export"):
                 from mnistsum_cli.export import export_model

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-from mnistsum_cli.mnist import MNIST_DIR_ENV, RAW_FILES
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV, RAW_FILES
+from mnistsum_cli.store.paths import RunDir
+from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -121,8 +121,8 @@ def fake_mnist(tmp_path_factory: pytest.TempPathFactory) -> FakeMnist:
 
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
-    """run_cli(*args) -> (exit code, stdout, stderr) of mnistsum_cli.cli.main(list(args))."""
-    from mnistsum_cli.cli import main
+    """run_cli(*args) -> (exit code, stdout, stderr) of mnistsum_cli.cli.app.main(list(args))."""
+    from mnistsum_cli.cli.app import main
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("TERMINAL_WIDTH", "200")
@@ -166,7 +166,7 @@ def assert_one_line_error(err: str, out: str = "") -> str:
 def ctrl_c_after_epoch(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
     """ctrl_c_after_epoch(): from now on, Ctrl-C right after the progress bar prints an epoch's
     line (as if pressed while the next epoch starts); ctrl_c_after_epoch(False): no more."""
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     original = report.ProgressReporter.epoch_end
 
@@ -215,7 +215,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _main(*args: object) -> int:
     """main() outside capsys, for module-scoped fixtures."""
-    from mnistsum_cli.cli import main
+    from mnistsum_cli.cli.app import main
 
     try:
         main([str(arg) for arg in args])
@@ -286,10 +286,10 @@ class Crash(BaseException):
 
 def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
     """Make the `step`-th write, rename or replace of the store crash (a write crashes half done)."""
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     steps: list[str] = []
-    real_write, real_rename, real_replace = mnistsum_cli.store.write_file, os.rename, os.replace
+    real_write, real_rename, real_replace = mnistsum_cli.store.transactions.write_file, os.rename, os.replace
 
     def counted(kind, real):
         def call(*args, **kwargs):
@@ -302,10 +302,12 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> list[str]:
 
         return call
 
-    monkeypatch.setattr(mnistsum_cli.store, "write_file", counted("write", real_write))
-    monkeypatch.setattr(mnistsum_cli.store.os, "rename", counted("rename", real_rename))
-    monkeypatch.setattr(mnistsum_cli.store.os, "replace", counted("replace", real_replace))
-    monkeypatch.setattr(mnistsum_cli.store, "_remove_staged", lambda change: None)  # a killed writer cleans nothing
+    monkeypatch.setattr(mnistsum_cli.store.transactions, "write_file", counted("write", real_write))
+    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "rename", counted("rename", real_rename))
+    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "replace", counted("replace", real_replace))
+    monkeypatch.setattr(
+        mnistsum_cli.store.transactions, "_remove_staged", lambda change: None
+    )  # a killed writer cleans nothing
     return steps
 
 
@@ -317,7 +319,7 @@ def publish_model(run: RunDir, data: bytes) -> None:
 
 def model_metadata(arch: str, run_id: str = "r1", epoch: int = 1) -> dict:
     """What training records in model.safetensors (besides format and version)."""
-    from mnistsum_cli.config import TrainConfig
+    from mnistsum_cli.settings import TrainConfig
 
     return {
         "arch": arch,

@@ -243,10 +243,10 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
     """Install the stand-ins for one test; monkeypatch undoes them."""
     import safetensors.torch
 
-    import mnistsum_cli.checkpoint
-    import mnistsum_cli.tensorfiles
-    import mnistsum_cli.train
-    from mnistsum_cli.models import build_model
+    import mnistsum_cli.store.tensorfiles
+    import mnistsum_cli.training.checkpoint
+    import mnistsum_cli.training.loop
+    from mnistsum_cli.training.models import build_model
 
     sim = SimulatedCuda(OpLog(), SafetensorsStore(), FakeTensorMode(allow_non_fake_inputs=True), [], [])
 
@@ -265,9 +265,11 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
         model.register_forward_hook(record_sum_logits)
         return model
 
-    monkeypatch.setattr(mnistsum_cli.train, "build_model", build_real_model)
-    monkeypatch.setattr(mnistsum_cli.checkpoint, "build_model", build_real_model)
-    monkeypatch.setattr(mnistsum_cli.train, "epoch_generator", lambda seed, epoch, device: DeviceGenerator(device))
+    monkeypatch.setattr(mnistsum_cli.training.loop, "build_model", build_real_model)
+    monkeypatch.setattr(mnistsum_cli.training.checkpoint, "build_model", build_real_model)
+    monkeypatch.setattr(
+        mnistsum_cli.training.loop, "epoch_generator", lambda seed, epoch, device: DeviceGenerator(device)
+    )
 
     def check_generator(draw):
         def draw_checked(*args, generator=None, device=None, **kwargs):
@@ -300,7 +302,7 @@ def simulate_cuda(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] =
 
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     monkeypatch.setattr(safetensors.torch, "save", sim.store.save)
-    monkeypatch.setattr(mnistsum_cli.tensorfiles, "parse_safetensors", sim.store.parse)
+    monkeypatch.setattr(mnistsum_cli.store.tensorfiles, "parse_safetensors", sim.store.parse)
     return sim
 
 

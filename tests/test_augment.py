@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import augment, random_rotate_zoom, random_shift, rotate_zoom
+from mnistsum_cli.data.tensors import augment, random_rotate_zoom, random_shift, rotate_zoom
+from mnistsum_cli.settings import TrainConfig
 
 
 def _images(batch: int = 8, seed: int = 0) -> torch.Tensor:

@@ -22,12 +22,11 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_one_line_error, snapshot
-from mnistsum_cli.config import setting_fields
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.fingerprints import plot_inputs
-from mnistsum_cli.paths import DataDir, RunDir
-from mnistsum_cli.report import percent
-from mnistsum_cli.schemas import (
+from mnistsum_cli.settings import setting_fields
+from mnistsum_cli.store.fingerprints import plot_inputs
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.store.schemas import (
     CHECKPOINT_META,
     EVALUATION,
     HISTORY,
@@ -48,9 +47,10 @@ from mnistsum_cli.schemas import (
     Schema,
     Str,
 )
-from mnistsum_cli.splits import METADATA_KEY
-from mnistsum_cli.store import json_bytes
-from mnistsum_cli.tensorfiles import safetensors_bytes
+from mnistsum_cli.store.splits import METADATA_KEY
+from mnistsum_cli.store.tensorfiles import safetensors_bytes
+from mnistsum_cli.store.transactions import json_bytes
+from mnistsum_cli.terminal import percent
 
 DELETE = object()  # a Bad value that removes the field
 
@@ -455,9 +455,9 @@ def test_a_diverging_run_stops_in_one_line_and_leaves_the_previous_run_in_place(
 ) -> None:
     """A new run whose first epoch's loss is NaN: exit 1, one line naming the epoch, and the run
     already in --artifacts stays where and as it was (nothing was committed, so nothing moved)."""
-    import mnistsum_cli.train
+    import mnistsum_cli.training.loop
 
-    real_build = mnistsum_cli.train.build_model
+    real_build = mnistsum_cli.training.loop.build_model
 
     def diverged(arch: str) -> torch.nn.Module:
         model = real_build(arch)
@@ -465,7 +465,7 @@ def test_a_diverging_run_stops_in_one_line_and_leaves_the_previous_run_in_place(
             next(model.parameters()).fill_(math.nan)
         return model
 
-    monkeypatch.setattr(mnistsum_cli.train, "build_model", diverged)
+    monkeypatch.setattr(mnistsum_cli.training.loop, "build_model", diverged)
     root = tmp_path / "run"
     shutil.copytree(run_folder, root)
     before = snapshot(root)

@@ -1,4 +1,4 @@
-"""The `mnistsum` command line, driven through mnistsum_cli.cli.main on the fake MNIST."""
+"""The `mnistsum` command line, driven through mnistsum_cli.cli.app.main on the fake MNIST."""
 
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ from safetensors import safe_open
 
 from conftest import PNG_MAGIC, VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli import __version__
-from mnistsum_cli.checkpoint import WEIGHTS_PREFIX
-from mnistsum_cli.config import PRESETS
-from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.splits import METADATA_KEY
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV
+from mnistsum_cli.settings import PRESETS
+from mnistsum_cli.store.splits import METADATA_KEY
+from mnistsum_cli.training.checkpoint import WEIGHTS_PREFIX
 
 
 def _commands() -> list[str]:
     import typer
 
-    from mnistsum_cli.cli import app
+    from mnistsum_cli.cli.app import app
 
     return list(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
 
@@ -606,7 +606,7 @@ def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(
 ) -> None:
     """A new run stopped before its first epoch is saved has nothing on disk: the previous run
     goes back where it was, unchanged, and the message says so (no `--resume`)."""
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     artifacts = workdir / "artifacts"
     before = snapshot(artifacts)
@@ -627,12 +627,12 @@ def test_ctrl_c_in_the_first_epoch_leaves_the_previous_run_in_place(
 
 
 def test_ctrl_c_in_prepare(fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mnistsum_cli.prepare
+    import mnistsum_cli.data.prepare
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mnistsum_cli.prepare, "split_bytes", interrupted)
+    monkeypatch.setattr(mnistsum_cli.data.prepare, "split_bytes", interrupted)
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)
     assert code == 130
     assert "Traceback" not in err and "Traceback" not in out

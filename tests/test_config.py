@@ -15,8 +15,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from mnistsum_cli.config import PRESET_NOTES, PRESETS, Setting, TrainConfig, describe_preset, setting_fields
-from mnistsum_cli.options import Settings, with_setting_options
+from mnistsum_cli.cli.options import Settings, with_setting_options
+from mnistsum_cli.settings import PRESET_NOTES, PRESETS, Setting, TrainConfig, describe_preset, setting_fields
 
 REPO = Path(__file__).resolve().parents[1]
 

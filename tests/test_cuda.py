@@ -22,20 +22,20 @@ import torch
 from torch import nn
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist, torchrun_command, torchrun_env
-from mnistsum_cli.checkpoint import load_model
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.data import split_tensors
-from mnistsum_cli.devices import autocast_dtype, precision_name
-from mnistsum_cli.evaluate import evaluate_model
-from mnistsum_cli.inference import predict
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.models import ARCHITECTURES
-from mnistsum_cli.paths import CHECKPOINT_FORMAT, DataDir, RunDir
-from mnistsum_cli.predict import predict_digits
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.tensorfiles import read_safetensors
-from mnistsum_cli.train import load_train_data, train, train_model
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.tensors import split_tensors
+from mnistsum_cli.evaluation.evaluate import evaluate_model
+from mnistsum_cli.evaluation.inference import predict
+from mnistsum_cli.evaluation.predict import predict_digits
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, DataDir, RunDir
+from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.training.checkpoint import load_model
+from mnistsum_cli.training.devices import autocast_dtype, precision_name
+from mnistsum_cli.training.loop import load_train_data, train, train_model
+from mnistsum_cli.training.models import ARCHITECTURES
 from test_train import InterruptAfter, assert_same_tensors
 
 pytestmark = [
@@ -78,11 +78,11 @@ class DtypeRecorder:
     logit dtypes, apart for training (model.training) and evaluation; cross-entropy's dtypes."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import mnistsum_cli.checkpoint
-        import mnistsum_cli.train
+        import mnistsum_cli.training.checkpoint
+        import mnistsum_cli.training.loop
 
         self.seen: dict[tuple[str, bool], set[torch.dtype]] = {}
-        original_build = mnistsum_cli.train.build_model
+        original_build = mnistsum_cli.training.loop.build_model
         original_cross_entropy = nn.functional.cross_entropy
 
         def build_model(arch: str) -> nn.Module:
@@ -98,8 +98,8 @@ class DtypeRecorder:
             self.seen.setdefault(("loss", torch.is_grad_enabled()), set()).add(loss.dtype)
             return loss
 
-        monkeypatch.setattr(mnistsum_cli.train, "build_model", build_model)
-        monkeypatch.setattr(mnistsum_cli.checkpoint, "build_model", build_model)
+        monkeypatch.setattr(mnistsum_cli.training.loop, "build_model", build_model)
+        monkeypatch.setattr(mnistsum_cli.training.checkpoint, "build_model", build_model)
         monkeypatch.setattr(nn.functional, "cross_entropy", cross_entropy)
 
     def _add(self, what: str, module: nn.Module, output: torch.Tensor) -> None:

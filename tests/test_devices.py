@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.devices import autocast_dtype, configure_reproducibility, precision_name, select_device
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.paths import DataDir, RunDir
-from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.training.devices import autocast_dtype, configure_reproducibility, precision_name, select_device
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -86,9 +86,9 @@ def test_cpu_reproducibility_is_left_alone(global_flags) -> None:
 def test_out_of_memory_is_one_line_with_advice(
     fake_mnist: FakeMnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mnistsum_cli.train
-    from mnistsum_cli.mnist import load_mnist, resolve_source
-    from mnistsum_cli.prepare import PrepareOptions, prepare
+    import mnistsum_cli.training.loop
+    from mnistsum_cli.data.mnist import load_mnist, resolve_source
+    from mnistsum_cli.data.prepare import PrepareOptions, prepare
 
     data = DataDir(tmp_path / "data")
     prepare(load_mnist(resolve_source(fake_mnist.root)), PrepareOptions(val_size=VAL_SIZE), data)
@@ -96,9 +96,9 @@ def test_out_of_memory_is_one_line_with_advice(
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(mnistsum_cli.train, "train", out_of_memory)
+    monkeypatch.setattr(mnistsum_cli.training.loop, "train", out_of_memory)
     with pytest.raises(MnistsumError, match="smaller --batch-size"):
-        mnistsum_cli.train.train_model(
+        mnistsum_cli.training.loop.train_model(
             TrainConfig(batch_size=4096), PreparedData(data), RunDir(tmp_path / "run"), torch.device("cpu")
         )
 

@@ -17,17 +17,17 @@ import torch
 import torch.distributed as dist
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, torchrun_command, torchrun_env, visible
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.distributed import Group, RankFailed, process_group
+from mnistsum_cli.cli.report import epoch_line
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.models import build_model
-from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.report import epoch_line
-from mnistsum_cli.tensorfiles import read_safetensors
-from mnistsum_cli.train import load_train_data, train
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
+from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.training.distributed import Group, RankFailed, process_group
+from mnistsum_cli.training.loop import load_train_data, train
+from mnistsum_cli.training.models import build_model
 from test_train import InterruptAfter, Recorder, _tensors, assert_same_tensors
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mnistsum_cli.splits import METADATA_KEY
+from mnistsum_cli.store.splits import METADATA_KEY
 
 LIMIT = 2000
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

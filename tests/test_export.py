@@ -18,13 +18,13 @@ from PIL import Image
 from test_startup import HEAVY, python
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, publish_model, snapshot
-from mnistsum_cli.checkpoint import load_model, model_bytes
-from mnistsum_cli.fingerprints import fingerprint_file
-from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.models import ARCHITECTURES
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.predict import head_probabilities
-from mnistsum_cli.schemas import MODEL_META
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV
+from mnistsum_cli.evaluation.predict import head_probabilities
+from mnistsum_cli.store.fingerprints import fingerprint_file
+from mnistsum_cli.store.paths import RunDir
+from mnistsum_cli.store.schemas import MODEL_META
+from mnistsum_cli.training.checkpoint import load_model, model_bytes
+from mnistsum_cli.training.models import ARCHITECTURES
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -136,7 +136,7 @@ def test_predict_with_onnx_equals_predict(lean_copy: Path, in_tmp: Path, run_cli
 def test_predict_with_onnx_imports_no_torch(lean_copy: Path, in_tmp: Path) -> None:
     png = digit_png(in_tmp / "one.png")
     result = python(
-        "import sys, json\nfrom mnistsum_cli.cli import main\n"
+        "import sys, json\nfrom mnistsum_cli.cli.app import main\n"
         f"try:\n    main(['predict', {str(png)!r}, '--number', '3', '--json', '--runtime', 'onnx', "
         f"'--artifacts', {str(lean_copy)!r}])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         f"print('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
@@ -148,7 +148,7 @@ def test_predict_with_onnx_imports_no_torch(lean_copy: Path, in_tmp: Path) -> No
 
 def test_status_reads_the_export_without_onnx_or_torch(lean_copy: Path) -> None:
     result = python(
-        "import sys\nfrom mnistsum_cli.cli import main\n"
+        "import sys\nfrom mnistsum_cli.cli.app import main\n"
         f"try:\n    main(['status', '--artifacts', {str(lean_copy)!r}])\nexcept SystemExit:\n    pass\n"
         "print('LOADED:', *[name for name in ('torch', 'onnx', 'onnxruntime', 'onnxscript') if name in sys.modules])"
     )
@@ -234,13 +234,13 @@ def test_an_opset_onnxruntime_lacks_is_refused(lean_copy: Path, run_cli, monkeyp
 
 
 def test_a_graph_that_disagrees_is_not_written(lean_copy: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mnistsum_cli.data
+    import mnistsum_cli.data.tensors
 
     RunDir(lean_copy).onnx.unlink()
     before = snapshot(lean_copy)
-    real = mnistsum_cli.data.normalise
+    real = mnistsum_cli.data.tensors.normalise
     # the graph normalises its pixels another way than torch's model sees them
-    monkeypatch.setattr(mnistsum_cli.data, "normalise", lambda images: real(255 - images))
+    monkeypatch.setattr(mnistsum_cli.data.tensors, "normalise", lambda images: real(255 - images))
     code, out, err = run_cli("export")
     assert code == 1
     assert "onnxruntime disagrees with torch" in assert_one_line_error(err, out) and "not written" in err
@@ -248,12 +248,12 @@ def test_a_graph_that_disagrees_is_not_written(lean_copy: Path, run_cli, monkeyp
 
 
 def test_a_read_only_folder_is_one_line(lean_copy: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     def read_only(path, data):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(mnistsum_cli.store, "write_file", read_only)
+    monkeypatch.setattr(mnistsum_cli.store.transactions, "write_file", read_only)
     before = snapshot(lean_copy)
     code, out, err = run_cli("export")
     assert code == 1

@@ -1,6 +1,6 @@
 """Every command against every fault of every file it reads, and of the folder it writes.
 
-The files are the artifacts that mnistsum_cli/schemas.py declares (each names its file and the
+The files are the artifacts that mnistsum_cli/store/schemas.py declares (each names its file and the
 stage that writes it, and so its folder: `prepare` writes the data folder, the others the
 artifacts folder) and the store's generation files. Which of them a command reads is recorded
 by running it once on a good run (an audit hook sees every open), and a file is one it
@@ -38,10 +38,10 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, _main
-from mnistsum_cli.paths import SPLITS
-from mnistsum_cli.runlist import PNG_SIGNATURE
-from mnistsum_cli.schemas import SCHEMAS
-from mnistsum_cli.store import GENERATION, LOCK
+from mnistsum_cli.store.paths import SPLITS
+from mnistsum_cli.store.schemas import SCHEMAS
+from mnistsum_cli.store.transactions import GENERATION, LOCK
+from mnistsum_cli.training.runlist import PNG_SIGNATURE
 
 REPO = Path(__file__).resolve().parents[1]
 CASE_SECONDS = 20  # one case: a refusal takes milliseconds, the slowest good case (train) a few seconds
@@ -146,9 +146,9 @@ class StageRan(BaseException):
 
 @contextlib.contextmanager
 def stages_stubbed() -> Iterator[None]:
-    import mnistsum_cli.evaluate
+    import mnistsum_cli.evaluation.evaluate
+    import mnistsum_cli.evaluation.plot
     import mnistsum_cli.pipeline
-    import mnistsum_cli.plot
 
     def stub(stage: str) -> Callable:
         def ran(*args: Any, **kwargs: Any) -> None:
@@ -160,8 +160,8 @@ def stages_stubbed() -> Iterator[None]:
         for module, name in (
             (mnistsum_cli.pipeline, "prepare"),
             (mnistsum_cli.pipeline, "run_training"),
-            (mnistsum_cli.evaluate, "evaluate_model"),
-            (mnistsum_cli.plot, "plot"),
+            (mnistsum_cli.evaluation.evaluate, "evaluate_model"),
+            (mnistsum_cli.evaluation.plot, "plot"),
         ):
             stack.enter_context(patched(module, name, stub(name)))
         yield
@@ -290,7 +290,7 @@ def break_input(root: Path, relative: str, fault: str) -> contextlib.AbstractCon
 def run_case(root: Path, argv: list[str], faults: list[contextlib.AbstractContextManager]) -> dict:
     """main(argv) in `root` under `faults`: exit code, stdout, stderr, seconds, and any exception
     that escaped it (a traceback for the user)."""
-    from mnistsum_cli.cli import main
+    from mnistsum_cli.cli.app import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
     result: dict[str, Any] = {"escaped": None, "stage_ran": None}
@@ -336,13 +336,13 @@ def worker(spec_path: str) -> None:
     import torchvision  # noqa: F401
     import uvicorn
 
-    import mnistsum_cli.plot
+    import mnistsum_cli.evaluation.plot
 
     torch.set_num_threads(1)
     uvicorn.Server.run = lambda self, sockets=None: None  # serve: start up, load the model, stop
     # plot and compare: every input read and checked, every file written, no figure rendered (seconds each)
-    mnistsum_cli.plot.draw_all = lambda figures, *args: None
-    mnistsum_cli.plot.png_bytes = lambda figure, dpi=120: PNG_SIGNATURE
+    mnistsum_cli.evaluation.plot.draw_all = lambda figures, *args: None
+    mnistsum_cli.evaluation.plot.png_bytes = lambda figure, dpi=120: PNG_SIGNATURE
     opened: list[str] = []
     recording = [False]
 
@@ -421,7 +421,7 @@ def worker(spec_path: str) -> None:
 def roots(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The runs the cases start from: "good", complete (trained, evaluated on test, plotted), and
     "interrupted", stopped by Ctrl-C after epoch 1 of 2 (what `train --resume` continues)."""
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     good, interrupted = tmp_path_factory.mktemp("faults_good"), tmp_path_factory.mktemp("faults_interrupted")
     for name in ("data", "artifacts"):
@@ -542,8 +542,8 @@ def test_the_caps_are_far_above_the_largest_real_files() -> None:
     the weights and two AdamW moments)."""
     from safetensors.torch import save
 
-    from mnistsum_cli.diskfiles import MAX_CHECKPOINT_BYTES, MAX_MODEL_BYTES
-    from mnistsum_cli.models import ARCHITECTURES, build_model
+    from mnistsum_cli.store.diskfiles import MAX_CHECKPOINT_BYTES, MAX_MODEL_BYTES
+    from mnistsum_cli.training.models import ARCHITECTURES, build_model
 
     largest = max(len(save(build_model(arch).state_dict())) for arch in ARCHITECTURES)
     assert 10 * largest < MAX_MODEL_BYTES and 10 * 3 * largest < MAX_CHECKPOINT_BYTES, largest

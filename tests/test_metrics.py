@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from mnistsum_cli.distributed import SINGLE_PROCESS
-from mnistsum_cli.metrics import StepRecorder, steps_per_point
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.train import TrainData, lr_at, train
+from mnistsum_cli.store.paths import RunDir
+from mnistsum_cli.training.distributed import SINGLE_PROCESS
+from mnistsum_cli.training.loop import TrainData, lr_at, train
+from mnistsum_cli.training.metrics import StepRecorder, steps_per_point
 from test_train import CONFIG, CPU, InterruptAfter, straight_run, train_data  # noqa: F401 (fixtures)
 
 HEADS = ("digit", "sum")

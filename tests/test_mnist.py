@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FakeMnist, idx_images, idx_labels, make_fake_mnist, write_mnist
+from mnistsum_cli.data.mnist import RAW_FILES, load_mnist, resolve_source
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import RAW_FILES, load_mnist, resolve_source
 
 
 def test_load_fixture_through_torchvision(fake_mnist: FakeMnist) -> None:

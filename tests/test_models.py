@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from conftest import model_metadata
-from mnistsum_cli.checkpoint import load_model, save_model
-from mnistsum_cli.config import PRESETS
-from mnistsum_cli.data import normalise
+from mnistsum_cli.data.tensors import normalise
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.models import ARCHITECTURES, build_model
-from mnistsum_cli.paths import MODEL_FORMAT
-from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.settings import PRESETS
+from mnistsum_cli.store.paths import MODEL_FORMAT
+from mnistsum_cli.store.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.training.checkpoint import load_model, save_model
+from mnistsum_cli.training.models import ARCHITECTURES, build_model
 
 BATCH = 4
 
@@ -167,6 +167,6 @@ def test_channels_last_gives_the_same_outputs(arch: str) -> None:
 
 def test_architecture_names_match_the_registry() -> None:
     """config.ARCHITECTURE_NAMES lets the CLI check --arch without importing torch."""
-    from mnistsum_cli.config import ARCHITECTURE_NAMES
+    from mnistsum_cli.settings import ARCHITECTURE_NAMES
 
     assert tuple(ARCHITECTURES) == ARCHITECTURE_NAMES

@@ -129,7 +129,7 @@ def test_predict_unreadable_file_and_missing_model(workdir: Path, in_tmp: Path, 
 def test_status_reads_each_file_once(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model's header, its hash for the evaluation and for the plots, the splits' header and
     rows: one read each."""
-    from mnistsum_cli import diskfiles
+    from mnistsum_cli.store import diskfiles
 
     assert run_cli("plot")[0] == 0
     reads: dict[str, int] = {}

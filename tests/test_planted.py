@@ -15,9 +15,9 @@ import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, leftovers, snapshot
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import RunDir, is_run_id
 from mnistsum_cli.pipeline import CURRENT
-from mnistsum_cli.store import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, FolderInUse, folder_lock, recover
+from mnistsum_cli.store.paths import RunDir, is_run_id
+from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, FolderInUse, folder_lock, recover
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def serve_start(artifacts: Path) -> None:
     pytest.importorskip("starlette")
     import torch
 
-    from mnistsum_cli.serve import ModelFollower
+    from mnistsum_cli.serve.app import ModelFollower
 
     ModelFollower(RunDir(artifacts), torch.device("cpu"))
 
@@ -434,7 +434,7 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
 ) -> None:
     import errno
 
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     artifacts = workdir / "artifacts"
     previous = _planted_epoch_commit(artifacts, "abc")
@@ -443,7 +443,7 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
     def refused(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(mnistsum_cli.store.os, "rename", refused)
+    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "rename", refused)
     code, out, err = run_cli("status")
     assert code == 1
     line = assert_one_line_error(err, out)
@@ -452,7 +452,7 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
         "previous/abc/model.safetensors: Input/output error): it stays recorded, nothing of it is lost" in line
     ), line
     assert "nothing was changed" not in line
-    monkeypatch.setattr(mnistsum_cli.store.os, "rename", real_rename)
+    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "rename", real_rename)
     code, out, err = run_cli("status")
     assert code == 0, err
     assert {name: (artifacts / "previous" / "abc" / name).read_bytes() for name in previous} == previous
@@ -465,7 +465,7 @@ def test_a_reader_on_read_only_media_says_the_change_waits(
     its line says the change waits for a writer, not that nothing was changed."""
     import errno
 
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     artifacts = workdir / "artifacts"
     _planted_epoch_commit(artifacts, "abc")
@@ -476,7 +476,7 @@ def test_a_reader_on_read_only_media_says_the_change_waits(
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(mnistsum_cli.store.os, "open", read_only)
+    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "open", read_only)
     before = snapshot(artifacts)
     code, out, err = run_cli("status")
     assert code == 1
@@ -550,7 +550,7 @@ def _prepare_held_open(data: Path, fake_mnist: FakeMnist, go: Path) -> subproces
     """`mnistsum prepare --data DATA` in another process, stopped after it took its lock (while
     it reads MNIST) until the file `go` appears."""
     code = (
-        "import sys, time\nfrom pathlib import Path\nimport mnistsum_cli.mnist as mnist\nfrom mnistsum_cli.cli import main\n"
+        "import sys, time\nfrom pathlib import Path\nimport mnistsum_cli.data.mnist as mnist\nfrom mnistsum_cli.cli.app import main\n"
         "real = mnist.load_mnist\n"
         "def slow(source):\n"
         "    print('locked', flush=True)\n"
@@ -619,7 +619,7 @@ def test_a_held_lock_is_not_taken_through_another_spelling(tmp_path: Path) -> No
     (tmp_path / "data").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "data")
     code = (
-        "import time\nfrom pathlib import Path\nfrom mnistsum_cli.store import folder_lock\n"
+        "import time\nfrom pathlib import Path\nfrom mnistsum_cli.store.transactions import folder_lock\n"
         f"with folder_lock(Path({str(tmp_path / 'data')!r}), 'train', '--artifacts'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )
@@ -638,7 +638,7 @@ def test_a_held_lock_is_not_taken_through_another_spelling(tmp_path: Path) -> No
 
 def test_compare_names_its_figure_only_by_run_ids_that_can_name_a_file(tmp_path: Path) -> None:
     """A planted history's run id ../../x does not lead `compare`'s figure out of compare/."""
-    from mnistsum_cli.runlist import RunEntry, compare_path
+    from mnistsum_cli.training.runlist import RunEntry, compare_path
 
     entries = [RunEntry(tmp_path, {"run_id": "../../../x"}), RunEntry(tmp_path, {"run_id": "0123456789abcdef"})]
     assert compare_path(tmp_path / "artifacts", entries) == tmp_path / "artifacts" / "compare" / "run-01234567.png"

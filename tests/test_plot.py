@@ -12,11 +12,11 @@ from matplotlib.colors import LogNorm
 from rich.console import Console
 
 from conftest import assert_one_line_error, leftovers, snapshot
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import DataDir, RunDir
+from mnistsum_cli.evaluation.plot import curves, gallery, heatmap, incomplete_note, plot
 from mnistsum_cli.pipeline import CURRENT, STALE
-from mnistsum_cli.plot import curves, gallery, heatmap, incomplete_note, plot
-from mnistsum_cli.prepared import PreparedData
+from mnistsum_cli.store.paths import DataDir, RunDir
 
 
 def history(epochs_done: int, planned: int) -> dict:
@@ -58,7 +58,7 @@ def test_plot_with_a_stale_evaluation_changes_nothing(workdir: Path, run_cli) ->
 
 
 def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mnistsum_cli.plot
+    import mnistsum_cli.evaluation.plot
 
     artifacts = workdir / "artifacts"
     assert run_cli("plot")[0] == 0
@@ -67,7 +67,7 @@ def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, mon
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mnistsum_cli.plot, "json_bytes", disk_full)  # the manifest, written last
+    monkeypatch.setattr(mnistsum_cli.evaluation.plot, "json_bytes", disk_full)  # the manifest, written last
     with pytest.raises(MnistsumError, match=f"cannot write {artifacts}/: No space left on device; nothing was changed"):
         plot(RunDir(artifacts), prepared=PreparedData(DataDir(workdir / "data")))
     assert snapshot(artifacts / "plots") == before
@@ -126,7 +126,7 @@ def test_gallery_explains_its_caption_colours() -> None:
 
 
 def test_progress_shows_the_run_line_eta_and_images_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     screen = io.StringIO()
     monkeypatch.setattr(report, "console", Console(file=screen, width=200, force_terminal=False))

@@ -22,8 +22,16 @@ from torch import nn
 
 from conftest import PNG_MAGIC, assert_one_line_error
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.models import build_model
-from mnistsum_cli.predict import MAX_PIXELS, greyscale, load_image, opaque, predict_digits, prepare_image, to_mnist
+from mnistsum_cli.evaluation.predict import (
+    MAX_PIXELS,
+    greyscale,
+    load_image,
+    opaque,
+    predict_digits,
+    prepare_image,
+    to_mnist,
+)
+from mnistsum_cli.training.models import build_model
 
 # A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
 SEVEN = [(0.1, 0.05), (0.9, 0.05), (0.45, 0.95)]

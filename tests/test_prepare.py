@@ -13,11 +13,11 @@ import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, visible
 from mnistsum_cli import __version__
+from mnistsum_cli.data.mnist import Mnist, load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
-from mnistsum_cli.paths import SPLITS, DataDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.splits import METADATA_KEY, read_dataset
+from mnistsum_cli.store.paths import SPLITS, DataDir
+from mnistsum_cli.store.splits import METADATA_KEY, read_dataset
 
 EXPECTED_SCHEMA = pa.schema(
     [

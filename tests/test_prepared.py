@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import mnistsum_cli.prepared
+import mnistsum_cli.data.prepared
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.paths import DataDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData, read_dataset_header
-from mnistsum_cli.splits import read_dataset
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData, read_dataset_header
+from mnistsum_cli.store.paths import DataDir
+from mnistsum_cli.store.splits import read_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_unchanged_mnist_is_told_from_its_stamps(
         raise AssertionError("MNIST was read")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mnistsum_cli.prepared, "load_mnist", no_reading)
+        patch.setattr(mnistsum_cli.data.prepared, "load_mnist", no_reading)
         assert PreparedData(folder, root).mnist_unchanged()
     labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     os.utime(labels, ns=(0, 0))  # same bytes, other stamp: MNIST is read and its fingerprint compared
@@ -71,8 +71,8 @@ def test_a_run_reads_the_splits_and_mnist_once(
 
         return call
 
-    monkeypatch.setattr(mnistsum_cli.prepared, "read_dataset", counted("splits", read_dataset))
-    monkeypatch.setattr(mnistsum_cli.prepared, "load_mnist", counted("mnist", load_mnist))
+    monkeypatch.setattr(mnistsum_cli.data.prepared, "read_dataset", counted("splits", read_dataset))
+    monkeypatch.setattr(mnistsum_cli.data.prepared, "load_mnist", counted("mnist", load_mnist))
     args = ("run", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--preset", "cpu", "--cpu", "--epochs", 2)
     code, out, err = run_cli(*args)  # train, evaluate and plot run
     assert code == 0, err
@@ -95,7 +95,7 @@ def test_an_up_to_date_run_loads_neither_torch_nor_mnist(workdir: Path, fake_mni
     code, out, err = run_cli(*args)  # draws the plots: now every stage is up to date
     assert code == 0, err
     code = (
-        "import sys\nfrom mnistsum_cli.cli import main\ntry:\n"
+        "import sys\nfrom mnistsum_cli.cli.app import main\ntry:\n"
         f"    main({args!r})\nexcept SystemExit as exit_:\n    assert exit_.code in (0, None), exit_.code\n"
         "print('LOADED:', *[name for name in ('torch', 'torchvision', 'matplotlib') if name in sys.modules])"
     )

@@ -20,18 +20,18 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, Crash, FakeMnist, assert_one_line_error, crash_at, leftovers, mnistsum_process, snapshot
-from mnistsum_cli.checkpoint import Learner, load_checkpoint, load_model
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.models import build_model
-from mnistsum_cli.paths import DataDir, RunDir
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.pipeline import CURRENT, INCOMPLETE, status
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.setaside import aside_folder
-from mnistsum_cli.splits import read_dataset
-from mnistsum_cli.store import LOCK, folder_lock
-from mnistsum_cli.train import load_train_data, make_optimizer, train
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.store.splits import read_dataset
+from mnistsum_cli.store.transactions import LOCK, folder_lock
+from mnistsum_cli.training.checkpoint import Learner, load_checkpoint, load_model
+from mnistsum_cli.training.loop import load_train_data, make_optimizer, train
+from mnistsum_cli.training.models import build_model
+from mnistsum_cli.training.setaside import aside_folder
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=2, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -73,7 +73,7 @@ def world(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> di
 def _captured_commit(world: dict, base: RunDir, config: TrainConfig, epoch: int, resume: bool) -> tuple:
     """Train a copy of `base` up to the commit of `epoch` and return that commit's arguments
     instead of running it (the learner frozen as it was), to replay it once per crash point."""
-    import mnistsum_cli.train
+    import mnistsum_cli.training.loop
 
     work = RunDir(world["root"] / f"capture-{base.root.name}-{epoch}")
     shutil.rmtree(work.root, ignore_errors=True)
@@ -86,9 +86,9 @@ def _captured_commit(world: dict, base: RunDir, config: TrainConfig, epoch: int,
             raise Crash("captured")
         return real(run, learner, state, improved, run_info, kept)
 
-    real = mnistsum_cli.train.save_epoch
+    real = mnistsum_cli.training.loop.save_epoch
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mnistsum_cli.train, "save_epoch", capture)
+        patch.setattr(mnistsum_cli.training.loop, "save_epoch", capture)
         with pytest.raises(Crash):
             train(config, world["train_data"], work, CPU, resume=resume, kept=None if resume else aside_folder(work))
     shutil.rmtree(work.root)
@@ -144,7 +144,7 @@ def test_a_crash_in_the_first_epoch_commit_of_a_new_run(world: dict) -> None:
     previous_id = json.loads(complete.train_state.read_text())["run_id"]
     new_config = replace(CONFIG, seed=5)
     args = _captured_commit(world, complete, new_config, epoch=1, resume=False)
-    from mnistsum_cli.checkpoint import save_epoch
+    from mnistsum_cli.training.checkpoint import save_epoch
 
     def change(trial: Path) -> None:
         kept = trial / "previous" / args["kept"].name
@@ -172,7 +172,7 @@ def test_a_crash_in_a_later_epoch_commit_then_resume(world: dict, run_cli) -> No
     config = replace(CONFIG, seed=1)
     run_id = json.loads(half.train_state.read_text())["run_id"]
     args = _captured_commit(world, half, config, epoch=2, resume=True)
-    from mnistsum_cli.checkpoint import save_epoch
+    from mnistsum_cli.training.checkpoint import save_epoch
 
     def change(trial: Path) -> None:
         save_epoch(RunDir(trial), args["learner"], args["state"], args["improved"], args["run_info"])
@@ -215,11 +215,11 @@ def test_a_crash_in_prepare_keeps_one_whole_dataset(world: dict) -> None:
 
 
 def test_a_crash_in_plot_keeps_one_whole_set_of_plots(workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mnistsum_cli.plot
-    from mnistsum_cli.plot import plot
+    import mnistsum_cli.evaluation.plot
+    from mnistsum_cli.evaluation.plot import plot
 
     monkeypatch.setattr(
-        mnistsum_cli.plot, "png_bytes", lambda figure: b"PNG of " + figure.get_suptitle().encode()
+        mnistsum_cli.evaluation.plot, "png_bytes", lambda figure: b"PNG of " + figure.get_suptitle().encode()
     )  # fast
 
     artifacts = workdir / "artifacts"
@@ -245,11 +245,11 @@ def test_a_crash_in_plot_keeps_one_whole_set_of_plots(workdir: Path, run_cli, mo
 def test_a_reader_never_mixes_splits_of_two_prepare_runs(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """`prepare` commits between a reader's train and val reads: the reader starts again and
     gets one dataset, never train of one run beside val of the other."""
-    import mnistsum_cli.splits
+    import mnistsum_cli.store.splits
 
     data = DataDir(world["root"] / "reader")
     shutil.copytree(world["data"].root, data.root)
-    real_read = mnistsum_cli.splits.read_split
+    real_read = mnistsum_cli.store.splits.read_split
     reads = []
 
     def read_then_prepare(folder: DataDir, name: str):
@@ -259,7 +259,7 @@ def test_a_reader_never_mixes_splits_of_two_prepare_runs(world: dict, monkeypatc
             prepare(world["mnist"], PrepareOptions(seed=8, val_size=VAL_SIZE), data)
         return split
 
-    monkeypatch.setattr(mnistsum_cli.splits, "read_split", read_then_prepare)
+    monkeypatch.setattr(mnistsum_cli.store.splits, "read_split", read_then_prepare)
     dataset = read_dataset(data)
     assert reads == ["train", "val", "test"] * 2, "read again, whole"
     assert {split.meta["seed"] for split in dataset.splits.values()} == {8}
@@ -280,7 +280,7 @@ def test_a_reader_never_mixes_splits_of_two_prepare_runs(world: dict, monkeypatc
 def test_train_that_cannot_write_is_one_line_and_changes_nothing(
     workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch, code: int, cause: str
 ) -> None:
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     before = snapshot(workdir / "artifacts")
 
@@ -288,7 +288,7 @@ def test_train_that_cannot_write_is_one_line_and_changes_nothing(
         raise OSError(code, os.strerror(code))
 
     with monkeypatch.context() as patch:
-        patch.setattr(mnistsum_cli.store, "write_file", refused)
+        patch.setattr(mnistsum_cli.store.transactions, "write_file", refused)
         exit_code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 4)
     assert exit_code == 1
     line = assert_one_line_error(err, out)
@@ -301,10 +301,10 @@ def test_train_that_cannot_write_is_one_line_and_changes_nothing(
 def test_prepare_on_a_full_disk_keeps_the_dataset(
     workdir: Path, fake_mnist: FakeMnist, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     before = snapshot(workdir / "data")
-    real_write = mnistsum_cli.store.write_file
+    real_write = mnistsum_cli.store.transactions.write_file
     calls = []
 
     def full_at_the_second_split(path: Path, data: bytes) -> None:
@@ -314,7 +314,7 @@ def test_prepare_on_a_full_disk_keeps_the_dataset(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(path, data)
 
-    monkeypatch.setattr(mnistsum_cli.store, "write_file", full_at_the_second_split)
+    monkeypatch.setattr(mnistsum_cli.store.transactions, "write_file", full_at_the_second_split)
     code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--seed", 3)
     assert code == 1
     assert "cannot write data/: No space left on device; nothing was changed" in assert_one_line_error(err, out)
@@ -334,7 +334,7 @@ def test_a_rename_refused_after_the_journal_is_finished_by_the_next_writer(
 ) -> None:
     """The disk refuses the renames once the journal is in place: one line saying the change is
     recorded; the next command that writes the folder finishes it."""
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     real_replace = os.replace
 
@@ -344,7 +344,7 @@ def test_a_rename_refused_after_the_journal_is_finished_by_the_next_writer(
         real_replace(source, target)
 
     with monkeypatch.context() as patch:
-        patch.setattr(mnistsum_cli.store.os, "replace", refuse_installs)
+        patch.setattr(mnistsum_cli.store.transactions.os, "replace", refuse_installs)
         code, out, err = run_cli("evaluate", "--cpu", "--split", "val")
     assert code == 1
     assert (
@@ -374,7 +374,7 @@ def test_stale_temporaries_are_removed_by_the_next_writer(workdir: Path, run_cli
 def test_resume_of_a_finished_run_does_nothing(
     workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch, damage: str
 ) -> None:
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     artifacts = workdir / "artifacts"
     if damage == "empty model":
@@ -387,7 +387,7 @@ def test_resume_of_a_finished_run_does_nothing(
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS))
             return real_open(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(mnistsum_cli.store.os, "open", read_only)
+        monkeypatch.setattr(mnistsum_cli.store.transactions.os, "open", read_only)
     before = snapshot(artifacts)
     code, out, err = run_cli("train", "--resume", "--cpu")
     assert code == 0, err

@@ -12,15 +12,15 @@ import pytest
 from PIL import Image
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, snapshot
-from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.runlist import COLUMNS, MAX_COMPARE_NAME, RunEntry, compare_path
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV
+from mnistsum_cli.training.runlist import COLUMNS, MAX_COMPARE_NAME, RunEntry, compare_path
 
 
 @pytest.fixture(scope="module")
 def many_runs(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """artifacts/ holding a run interrupted at epoch 1 of 2, and in previous/ two complete runs
     (the first evaluated on test, the second with another lr), a folder of notes and a damaged run."""
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     root = tmp_path_factory.mktemp("many_runs")
     data, artifacts = root / "data", root / "artifacts"

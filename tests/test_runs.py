@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
-from mnistsum_cli.config import PRESETS, TrainConfig
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.runs import choose_config, few_steps_warning
-from mnistsum_cli.setaside import aside_folder, set_aside
-from mnistsum_cli.store import commit
+from mnistsum_cli.settings import PRESETS, TrainConfig
+from mnistsum_cli.store.paths import RunDir
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.training.run import choose_config, few_steps_warning
+from mnistsum_cli.training.setaside import aside_folder, set_aside
 
 
 def run_id(artifacts: Path) -> str:
@@ -176,15 +176,15 @@ def test_ctrl_c_during_the_save_reports_the_saved_epoch(
 ) -> None:
     """Ctrl-C while epoch 1 is written: the save completes (Ctrl-C is held), the epoch's line
     is never printed, and the message names the epoch that is on disk."""
-    import mnistsum_cli.checkpoint
+    import mnistsum_cli.training.checkpoint
 
-    real_bytes = mnistsum_cli.checkpoint.safetensors_bytes
+    real_bytes = mnistsum_cli.training.checkpoint.safetensors_bytes
 
     def ctrl_c_while_saving(*args, **kwargs):
         signal.raise_signal(signal.SIGINT)
         return real_bytes(*args, **kwargs)
 
-    monkeypatch.setattr(mnistsum_cli.checkpoint, "safetensors_bytes", ctrl_c_while_saving)
+    monkeypatch.setattr(mnistsum_cli.training.checkpoint, "safetensors_bytes", ctrl_c_while_saving)
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", epochs)
     assert code == 130
     line = assert_one_line_error(err, out)
@@ -217,7 +217,7 @@ def test_interrupted_run_suggests_run_and_run_resumes(
 def test_ctrl_c_in_the_first_epoch_of_a_first_run(
     fake_mnist: FakeMnist, in_tmp: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mnistsum_cli import report
+    from mnistsum_cli.cli import report
 
     assert run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE)[0] == 0
 
@@ -235,14 +235,14 @@ def test_ctrl_c_in_the_first_epoch_of_a_first_run(
 def test_a_new_run_that_fails_before_saving_leaves_the_previous_run_in_place(
     workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mnistsum_cli.train
+    import mnistsum_cli.training.loop
     from mnistsum_cli.errors import MnistsumError
 
     def out_of_memory(*args, **kwargs):
         raise MnistsumError("out of memory")
 
     before = snapshot(workdir / "artifacts")
-    monkeypatch.setattr(mnistsum_cli.train, "train_epoch", out_of_memory)
+    monkeypatch.setattr(mnistsum_cli.training.loop, "train_epoch", out_of_memory)
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 9)
     assert code == 1
     assert "out of memory" in assert_one_line_error(err, out)

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.config import MAX_SEED, PRESETS, TrainConfig
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, SPLITS, DataDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.schemas import (
+from mnistsum_cli.settings import MAX_SEED, PRESETS, TrainConfig
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, SPLITS, DataDir
+from mnistsum_cli.store.schemas import (
     CHECKPOINT_META,
     EVALUATION,
     HISTORY,
@@ -31,8 +31,8 @@ from mnistsum_cli.schemas import (
     Schema,
     markdown,
 )
-from mnistsum_cli.splits import METADATA_KEY
-from mnistsum_cli.tensorfiles import read_safetensors
+from mnistsum_cli.store.splits import METADATA_KEY
+from mnistsum_cli.store.tensorfiles import read_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_docs_page_is_generated_from_the_schemas() -> None:
     page = (REPO / "docs" / "schemas.md").read_text()
     assert page == markdown(), (
-        "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.schemas import markdown; print(markdown(), end='')\" > docs/schemas.md`"
+        "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.store.schemas import markdown; print(markdown(), end='')\" > docs/schemas.md`"
     )
     for schema in SCHEMAS:
         assert f"## {schema.file}" in page

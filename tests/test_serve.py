@@ -26,20 +26,20 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error, model_metadata, publish_model, snapshot
-from mnistsum_cli.checkpoint import save_model
 from mnistsum_cli.errors import BadOption
-from mnistsum_cli.fingerprints import fingerprint_file
-from mnistsum_cli.models import build_model
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.predict import head_probabilities, prepare_image
-from mnistsum_cli.schemas import MODEL_META
-from mnistsum_cli.store import commit, write_json
+from mnistsum_cli.evaluation.predict import head_probabilities, prepare_image
+from mnistsum_cli.store.fingerprints import fingerprint_file
+from mnistsum_cli.store.paths import RunDir
+from mnistsum_cli.store.schemas import MODEL_META
+from mnistsum_cli.store.transactions import commit, write_json
+from mnistsum_cli.training.checkpoint import save_model
+from mnistsum_cli.training.models import build_model
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
 from mnistsum_cli import serve as serve_module  # noqa: E402
-from mnistsum_cli.serve import (  # noqa: E402
+from mnistsum_cli.serve.app import (  # noqa: E402
     BODY_SECONDS,
     GRACE_SECONDS,
     HEADER_SECONDS,
@@ -50,8 +50,8 @@ from mnistsum_cli.serve import (  # noqa: E402
     ModelFollower,
     create_app,
 )
-from mnistsum_cli.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
-from mnistsum_cli.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
+from mnistsum_cli.serve.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
+from mnistsum_cli.serve.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -84,8 +84,8 @@ def write_export(run: RunDir) -> None:
     """model.onnx of the run's model.safetensors, as `mnistsum export` writes it (without its
     check on a test split: these models were trained on no dataset)."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[dev]'")
-    from mnistsum_cli.checkpoint import load_model
     from mnistsum_cli.export import export_metadata, onnx_graph
+    from mnistsum_cli.training.checkpoint import load_model
 
     sha = fingerprint_file(run.model, MODEL_META)
     if sha not in _EXPORTS:
@@ -144,7 +144,7 @@ def drawn_seven(size: int = 280, fmt: str = "PNG") -> bytes:
 
 def expected(run: RunDir, image: np.ndarray, number: int) -> tuple[list[float], list[float]]:
     """What the model answers when called directly, as `predict` calls it."""
-    from mnistsum_cli.checkpoint import load_model
+    from mnistsum_cli.training.checkpoint import load_model
 
     model, _ = load_model(run.model, CPU)
     digit, total = head_probabilities(model, torch.from_numpy(image[None]), torch.tensor([number]), CPU)
@@ -242,7 +242,7 @@ def test_card_shows_evaluations_and_plots_of_this_model_only(client: TestClient,
         "/%2e%2e/%2e%2e/etc/passwd",
         "/app.js/..%2f..%2fserve.py",
         "/etc/passwd",
-        "/mnistsum_cli/serve.py",
+        "/mnistsum_cli/serve/app.py",
         "/static/app.js",
     ],
 )
@@ -800,7 +800,7 @@ def test_the_onnx_model_follows_its_export(client: TestClient, run: RunDir) -> N
 def test_serve_without_the_extra_says_how_to_install_it(
     run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
-    monkeypatch.delitem(sys.modules, "mnistsum_cli.serve", raising=False)
+    monkeypatch.delitem(sys.modules, "mnistsum_cli.serve.app", raising=False)
     for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
         monkeypatch.setitem(sys.modules, name, None)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu")

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import _main, publish_model
-from mnistsum_cli.mnist import MNIST_DIR_ENV
-from mnistsum_cli.paths import RunDir
-from mnistsum_cli.predict import prepare_image
+from mnistsum_cli.data.mnist import MNIST_DIR_ENV
+from mnistsum_cli.evaluation.predict import prepare_image
+from mnistsum_cli.store.paths import RunDir
 from strokes import DIGIT_STROKES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mnistsum_cli.paths import RunDir
+from mnistsum_cli.store.paths import RunDir
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from test_serve import write_model

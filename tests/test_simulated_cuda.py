@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.config import TrainConfig
-from mnistsum_cli.evaluate import evaluate_model
-from mnistsum_cli.mnist import Mnist, load_mnist, resolve_source
-from mnistsum_cli.models import ARCHITECTURES
-from mnistsum_cli.paths import DataDir, RunDir
-from mnistsum_cli.predict import predict_row
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.train import TrainData, load_train_data, train
+from mnistsum_cli.data.mnist import Mnist, load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.evaluation.evaluate import evaluate_model
+from mnistsum_cli.evaluation.predict import predict_row
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.paths import DataDir, RunDir
+from mnistsum_cli.training.loop import TrainData, load_train_data, train
+from mnistsum_cli.training.models import ARCHITECTURES
 from simulated_cuda import CUDA, OPS_PER_STEP, PhaseReporter, SimulatedCuda, checkpoint_metadata, simulate_cuda
 
 BATCH = 64  # the fixture's 320 training rows: 5 steps an epoch

@@ -15,11 +15,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FUZZ, VAL_SIZE, FakeMnist, mutate
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.paths import SPLITS, DataDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.splits import METADATA_KEY, read_dataset, read_split
+from mnistsum_cli.store.paths import SPLITS, DataDir
+from mnistsum_cli.store.splits import METADATA_KEY, read_dataset, read_split
 
 # --------------------------------------------------------------------------- Parquet splits
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
-from mnistsum_cli.config import PRESETS, describe_preset
+from mnistsum_cli.settings import PRESETS, describe_preset
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = (
@@ -83,7 +83,7 @@ def python(code: str, **kwargs) -> subprocess.CompletedProcess:
 def test_the_cli_starts_without_heavy_libraries(argv) -> None:
     call = "" if argv is None else f"\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass"
     result = python(
-        "import sys\nfrom mnistsum_cli.cli import main"
+        "import sys\nfrom mnistsum_cli.cli.app import main"
         + call
         + f"\nprint('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
     )

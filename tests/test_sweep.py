@@ -15,9 +15,9 @@ from typing import Iterator
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, mnistsum_process
-from mnistsum_cli.paths import DataDir
-from mnistsum_cli.prepared import read_dataset_header
-from mnistsum_cli.sweep import retried_number
+from mnistsum_cli.data.prepared import read_dataset_header
+from mnistsum_cli.store.paths import DataDir
+from mnistsum_cli.sweep.study import retried_number
 from pgserver import postgres_binaries, postgres_server
 
 optuna = pytest.importorskip("optuna")
@@ -133,7 +133,7 @@ def test_a_hopeless_trial_is_pruned_at_an_epoch_end(run_cli, prepared: Path, tmp
 def test_ctrl_c_keeps_finished_epochs_marks_the_trial_failed_and_a_rerun_continues(
     run_cli, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mnistsum_cli.pruning import PruningReporter
+    from mnistsum_cli.sweep.pruning import PruningReporter
 
     original = PruningReporter.epoch_end
 
@@ -165,7 +165,7 @@ def test_a_worker_whose_trial_another_failed_goes_on(
     refused: it says so in one line and goes on, and the study still reaches its number."""
     from optuna.trial import TrialState
 
-    from mnistsum_cli.pruning import PruningReporter
+    from mnistsum_cli.sweep.pruning import PruningReporter
 
     original = PruningReporter.epoch_end
 
@@ -283,7 +283,7 @@ def test_storage_problems_are_one_line(
     # a SQLite file another process holds locked (waited for a second here, not a minute)
     import sqlite3
 
-    monkeypatch.setattr("mnistsum_cli.sweep.SQLITE_LOCK_WAIT", 1.0)
+    monkeypatch.setattr("mnistsum_cli.sweep.study.SQLITE_LOCK_WAIT", 1.0)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:

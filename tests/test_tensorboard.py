@@ -84,7 +84,7 @@ def test_without_the_package_one_line_says_how_to_install(
 
 def test_training_without_the_flag_loads_no_tensorboard(prepared: Path) -> None:
     code = (
-        "import sys\nfrom mnistsum_cli.cli import main\ntry:\n    main(['train', '--preset', 'cpu', '--cpu', '--epochs', '1'])\n"
+        "import sys\nfrom mnistsum_cli.cli.app import main\ntry:\n    main(['train', '--preset', 'cpu', '--cpu', '--epochs', '1'])\n"
         "except SystemExit as e:\n    assert not e.code, e.code\nprint('LOADED', 'tensorboard' in sys.modules)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import FUZZ, leftovers, mutate
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
-from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
+from mnistsum_cli.store.tensorfiles import read_safetensors, write_safetensors
 
 
 @pytest.mark.parametrize(
@@ -24,18 +24,18 @@ from mnistsum_cli.tensorfiles import read_safetensors, write_safetensors
 def test_failed_safetensors_write_keeps_previous(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException, raised: type
 ) -> None:
-    import mnistsum_cli.store
+    import mnistsum_cli.store.transactions
 
     path = tmp_path / "model.safetensors"
     write_safetensors(path, {"w": torch.arange(4.0)}, {"format": MODEL_FORMAT})
     before = path.read_bytes()
-    real_write = mnistsum_cli.store.write_file
+    real_write = mnistsum_cli.store.transactions.write_file
 
     def half_write(target: Path, data: bytes) -> None:
         real_write(target, data[: len(data) // 2])
         raise error
 
-    monkeypatch.setattr(mnistsum_cli.store, "write_file", half_write)
+    monkeypatch.setattr(mnistsum_cli.store.transactions, "write_file", half_write)
     with pytest.raises(raised):
         write_safetensors(path, {"w": torch.zeros(4)}, {"format": MODEL_FORMAT})
     assert path.read_bytes() == before

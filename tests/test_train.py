@@ -13,15 +13,15 @@ import torch
 from safetensors import safe_open
 
 from conftest import VAL_SIZE, FakeMnist, leftovers
-from mnistsum_cli.checkpoint import RunState, load_model, model_weights
-from mnistsum_cli.config import PRESETS, TrainConfig
+from mnistsum_cli.data.mnist import load_mnist, resolve_source
+from mnistsum_cli.data.prepare import PrepareOptions, prepare
+from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.mnist import load_mnist, resolve_source
-from mnistsum_cli.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
-from mnistsum_cli.prepare import PrepareOptions, prepare
-from mnistsum_cli.prepared import PreparedData
-from mnistsum_cli.tensorfiles import read_safetensors
-from mnistsum_cli.train import TrainData, load_train_data, lr_at, train
+from mnistsum_cli.settings import PRESETS, TrainConfig
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
+from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.training.checkpoint import RunState, load_model, model_weights
+from mnistsum_cli.training.loop import TrainData, load_train_data, lr_at, train
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -278,7 +278,7 @@ def test_lr_is_one_cycle(total: int, warmup: float) -> None:
 
 
 def test_presets_are_valid_configs() -> None:
-    from mnistsum_cli.models import ARCHITECTURES
+    from mnistsum_cli.training.models import ARCHITECTURES
 
     for name, config in PRESETS.items():
         assert config.arch in ARCHITECTURES, name
@@ -304,7 +304,7 @@ def test_fused_resume_equals_uninterrupted(train_data: TrainData, tmp_path: Path
 
 
 def _adamw(fused: bool) -> torch.optim.Optimizer:
-    from mnistsum_cli.models import build_model
+    from mnistsum_cli.training.models import build_model
 
     model = build_model("fastnet-small").to(memory_format=torch.channels_last)
     return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
@@ -312,7 +312,7 @@ def _adamw(fused: bool) -> torch.optim.Optimizer:
 
 def _saved_state(fused: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The checkpoint tensors and param groups of an AdamW that took one step."""
-    from mnistsum_cli.checkpoint import optimizer_tensors
+    from mnistsum_cli.training.checkpoint import optimizer_tensors
 
     saved = _adamw(fused)
     for param in saved.param_groups[0]["params"]:
@@ -326,7 +326,7 @@ def _saved_state(fused: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
 def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: bool) -> None:
     """A checkpoint moves between devices: its saved fused/foreach/capturable flags must not
     replace the live optimizer's, and its moments take the live parameters' layout."""
-    from mnistsum_cli.checkpoint import load_optimizer
+    from mnistsum_cli.training.checkpoint import load_optimizer
 
     tensors, groups = _saved_state(saved_fused)
     live = _adamw(live_fused)
@@ -348,7 +348,7 @@ def test_resume_keeps_the_live_optimizer_kernel(saved_fused: bool, live_fused: b
 def test_resume_refuses_optimizer_state_that_does_not_fit_the_model(damage: str, reason: str) -> None:
     """Optimizer moments of other shapes (another version, damage) are one line before training
     starts, not a torch error in the middle of the first step."""
-    from mnistsum_cli.checkpoint import load_optimizer
+    from mnistsum_cli.training.checkpoint import load_optimizer
 
     tensors, groups = _saved_state(fused=True)
     if damage == "flatten":
@@ -369,11 +369,13 @@ def test_a_nan_loss_stops_the_run_keeping_the_epochs_saved_before(
 ) -> None:
     """Weights that turn NaN (a diverging run) stop training at the end of that epoch, with a
     message naming it; the epochs saved before stay the run's state, nothing of it is written."""
-    import mnistsum_cli.train
+    import mnistsum_cli.training.loop
 
     built: list[torch.nn.Module] = []
-    real_build = mnistsum_cli.train.build_model
-    monkeypatch.setattr(mnistsum_cli.train, "build_model", lambda arch: built.append(real_build(arch)) or built[-1])
+    real_build = mnistsum_cli.training.loop.build_model
+    monkeypatch.setattr(
+        mnistsum_cli.training.loop, "build_model", lambda arch: built.append(real_build(arch)) or built[-1]
+    )
 
     class Diverging(Recorder):
         def epoch_start(self, epoch: int, epochs: int, steps: int, batch_size: int) -> None:

@@ -1,0 +1,3 @@
+"""Training a model: the architectures, device and precision policy, torchrun, the epoch loop,
+checkpoints and resume, a run folder's life, training metrics and TensorBoard events. Imports
+data, the store and the base modules."""
