@@ -35,12 +35,12 @@ from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.data.tensors import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.evaluation.inference import predict
 from mnistsum_cli.settings import PRESETS, TrainConfig, preset
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
 from mnistsum_cli.store.splits import Dataset, Split
 from mnistsum_cli.training.checkpoint import checkpoint_model
 from mnistsum_cli.training.devices import select_device
+from mnistsum_cli.training.inference import predict
 from mnistsum_cli.training.loop import load_train_data, train
 from mnistsum_cli.training.models import ARCHITECTURES, build_model
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Optional
 from mnistsum_cli import __version__
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import BadOption, MnistsumError, first_line
-from mnistsum_cli.evaluation.inference import EVAL_BATCH_SIZE
 from mnistsum_cli.evaluation.onnx_runtime import (
     INPUT_NAMES,
     INPUTS_TEXT,
@@ -38,6 +37,7 @@ from mnistsum_cli.store.fingerprints import fingerprint_bytes, fingerprint_file,
 from mnistsum_cli.store.paths import ONNX_FORMAT, RunDir
 from mnistsum_cli.store.schemas import MODEL_META
 from mnistsum_cli.store.transactions import commit, read_consistently, replace_file
+from mnistsum_cli.training.inference import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -195,8 +195,8 @@ def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset
     import torch
 
     from mnistsum_cli.data.tensors import split_tensors
-    from mnistsum_cli.evaluation.inference import predict
     from mnistsum_cli.training.checkpoint import load_model_bytes
+    from mnistsum_cli.training.inference import predict
 
     require_extra("export")
     check_opset(opset)

@@ -27,13 +27,13 @@ from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.data.tensors import split_tensors
 from mnistsum_cli.evaluation.evaluate import evaluate_model
-from mnistsum_cli.evaluation.inference import predict
 from mnistsum_cli.evaluation.predict import predict_digits
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, DataDir, RunDir
 from mnistsum_cli.store.tensorfiles import read_safetensors
 from mnistsum_cli.training.checkpoint import load_model
 from mnistsum_cli.training.devices import autocast_dtype, precision_name
+from mnistsum_cli.training.inference import predict
 from mnistsum_cli.training.loop import load_train_data, train, train_model
 from mnistsum_cli.training.models import ARCHITECTURES
 from test_train import InterruptAfter, assert_same_tensors

@@ -16,13 +16,13 @@ from mnistsum_cli import __version__
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.data.tensors import SplitTensors, augment, normalise, split_tensors
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.evaluation.inference import predict
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.fingerprints import now_iso
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.training.checkpoint import Learner, RunState, load_checkpoint, save_epoch
 from mnistsum_cli.training.devices import autocast_dtype, configure_reproducibility, precision_name
 from mnistsum_cli.training.distributed import SINGLE_PROCESS, Group
+from mnistsum_cli.training.inference import predict
 from mnistsum_cli.training.metrics import StepRecorder
 from mnistsum_cli.training.models import build_model
 
