@@ -80,7 +80,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-STATIC_FILES = {  # URL path -> (file in mnistsum_cli/static, media type); nothing else is served from there
+STATIC_FILES = {  # URL path -> (file in mnistsum_cli/serve/static, media type); nothing else is served from there
     "/": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
@@ -502,7 +502,7 @@ def create_app(follower: ModelFollower, hosts: "KnownHosts") -> "SecurityHeaders
     header `hosts` knows."""
     run, device = follower.run, follower.device
     static = {
-        path: (resources.files("mnistsum_cli").joinpath("static", name).read_bytes(), media)
+        path: (resources.files("mnistsum_cli.serve").joinpath("static", name).read_bytes(), media)
         for path, (name, media) in STATIC_FILES.items()
     }
 
