@@ -38,7 +38,7 @@ from mnistsum_cli.training.models import build_model
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli import serve as serve_module  # noqa: E402
+from mnistsum_cli.serve import app as serve_module  # noqa: E402
 from mnistsum_cli.serve.app import (  # noqa: E402
     BODY_SECONDS,
     GRACE_SECONDS,
