@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from mnistsum_cli import terminal
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV, RAW_FILES
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
@@ -126,6 +127,10 @@ def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> C
 
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.setenv("TERMINAL_WIDTH", "200")
+    for console in (terminal.console, terminal.error_console):
+        # rich fixes a console's width from COLUMNS when it is made, at import: pytest-xdist's
+        # workers import with COLUMNS=80. Let the width follow the environment the test sets.
+        monkeypatch.setattr(console, "_width", None)
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     monkeypatch.delenv(MNIST_DIR_ENV, raising=False)  # tests that want it set it themselves
 
