@@ -32,6 +32,11 @@ def notice(message: str) -> None:
     error_console.print(f"[yellow]note:[/] {escape(printable(message))}", soft_wrap=True)
 
 
+def line(text: str) -> None:
+    """One line on stdout as it is, never wrapped (a sweep's trial lines: several processes write them)."""
+    console.print(escape(printable(text)), soft_wrap=True)
+
+
 def printable(text: str) -> str:
     """`text` as valid Unicode: the bytes of a file name that are not UTF-8 (Python holds them as
     lone surrogates, which no UTF-8 output or JSON reader accepts) shown as \\xNN."""

@@ -17,7 +17,7 @@ import pytest
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, mnistsum_process
 from mnistsum_cli.data.prepared import read_dataset_header
 from mnistsum_cli.store.paths import DataDir
-from mnistsum_cli.sweep.study import retried_number
+from mnistsum_cli.sweep.storage import retried_number
 from pgserver import postgres_binaries, postgres_server
 
 optuna = pytest.importorskip("optuna")
@@ -283,7 +283,7 @@ def test_storage_problems_are_one_line(
     # a SQLite file another process holds locked (waited for a second here, not a minute)
     import sqlite3
 
-    monkeypatch.setattr("mnistsum_cli.sweep.study.SQLITE_LOCK_WAIT", 1.0)
+    monkeypatch.setattr("mnistsum_cli.sweep.storage.SQLITE_LOCK_WAIT", 1.0)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
