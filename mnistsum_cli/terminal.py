@@ -73,3 +73,9 @@ def warning(message: str) -> None:
 def percent(value: float) -> str:
     """A share as a percentage; "n/a" for NaN (a probability of NaN weights: no share at all)."""
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def value_text(value: Any) -> str:
+    """A setting's value in a line or table: a float to 4 significant digits (an lr Optuna drew
+    has 17), anything else as str() writes it."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

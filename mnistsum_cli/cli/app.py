@@ -647,7 +647,7 @@ def runs_command(
 ) -> None:
     """List the training runs in --artifacts: the current one and each kept in previous/.
 
-    One row per run: id, start, state (complete, or interrupted at epoch k of n), the settings that differ between the runs (the others in the caption), device, precision, processes, training seconds, kept epoch, val and test accuracy. --json and --csv print all settings.
+    One row per run: short id, start, state (complete, or interrupted at epoch k of n), the settings that differ between the runs (the others, and the device when the same for all, in the caption), training seconds, val and test accuracy; folders that hold no run below. Readable at 80 columns; piped, one line per run. --json and --csv print every column.
     """
     from mnistsum_cli.cli import listings
     from mnistsum_cli.training.runlist import as_csv as csv_text

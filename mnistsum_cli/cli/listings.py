@@ -17,7 +17,7 @@ from rich.cells import cell_len
 from rich.table import Table
 from rich.text import Text
 
-from mnistsum_cli.terminal import console, printable
+from mnistsum_cli.terminal import console, printable, value_text
 
 if TYPE_CHECKING:
     from mnistsum_cli.sweep.summary import ShownStudy
@@ -165,10 +165,10 @@ def device_text(row: dict[str, Any]) -> str:
 
 
 def trial_text(row: dict[str, Any]) -> str:
-    """A run's sweep trial: `study #3 pruned` (its value is the val sum column's)."""
+    """A run's sweep trial: `study #3 pruned 41.25` (a pruned trial's value is its last epoch's)."""
     if row["study"] is None:
         return ""
-    return f"{row['study']} #{row['trial']} {row['trial_state']}"
+    return f"{row['study']} #{row['trial']} {row['trial_state']} {share(row['trial_value'])}".rstrip()
 
 
 def runs_table(entries: list[RunEntry], differ: list[str], same: dict[str, Any], folder: Path) -> None:
@@ -196,14 +196,14 @@ def runs_table(entries: list[RunEntry], differ: list[str], same: dict[str, Any],
         "val digit",
         "val sum",
         *(["test digit", "test sum"] if tested else []),
-        *(["trial"] if trials else []),
+        *(["sweep trial"] if trials else []),
     ]
     rows = [
         [
             str(row["run_id"])[:SHORT_ID],
             started_text(row["started"]),
             row["state"],
-            *[str(row[name]) for name in differ],
+            *[value_text(row[name]) for name in differ],
             *([device_text(row)] if len(devices) > 1 else []),
             f"{row['train_seconds']:.1f}",
             share(row["val_digit_accuracy"]),
@@ -229,8 +229,6 @@ def shown_folder(path: Path, folder: Path) -> str:
 
 def sweep_table(shown: ShownStudy) -> None:
     """`mnistsum sweep --show`: one row per trial of the study, then the best trial(s)."""
-    from mnistsum_cli.sweep.summary import value_text
-
     if not shown.rows:
         say(f"{shown.title}: no trials yet")
         return

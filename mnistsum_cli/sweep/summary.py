@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.sweep.storage import retried_number
-from mnistsum_cli.terminal import percent
+from mnistsum_cli.terminal import percent, value_text
 
 if TYPE_CHECKING:
     import optuna
@@ -37,10 +37,6 @@ def finished_count(counts: Counter) -> int:
 
 def settings_text(params: dict[str, Any], names: list[str]) -> str:
     return ", ".join(f"{name} {value_text(params[name])}" for name in names if name in params)
-
-
-def value_text(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def values_text(trial: optuna.trial.FrozenTrial) -> str:
