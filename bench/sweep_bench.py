@@ -47,7 +47,7 @@ def plan_for(storage: str, study: str, args: argparse.Namespace, pruner: str, da
     """The plan `mnistsum sweep --cpu --seed 0` makes, with the epochs fixed when --epochs."""
     from dataclasses import replace
 
-    from mnistsum_cli.sweep.study import make_plan
+    from mnistsum_cli.sweep.plan import make_plan
 
     plan = make_plan(
         study=study,
@@ -74,7 +74,10 @@ def in_process_sweep(storage: str, study: str, args: argparse.Namespace, data: P
     """One worker in this process; its time split into run_training and the rest."""
     from mnistsum_cli.data.prepared import PreparedData
     from mnistsum_cli.store.paths import DataDir
-    from mnistsum_cli.sweep.study import Worker, finished_count, load_study, open_study, trial_counts
+    from mnistsum_cli.sweep.plan import open_study
+    from mnistsum_cli.sweep.storage import load_study
+    from mnistsum_cli.sweep.summary import finished_count, trial_counts
+    from mnistsum_cli.sweep.worker import Worker
 
     plan = plan_for(storage, study, args, pruner, data)
     open_study(plan, PreparedData(DataDir(data)).header.dataset_id)

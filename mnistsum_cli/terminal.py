@@ -32,6 +32,11 @@ def notice(message: str) -> None:
     error_console.print(f"[yellow]note:[/] {escape(printable(message))}", soft_wrap=True)
 
 
+def line(text: str) -> None:
+    """One line on stdout as it is, never wrapped (a sweep's trial lines: several processes write them)."""
+    console.print(escape(printable(text)), soft_wrap=True)
+
+
 def printable(text: str) -> str:
     """`text` as valid Unicode: the bytes of a file name that are not UTF-8 (Python holds them as
     lone surrogates, which no UTF-8 output or JSON reader accepts) shown as \\xNN."""
@@ -68,3 +73,9 @@ def warning(message: str) -> None:
 def percent(value: float) -> str:
     """A share as a percentage; "n/a" for NaN (a probability of NaN weights: no share at all)."""
     return "n/a" if math.isnan(value) else f"{100 * value:.2f}%"
+
+
+def value_text(value: Any) -> str:
+    """A setting's value in a line or table: a float to 4 significant digits (an lr Optuna drew
+    has 17), anything else as str() writes it."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

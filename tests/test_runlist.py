@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from listing_checks import assert_readable
 from PIL import Image
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, snapshot
@@ -83,6 +84,67 @@ def test_runs_table_shows_what_differs_and_captions_the_rest(
     assert "all runs: arch lean" in " ".join(out.split())
     assert "interrupted at epoch 1 of 2" in out and "not a run" in out and "unreadable" in out
     assert "Traceback" not in out + err
+
+
+TITLE = "runs in artifacts (accuracy in %)"
+TABLE_HEADERS = [
+    "run id",
+    "started",
+    "state",
+    "epochs",
+    "lr",
+    "train s",
+    "val digit",
+    "val sum",
+    "test digit",
+    "test sum",
+]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_runs_is_readable_at_80_columns_and_piped(
+    many_runs: Path, run_cli, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    """In an 80-column terminal the table fits, no header word split and each run id on one line;
+    piped, one line per run however long, its state whole."""
+    monkeypatch.chdir(many_runs)  # a short title
+    monkeypatch.setenv("COLUMNS", "80")
+    if terminal:
+        monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: the output is a terminal
+    code, out, err = run_cli("runs", "--artifacts", "artifacts")
+    assert code == 0 and err == "", err
+    listed = [row for row in rows(run_cli, "artifacts") if row["run_id"]]
+    ids = [row["run_id"][:8] for row in listed]
+    lines = assert_readable(out, TITLE, TABLE_HEADERS, ids, 80 if terminal else None)
+    if not terminal:
+        header = next(line for line in lines if line.startswith("run id"))
+        assert header.split() == [word for name in TABLE_HEADERS for word in name.split()]
+        stopped = next(row["run_id"][:8] for row in listed if row["state"].startswith("interrupted"))
+        assert any(line.split()[:1] == [stopped] and "interrupted at epoch 1 of 2" in line for line in lines)
+        assert len([line for line in lines if line.split()[:1] in ([run] for run in ids)]) == len(ids)
+    assert "previous/notes: not a run (no history.json)" in out
+    assert "all runs: arch lean" in " ".join(out.split())
+
+
+def test_runs_in_a_narrow_terminal_is_one_entry_per_run(
+    many_runs: Path, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too narrow for the table's longest words: each run an entry of `header value`s, wrapped
+    between words."""
+    monkeypatch.chdir(many_runs)
+    monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    code, out, err = run_cli("runs", "--artifacts", "artifacts")
+    assert code == 0 and err == "", err
+    ids = [row["run_id"][:8] for row in rows(run_cli, "artifacts") if row["run_id"]]
+    lines = assert_readable(out, TITLE, [], ids, 40)
+    assert [line.split()[0] for line in lines if line.split()[:1] in ([run] for run in ids)] == ids
+    assert "state interrupted at epoch 1 of 2" in " ".join(out.split())
+
+
+def test_runs_of_an_empty_folder_says_so(run_cli, tmp_path: Path) -> None:
+    code, out, err = run_cli("runs", "--artifacts", tmp_path)
+    assert (code, out, err) == (0, f"no runs in {tmp_path}\n", "")
 
 
 def test_runs_csv_has_every_column(many_runs: Path, run_cli) -> None:

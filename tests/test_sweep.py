@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from listing_checks import assert_readable
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, mnistsum_process
 from mnistsum_cli.data.prepared import read_dataset_header
 from mnistsum_cli.store.paths import DataDir
-from mnistsum_cli.sweep.study import retried_number
+from mnistsum_cli.sweep.storage import retried_number
 from pgserver import postgres_binaries, postgres_server
 
 optuna = pytest.importorskip("optuna")
@@ -66,7 +67,9 @@ def states(study: optuna.Study) -> list[str]:
     return [trial.state.name for trial in study.get_trials()]
 
 
-def test_a_sweep_reaches_its_trials_and_a_rerun_continues(run_cli, prepared: Path, tmp_path: Path) -> None:
+def test_a_sweep_reaches_its_trials_and_a_rerun_continues(
+    run_cli, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     artifacts = tmp_path / "artifacts"
     code, out, err = run_cli(*sweep_args(prepared, artifacts, "--trials", 2, "--seed", 0))
     assert code == 0, err
@@ -107,6 +110,39 @@ def test_a_sweep_reaches_its_trials_and_a_rerun_continues(run_cli, prepared: Pat
     assert sorted(listed) == [0, 1, 2]
     assert listed[1]["study"] == "sweep" and listed[1]["trial_state"] == "complete"
     assert listed[1]["trial_value"] == record["value"] == listed[1]["val_sum_accuracy"]
+
+    # the tables, in an 80-column terminal and piped: no header word split, each trial whole
+    monkeypatch.chdir(tmp_path)  # short titles
+    monkeypatch.setenv("COLUMNS", "80")
+    url = "sqlite:///artifacts/sweeps/sweep/study.db"
+    for terminal in ("1", "0"):
+        monkeypatch.setenv("TTY_COMPATIBLE", terminal)
+        code, out, err = run_cli("sweep", "--show", "--storage", url)
+        assert code == 0 and err == "", err
+        headers = ["trial", "state", "val sum", "train s", "epochs", "lr"]
+        width = 80 if terminal == "1" else None
+        lines = assert_readable(out, f"study sweep in {url} (accuracy in %)", headers, ["0", "1", "2"], width)
+        assert [line.split()[:2] for line in lines if line.split()[:1] in (["0"], ["1"], ["2"])] == [
+            [str(number), "complete"] for number in range(3)
+        ]
+        assert lines[-1].startswith("best: trial ")
+        code, out, err = run_cli("runs", "--artifacts", "artifacts")
+        assert code == 0 and err == "", err
+        ids = [row["run_id"][:8] for row in listed.values()]
+        headers = ["run id", "started", "state", "lr", "train s", "val digit", "val sum", "sweep trial"]
+        lines = assert_readable(out, "runs in artifacts (accuracy in %)", headers, ids, width)
+        if terminal == "0":  # piped: a run's line holds its trial
+            trial_1 = next(line for line in lines if line.startswith(listed[1]["run_id"][:8]))
+            assert trial_1.endswith(f"sweep #1 complete {100 * record['value']:.2f}")
+
+
+def test_show_of_a_study_without_trials_says_so(run_cli, tmp_path: Path) -> None:
+    """A sweep stopped before its first trial leaves an empty study: one line, not an empty table."""
+    folder = tmp_path / "artifacts" / "sweeps" / "empty"
+    folder.mkdir(parents=True)
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{folder / 'study.db'}")
+    code, out, err = run_cli("sweep", "--show", "--study", "empty", "--artifacts", tmp_path / "artifacts")
+    assert (code, err) == (0, "") and out == f"study empty in sqlite:///{folder / 'study.db'}: no trials yet\n"
 
 
 def test_a_hopeless_trial_is_pruned_at_an_epoch_end(run_cli, prepared: Path, tmp_path: Path) -> None:
@@ -283,7 +319,7 @@ def test_storage_problems_are_one_line(
     # a SQLite file another process holds locked (waited for a second here, not a minute)
     import sqlite3
 
-    monkeypatch.setattr("mnistsum_cli.sweep.study.SQLITE_LOCK_WAIT", 1.0)
+    monkeypatch.setattr("mnistsum_cli.sweep.storage.SQLITE_LOCK_WAIT", 1.0)
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:

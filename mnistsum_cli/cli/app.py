@@ -591,6 +591,7 @@ def sweep(
 
     Trials maximise validation sum accuracy (never the test split). Running the command again continues the study; another machine joins with the same --storage and --study. At the end: the best trial's `mnistsum train` command, and plots in the study folder. Needs the sweep extra: pip install 'mnistsum\\[sweep]'.
     """
+    from mnistsum_cli.cli import listings
     from mnistsum_cli.sweep.study import check_installed, show_study, start_sweep
 
     check_installed()
@@ -599,9 +600,15 @@ def sweep(
     if (as_json or as_csv) and not show:
         raise BadOption("--json and --csv go with --show")
     if show:
-        show_study(study, storage, artifacts, as_json, as_csv)
+        shown = show_study(study, storage, artifacts)
+        if as_json:
+            terminal.print_json(shown.rows)
+        elif as_csv:
+            typer.echo(shown.as_csv(), nl=False)
+        else:
+            listings.sweep_table(shown)
         return
-    start_sweep(
+    plots = start_sweep(
         study=study,
         trials=trials,
         jobs=jobs,
@@ -619,6 +626,7 @@ def sweep(
         artifacts=artifacts,
         mnist_dir=mnist_dir,
     )
+    report.written(plots)
 
 
 # --------------------------------------------------------------------------- runs side by side
@@ -639,8 +647,9 @@ def runs_command(
 ) -> None:
     """List the training runs in --artifacts: the current one and each kept in previous/.
 
-    One row per run: id, start, state (complete, or interrupted at epoch k of n), the settings that differ between the runs (the others in the caption), device, precision, processes, training seconds, kept epoch, val and test accuracy. --json and --csv print all settings.
+    One row per run: short id, start, state (complete, or interrupted at epoch k of n), the settings that differ between the runs (the others, and the device when the same for all, in the caption), training seconds, val and test accuracy; folders that hold no run below. Readable at 80 columns; piped, one line per run. --json and --csv print every column.
     """
+    from mnistsum_cli.cli import listings
     from mnistsum_cli.training.runlist import as_csv as csv_text
     from mnistsum_cli.training.runlist import differing_settings, list_runs
 
@@ -652,7 +661,7 @@ def runs_command(
     elif as_csv:
         typer.echo(csv_text(entries), nl=False)
     else:
-        report.runs_table(entries, *differing_settings(entries), artifacts)
+        listings.runs_table(entries, *differing_settings(entries), artifacts)
 
 
 @app.command(
