@@ -158,8 +158,11 @@ def test_evaluate_refuses_model_of_another_dataset(fake_mnist: FakeMnist, workdi
     assert code == 0, err
     code, out, err = run_cli("evaluate", "--cpu")
     assert code == 1
+    assert "--allow-mismatch" in assert_one_line_error(err, out)
+    code, out, err = run_cli("evaluate", "--cpu", "--force")  # `run --force` redoes stages: not this
+    assert code == 2
     assert "--force" in assert_one_line_error(err, out)
-    code, out, err = run_cli("evaluate", "--cpu", "--force")
+    code, out, err = run_cli("evaluate", "--cpu", "--allow-mismatch")
     assert code == 0, err
 
 

@@ -1,5 +1,5 @@
-"""The command line before any stage runs: fast start-up without the heavy libraries, help
-texts, deprecated folder options, and a quiet exit on a closed pipe."""
+"""The command line before any stage runs: fast start-up without the heavy libraries, refusals
+before torch loads, help texts, one meaning per flag, and a quiet exit on a closed pipe."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
+from conftest import assert_one_line_error
+from mnistsum_cli.cli.preflight import cuda_driver_missing
 from mnistsum_cli.settings import PRESETS, describe_preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,21 @@ HEAVY = (
     "optuna",
     "sqlalchemy",
 )
+
+COMMANDS = [
+    "prepare",
+    "train",
+    "evaluate",
+    "plot",
+    "predict",
+    "run",
+    "status",
+    "serve",
+    "runs",
+    "compare",
+    "export",
+    "sweep",
+]
 
 
 def python(code: str, **kwargs) -> subprocess.CompletedProcess:
@@ -97,10 +113,7 @@ def flattened(text: str) -> str:
     return " ".join(text.replace("│", " ").split())
 
 
-@pytest.mark.parametrize(
-    "command",
-    ["prepare", "train", "evaluate", "plot", "predict", "run", "status", "serve", "runs", "compare", "export", "sweep"],
-)
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> None:
     """No `<bool>` after flags; no ' .' left where rich took a '[...]' in a help text for markup."""
     code, out, err = run_cli(command, "--help")
@@ -108,6 +121,37 @@ def test_help_has_no_flag_placeholder_or_eaten_markup(run_cli, command: str) -> 
     for text in (out, run_cli("--help")[1]):
         assert "<bool>" not in text
         assert " ." not in flattened(text)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_placeholders_are_words_not_python_types(run_cli, command: str) -> None:
+    code, out, err = run_cli(command, "--help")
+    assert code == 0, err
+    for python_type in ("list[", "<str>", "<int>", "<float>", "{"):
+        assert python_type not in out, f"{command} --help shows {python_type}"
+
+
+def test_arguments_read_as_their_metavars(run_cli) -> None:
+    predict, compare = (flattened(run_cli(command, "--help")[1]) for command in ("predict", "compare"))
+    assert "Usage: mnistsum predict [OPTIONS] [IMAGE...]" in predict
+    assert "IMAGE... PNG, JPEG" in predict
+    assert "Usage: mnistsum compare [OPTIONS] RUN..." in compare
+    assert "RUN... Run ids" in compare
+    sweep = flattened(run_cli("sweep", "--help")[1])
+    assert "--study NAME" in sweep and "--storage URL" in sweep and "--gpus IDS" in sweep
+
+
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("evaluate", "Split to measure."),
+        ("predict", "Split whose row --index predicts."),
+        ("run", "Split the evaluate stage measures."),
+        ("status", "Split whose evaluation the table shows."),
+    ],
+)
+def test_split_says_what_each_command_does_with_it(run_cli, command: str, says: str) -> None:
+    assert says in flattened(run_cli(command, "--help")[1])
 
 
 def test_training_help(run_cli) -> None:
@@ -134,18 +178,56 @@ def test_folder_options_are_data_and_artifacts_everywhere(run_cli) -> None:
             assert "--artifacts" in text, command
 
 
-def test_deprecated_out_still_works_with_a_note(fake_mnist: FakeMnist, in_tmp: Path, run_cli) -> None:
-    code, out, err = run_cli("prepare", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--out", "splits")
-    assert code == 0, err
-    assert "--out is deprecated" in err and "--data splits" in err
-    assert (in_tmp / "splits" / "train.parquet").is_file()
-    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--data", "splits", "--out", "runs")
-    assert code == 0, err
-    assert "--out is deprecated" in err and "--artifacts runs" in err
-    assert (in_tmp / "runs" / "model.safetensors").is_file()
-    code, out, err = run_cli("train", "--cpu", "--artifacts", "a", "--out", "b")
-    assert code == 2
-    assert "--out" in assert_one_line_error(err, out)
+def test_out_names_a_file_to_write_and_no_folder(in_tmp: Path, run_cli) -> None:
+    """--out, deprecated for --data/--artifacts through 0.1.0, is gone from prepare and train:
+    --out is the file `compare` and `export` write, and nothing else."""
+    for argv in (["prepare", "--out", "elsewhere"], ["train", "--cpu", "--out", "elsewhere"]):
+        code, out, err = run_cli(*argv)
+        assert code == 2, argv
+        assert "No such option: --out" in assert_one_line_error(err, out)
+    assert not list(in_tmp.iterdir())
+    for command in ("compare", "export"):
+        assert "--out" in flattened(run_cli(command, "--help")[1])
+
+
+def test_force_redoes_stages_and_allow_mismatch_takes_other_inputs(run_cli) -> None:
+    """`run --force` redoes every stage; evaluate and plot take inputs of another run with
+    --allow-mismatch, and have no --force."""
+    assert "Redo every stage" in flattened(run_cli("run", "--help")[1])
+    assert "--allow-mismatch" not in flattened(run_cli("run", "--help")[1])
+    for command in ("evaluate", "plot"):
+        text = flattened(run_cli(command, "--help")[1])
+        assert "--allow-mismatch" in text and "--force" not in text, command
+
+
+GPU_REFUSALS = [
+    ["train", "--gpu", "0"],
+    ["evaluate", "--gpu", "0"],
+    ["run", "--gpu", "1"],
+    ["predict", "seven.png", "--number", "3", "--gpu", "0"],
+    ["predict", "--index", "0", "--gpu", "0"],
+    ["serve", "--gpu", "0"],
+]
+
+
+@pytest.mark.skipif(not cuda_driver_missing(), reason="a CUDA driver is installed: torch decides about --gpu")
+@pytest.mark.parametrize("argv", GPU_REFUSALS, ids=[" ".join(argv) for argv in GPU_REFUSALS])
+def test_gpu_without_a_cuda_driver_is_refused_before_torch(tmp_path: Path, argv: list[str]) -> None:
+    """On a machine without CUDA, --gpu is refused in one line (exit 2) before torch loads, in
+    well under 0.5 s of the command's own time (importing torch to ask takes seconds)."""
+    code = (
+        "import sys, time\nfrom mnistsum_cli.cli.app import main\nstart = time.perf_counter()\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+        "print('SECONDS:', time.perf_counter() - start)\nprint('CODE:', code)\n"
+        f"print('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
+    )
+    result = python(code, cwd=tmp_path)
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["CODE"].strip() == "2", result.stderr
+    assert lines["LOADED"].strip() == "", lines["LOADED"]
+    assert "CUDA is not available" in assert_one_line_error(result.stderr, "")
+    assert float(lines["SECONDS"]) < 0.5, lines["SECONDS"]
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])

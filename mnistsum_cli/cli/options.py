@@ -16,20 +16,20 @@ from mnistsum_cli.data.prepare import DEFAULT_VAL_SIZE
 from mnistsum_cli.settings import MAX_SEED, PRESETS, Setting, describe_preset, setting_fields
 from mnistsum_cli.store.paths import SPLITS
 
-PATHS, DEVICE, SETTINGS = "Paths", "Device", "Training settings (override the preset)"
+# the help panels the options are grouped in
+PATHS_PANEL, DEVICE_PANEL, SETTINGS_PANEL = "Paths", "Device", "Training settings (override the preset)"
 
 DataOption = Annotated[
-    Path, typer.Option("--data", help="Folder of the Parquet splits (prepare writes it).", rich_help_panel=PATHS)
+    Path, typer.Option("--data", help="Folder of the Parquet splits (prepare writes it).", rich_help_panel=PATHS_PANEL)
 ]
 ArtifactsOption = Annotated[
     Path,
     typer.Option(
         "--artifacts",
         help="Folder of weights, history, evaluations and plots (train writes it).",
-        rich_help_panel=PATHS,
+        rich_help_panel=PATHS_PANEL,
     ),
 ]
-OutOption = Annotated[Optional[Path], typer.Option("--out", hidden=True, help="Deprecated: --data / --artifacts.")]
 MnistDirOption = Annotated[
     Optional[Path],
     typer.Option(
@@ -38,15 +38,15 @@ MnistDirOption = Annotated[
         help="Existing MNIST folder (holding MNIST/raw/*-ubyte); nothing is downloaded. "
         "Without it, prepare downloads into data/ and later stages use the folder prepare read.",
         show_default=False,
-        rich_help_panel=PATHS,
+        rich_help_panel=PATHS_PANEL,
     ),
 ]
 GpuOption = Annotated[
     Optional[int],
-    typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE),
+    typer.Option("--gpu", min=0, help="Run on CUDA device N.", show_default=False, rich_help_panel=DEVICE_PANEL),
 ]
 CpuOption = Annotated[
-    bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE)
+    bool, typer.Option("--cpu", help="Run on the CPU even when a GPU exists.", rich_help_panel=DEVICE_PANEL)
 ]
 RUNTIMES = ("torch", "onnx")  # --runtime: model.safetensors on torch, or model.onnx on onnxruntime (onnx_runtime.py)
 RuntimeOption = Annotated[
@@ -54,11 +54,15 @@ RuntimeOption = Annotated[
     typer.Option(
         "--runtime",
         help="torch: model.safetensors; onnx: model.onnx (`mnistsum export`) on onnxruntime, on the CPU, without torch.",
-        rich_help_panel=DEVICE,
+        rich_help_panel=DEVICE_PANEL,
     ),
 ]
-SplitOption = Annotated[Literal[SPLITS], typer.Option(help="Split to measure.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Use inputs even if they come from another run.")]
+
+
+def split_option(what: str) -> Any:
+    """--split, with `what` it does in this command: one help text would fit no two commands."""
+    return Annotated[Literal[SPLITS], typer.Option("--split", help=what)]
+
 
 ValSizeOption = Annotated[int, typer.Option(min=1, help="MNIST train images held out for validation.")]
 LimitOption = Annotated[
@@ -122,7 +126,7 @@ def setting_option(name: str, kind: type, setting: Setting) -> Any:
         callback=check,
         help=setting.help,
         show_default=False,
-        rich_help_panel=SETTINGS,
+        rich_help_panel=SETTINGS_PANEL,
     )
     return Annotated[Optional[value_type], option]
 

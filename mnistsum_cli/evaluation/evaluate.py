@@ -27,7 +27,7 @@ def check_model_matches(model_meta: dict[str, Any], dataset: Dataset, force: boo
     if model_meta.get("dataset_id") != dataset.dataset_id and not force:
         raise MnistsumError(
             "the model was trained on another dataset than the one in the data folder: "
-            "rerun `mnistsum train`, or pass --force to evaluate it anyway"
+            "rerun `mnistsum train`, or pass --allow-mismatch to evaluate it anyway"
         )
 
 

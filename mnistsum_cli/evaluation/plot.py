@@ -224,7 +224,7 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
         if metrics["model"]["sha256"] != model_sha and not force:
             raise MnistsumError(
                 f"{path} evaluates another model than {run.model}: rerun `mnistsum evaluate --split {split}`"
-                " (or pass --force)"
+                " (or pass --allow-mismatch)"
             )
         evaluations[split] = metrics
     return evaluations
@@ -266,7 +266,7 @@ def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Pa
     MODEL_META.check(model_meta, run.model)
     if history["run_id"] != model_meta["run_id"] and not force:
         raise MnistsumError(
-            f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --force)"
+            f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --allow-mismatch)"
         )
     evaluations = current_evaluations(run, model_meta, force)
     galleries, mnist = {}, None
