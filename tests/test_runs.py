@@ -13,8 +13,8 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli.settings import PRESETS, TrainConfig
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.transactions import commit
-from mnistsum_cli.training.run import choose_config, few_steps_warning
-from mnistsum_cli.training.setaside import aside_folder, set_aside
+from mnistsum_cli.training.run import aside_folder, set_aside
+from mnistsum_cli.training.session import choose_config, few_steps_warning
 
 
 def run_id(artifacts: Path) -> str:

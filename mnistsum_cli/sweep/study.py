@@ -2,7 +2,7 @@
 
 A study lives in an Optuna storage (SQLite in the study folder by default; PostgreSQL or any
 database Optuna supports lets processes on many machines join). Each worker process asks the
-storage for a trial, trains it through runs.run_training into <artifacts>/sweeps/<study>/
+storage for a trial, trains it through session.run_training into <artifacts>/sweeps/<study>/
 trial-<n>/ (so `runs`, `compare`, `evaluate`, `plot` and `serve` read it like any run), and
 tells the result back; the storage's unique trial numbers keep two workers out of one folder.
 Heartbeats fail the trial of a killed worker, and it is retried once. docs/sweep.md tells how.
@@ -424,7 +424,7 @@ class Worker:
 
         from mnistsum_cli.sweep.pruning import PruningReporter
         from mnistsum_cli.training.loop import SilentReporter
-        from mnistsum_cli.training.run import continue_command, run_training
+        from mnistsum_cli.training.session import continue_command, run_training
 
         self.current = trial.number
         config = self.plan.space.config(self.plan.base, trial)
@@ -435,7 +435,7 @@ class Worker:
         state, seconds = "failed", None
         started = time.perf_counter()
         try:
-            outcome = run_training(
+            trained = run_training(
                 config,
                 self.prepared,
                 run,
@@ -445,7 +445,7 @@ class Worker:
                 notify=self._notice_once,
                 reporter=reporter,
             )
-            state, seconds = "complete", outcome.train_seconds
+            state, seconds = "complete", trained.train_seconds
         except optuna.TrialPruned:
             state = "pruned"
             raise
@@ -484,9 +484,9 @@ def write_trial_record(
     how it ended. None when the trial saved no epoch (nothing to describe)."""
     from mnistsum_cli.store.schemas import HISTORY
     from mnistsum_cli.store.transactions import commit
-    from mnistsum_cli.training.run import saved_run
+    from mnistsum_cli.training.run import Run
 
-    saved = saved_run(run)
+    saved = Run.saved(run)
     if saved is None:
         return None
     epochs = HISTORY.read_json(run.history)["epochs"]
