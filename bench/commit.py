@@ -41,7 +41,7 @@ def per_file_writes(trained, learner, improved: bool) -> None:
     from mnistsum_cli.training.checkpoint import WEIGHTS_PREFIX, optimizer_tensors
     from mnistsum_cli.training.run import COMMON_KEYS
 
-    run_info, state, run = trained.setup, trained, trained.folder  # a Run in the names of before
+    setup, state, run = trained.setup, trained, trained.folder  # a Run, in the old code's names
 
     def atomic(path: Path, write) -> None:
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -51,7 +51,7 @@ def per_file_writes(trained, learner, improved: bool) -> None:
             os.fsync(written.fileno())
         os.replace(name, path)
 
-    common = {key: run_info[key] for key in COMMON_KEYS}
+    common = {key: setup[key] for key in COMMON_KEYS}
     encode = lambda meta: {key: json.dumps(value) for key, value in meta.items()}  # noqa: E731
     if improved:
         tensors = {n: t.detach().contiguous() for n, t in learner.model.state_dict().items()}
@@ -65,7 +65,7 @@ def per_file_writes(trained, learner, improved: bool) -> None:
     for path, data in (
         (run.history, {**common, "epochs": state.history}),
         (run.train_state, {**common, "epoch": state.epoch}),
-        (run.config, run_info),
+        (run.config, setup),
     ):
         atomic(path, lambda tmp, data=data: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 

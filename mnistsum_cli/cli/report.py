@@ -142,11 +142,12 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
 def train_summary(run: Run, device: str) -> None:
     """What `train` (and `run`'s train stage) says: the epochs this call trained (after --resume,
     not the ones saved before), its timings and the epoch kept."""
+    from mnistsum_cli.training.run import epoch_count
+
     best = run.kept_record
-    count = f"{run.trained_now} epoch{'s' if run.trained_now != 1 else ''}"
     resumed = f" (epochs {run.begun_at + 1}-{run.epoch} of {run.config.epochs}, resumed)" if run.begun_at else ""
     console.print(
-        f"trained {count}{resumed} on {device}: training loop {run.train_seconds:.1f} s, "
+        f"trained {epoch_count(run.trained_now)}{resumed} on {device}: training loop {run.train_seconds:.1f} s, "
         f"data load {run.load_seconds:.1f} s; kept epoch {run.best_epoch} "
         f"(val digit {percent(best['val_digit_accuracy'])}, val sum {percent(best['val_sum_accuracy'])})",
         soft_wrap=True,

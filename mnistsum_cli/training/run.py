@@ -87,15 +87,15 @@ class Run:
     def load(cls, folder: RunDir) -> Run:
         """The run saved in `folder` by its train_state.json (no epoch records: the small file
         `status` and `--resume` need); MnistsumError when it cannot be read."""
-        state = TRAIN_STATE.read_json(folder.train_state)
+        train_state = TRAIN_STATE.read_json(folder.train_state)
         return cls(
             folder,
-            run_id=state["run_id"],
-            config=TrainConfig.from_dict(state["config"]),
-            dataset_id=state["dataset_id"],
-            epoch=state["epoch"],
-            best_epoch=state["best_epoch"],
-            world_size=state.get("world_size", 1),
+            run_id=train_state["run_id"],
+            config=TrainConfig.from_dict(train_state["config"]),
+            dataset_id=train_state["dataset_id"],
+            epoch=train_state["epoch"],
+            best_epoch=train_state["best_epoch"],
+            world_size=train_state.get("world_size", 1),
         )
 
     @classmethod
@@ -148,12 +148,12 @@ class Run:
         when its files disagree, or were made with other data or settings."""
         from mnistsum_cli.training.checkpoint import read_checkpoint, restore
 
-        state = TRAIN_STATE.read_json(folder.train_state)
+        train_state = TRAIN_STATE.read_json(folder.train_state)
         tensors, meta = read_checkpoint(folder.checkpoint)
         history = HISTORY.read_json(folder.history)
-        if not (state.get("run_id") == meta.get("run_id") == history.get("run_id")):
+        if not (train_state.get("run_id") == meta.get("run_id") == history.get("run_id")):
             raise MnistsumError(f"{folder.root} holds files of different training runs: start afresh without --resume")
-        if state.get("epoch") != meta.get("epoch"):
+        if train_state.get("epoch") != meta.get("epoch"):
             raise MnistsumError(
                 f"{folder.checkpoint} and {folder.train_state} disagree on the epoch: start afresh without --resume"
             )
@@ -172,7 +172,7 @@ class Run:
             config,
             dataset_id,
             epoch=epoch,
-            best_epoch=int(state["best_epoch"]),
+            best_epoch=int(train_state["best_epoch"]),
             history=history["epochs"][:epoch],
             world_size=int(facts.get("world_size", 1)),
             begun_at=epoch,
@@ -213,8 +213,8 @@ class Run:
                 change.write(self.folder.model, model_bytes(learner.model, meta))
             change.write(self.folder.checkpoint, checkpoint_bytes(learner, {**common, "epoch": self.epoch}))
             change.write_json(self.folder.history, {**common, "best_epoch": self.best_epoch, "epochs": self.history})
-            counters = {"epoch": self.epoch, "best_epoch": self.best_epoch, "updated_at": now_iso()}
-            change.write_json(self.folder.train_state, {**common, **counters})
+            progress = {"epoch": self.epoch, "best_epoch": self.best_epoch, "updated_at": now_iso()}
+            change.write_json(self.folder.train_state, {**common, **progress})
             change.write_json(self.folder.config, self.setup)
         self.aside = None  # moved: later commits leave previous/ alone
 
@@ -225,6 +225,11 @@ def evaluates(evaluation: Any, model_sha256: Optional[str]) -> bool:
     `runs`, `plot` and `serve` share. A file is read as it is: anything malformed belongs to none."""
     model = evaluation.get("model") if isinstance(evaluation, dict) else None
     return model_sha256 is not None and isinstance(model, dict) and model.get("sha256") == model_sha256
+
+
+def epoch_count(epochs: int) -> str:
+    """'1 epoch', '3 epochs': how every message counts a run's epochs."""
+    return f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
 def selection_score(record: dict[str, Any]) -> tuple[float, float]:

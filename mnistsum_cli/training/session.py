@@ -13,7 +13,7 @@ from mnistsum_cli.errors import Interrupted, MnistsumError
 from mnistsum_cli.settings import TrainConfig, describe_preset, preset, preset_for_device
 from mnistsum_cli.store.paths import DEFAULT_ARTIFACTS, RunDir
 from mnistsum_cli.store.transactions import folder_lock
-from mnistsum_cli.training.run import Run, aside_folder
+from mnistsum_cli.training.run import Run, aside_folder, epoch_count
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -73,7 +73,7 @@ def kept_message(previous: Optional[Run], kept: Path) -> str:
     if previous is None:
         return f"kept the files of the previous run in {kept}"
     if previous.complete:
-        return f"kept the previous run ({previous.config.arch}, {previous.epoch} epochs) in {kept}"
+        return f"kept the previous run ({previous.config.arch}, {epoch_count(previous.epoch)}) in {kept}"
     return (
         f"the artifacts folder held a resumable run (epoch {previous.epoch} of {previous.config.epochs}): "
         f"kept it in {kept}; continue it there with `mnistsum train --resume --artifacts {kept}`"
@@ -90,7 +90,8 @@ def interrupted_message(folder: RunDir, continue_with: str, kept: Optional[Path]
     if saved is None:
         return "interrupted before the first epoch was saved: no epoch of this run is on disk"
     if saved.complete:
-        return f"interrupted after the last epoch was saved: all {saved.epoch} epochs are in {folder.root}{previous}"
+        every = "the only epoch is" if saved.epoch == 1 else f"all {saved.epoch} epochs are"
+        return f"interrupted after the last epoch was saved: {every} in {folder.root}{previous}"
     return (
         f"interrupted: epoch {saved.epoch} of {saved.config.epochs} is saved in {folder.root} "
         f"(model.safetensors holds epoch {saved.best_epoch}); continue with `{continue_with}`{previous}"
