@@ -18,7 +18,7 @@ from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.store.paths import SPLITS, RunDir
 from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST
 from mnistsum_cli.store.transactions import folder_lock, read_consistently
-from mnistsum_cli.training.run import Run, evaluates, model_meta
+from mnistsum_cli.training.run import Run, epoch_count, evaluates, model_meta
 from mnistsum_cli.training.session import choose_config, continue_command, run_training
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
@@ -92,7 +92,7 @@ def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optio
     if not run.complete:
         detail = f"stopped after epoch {run.epoch} of {run.config.epochs}: `mnistsum train --resume` or `mnistsum run`"
         return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
-    return StageStatus("train", CURRENT, f"{run.config.arch}, {run.epoch} epochs", artifacts, figures)
+    return StageStatus("train", CURRENT, f"{run.config.arch}, {epoch_count(run.epoch)}", artifacts, figures)
 
 
 def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str = "test") -> StageStatus:

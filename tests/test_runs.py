@@ -220,6 +220,8 @@ def test_train_counts_the_epochs_it_trained(workdir: Path, run_cli, ctrl_c_after
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1)
     assert code == 0, err
     assert "trained 1 epoch on cpu" in out, out
+    code, out, err = run_cli("status", "--json")
+    assert {stage["stage"]: stage["detail"] for stage in json.loads(out)}["train"].endswith(", 1 epoch"), out
     ctrl_c_after_epoch()
     assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 3)[0] == 130
     ctrl_c_after_epoch(False)

@@ -177,7 +177,7 @@ def measure(model: nn.Module, split: SplitTensors, prefix: str, group: Group = S
     }
 
 
-def check_finite(record: dict[str, Any], run: RunDir) -> None:
+def check_finite(record: dict[str, Any], folder: RunDir) -> None:
     """Stop the run when an epoch's train or val loss is NaN or infinite (the weights diverged):
     nothing of that epoch is written, so the last saved epoch stays the run's state. Checked on
     the epoch's totals, read once per epoch (metrics.StepRecorder.read), not per step. Under
@@ -187,7 +187,7 @@ def check_finite(record: dict[str, Any], run: RunDir) -> None:
         if not math.isfinite(value):
             epoch = record["epoch"]
             before = "epoch 1" if epoch == 2 else f"epochs 1-{epoch - 1}"
-            kept = f"{run.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
+            kept = f"{folder.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
             raise MnistsumError(
                 f"epoch {epoch}: the {key.replace('_', ' ')} is {value} (training diverged): stopped before saving "
                 f"it; {kept}; train again with a lower --lr"

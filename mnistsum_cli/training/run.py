@@ -67,6 +67,7 @@ class Run:
 
     @property
     def state_text(self) -> str:
+        """The state `runs` shows: complete, or where it stopped."""
         if self.complete:
             return "complete"
         return f"interrupted at epoch {self.epoch} of {self.config.epochs}"
