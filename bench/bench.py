@@ -38,7 +38,7 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import PRESETS, TrainConfig, preset
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, DataDir, RunDir
 from mnistsum_cli.store.splits import Dataset, Split
-from mnistsum_cli.training.checkpoint import checkpoint_model
+from mnistsum_cli.training.checkpoint import load_weights, model_weights, read_checkpoint
 from mnistsum_cli.training.devices import select_device
 from mnistsum_cli.training.inference import predict
 from mnistsum_cli.training.loop import load_train_data, train
@@ -227,6 +227,16 @@ def run_classic(
 
 
 # --------------------------------------------------------------------------- mnistsum
+
+
+def checkpoint_model(run: RunDir, device: torch.device) -> torch.nn.Module:
+    """The model as the last saved epoch left it (model.safetensors holds the best epoch instead),
+    for scoring a run while it trains."""
+    tensors, meta = read_checkpoint(run.checkpoint)
+    config = TrainConfig.from_dict(meta["config"])
+    model = build_model(config.arch)
+    load_weights(model, model_weights(tensors), run.checkpoint, config.arch)
+    return model.to(device)
 
 
 class TimingReporter:

@@ -1,6 +1,6 @@
 """What the store costs, measured side by side in one run (see docs/reliability.md):
 
-1. the epoch commit (save_epoch: staged files, journal, renames, fsyncs) against the per-file
+1. the epoch commit (Run.write_epoch: staged files, journal, renames, fsyncs) against the per-file
    atomic writes it replaced (each file: temporary file, fsync, rename; no journal, no lock),
    each timed on the same model, beside the epoch it ends (the `cpu` preset on `prepare
    --limit 2000`, as the reliability report measured it);
@@ -34,11 +34,14 @@ def mnistsum(tree: Path, *args: object) -> float:
     return time.perf_counter() - started
 
 
-def per_file_writes(run, learner, state, improved: bool, run_info: dict) -> None:
+def per_file_writes(trained, learner, improved: bool) -> None:
     """The writes an epoch made before the store: five files, each atomic on its own."""
     from safetensors.torch import save_file
 
-    from mnistsum_cli.training.checkpoint import COMMON_KEYS, WEIGHTS_PREFIX, optimizer_tensors
+    from mnistsum_cli.training.checkpoint import WEIGHTS_PREFIX, optimizer_tensors
+    from mnistsum_cli.training.run import COMMON_KEYS
+
+    setup, state, run = trained.setup, trained, trained.folder  # a Run, in the old code's names
 
     def atomic(path: Path, write) -> None:
         handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,7 +51,7 @@ def per_file_writes(run, learner, state, improved: bool, run_info: dict) -> None
             os.fsync(written.fileno())
         os.replace(name, path)
 
-    common = {key: run_info[key] for key in COMMON_KEYS}
+    common = {key: setup[key] for key in COMMON_KEYS}
     encode = lambda meta: {key: json.dumps(value) for key, value in meta.items()}  # noqa: E731
     if improved:
         tensors = {n: t.detach().contiguous() for n, t in learner.model.state_dict().items()}
@@ -62,38 +65,44 @@ def per_file_writes(run, learner, state, improved: bool, run_info: dict) -> None
     for path, data in (
         (run.history, {**common, "epochs": state.history}),
         (run.train_state, {**common, "epoch": state.epoch}),
-        (run.config, run_info),
+        (run.config, setup),
     ):
         atomic(path, lambda tmp, data=data: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def time_commits(artifacts: Path, repeat: int) -> dict[str, list[float]]:
-    """save_epoch and the per-file writes, alternated, on the run `train` left in `artifacts`."""
+    """Run.write_epoch and the per-file writes, alternated, on the run `train` left in `artifacts`."""
+    from dataclasses import replace
+
     import torch
 
     from mnistsum_cli.settings import TrainConfig
     from mnistsum_cli.store.paths import RunDir
-    from mnistsum_cli.training.checkpoint import Learner, load_checkpoint, save_epoch
+    from mnistsum_cli.training.checkpoint import Learner
     from mnistsum_cli.training.loop import make_optimizer
     from mnistsum_cli.training.models import build_model
+    from mnistsum_cli.training.run import Run
 
-    run = RunDir(artifacts)
-    state_file = json.loads(run.train_state.read_text())
+    folder = RunDir(artifacts)
+    state_file = json.loads(folder.train_state.read_text())
     config = TrainConfig.from_dict(state_file["config"])
     model = build_model(config.arch)
-    learner = Learner(
-        model, make_optimizer(model, config, torch.device("cpu")), torch.amp.GradScaler("cpu", enabled=False)
-    )
-    state = load_checkpoint(run, learner, config, state_file["dataset_id"])
-    run_info = json.loads(run.config.read_text())
+    learner = Learner(model, make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False))
+    setup = json.loads(folder.config.read_text())
+    facts = {key: value for key, value in setup.items() if key not in ("run_id", "dataset_id", "config")}
+    run = Run.resume(folder, learner, config, state_file["dataset_id"], facts)
     targets = {"store": RunDir(artifacts.parent / "store"), "before": RunDir(artifacts.parent / "before")}
     for target in targets.values():
         target.root.mkdir()
     times: dict[str, list[float]] = {"store": [], "before": []}
+    writes = {
+        "store": lambda target: replace(run, folder=target).write_epoch(learner, True),
+        "before": lambda target: per_file_writes(replace(run, folder=target), learner, True),
+    }
     for _ in range(repeat):
-        for name, write in (("store", save_epoch), ("before", per_file_writes)):
+        for name, write in writes.items():
             started = time.perf_counter()
-            write(targets[name], learner, state, True, run_info)
+            write(targets[name])
             times[name].append(time.perf_counter() - started)
     return times
 

@@ -15,11 +15,11 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.diskfiles import each_file_read_once, read_file
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
-from mnistsum_cli.store.paths import MODEL_FORMAT, SPLITS, RunDir
-from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, TRAIN_STATE
-from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.store.paths import SPLITS, RunDir
+from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST
 from mnistsum_cli.store.transactions import folder_lock, read_consistently
-from mnistsum_cli.training.run import choose_config, continue_command, run_training, saved_run
+from mnistsum_cli.training.run import Run, epoch_count, evaluates, model_meta
+from mnistsum_cli.training.session import choose_config, continue_command, run_training
 
 if TYPE_CHECKING:  # torch, torchvision and matplotlib load only when a stage runs
     import torch
@@ -73,30 +73,26 @@ def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optio
     if not run_dir.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:
-        counters = TRAIN_STATE.read_json(run_dir.train_state)
-        config = TrainConfig.from_dict(counters["config"])
-        _, meta = read_safetensors(run_dir.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-        MODEL_META.check(meta, run_dir.model)
+        run = Run.load(run_dir)
+        meta = model_meta(run_dir)
     except MnistsumError as error:
         return StageStatus("train", INVALID, str(error), artifacts)
     figures = {
-        "arch": config.arch,
-        "epochs": counters["epoch"],
+        "arch": run.config.arch,
+        "epochs": run.epoch,
         "kept_epoch": meta["epoch"],
         "val_digit_accuracy": meta["val_digit_accuracy"],
         "val_sum_accuracy": meta["val_sum_accuracy"],
     }
     if header is None or meta.get("dataset_id") != header.dataset_id:
         return StageStatus("train", STALE, "trained on another dataset", artifacts, figures)
-    if wanted is not None and wanted != config:
-        detail = f"trained with other settings ({', '.join(config.changes_to(wanted))})"
+    if wanted is not None and wanted != run.config:
+        detail = f"trained with other settings ({', '.join(run.config.changes_to(wanted))})"
         return StageStatus("train", STALE, detail, artifacts, figures)
-    if counters["epoch"] < config.epochs:
-        detail = (
-            f"stopped after epoch {counters['epoch']} of {config.epochs}: `mnistsum train --resume` or `mnistsum run`"
-        )
+    if not run.complete:
+        detail = f"stopped after epoch {run.epoch} of {run.config.epochs}: `mnistsum train --resume` or `mnistsum run`"
         return StageStatus("train", INCOMPLETE, detail, artifacts, figures)
-    return StageStatus("train", CURRENT, f"{config.arch}, {counters['epoch']} epochs", artifacts, figures)
+    return StageStatus("train", CURRENT, f"{run.config.arch}, {epoch_count(run.epoch)}", artifacts, figures)
 
 
 def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str = "test") -> StageStatus:
@@ -108,12 +104,11 @@ def evaluate_status(run_dir: RunDir, header: Optional[DatasetHeader], split: str
     except MnistsumError as error:
         return StageStatus("evaluate", INVALID, str(error), [str(path)])
     figures = {key: metrics[key] for key in ("split", "digit_accuracy", "sum_accuracy", "consistency")}
-    model_sha = metrics["model"]["sha256"]
     try:
         current_model = fingerprint_file(run_dir.model, MODEL_META) if run_dir.model.exists() else None
     except MnistsumError as error:
         return StageStatus("evaluate", STALE, f"the model cannot be read: {error}", [str(path)], figures)
-    if current_model != model_sha:
+    if not evaluates(metrics, current_model):
         return StageStatus("evaluate", STALE, "evaluates an older model", [str(path)], figures)
     if header is None or metrics.get("dataset_id") != header.dataset_id:
         return StageStatus("evaluate", STALE, "evaluated on another dataset", [str(path)], figures)
@@ -204,7 +199,7 @@ def wanted_config(
 ) -> tuple[TrainConfig, Optional[str]]:
     """The training settings `run` asks for: the named preset, else the saved run's, else the
     device's preset; flags override. Also a notice when the preset was chosen for the user."""
-    saved = saved_run(run_dir)
+    saved = Run.saved(run_dir)
     return choose_config(preset_name, overrides, device_type, saved.config if saved else None)
 
 

@@ -322,6 +322,15 @@ def publish_model(run: RunDir, data: bytes) -> None:
         change.write(run.model.name, data)
 
 
+def save_model(path: Path, model, metadata: dict) -> None:
+    """Write model.safetensors alone (a commit of its folder), as a test's stand-in for train."""
+    from mnistsum_cli.training.checkpoint import model_bytes
+
+    data = model_bytes(model, metadata)
+    with commit(path.parent) as change:
+        change.write(path, data)
+
+
 def model_metadata(arch: str, run_id: str = "r1", epoch: int = 1) -> dict:
     """What training records in model.safetensors (besides format and version)."""
     from mnistsum_cli.settings import TrainConfig

@@ -34,8 +34,9 @@ from mnistsum_cli.store.tensorfiles import read_safetensors
 from mnistsum_cli.training.checkpoint import load_model
 from mnistsum_cli.training.devices import autocast_dtype, precision_name
 from mnistsum_cli.training.inference import predict
-from mnistsum_cli.training.loop import load_train_data, train, train_model
+from mnistsum_cli.training.loop import load_train_data, train
 from mnistsum_cli.training.models import ARCHITECTURES
+from mnistsum_cli.training.session import run_training
 from test_train import InterruptAfter, assert_same_tensors
 
 pytestmark = [
@@ -111,8 +112,8 @@ def test_every_architecture_trains_and_evaluates(arch: str, data_dir: DataDir, t
     recorder = DtypeRecorder(monkeypatch)
     config = TrainConfig(arch=arch, epochs=1, batch_size=64, lr=2e-3, seed=0)
     run = RunDir(tmp_path / "run")
-    outcome = train_model(config, PreparedData(data_dir), run, GPU)
-    assert outcome.state.epoch == 1
+    trained = run_training(config, PreparedData(data_dir), run, GPU)
+    assert trained.epoch == 1
     assert all(math.isfinite(value) for value in history(run)[0].values())
     metrics = evaluate_model("test", PreparedData(data_dir), run, GPU)
     assert (metrics["device"], metrics["precision"]) == (str(GPU), "fp32")

@@ -87,6 +87,7 @@ def test_out_of_memory_is_one_line_with_advice(
     fake_mnist: FakeMnist, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mnistsum_cli.training.loop
+    import mnistsum_cli.training.session
     from mnistsum_cli.data.mnist import load_mnist, resolve_source
     from mnistsum_cli.data.prepare import PrepareOptions, prepare
 
@@ -98,7 +99,7 @@ def test_out_of_memory_is_one_line_with_advice(
 
     monkeypatch.setattr(mnistsum_cli.training.loop, "train", out_of_memory)
     with pytest.raises(MnistsumError, match="smaller --batch-size"):
-        mnistsum_cli.training.loop.train_model(
+        mnistsum_cli.training.session.run_training(
             TrainConfig(batch_size=4096), PreparedData(data), RunDir(tmp_path / "run"), torch.device("cpu")
         )
 

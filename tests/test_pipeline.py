@@ -25,13 +25,27 @@ def test_status_of_an_empty_folder(in_tmp: Path, run_cli) -> None:
     assert "missing" in out and "mnistsum prepare" in out
 
 
-def test_status_follows_the_chain(workdir: Path, fake_mnist: FakeMnist, run_cli) -> None:
+def test_status_follows_the_chain(
+    workdir: Path, fake_mnist: FakeMnist, run_cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mnistsum_cli.evaluation.evaluate
+
     assert run_cli("evaluate", "--cpu")[0] == 0
     assert run_cli("plot")[0] == 0
     assert set(states(run_cli).values()) == {"up to date"}
 
+    # evaluating the unchanged model again, later, changes nothing: the plots stay current
+    evaluation = workdir / "artifacts" / "evaluation_test.json"
+    before = evaluation.read_bytes()
+    monkeypatch.setattr(mnistsum_cli.evaluation.evaluate, "now_iso", lambda: "2099-01-01T00:00:00+00:00")
+    code, out, err = run_cli("evaluate", "--cpu", "--json")
+    assert code == 0, err
+    assert evaluation.read_bytes() == before
+    assert json.loads(out) == json.loads(before)
+    assert set(states(run_cli).values()) == {"up to date"}
+
     # a new evaluation makes the plots stale
-    assert run_cli("evaluate", "--cpu")[0] == 0
+    assert run_cli("evaluate", "--cpu", "--split", "val")[0] == 0
     assert states(run_cli)["plot"] == "stale"
 
     # a new dataset makes the model and the evaluation stale

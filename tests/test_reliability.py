@@ -28,10 +28,10 @@ from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.paths import DataDir, RunDir
 from mnistsum_cli.store.splits import read_dataset
 from mnistsum_cli.store.transactions import LOCK, folder_lock
-from mnistsum_cli.training.checkpoint import Learner, load_checkpoint, load_model
+from mnistsum_cli.training.checkpoint import Learner, load_model
 from mnistsum_cli.training.loop import load_train_data, make_optimizer, train
 from mnistsum_cli.training.models import build_model
-from mnistsum_cli.training.setaside import aside_folder
+from mnistsum_cli.training.run import Run, aside_folder
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=2, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -71,26 +71,24 @@ def world(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def _captured_commit(world: dict, base: RunDir, config: TrainConfig, epoch: int, resume: bool) -> tuple:
-    """Train a copy of `base` up to the commit of `epoch` and return that commit's arguments
-    instead of running it (the learner frozen as it was), to replay it once per crash point."""
-    import mnistsum_cli.training.loop
-
+    """Train a copy of `base` up to the commit of `epoch` and return that commit (the run and
+    the learner frozen as they were) instead of running it, to replay it once per crash point."""
     work = RunDir(world["root"] / f"capture-{base.root.name}-{epoch}")
     shutil.rmtree(work.root, ignore_errors=True)
     shutil.copytree(base.root, work.root)
     captured = {}
 
-    def capture(run, learner, state, improved, run_info, kept=None):
-        if state.epoch == epoch:
-            captured.update(learner=learner, state=state, improved=improved, run_info=run_info, kept=kept)
+    def capture(run: Run, learner: Learner, improved: bool) -> None:
+        if run.epoch == epoch:
+            captured.update(run=run, learner=learner, improved=improved)
             raise Crash("captured")
-        return real(run, learner, state, improved, run_info, kept)
+        return real(run, learner, improved)
 
-    real = mnistsum_cli.training.loop.save_epoch
+    real = Run.write_epoch
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mnistsum_cli.training.loop, "save_epoch", capture)
+        patch.setattr(Run, "write_epoch", capture)
         with pytest.raises(Crash):
-            train(config, world["train_data"], work, CPU, resume=resume, kept=None if resume else aside_folder(work))
+            train(config, world["train_data"], work, CPU, resume=resume, aside=None if resume else aside_folder(work))
     shutil.rmtree(work.root)
     return captured
 
@@ -103,9 +101,9 @@ def _train_state(world: dict, run: RunDir) -> tuple[str, dict]:
 def _resumable_epoch(world: dict, run: RunDir, config: TrainConfig) -> tuple[str, int]:
     """What `train --resume` would continue from: (run id, epoch), through its own loader."""
     model = build_model(config.arch)
-    learner = Learner(model, make_optimizer(model, config, CPU), torch.amp.GradScaler("cpu", enabled=False))
-    state = load_checkpoint(run, learner, config, world["train_data"].dataset_id)
-    return state.run_id, state.epoch
+    learner = Learner(model, make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False))
+    resumed = Run.resume(run, learner, config, world["train_data"].dataset_id, {"world_size": 1, "backend": None})
+    return resumed.run_id, resumed.epoch
 
 
 def _crash_every_step(source: Path, trials: Path, change, check) -> list[str]:
@@ -144,11 +142,10 @@ def test_a_crash_in_the_first_epoch_commit_of_a_new_run(world: dict) -> None:
     previous_id = json.loads(complete.train_state.read_text())["run_id"]
     new_config = replace(CONFIG, seed=5)
     args = _captured_commit(world, complete, new_config, epoch=1, resume=False)
-    from mnistsum_cli.training.checkpoint import save_epoch
 
     def change(trial: Path) -> None:
-        kept = trial / "previous" / args["kept"].name
-        save_epoch(RunDir(trial), args["learner"], args["state"], args["improved"], args["run_info"], kept=kept)
+        aside = trial / "previous" / args["run"].aside.name
+        replace(args["run"], folder=RunDir(trial), aside=aside).write_epoch(args["learner"], args["improved"])
 
     def check(trial: Path, where: str) -> str:
         run = RunDir(trial)
@@ -156,7 +153,7 @@ def test_a_crash_in_the_first_epoch_commit_of_a_new_run(world: dict) -> None:
         if (trial / "previous").exists():  # after: the new run's epoch 1, the old run whole beside it
             assert snapshot(trial / "previous" / previous_id) == previous_files, where
             assert (state, figures["epochs"]) == (INCOMPLETE, 1), where
-            assert _resumable_epoch(world, run, new_config) == (args["state"].run_id, 1), where
+            assert _resumable_epoch(world, run, new_config) == (args["run"].run_id, 1), where
             load_model(run.model, CPU)
             return "after"
         assert {name: data for name, data in snapshot(trial).items()} == previous_files, where
@@ -172,10 +169,9 @@ def test_a_crash_in_a_later_epoch_commit_then_resume(world: dict, run_cli) -> No
     config = replace(CONFIG, seed=1)
     run_id = json.loads(half.train_state.read_text())["run_id"]
     args = _captured_commit(world, half, config, epoch=2, resume=True)
-    from mnistsum_cli.training.checkpoint import save_epoch
 
     def change(trial: Path) -> None:
-        save_epoch(RunDir(trial), args["learner"], args["state"], args["improved"], args["run_info"])
+        replace(args["run"], folder=RunDir(trial)).write_epoch(args["learner"], args["improved"])
 
     def check(trial: Path, where: str) -> str:
         run = RunDir(trial)

@@ -13,8 +13,8 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, snapshot
 from mnistsum_cli.settings import PRESETS, TrainConfig
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.transactions import commit
-from mnistsum_cli.training.run import choose_config, few_steps_warning
-from mnistsum_cli.training.setaside import aside_folder, set_aside
+from mnistsum_cli.training.run import aside_folder, set_aside
+from mnistsum_cli.training.session import choose_config, few_steps_warning
 
 
 def run_id(artifacts: Path) -> str:
@@ -68,7 +68,7 @@ def test_train_keeps_the_previous_run_and_says_where(workdir: Path, run_cli) -> 
     code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1, "--seed", 5)
     assert code == 0, err
     kept = Path("artifacts", "previous", old_id)
-    assert f"kept the previous run ({PRESETS['cpu'].arch}, 1 epochs) in {kept}" in err
+    assert f"kept the previous run ({PRESETS['cpu'].arch}, 1 epoch) in {kept}" in err
     assert snapshot(artifacts / "previous" / old_id) == before
     assert run_id(artifacts) != old_id
     # the kept folder is a complete artifacts folder: the later stages work on it
@@ -170,7 +170,7 @@ def test_train_warns_about_too_few_steps(workdir: Path, run_cli) -> None:
 # --------------------------------------------------------------------------- interrupts say what is on disk
 
 
-@pytest.mark.parametrize("epochs, expected", [(2, "epoch 1 of 2 is saved"), (1, "all 1 epochs are in")])
+@pytest.mark.parametrize("epochs, expected", [(2, "epoch 1 of 2 is saved"), (1, "the only epoch is in")])
 def test_ctrl_c_during_the_save_reports_the_saved_epoch(
     workdir: Path, run_cli, monkeypatch: pytest.MonkeyPatch, epochs: int, expected: str
 ) -> None:
@@ -212,6 +212,22 @@ def test_interrupted_run_suggests_run_and_run_resumes(
     history = json.loads((workdir / "artifacts" / "history.json").read_text())
     assert [r["epoch"] for r in history["epochs"]] == [1, 2]
     assert train_state(run_cli) == "up to date"
+
+
+def test_train_counts_the_epochs_it_trained(workdir: Path, run_cli, ctrl_c_after_epoch) -> None:
+    """One epoch is "1 epoch"; after --resume the count is of the epochs this call trained, not
+    of all the run's (which the range and "resumed" say)."""
+    code, out, err = run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 1)
+    assert code == 0, err
+    assert "trained 1 epoch on cpu" in out, out
+    code, out, err = run_cli("status", "--json")
+    assert {stage["stage"]: stage["detail"] for stage in json.loads(out)}["train"].endswith(", 1 epoch"), out
+    ctrl_c_after_epoch()
+    assert run_cli("train", "--preset", "cpu", "--cpu", "--epochs", 3)[0] == 130
+    ctrl_c_after_epoch(False)
+    code, out, err = run_cli("train", "--resume", "--cpu")
+    assert code == 0, err
+    assert "trained 2 epochs (epochs 2-3 of 3, resumed) on cpu" in out, out
 
 
 def test_ctrl_c_in_the_first_epoch_of_a_first_run(

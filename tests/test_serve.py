@@ -25,14 +25,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import assert_one_line_error, model_metadata, publish_model, snapshot
+from conftest import assert_one_line_error, model_metadata, publish_model, save_model, snapshot
 from mnistsum_cli.errors import BadOption
 from mnistsum_cli.evaluation.predict import head_probabilities, prepare_image
 from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.schemas import MODEL_META
 from mnistsum_cli.store.transactions import commit, write_json
-from mnistsum_cli.training.checkpoint import save_model
 from mnistsum_cli.training.models import build_model
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")

@@ -20,8 +20,9 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import PRESETS, TrainConfig
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
 from mnistsum_cli.store.tensorfiles import read_safetensors
-from mnistsum_cli.training.checkpoint import RunState, load_model, model_weights
+from mnistsum_cli.training.checkpoint import load_model, model_weights
 from mnistsum_cli.training.loop import TrainData, load_train_data, lr_at, train
+from mnistsum_cli.training.run import Run
 
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=3, batch_size=64, lr=4e-3, max_shift=2, seed=0)
@@ -84,7 +85,7 @@ class Recorder(InterruptAfter):
 
 
 @pytest.fixture(scope="module")
-def straight_run(train_data: TrainData, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, RunState, Recorder]:
+def straight_run(train_data: TrainData, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, Run, Recorder]:
     """CONFIG trained for all its epochs without interruption (shared, read-only)."""
     run = RunDir(tmp_path_factory.mktemp("straight") / "artifacts")
     reporter = Recorder()

@@ -207,4 +207,5 @@ def compare(
     path = compare_output(out, artifacts, entries)  # before matplotlib loads
     from mnistsum_cli.evaluation.plot import compare_runs
 
-    report.written([compare_runs([entry.history for entry in entries], labels, caption, path)])
+    histories = [{"epochs": entry.run.history} for entry in entries]  # what compare_runs reads of history.json
+    report.written([compare_runs(histories, labels, caption, path)])

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # imported for annotations only: they pull in numpy, torch an
     import numpy as np
 
     from mnistsum_cli.pipeline import StageStatus
-    from mnistsum_cli.training.loop import TrainOutcome
+    from mnistsum_cli.training.run import Run
 
 
 # --------------------------------------------------------------------------- prepare
@@ -139,16 +139,20 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     )
 
 
-def train_summary(outcome: TrainOutcome, run: RunDir, device: str) -> None:
-    history, best_epoch = outcome.state.history, outcome.state.best_epoch
-    best = history[best_epoch - 1]
+def train_summary(run: Run, device: str) -> None:
+    """What `train` (and `run`'s train stage) says: the epochs this call trained (after --resume,
+    not the ones saved before), its timings and the epoch kept."""
+    from mnistsum_cli.training.run import epoch_count
+
+    best = run.kept_record
+    resumed = f" (epochs {run.begun_at + 1}-{run.epoch} of {run.config.epochs}, resumed)" if run.begun_at else ""
     console.print(
-        f"trained {len(history)} epochs on {device}: training loop {outcome.train_seconds:.1f} s, "
-        f"data load {outcome.load_seconds:.1f} s; kept epoch {best_epoch} "
+        f"trained {epoch_count(run.trained_now)}{resumed} on {device}: training loop {run.train_seconds:.1f} s, "
+        f"data load {run.load_seconds:.1f} s; kept epoch {run.best_epoch} "
         f"(val digit {percent(best['val_digit_accuracy'])}, val sum {percent(best['val_sum_accuracy'])})",
         soft_wrap=True,
     )
-    written([run.model, run.history, run.config, run.checkpoint])
+    written([run.folder.model, run.folder.history, run.folder.config, run.folder.checkpoint])
 
 
 def run_complete(run: RunDir, epochs: int) -> None:
@@ -253,7 +257,7 @@ def stage_done(
     if stage == "prepare":
         prepare_summary(result, folder, seed)
     elif stage == "train":
-        train_summary(result, run, device)
+        train_summary(result, device)
     elif stage == "evaluate":
         evaluation_summary(result, run.evaluation(result["split"]))
     elif stage == "export":

@@ -100,19 +100,19 @@ def train(
     if not resume:  # (--resume of a complete run needs no data: it says so and stops)
         preflight.require_inputs(*preflight.splits(data))
     from mnistsum_cli.data.prepared import PreparedData
-    from mnistsum_cli.training.checkpoint import saved_config
     from mnistsum_cli.training.distributed import process_group
     from mnistsum_cli.training.loop import SilentReporter
-    from mnistsum_cli.training.run import choose_config, continue_command, run_training, saved_run
+    from mnistsum_cli.training.run import Run, resume_settings
+    from mnistsum_cli.training.session import choose_config, continue_command, run_training
     from mnistsum_cli.training.tensorboard_log import check_installed, default_log_root, tensorboard_events
 
     if resume:
-        saved = saved_config(run_dir)
+        saved = resume_settings(run_dir)
         if saved is None:
             raise MnistsumError(
                 f"nothing to resume in {run_dir.root} (no {run_dir.checkpoint.name}): run `mnistsum train` without --resume"
             )
-        done = saved_run(run_dir)
+        done = Run.saved(run_dir)
         if done is not None and done.complete and saved.with_overrides(**settings) == saved == done.config:
             HISTORY.read_json(run_dir.history)  # complete means whole: a damaged history is an error, not "done"
             report.run_complete(run_dir, done.epoch)
@@ -130,7 +130,7 @@ def train(
         notify = terminal.notice if group.is_main else (lambda message: None)  # under torchrun rank 0 alone speaks
         with report.ProgressReporter() if group.is_main else nullcontext(SilentReporter()) as reporter:
             with tensorboard_events(reporter, run_dir, tensorboard_dir if group.is_main else None) as reporter:
-                outcome = run_training(
+                run = run_training(
                     config,
                     PreparedData(DataDir(data), mnist_dir),
                     run_dir,
@@ -142,9 +142,7 @@ def train(
                     group=group,
                 )
         if group.is_main:
-            report.train_summary(
-                outcome, run_dir, f"{device} x {group.world_size} processes" if group.active else str(device)
-            )
+            report.train_summary(run, f"{device} x {group.world_size} processes" if group.active else str(device))
 
 
 @app.command(cls=Command, epilog="Example: mnistsum evaluate --split test --json > metrics.json")

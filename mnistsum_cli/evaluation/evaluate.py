@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -15,9 +16,9 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.diskfiles import read_file
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.store.paths import NUM_DIGITS, NUM_SUMS, RunDir
-from mnistsum_cli.store.schemas import MAX_MISCLASSIFIED, MODEL_META
+from mnistsum_cli.store.schemas import EVALUATION, MAX_MISCLASSIFIED, MODEL_META
 from mnistsum_cli.store.splits import Dataset
-from mnistsum_cli.store.transactions import folder_lock, write_json
+from mnistsum_cli.store.transactions import folder_lock, json_bytes, write_json
 from mnistsum_cli.training.checkpoint import load_model_bytes
 from mnistsum_cli.training.inference import EVAL_PRECISION, predict
 
@@ -116,5 +117,23 @@ def evaluate_model(
         metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
         check_finite_losses(metrics, run.model)
         metrics.update(provenance(run.model, fingerprint_bytes(data), meta, dataset))
+        previous = unchanged_evaluation(run.evaluation(split), metrics)
+        if previous is not None:
+            return previous
         write_json(run.evaluation(split), metrics)
     return metrics
+
+
+def unchanged_evaluation(path: Path, metrics: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The evaluation in `path` when it says all that `metrics` says but when (created_at), else
+    None: re-evaluating an unchanged model then rewrites nothing, so the plots drawn from the file
+    (whose manifest records its fingerprint) stay current."""
+    if not path.exists():
+        return None
+    try:
+        previous = read_file(path, EVALUATION.max_bytes, "evaluate")
+        created_at = json.loads(previous).get("created_at")
+    except (MnistsumError, ValueError, AttributeError):
+        return None  # unreadable: written afresh
+    same = {**metrics, "created_at": created_at}
+    return same if json_bytes(same) == previous else None

@@ -23,10 +23,10 @@ from mnistsum_cli.data.prepared import PreparedData  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.settings import TrainConfig, preset_matching  # noqa: E402
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
-from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, MODEL_FORMAT, SPLITS, RunDir  # noqa: E402
-from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META, RUN_CONFIG  # noqa: E402
-from mnistsum_cli.store.tensorfiles import read_safetensors  # noqa: E402
+from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir  # noqa: E402
+from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
 from mnistsum_cli.store.transactions import commit, folder_lock, json_bytes, replace_file, write_file  # noqa: E402
+from mnistsum_cli.training.run import evaluates, model_meta, read_setup  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -212,8 +212,8 @@ def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, colu
     return figure
 
 
-def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
-    """Evaluation files that belong to the current model (all present ones, when forced)."""
+def current_evaluations(run: RunDir, force: bool) -> dict[str, dict[str, Any]]:
+    """Evaluation files that belong to the current model (run.evaluates; all present ones, when forced)."""
     model_sha = fingerprint_file(run.model, MODEL_META)
     evaluations = {}
     for split in SPLITS:
@@ -221,7 +221,7 @@ def current_evaluations(run: RunDir, model_meta: dict[str, Any], force: bool) ->
         if not path.exists():
             continue
         metrics = EVALUATION.read_json(path)
-        if metrics["model"]["sha256"] != model_sha and not force:
+        if not evaluates(metrics, model_sha) and not force:
             raise MnistsumError(
                 f"{path} evaluates another model than {run.model}: rerun `mnistsum evaluate --split {split}`"
                 " (or pass --allow-mismatch)"
@@ -243,15 +243,6 @@ def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]
             )
 
 
-def run_info(run: RunDir) -> dict[str, Any]:
-    """config.json's record of the run (device, precision), or {} when it is missing or unreadable:
-    it only adds to captions."""
-    try:
-        return RUN_CONFIG.read_json(run.config)
-    except MnistsumError:
-        return {}
-
-
 def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The galleries need the images: without `prepared`
@@ -262,13 +253,12 @@ def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = No
 
 def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Path]:
     history = HISTORY.read_json(run.history)
-    _, model_meta = read_safetensors(run.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
-    MODEL_META.check(model_meta, run.model)
-    if history["run_id"] != model_meta["run_id"] and not force:
+    meta = model_meta(run)
+    if history["run_id"] != meta["run_id"] and not force:
         raise MnistsumError(
             f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --allow-mismatch)"
         )
-    evaluations = current_evaluations(run, model_meta, force)
+    evaluations = current_evaluations(run, force)
     galleries, mnist = {}, None
     if prepared is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
@@ -276,11 +266,11 @@ def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Pa
             mnist = prepared.mnist
             check_gallery_indices(run, galleries, mnist)
     inputs = plot_inputs(run)
-    caption = settings_caption(history, run_info(run))
+    caption = settings_caption(history, read_setup(run))
 
     figures: dict[str, plt.Figure] = {}
     try:
-        draw_all(figures, history, model_meta["arch"], caption, evaluations, galleries, mnist)
+        draw_all(figures, history, meta["arch"], caption, evaluations, galleries, mnist)
         with commit(run.root, "plot", "--artifacts") as change:
             staging = change.folder_of(run.plots)
             for name, figure in figures.items():

@@ -50,6 +50,7 @@ from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.store.paths import MODEL_FORMAT, SPLITS, RunDir
 from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST, Schema
 from mnistsum_cli.store.transactions import read_consistently, read_json
+from mnistsum_cli.training.run import evaluates
 
 if TYPE_CHECKING:  # torch loads only for --runtime torch
     import torch
@@ -252,12 +253,12 @@ class ModelFollower:
 
 def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[str, Any]:
     """What GET /api/model says: the run, its evaluations and plots when they were made from
-    this very model (by fingerprint), and why a newer model is not serving, if so."""
+    this very model (run.evaluates; the plots by fingerprint), and why a newer model is not serving, if so."""
     meta = served.meta
     evaluations = {}
     for split in SPLITS:
         metrics = _json_or_none(run.evaluation(split), EVALUATION)
-        if isinstance(metrics, dict) and (metrics.get("model") or {}).get("sha256") == served.sha256:
+        if evaluates(metrics, served.sha256):
             evaluations[split] = {
                 key: metrics.get(key) for key in ("rows", "digit_accuracy", "sum_accuracy", "consistency")
             }

@@ -162,7 +162,7 @@ class Worker:
 
         from mnistsum_cli.sweep.pruning import PruningReporter
         from mnistsum_cli.training.loop import SilentReporter
-        from mnistsum_cli.training.run import continue_command, run_training
+        from mnistsum_cli.training.session import continue_command, run_training
 
         self.current = trial.number
         config = self.plan.space.config(self.plan.base, trial)
@@ -173,7 +173,7 @@ class Worker:
         state, seconds = "failed", None
         started = time.perf_counter()
         try:
-            outcome = run_training(
+            trained = run_training(
                 config,
                 self.prepared,
                 run,
@@ -183,7 +183,7 @@ class Worker:
                 notify=self._notice_once,
                 reporter=reporter,
             )
-            state, seconds = "complete", outcome.train_seconds
+            state, seconds = "complete", trained.train_seconds
         except optuna.TrialPruned:
             state = "pruned"
             raise
@@ -222,9 +222,9 @@ def write_trial_record(
     how it ended. None when the trial saved no epoch (nothing to describe)."""
     from mnistsum_cli.store.schemas import HISTORY
     from mnistsum_cli.store.transactions import commit
-    from mnistsum_cli.training.run import saved_run
+    from mnistsum_cli.training.run import Run
 
-    saved = saved_run(run)
+    saved = Run.saved(run)
     if saved is None:
         return None
     epochs = HISTORY.read_json(run.history)["epochs"]

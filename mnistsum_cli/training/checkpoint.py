@@ -1,32 +1,27 @@
-"""Saving and restoring training: model.safetensors (the kept epoch's weights, enough to rebuild
-the model) and checkpoint.safetensors with history.json and train_state.json (what `--resume`
-continues from). The model, its optimizer and its grad scaler travel together as a Learner."""
+"""The tensors of a run's files: model.safetensors (the kept epoch's weights, enough to rebuild
+the model) and checkpoint.safetensors (weights, optimizer and grad scaler: what `--resume`
+continues from), as bytes and back. The model, its optimizer and its grad scaler travel together
+as a Learner. Which files a run writes, and when, is run.Run's."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from mnistsum_cli import __version__
 from mnistsum_cli.errors import MnistsumError, first_line
-from mnistsum_cli.settings import TrainConfig
-from mnistsum_cli.store.fingerprints import now_iso
-from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir
-from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, TRAIN_STATE
+from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
+from mnistsum_cli.store.schemas import CHECKPOINT_META, MODEL_META
 from mnistsum_cli.store.tensorfiles import decode_safetensors, read_safetensors, safetensors_bytes
-from mnistsum_cli.store.transactions import commit, interrupts_deferred
 from mnistsum_cli.training.models import build_model
-from mnistsum_cli.training.setaside import set_aside
 
 WEIGHTS_PREFIX = "model."  # checkpoint tensors: model.<name> are weights, optim.<id>.<key> optimizer state
 OPTIMIZER_PREFIX = "optim."
 IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-# What every file of a run records, so that a reader can tell they belong together.
-COMMON_KEYS = ("run_id", "dataset_id", "config", "world_size", "backend")
 
 
 @dataclass
@@ -38,16 +33,6 @@ class Learner:
     scaler: torch.amp.GradScaler
 
 
-@dataclass
-class RunState:
-    """What a run has done so far; saved every epoch so `--resume` can continue it."""
-
-    run_id: str
-    epoch: int  # epochs completed
-    best_epoch: int
-    history: list[dict[str, Any]]
-
-
 # --------------------------------------------------------------------------- model.safetensors
 
 
@@ -55,13 +40,6 @@ def model_bytes(model: nn.Module, metadata: dict[str, Any]) -> bytes:
     """model.safetensors: weights plus everything needed to rebuild the model (arch) and to
     trace it (metadata)."""
     return safetensors_bytes(model.state_dict(), {"format": MODEL_FORMAT, "package_version": __version__, **metadata})
-
-
-def save_model(path: Path, model: nn.Module, metadata: dict[str, Any]) -> None:
-    """Write model.safetensors alone (a commit of its folder)."""
-    data = model_bytes(model, metadata)
-    with commit(path.parent) as change:
-        change.write(path, data)
 
 
 def load_model(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
@@ -172,103 +150,31 @@ def _check_optimizer_state(
                 )
 
 
-def save_epoch(
-    run: RunDir,
-    learner: Learner,
-    state: RunState,
-    improved: bool,
-    run_info: dict[str, Any],
-    kept: Optional[Path] = None,
-) -> None:
-    """Commit an epoch: model (when val improved), checkpoint, history, counters and run config
-    (`run_info`, what config.json holds) change in one step, all or none. `kept`: the first
-    epoch of a new run also moves the previous run there, in the same step."""
-    common = {key: run_info[key] for key in COMMON_KEYS}
-    with interrupts_deferred(), commit(run.root, "train", "--artifacts") as change:
-        if kept is not None:
-            set_aside(change, run, kept)
-        if improved:
-            best = state.history[state.best_epoch - 1]
-            change.write(
-                run.model,
-                model_bytes(
-                    learner.model,
-                    {
-                        **common,
-                        "arch": common["config"]["arch"],
-                        "epoch": state.best_epoch,
-                        "val_digit_accuracy": best["val_digit_accuracy"],
-                        "val_sum_accuracy": best["val_sum_accuracy"],
-                    },
-                ),
-            )
-        optim_tensors, groups = optimizer_tensors(learner.optimizer)
-        weights = {f"{WEIGHTS_PREFIX}{name}": tensor for name, tensor in learner.model.state_dict().items()}
-        change.write(
-            run.checkpoint,
-            safetensors_bytes(
-                {**weights, **optim_tensors},
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    **common,
-                    "epoch": state.epoch,
-                    "param_groups": groups,
-                    "grad_scaler": learner.scaler.state_dict(),
-                },
-            ),
-        )
-        change.write_json(run.history, {**common, "best_epoch": state.best_epoch, "epochs": state.history})
-        change.write_json(
-            run.train_state, {**common, "epoch": state.epoch, "best_epoch": state.best_epoch, "updated_at": now_iso()}
-        )
-        change.write_json(run.config, run_info)
-
-
-def load_checkpoint(run: RunDir, learner: Learner, config: TrainConfig, dataset_id: str) -> RunState:
-    """Restore a run saved by save_epoch into `learner`, refusing one made with other data or settings."""
-    counters = TRAIN_STATE.read_json(run.train_state)
-    tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
-    CHECKPOINT_META.check(meta, run.checkpoint)
-    history = HISTORY.read_json(run.history)
-    if not (counters.get("run_id") == meta.get("run_id") == history.get("run_id")):
-        raise MnistsumError(f"{run.root} holds files of different training runs: start afresh without --resume")
-    if counters.get("epoch") != meta.get("epoch"):
-        raise MnistsumError(
-            f"{run.checkpoint} and {run.train_state} disagree on the epoch: start afresh without --resume"
-        )
-    if meta.get("dataset_id") != dataset_id:
-        raise MnistsumError("the checkpoint was trained on another dataset: start afresh without --resume")
-    saved = TrainConfig.from_dict(meta["config"])
-    if saved != config:
-        raise MnistsumError(
-            f"--resume with other settings ({', '.join(saved.changes_to(config))}) than the checkpoint's"
-        )
-    load_weights(learner.model, model_weights(tensors), run.checkpoint, config.arch)
-    load_optimizer(learner.optimizer, tensors, meta["param_groups"], run.checkpoint)
-    if learner.scaler.is_enabled() and meta.get("grad_scaler"):
-        learner.scaler.load_state_dict(meta["grad_scaler"])
-    epoch = int(meta["epoch"])
-    return RunState(
-        run_id=meta["run_id"],
-        epoch=epoch,
-        best_epoch=int(counters["best_epoch"]),
-        history=history["epochs"][:epoch],
+def checkpoint_bytes(learner: Learner, metadata: dict[str, Any]) -> bytes:
+    """checkpoint.safetensors: the model's weights and the optimizer's state as tensors, the
+    param groups and the grad scaler's state beside `metadata`."""
+    optim_tensors, groups = optimizer_tensors(learner.optimizer)
+    weights = {f"{WEIGHTS_PREFIX}{name}": tensor for name, tensor in learner.model.state_dict().items()}
+    return safetensors_bytes(
+        {**weights, **optim_tensors},
+        {
+            "format": CHECKPOINT_FORMAT,
+            **metadata,
+            "param_groups": groups,
+            "grad_scaler": learner.scaler.state_dict(),
+        },
     )
 
 
-def checkpoint_model(run: RunDir, device: torch.device) -> nn.Module:
-    """The model as the last saved epoch left it (model.safetensors holds the best epoch instead),
-    for scoring a run while it trains."""
-    tensors, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT)
-    config = TrainConfig.from_dict(CHECKPOINT_META.check(meta, run.checkpoint)["config"])
-    model = build_model(config.arch)
-    load_weights(model, model_weights(tensors), run.checkpoint, config.arch)
-    return model.to(device)
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """checkpoint.safetensors' tensors and checked metadata."""
+    tensors, meta = read_safetensors(path, stage="train", expected_format=CHECKPOINT_FORMAT)
+    return tensors, CHECKPOINT_META.check(meta, path)
 
 
-def saved_config(run: RunDir) -> Optional[TrainConfig]:
-    """The settings of the run saved in `run`, for `--resume` to start from."""
-    if not run.checkpoint.exists():
-        return None
-    _, meta = read_safetensors(run.checkpoint, stage="train", expected_format=CHECKPOINT_FORMAT, metadata_only=True)
-    return TrainConfig.from_dict(CHECKPOINT_META.check(meta, run.checkpoint)["config"])
+def restore(learner: Learner, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path, arch: str) -> None:
+    """Put a checkpoint's weights, optimizer state and grad scaler into `learner`."""
+    load_weights(learner.model, model_weights(tensors), path, arch)
+    load_optimizer(learner.optimizer, tensors, meta["param_groups"], path)
+    if learner.scaler.is_enabled() and meta.get("grad_scaler"):
+        learner.scaler.load_state_dict(meta["grad_scaler"])

@@ -1,4 +1,6 @@
-"""Stage 2: train the two-headed model; checkpoint every epoch; keep the best epoch on val."""
+"""Stage 2's epoch loop: train the two-headed model on tensors already on the device, validate
+and commit every epoch to the Run (which keeps the best epoch on val). session.run_training
+calls it; the folder's safety (lock, set-aside, messages) is there."""
 
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.fingerprints import now_iso
 from mnistsum_cli.store.paths import RunDir
-from mnistsum_cli.training.checkpoint import Learner, RunState, load_checkpoint, save_epoch
+from mnistsum_cli.training.checkpoint import Learner
 from mnistsum_cli.training.devices import autocast_dtype, configure_reproducibility, precision_name
 from mnistsum_cli.training.distributed import SINGLE_PROCESS, Group
 from mnistsum_cli.training.inference import predict
 from mnistsum_cli.training.metrics import StepRecorder
 from mnistsum_cli.training.models import build_model
+from mnistsum_cli.training.run import Run
 
 
 class Reporter(Protocol):
@@ -61,7 +64,7 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - peak_step))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on conv/linear weights only; the fused kernel on every device (one
     launch per step on CUDA, and faster than the foreach kernel on the CPU: docs/performance.md)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -174,7 +177,7 @@ def measure(model: nn.Module, split: SplitTensors, prefix: str, group: Group = S
     }
 
 
-def check_finite(record: dict[str, Any], run: RunDir) -> None:
+def check_finite(record: dict[str, Any], folder: RunDir) -> None:
     """Stop the run when an epoch's train or val loss is NaN or infinite (the weights diverged):
     nothing of that epoch is written, so the last saved epoch stays the run's state. Checked on
     the epoch's totals, read once per epoch (metrics.StepRecorder.read), not per step. Under
@@ -184,16 +187,11 @@ def check_finite(record: dict[str, Any], run: RunDir) -> None:
         if not math.isfinite(value):
             epoch = record["epoch"]
             before = "epoch 1" if epoch == 2 else f"epochs 1-{epoch - 1}"
-            kept = f"{run.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
+            kept = f"{folder.root} keeps {before} as saved" if epoch > 1 else "nothing of this run was saved"
             raise MnistsumError(
                 f"epoch {epoch}: the {key.replace('_', ' ')} is {value} (training diverged): stopped before saving "
                 f"it; {kept}; train again with a lower --lr"
             )
-
-
-def selection_score(record: dict[str, Any]) -> tuple[float, float]:
-    """Which epoch is kept: highest val sum accuracy, then val digit accuracy (later wins ties)."""
-    return (record["val_sum_accuracy"], record["val_digit_accuracy"])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -202,16 +200,16 @@ def selection_score(record: dict[str, Any]) -> tuple[float, float]:
 def train(
     config: TrainConfig,
     data: TrainData,
-    run: RunDir,
+    folder: RunDir,
     device: torch.device,
     resume: bool = False,
     reporter: Reporter = SilentReporter(),
     group: Group = SINGLE_PROCESS,
-    kept: Optional[Path] = None,
-) -> RunState:
-    """Train for config.epochs (continuing a saved run when resume); returns the run's state.
-    Under torchrun every rank calls this; rank 0 alone writes the run folder. `kept`: where the
-    first epoch's commit moves the run found in `run` (see setaside.py)."""
+    aside: Optional[Path] = None,
+) -> Run:
+    """Train for config.epochs (continuing the run saved in `folder` when resume); returns the
+    run. Under torchrun every rank calls this; rank 0 alone writes the run folder. `aside`: where
+    the first epoch's commit moves the run found in `folder` (run.aside_folder)."""
     torch.manual_seed(config.seed)
     configure_reproducibility(device, config.deterministic)
     memory_format = torch.channels_last if config.channels_last else torch.preserve_format
@@ -220,18 +218,10 @@ def train(
     group.check_batch(batch_size)
     step_model = group.wrap(model)
     step_model = torch.compile(step_model) if config.compile else step_model
-    optimizer = make_optimizer(model, config, device)
+    optimizer = make_optimizer(model, config)
     dtype = autocast_dtype(device, config.amp)
     learner = Learner(model, optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-
-    if resume:
-        state = group.agree(lambda: load_checkpoint(run, learner, config, data.dataset_id))
-    else:
-        state = RunState(run_id=group.broadcast_text(secrets.token_hex(8)), epoch=0, best_epoch=0, history=[])
-    run_info = {
-        "run_id": state.run_id,
-        "dataset_id": data.dataset_id,
-        "config": config.to_dict(),
+    facts = {
         "device": str(device),
         "precision": precision_name(dtype),
         "torch_version": torch.__version__,
@@ -239,8 +229,13 @@ def train(
         "started_at": now_iso(),
         **group.describe(),
     }
+    if resume:
+        run = group.agree(lambda: Run.resume(folder, learner, config, data.dataset_id, facts))
+    else:
+        run_id = group.broadcast_text(secrets.token_hex(8))
+        run = Run.begin(folder, config, data.dataset_id, run_id, facts, aside=aside)
 
-    for epoch in range(state.epoch, config.epochs):
+    for epoch in range(run.epoch, config.epochs):
         reporter.epoch_start(epoch + 1, config.epochs, steps, batch_size)
         torch.manual_seed(epoch_seed(config.seed, epoch))  # anything drawing on the global RNG
         started = time.perf_counter()
@@ -254,20 +249,15 @@ def train(
         record.update(totals)
         group.average_buffers(model)
         record.update(measure(model, data.val, "val", group))
-        check_finite(record, run)  # before anything of the epoch is saved
+        check_finite(record, folder)  # before anything of the epoch is saved
         record["seconds"] = time.perf_counter() - started
         record["world_size"] = group.world_size
         record["steps"] = step_records
-        state.history.append(record)
-        state.epoch = epoch + 1
-        best = state.history[state.best_epoch - 1] if state.best_epoch else None
-        improved = best is None or selection_score(record) >= selection_score(best)
-        if improved:
-            state.best_epoch = state.epoch
+        improved = run.add_epoch(record)
         if group.is_main:
-            save_epoch(run, learner, state, improved, run_info, kept=kept if epoch == 0 else None)
+            run.write_epoch(learner, improved)
         reporter.epoch_end(record)
-    return state
+    return run
 
 
 def load_train_data(prepared: PreparedData, device: torch.device) -> TrainData:
@@ -278,34 +268,3 @@ def load_train_data(prepared: PreparedData, device: torch.device) -> TrainData:
         val=split_tensors(dataset, mnist, "val", device),
         dataset_id=dataset.dataset_id,
     )
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    state: RunState
-    load_seconds: float  # reading the splits and MNIST, moving them to the device
-    train_seconds: float  # the training loop: epochs, validation, checkpoints
-
-
-def train_model(
-    config: TrainConfig,
-    prepared: PreparedData,
-    run: RunDir,
-    device: torch.device,
-    resume: bool = False,
-    reporter: Reporter = SilentReporter(),
-    group: Group = SINGLE_PROCESS,
-    kept: Optional[Path] = None,
-) -> TrainOutcome:
-    """The `train` stage: read the prepared splits, train, save; Ctrl-C keeps the last saved epoch
-    (and propagates: the caller says what is on disk)."""
-    started = time.perf_counter()
-    data = group.agree(lambda: load_train_data(prepared, device))
-    loaded = time.perf_counter()
-    try:
-        state = train(config, data, run, device, resume=resume, reporter=reporter, group=group, kept=kept)
-    except torch.cuda.OutOfMemoryError:
-        raise MnistsumError(
-            f"{device} ran out of memory with batch size {config.batch_size}: try a smaller --batch-size"
-        ) from None
-    return TrainOutcome(state=state, load_seconds=loaded - started, train_seconds=time.perf_counter() - loaded)

@@ -1,6 +1,7 @@
 """The training runs an artifacts folder holds, one row each: the current run, every run kept in
-previous/<run id>/ and every trial of a sweep (sweeps/<study>/trial-<n>/). Read from the JSON files a run writes (no torch), for `mnistsum runs` and
-`mnistsum compare`. A folder that is not a readable run is listed as such, never an error."""
+previous/<run id>/ and every trial of a sweep (sweeps/<study>/trial-<n>/), each read as a run.Run
+(no torch), for `mnistsum runs` and `mnistsum compare`. A folder that is not a readable run is
+listed as such, never an error."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any, Optional
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, opened
+from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import SWEEPS, RunDir
-from mnistsum_cli.store.schemas import EVALUATION, HISTORY, RUN_CONFIG, TRIAL
-from mnistsum_cli.store.transactions import read_consistently
+from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, TRIAL
+from mnistsum_cli.training.run import Run, evaluates
 
 # The columns of every row after the run's settings (TrainConfig's fields), in table order.
 FIGURES = (
@@ -44,15 +46,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 
 @dataclass
 class RunEntry:
-    """One folder: its row (COLUMNS; None where unknown) and, when it is a readable run, its history."""
+    """One listed folder: its row (COLUMNS; None where unknown) and the run it holds, if readable."""
 
     folder: Path
     row: dict[str, Any]
-    history: Optional[dict[str, Any]] = field(default=None, repr=False)
+    run: Optional[Run] = field(default=None, repr=False)
 
     @property
     def readable(self) -> bool:
-        return self.history is not None
+        return self.run is not None
 
 
 def run_folders(artifacts: Path) -> list[Path]:
@@ -92,70 +94,60 @@ def read_run(folder: Path, kept_run: bool) -> RunEntry:
     """The row of the run in `folder`; a folder without a readable history.json gets a row that
     says why, with the rest left empty. A `kept_run`'s journal is refused, never run (see
     store.read_consistently)."""
-    run = RunDir(folder)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row["folder"] = str(folder)
-    if not run.history.exists():
+    if not RunDir(folder).history.exists():
         row["state"] = "not a run (no history.json)"
         return RunEntry(folder, row)
     try:
-        history = read_consistently(run.root, lambda: HISTORY.read_json(run.history), kept=kept_run)
-        settings = TrainConfig.from_dict(history["config"]).to_dict()
-        records = history["epochs"]
-        kept = records[int(history["best_epoch"]) - 1] if history["best_epoch"] else None
-        done = len(records)
-        row.update(settings)
-        row.update(
-            run_id=str(history["run_id"]),
-            epochs_done=done,
-            state="complete" if done >= settings["epochs"] else f"interrupted at epoch {done} of {settings['epochs']}",
-            world_size=history.get("world_size", 1),
-            train_seconds=round(sum(record.get("seconds", 0.0) for record in records), 1),
-            kept_epoch=kept and kept["epoch"],
-            val_digit_accuracy=kept and kept["val_digit_accuracy"],
-            val_sum_accuracy=kept and kept["val_sum_accuracy"],
-        )
+        run = Run.read(RunDir(folder), kept_run=kept_run)
     except MnistsumError as error:
         row["state"] = f"unreadable: {error}"
         return RunEntry(folder, row)
-    row.update(_run_info(run))
-    row.update(_test_figures(run, row))
-    row.update(_trial_figures(run, row))
-    return RunEntry(folder, row, history)
+    kept = run.kept_record
+    row.update(run.config.to_dict())
+    row.update(
+        run_id=run.run_id,
+        epochs_done=run.epoch,
+        state=run.state_text,
+        world_size=run.world_size,
+        train_seconds=round(sum(record.get("seconds", 0.0) for record in run.history), 1),
+        kept_epoch=kept and kept["epoch"],
+        val_digit_accuracy=kept and kept["val_digit_accuracy"],
+        val_sum_accuracy=kept and kept["val_sum_accuracy"],
+        started=run.setup.get("started_at"),
+        device=run.setup.get("device"),
+        precision=run.setup.get("precision"),
+    )
+    row.update(_test_figures(run))
+    row.update(_trial_figures(run))
+    return RunEntry(folder, row, run)
 
 
-def _run_info(run: RunDir) -> dict[str, Any]:
-    """Start time, device and precision from config.json (absent from runs older than it)."""
+def _test_figures(run: Run) -> dict[str, Any]:
+    """Test accuracies from evaluation_test.json when it evaluates this run's model (run.evaluates)."""
+    path = run.folder.evaluation("test")
+    if not path.exists() or not run.folder.model.exists():
+        return {}
     try:
-        info = RUN_CONFIG.read_json(run.config)
+        evaluation = EVALUATION.read_json(path)
+        model_sha256 = fingerprint_file(run.folder.model, MODEL_META)
     except MnistsumError:
         return {}
-    return {"started": info.get("started_at"), "device": info.get("device"), "precision": info.get("precision")}
-
-
-def _test_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
-    """Test accuracies from evaluation_test.json when it evaluates this run's kept model."""
-    if not run.evaluation("test").exists():
-        return {}
-    try:
-        evaluation = EVALUATION.read_json(run.evaluation("test"))
-    except MnistsumError:
-        return {}
-    model = evaluation["model"]
-    if model.get("run_id") != row["run_id"] or model.get("epoch") != row["kept_epoch"]:
+    if not evaluates(evaluation, model_sha256):
         return {}
     return {"test_digit_accuracy": evaluation["digit_accuracy"], "test_sum_accuracy": evaluation["sum_accuracy"]}
 
 
-def _trial_figures(run: RunDir, row: dict[str, Any]) -> dict[str, Any]:
+def _trial_figures(run: Run) -> dict[str, Any]:
     """The sweep trial this run is (trial.json), when the record describes this run."""
-    if not run.trial.exists():
+    if not run.folder.trial.exists():
         return {}
     try:
-        record = TRIAL.read_json(run.trial)
+        record = TRIAL.read_json(run.folder.trial)
     except MnistsumError:
         return {}
-    if record["run_id"] != row["run_id"]:
+    if record["run_id"] != run.run_id:
         return {}
     return {
         "study": record["study"],
