@@ -413,7 +413,7 @@ def serve(
     if RunDir(artifacts).root.is_dir():  # else serve says the folder is missing
         _require((RunDir(artifacts).model, MODEL_META))
     try:
-        from mnistsum_cli.serve.app import serve as serve_stage
+        from mnistsum_cli.serve.lifecycle import serve as serve_stage
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in ("starlette", "uvicorn", "python_multipart"):
             raise
