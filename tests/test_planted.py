@@ -65,7 +65,7 @@ def serve_start(artifacts: Path) -> None:
     pytest.importorskip("starlette")
     import torch
 
-    from mnistsum_cli.serve.app import ModelFollower
+    from mnistsum_cli.serve.follower import ModelFollower
 
     ModelFollower(RunDir(artifacts), torch.device("cpu"))
 

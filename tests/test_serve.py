@@ -37,18 +37,13 @@ from mnistsum_cli.training.models import build_model
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli.serve import app as serve_module  # noqa: E402
-from mnistsum_cli.serve.app import (  # noqa: E402
-    BODY_SECONDS,
-    GRACE_SECONDS,
-    HEADER_SECONDS,
-    KEEP_ALIVE_SECONDS,
-    MAX_BODY,
-    Batches,
-    KnownHosts,
-    ModelFollower,
-    create_app,
-)
+from mnistsum_cli.serve import batching, lifecycle, logs  # noqa: E402
+from mnistsum_cli.serve import follower as follower_module  # noqa: E402 (a helper here is named follower)
+from mnistsum_cli.serve.app import KnownHosts, create_app  # noqa: E402
+from mnistsum_cli.serve.batching import Batches  # noqa: E402
+from mnistsum_cli.serve.follower import ModelFollower  # noqa: E402
+from mnistsum_cli.serve.lifecycle import GRACE_SECONDS, HEADER_SECONDS, KEEP_ALIVE_SECONDS  # noqa: E402
+from mnistsum_cli.serve.parsing import BODY_SECONDS, MAX_BODY  # noqa: E402
 from mnistsum_cli.serve.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
 from mnistsum_cli.serve.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
@@ -416,7 +411,7 @@ def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_
         batch_sizes.append(len(images))
         return head_probabilities(model, images, numbers, device)
 
-    monkeypatch.setattr(serve_module, "head_probabilities", counted)
+    monkeypatch.setattr(batching, "head_probabilities", counted)
     write_adding_model(run, "adding", seed=1)
     requests = [(drawn_seven(size), number) for size, number in zip((100, 150, 200, 280, 320, 400), (0, 3, 5, 7, 8, 9))]
     answers = concurrently(served_app(run), requests)
@@ -439,10 +434,10 @@ def test_the_server_logs_an_error_in_one_line() -> None:
         record = logging.LogRecord(
             "uvicorn.error", logging.ERROR, __file__, 1, "Exception in ASGI application\n", None, sys.exc_info()
         )
-    assert serve_module.OneLine().format(record) == "error: Exception in ASGI application: RuntimeError: out of memory"
-    assert serve_module.NotCancelled().filter(record)
+    assert logs.OneLine().format(record) == "error: Exception in ASGI application: RuntimeError: out of memory"
+    assert logs.NotCancelled().filter(record)
     record.exc_info = (asyncio.CancelledError, asyncio.CancelledError(), None)
-    assert not serve_module.NotCancelled().filter(record)
+    assert not logs.NotCancelled().filter(record)
 
 
 class Unreadable:
@@ -465,7 +460,7 @@ def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
             return Unreadable(), Unreadable()
         return head_probabilities(model, images, numbers, device)
 
-    monkeypatch.setattr(serve_module, "head_probabilities", fails_once)
+    monkeypatch.setattr(batching, "head_probabilities", fails_once)
     app = served_app(run)
     answers = concurrently(app, [(drawn_seven(), number) for number in (1, 2, 3)])
     assert answers == [(500, {"error": "internal error (RuntimeError)"})] * 3
@@ -490,13 +485,13 @@ def test_a_client_that_left_does_not_break_its_batch(run: RunDir) -> None:
 def test_a_slow_model_load_does_not_hold_the_other_requests(run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a new model waits while a commit of the folder is unfinished (seconds, when the
     commit is slow): in a thread, while /healthz answers at once with the model serving now."""
-    app, read = served_app(run), serve_module.read_served_model
+    app, read = served_app(run), follower_module.read_served_model
 
     def slow_read(run: RunDir, device: torch.device, runtime: str):
         time.sleep(2)
         return read(run, device, runtime)
 
-    monkeypatch.setattr(serve_module, "read_served_model", slow_read)
+    monkeypatch.setattr(follower_module, "read_served_model", slow_read)
     write_model(run, "run2", seed=1)
 
     async def meanwhile() -> tuple:
@@ -799,7 +794,8 @@ def test_the_onnx_model_follows_its_export(client: TestClient, run: RunDir) -> N
 def test_serve_without_the_extra_says_how_to_install_it(
     run_cli, run: RunDir, monkeypatch: pytest.MonkeyPatch, package: str
 ) -> None:
-    monkeypatch.delitem(sys.modules, "mnistsum_cli.serve.app", raising=False)
+    for module in [name for name in sys.modules if name.startswith("mnistsum_cli.serve.")]:
+        monkeypatch.delitem(sys.modules, module)  # imported afresh, without the package
     for name in [name for name in sys.modules if name == package or name.startswith(f"{package}.")]:
         monkeypatch.setitem(sys.modules, name, None)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu")
@@ -1191,6 +1187,6 @@ def test_worker_count(run_cli, run: RunDir, tmp_path: Path, monkeypatch: pytest.
     assert default_workers(on_cpu=True, **no_cgroup) == 1
     assert default_workers(on_cpu=False) == 1
     with pytest.raises(BadOption, match="--workers 2: one process per GPU"):
-        serve_module.serve(run, "127.0.0.1", 0, torch.device("cuda", 0), 2, say=print, warn=print)
+        lifecycle.serve(run, "127.0.0.1", 0, torch.device("cuda", 0), 2, say=print, warn=print)
     code, out, err = run_cli("serve", "--artifacts", run.root, "--cpu", "--workers", "0")
     assert code == 2 and "--workers" in assert_one_line_error(err, out)

@@ -153,7 +153,7 @@ def serve(
     if RunDir(artifacts).root.is_dir():  # else serve says the folder is missing
         preflight.require_inputs((RunDir(artifacts).model, MODEL_META))
     try:
-        from mnistsum_cli.serve.app import serve as serve_stage
+        from mnistsum_cli.serve.lifecycle import serve as serve_stage
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in ("starlette", "uvicorn", "python_multipart"):
             raise
