@@ -104,7 +104,7 @@ def artifact_files() -> list[str]:
     files = [f"data/{GENERATION}", f"artifacts/{GENERATION}"]
     for schema in SCHEMAS:
         folder = "data" if schema.stage == "prepare" else "artifacts"
-        for name in schema.file.split(":")[0].split(", "):
+        for name in schema.file_description.split(":")[0].split(", "):
             names = [name.replace("<split>", split) for split in SPLITS] if "<split>" in name else [name]
             files += [f"{folder}/{each}" for each in names]
     return files

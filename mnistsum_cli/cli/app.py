@@ -45,7 +45,8 @@ from mnistsum_cli.store.paths import (
     RunDir,
     formats_text,
 )
-from mnistsum_cli.store.schemas import HISTORY, MODEL_META, SPLIT_META, Schema
+from mnistsum_cli.store.schemas import HISTORY, MODEL_META, SPLIT_META
+from mnistsum_cli.store.validation import Schema
 from mnistsum_cli.torchrun import torchrun_rank
 
 if TYPE_CHECKING:  # torch loads inside the commands that need it: --help and usage errors stay fast
