@@ -18,8 +18,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV, RAW_FILES
+from mnistsum_cli.store.journal import GENERATION, JOURNAL
+from mnistsum_cli.store.locks import LOCK
 from mnistsum_cli.store.paths import RunDir
-from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.store.writes import TEMP_PREFIX
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension

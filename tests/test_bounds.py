@@ -39,7 +39,6 @@ from mnistsum_cli.store.schemas import (
 )
 from mnistsum_cli.store.splits import METADATA_KEY
 from mnistsum_cli.store.tensorfiles import safetensors_bytes
-from mnistsum_cli.store.transactions import json_bytes
 from mnistsum_cli.store.validation import (
     Bool,
     Float,
@@ -52,6 +51,7 @@ from mnistsum_cli.store.validation import (
     Schema,
     Str,
 )
+from mnistsum_cli.store.writes import json_bytes
 from mnistsum_cli.terminal import percent
 
 DELETE = object()  # a Bad value that removes the field

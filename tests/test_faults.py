@@ -38,9 +38,10 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, _main
+from mnistsum_cli.store.journal import GENERATION
+from mnistsum_cli.store.locks import LOCK
 from mnistsum_cli.store.paths import SPLITS
 from mnistsum_cli.store.schemas import SCHEMAS
-from mnistsum_cli.store.transactions import GENERATION, LOCK
 from mnistsum_cli.training.runlist import PNG_SIGNATURE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,11 +45,11 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.evaluation.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
 from mnistsum_cli.serve.workers import default_workers, forked_workers
-from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, read_file, read_with_status
+from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, read_file, read_json, read_with_status
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.store.paths import MODEL_FORMAT, SPLITS, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST
-from mnistsum_cli.store.transactions import read_consistently, read_json
 from mnistsum_cli.store.validation import Schema
 
 if TYPE_CHECKING:  # torch loads only for --runtime torch

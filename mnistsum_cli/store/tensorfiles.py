@@ -18,8 +18,8 @@ SCHEMA_OF_FORMAT = {MODEL_FORMAT: MODEL_META, CHECKPOINT_FORMAT: CHECKPOINT_META
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
     """A safetensors file of `tensors` with JSON-encoded metadata values (safetensors metadata
-    is str -> str), in memory: a commit writes it (see store.Change.write). No NaN or infinity,
-    as in every JSON this package writes (store.json_bytes)."""
+    is str -> str), in memory: a commit writes it (transactions.Change.write). No NaN or
+    infinity, as in every JSON this package writes (writes.json_bytes)."""
     from safetensors.torch import save
 
     encoded = {key: json.dumps(value, allow_nan=False) for key, value in metadata.items()}

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.store.diskfiles import MAX_SMALL_JSON_BYTES
-from mnistsum_cli.store.transactions import read_json
+from mnistsum_cli.store.diskfiles import MAX_SMALL_JSON_BYTES, read_json
 
 
 class _Invalid(Exception):
@@ -78,7 +77,7 @@ class Int(Kind):
 @dataclass(frozen=True)
 class Float(Kind):
     """A finite JSON number (integers included). JSON has no NaN or infinity and no writer of
-    this package writes them (transactions.json_bytes refuses them; training stops at a NaN loss), so
+    this package writes them (writes.json_bytes refuses them; training stops at a NaN loss), so
     one in a file is damage: Python's reader would take it and pass it on to torch or a plot.
     `above`: an exclusive lower bound."""
 

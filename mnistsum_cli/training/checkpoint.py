@@ -15,10 +15,11 @@ from mnistsum_cli import __version__
 from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.fingerprints import now_iso
+from mnistsum_cli.store.interrupts import interrupts_deferred
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir
 from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, TRAIN_STATE
 from mnistsum_cli.store.tensorfiles import decode_safetensors, read_safetensors, safetensors_bytes
-from mnistsum_cli.store.transactions import commit, interrupts_deferred
+from mnistsum_cli.store.transactions import commit
 from mnistsum_cli.training.models import build_model
 from mnistsum_cli.training.setaside import set_aside
 

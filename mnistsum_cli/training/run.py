@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mnistsum_cli.errors import Interrupted, MnistsumError
 from mnistsum_cli.settings import TrainConfig, describe_preset, preset, preset_for_device
+from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import DEFAULT_ARTIFACTS, RunDir
 from mnistsum_cli.store.schemas import TRAIN_STATE
-from mnistsum_cli.store.transactions import folder_lock
 from mnistsum_cli.training.setaside import aside_folder
 
 if TYPE_CHECKING:  # torch loads only when training starts

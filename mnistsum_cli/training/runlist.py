@@ -17,8 +17,8 @@ from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, opened
 from mnistsum_cli.store.paths import SWEEPS, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import EVALUATION, HISTORY, RUN_CONFIG, TRIAL
-from mnistsum_cli.store.transactions import read_consistently
 
 # The columns of every row after the run's settings (TrainConfig's fields), in table order.
 FIGURES = (

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.store.diskfiles import read_json
 from mnistsum_cli.store.paths import RunDir, is_run_id, unknown_run_name
 from mnistsum_cli.store.schemas import HISTORY, RUN_CONFIG, TRAIN_STATE
-from mnistsum_cli.store.transactions import Change, read_json, unused
+from mnistsum_cli.store.transactions import Change
+from mnistsum_cli.store.writes import unused
 
 
 def aside_folder(run: RunDir) -> Optional[Path]:
