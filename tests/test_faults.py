@@ -223,7 +223,7 @@ def failing_writes(fault: str, folder: Path) -> Iterator[None]:
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
     def os_open(path: Any, flags: int, *args: Any, dir_fd: Optional[int] = None, **kwargs: Any) -> int:
-        # a name relative to a folder's descriptor (store.replace_file writes so) is where that folder is
+        # a name relative to a folder's descriptor (writes.replace_file writes so) is where that folder is
         where = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fsdecode(path))
         if flags & writing and _under(where, folder):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(where))

@@ -64,7 +64,7 @@ def escaping_journal(outside: Path) -> list:
 
 
 def serve_start(artifacts: Path) -> None:
-    """What `serve` does at start-up: read the run's model (store.read_consistently)."""
+    """What `serve` does at start-up: read the run's model (reads.read_consistently)."""
     pytest.importorskip("starlette")
     import torch
 
