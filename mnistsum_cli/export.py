@@ -35,8 +35,10 @@ from mnistsum_cli.evaluation.onnx_runtime import (
 from mnistsum_cli.store.diskfiles import read_file
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, fingerprint_file, now_iso
 from mnistsum_cli.store.paths import ONNX_FORMAT, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import MODEL_META
-from mnistsum_cli.store.transactions import commit, read_consistently, replace_file
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.store.writes import replace_file
 from mnistsum_cli.training.inference import EVAL_BATCH_SIZE
 
 if TYPE_CHECKING:

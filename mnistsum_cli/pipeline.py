@@ -15,9 +15,10 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.diskfiles import each_file_read_once, read_file
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
+from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import SPLITS, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import EVALUATION, MODEL_META, ONNX_META, PLOTS_MANIFEST
-from mnistsum_cli.store.transactions import folder_lock, read_consistently
 from mnistsum_cli.training.run import Run, epoch_count, evaluates, model_meta
 from mnistsum_cli.training.session import choose_config, continue_command, run_training
 

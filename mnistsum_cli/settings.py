@@ -38,7 +38,7 @@ class Setting:
 
     `min`/`max` are inclusive bounds, `above` an exclusive lower bound, `choices` the only
     values allowed; a float setting is always finite. The same bounds check the settings that
-    artifacts record (schemas.SETTINGS is derived from them), so a hand-edited checkpoint or
+    artifacts record (schemas.SETTINGS_RECORD is derived from them), so a hand-edited checkpoint or
     history is held to what the command line takes.
     """
 
@@ -93,7 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Settings read from an artifact, which its schema checked (schemas.SETTINGS)."""
+        """Settings read from an artifact, which its schema checked (schemas.SETTINGS_RECORD)."""
         return cls(**data)
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:

@@ -19,8 +19,12 @@ from hypothesis import HealthCheck, settings
 
 from mnistsum_cli import terminal
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV, RAW_FILES
+from mnistsum_cli.store.journal import GENERATION, JOURNAL
+from mnistsum_cli.store.locks import LOCK
 from mnistsum_cli.store.paths import RunDir
-from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, commit
+from mnistsum_cli.store.tensorfiles import safetensors_bytes
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.store.writes import TEMP_PREFIX
 
 IMAGE_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -329,6 +333,15 @@ def save_model(path: Path, model, metadata: dict) -> None:
     data = model_bytes(model, metadata)
     with commit(path.parent) as change:
         change.write(path, data)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    """Replace one safetensors file of `tensors` and `metadata`, as a commit of its folder: a
+    file of any kind the readers are tested on (training writes its own through checkpoint.py).
+    The bytes are made first, so tensors safetensors refuses leave the folder as it was."""
+    data = safetensors_bytes(tensors, metadata)
+    with commit(path.parent) as change:
+        change.write(path.name, data)
 
 
 def model_metadata(arch: str, run_id: str = "r1", epoch: int = 1) -> dict:

@@ -33,9 +33,13 @@ from mnistsum_cli.store.schemas import (
     MODEL_META,
     PLOTS_MANIFEST,
     RUN_CONFIG,
-    SETTINGS,
+    SETTINGS_RECORD,
     SPLIT_META,
     TRAIN_STATE,
+)
+from mnistsum_cli.store.splits import METADATA_KEY
+from mnistsum_cli.store.tensorfiles import safetensors_bytes
+from mnistsum_cli.store.validation import (
     Bool,
     Float,
     Int,
@@ -47,9 +51,7 @@ from mnistsum_cli.store.schemas import (
     Schema,
     Str,
 )
-from mnistsum_cli.store.splits import METADATA_KEY
-from mnistsum_cli.store.tensorfiles import safetensors_bytes
-from mnistsum_cli.store.transactions import json_bytes
+from mnistsum_cli.store.writes import json_bytes
 from mnistsum_cli.terminal import percent
 
 DELETE = object()  # a Bad value that removes the field
@@ -323,12 +325,12 @@ def _edges(kind: type, setting: Any) -> list[Any]:
 
 
 SETTING_EDGES = [(name, value) for name, kind, setting in setting_fields() for value in _edges(kind, setting)]
-SETTINGS_FILE = Schema("config", "train", SETTINGS, "the settings alone")
+SETTINGS_FILE = Schema("config", "train", SETTINGS_RECORD, "the settings alone")
 
 
 @pytest.mark.parametrize("name, value", SETTING_EDGES, ids=[f"{n}={v}" for n, v in SETTING_EDGES])
 def test_artifacts_hold_settings_to_the_bounds_of_the_command_line(name: str, value: Any) -> None:
-    """schemas.SETTINGS is derived from config.py's `setting(...)`: a value is refused in a
+    """schemas.SETTINGS_RECORD is derived from config.py's `setting(...)`: a value is refused in a
     config exactly when the option refuses it."""
     setting = next(setting for field, _, setting in setting_fields() if field == name)
     refused_by_option = setting.problem(value) is not None

@@ -38,9 +38,10 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from conftest import VAL_SIZE, FakeMnist, _main
+from mnistsum_cli.store.journal import GENERATION
+from mnistsum_cli.store.locks import LOCK
 from mnistsum_cli.store.paths import SPLITS
 from mnistsum_cli.store.schemas import SCHEMAS
-from mnistsum_cli.store.transactions import GENERATION, LOCK
 from mnistsum_cli.training.runlist import PNG_SIGNATURE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def artifact_files() -> list[str]:
     files = [f"data/{GENERATION}", f"artifacts/{GENERATION}"]
     for schema in SCHEMAS:
         folder = "data" if schema.stage == "prepare" else "artifacts"
-        for name in schema.file.split(":")[0].split(", "):
+        for name in schema.file_description.split(":")[0].split(", "):
             names = [name.replace("<split>", split) for split in SPLITS] if "<split>" in name else [name]
             files += [f"{folder}/{each}" for each in names]
     return files
@@ -222,7 +223,7 @@ def failing_writes(fault: str, folder: Path) -> Iterator[None]:
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
     def os_open(path: Any, flags: int, *args: Any, dir_fd: Optional[int] = None, **kwargs: Any) -> int:
-        # a name relative to a folder's descriptor (store.replace_file writes so) is where that folder is
+        # a name relative to a folder's descriptor (writes.replace_file writes so) is where that folder is
         where = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), os.fsdecode(path))
         if flags & writing and _under(where, folder):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(where))

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import model_metadata, save_model
+from conftest import model_metadata, save_model, write_safetensors
 from mnistsum_cli.data.tensors import normalise
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import PRESETS
 from mnistsum_cli.store.paths import MODEL_FORMAT
-from mnistsum_cli.store.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.store.tensorfiles import read_safetensors
 from mnistsum_cli.training.checkpoint import load_model
 from mnistsum_cli.training.models import ARCHITECTURES, build_model
 

@@ -16,8 +16,11 @@ import pytest
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, leftovers, snapshot
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.pipeline import CURRENT
+from mnistsum_cli.store.journal import GENERATION, JOURNAL
+from mnistsum_cli.store.locks import LOCK, FolderInUse, folder_lock
 from mnistsum_cli.store.paths import RunDir, is_run_id
-from mnistsum_cli.store.transactions import GENERATION, JOURNAL, LOCK, TEMP_PREFIX, FolderInUse, folder_lock, recover
+from mnistsum_cli.store.recovery import recover
+from mnistsum_cli.store.writes import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +64,7 @@ def escaping_journal(outside: Path) -> list:
 
 
 def serve_start(artifacts: Path) -> None:
-    """What `serve` does at start-up: read the run's model (store.read_consistently)."""
+    """What `serve` does at start-up: read the run's model (reads.read_consistently)."""
     pytest.importorskip("starlette")
     import torch
 
@@ -266,7 +269,8 @@ def test_a_lock_that_is_not_a_regular_file_is_refused(workdir: Path, outside: Pa
     code, out, err = run_cli("evaluate", "--cpu")
     assert code == 1
     line = assert_one_line_error(err, out)
-    assert f"{LOCK} is " in line and "remove it to use artifacts/" in line, line
+    what = {"link": "a symbolic link, which mnistsum never makes", "fifo": "a FIFO", "folder": "a folder"}[planted]
+    assert f"{LOCK} is {what}: nothing was changed; remove it to use artifacts/" in line, line
     assert snapshot(artifacts) == before and state_of(outside) == before_outside
 
 
@@ -434,8 +438,6 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
 ) -> None:
     import errno
 
-    import mnistsum_cli.store.transactions
-
     artifacts = workdir / "artifacts"
     previous = _planted_epoch_commit(artifacts, "abc")
     real_rename = os.rename
@@ -443,7 +445,7 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
     def refused(*args, **kwargs):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "rename", refused)
+    monkeypatch.setattr(os, "rename", refused)
     code, out, err = run_cli("status")
     assert code == 1
     line = assert_one_line_error(err, out)
@@ -452,7 +454,7 @@ def test_a_failure_to_finish_says_which_step_and_that_nothing_is_lost(
         "previous/abc/model.safetensors: Input/output error): it stays recorded, nothing of it is lost" in line
     ), line
     assert "nothing was changed" not in line
-    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "rename", real_rename)
+    monkeypatch.setattr(os, "rename", real_rename)
     code, out, err = run_cli("status")
     assert code == 0, err
     assert {name: (artifacts / "previous" / "abc" / name).read_bytes() for name in previous} == previous
@@ -465,8 +467,6 @@ def test_a_reader_on_read_only_media_says_the_change_waits(
     its line says the change waits for a writer, not that nothing was changed."""
     import errno
 
-    import mnistsum_cli.store.transactions
-
     artifacts = workdir / "artifacts"
     _planted_epoch_commit(artifacts, "abc")
     real_open = os.open
@@ -476,7 +476,7 @@ def test_a_reader_on_read_only_media_says_the_change_waits(
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(mnistsum_cli.store.transactions.os, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     before = snapshot(artifacts)
     code, out, err = run_cli("status")
     assert code == 1
@@ -619,7 +619,7 @@ def test_a_held_lock_is_not_taken_through_another_spelling(tmp_path: Path) -> No
     (tmp_path / "data").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "data")
     code = (
-        "import time\nfrom pathlib import Path\nfrom mnistsum_cli.store.transactions import folder_lock\n"
+        "import time\nfrom pathlib import Path\nfrom mnistsum_cli.store.locks import folder_lock\n"
         f"with folder_lock(Path({str(tmp_path / 'data')!r}), 'train', '--artifacts'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )

@@ -25,9 +25,9 @@ from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.pipeline import CURRENT, INCOMPLETE, status
 from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.locks import LOCK, folder_lock
 from mnistsum_cli.store.paths import DataDir, RunDir
 from mnistsum_cli.store.splits import read_dataset
-from mnistsum_cli.store.transactions import LOCK, folder_lock
 from mnistsum_cli.training.checkpoint import Learner, load_model
 from mnistsum_cli.training.loop import load_train_data, make_optimizer, train
 from mnistsum_cli.training.models import build_model

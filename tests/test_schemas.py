@@ -17,6 +17,7 @@ from mnistsum_cli.data.prepare import PrepareOptions, prepare
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import MAX_SEED, PRESETS, TrainConfig
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, SPLITS, DataDir
+from mnistsum_cli.store.schema_docs import markdown
 from mnistsum_cli.store.schemas import (
     CHECKPOINT_META,
     EVALUATION,
@@ -25,14 +26,13 @@ from mnistsum_cli.store.schemas import (
     PLOTS_MANIFEST,
     RUN_CONFIG,
     SCHEMAS,
-    SETTINGS,
+    SETTINGS_RECORD,
     SPLIT_META,
     TRAIN_STATE,
-    Schema,
-    markdown,
 )
 from mnistsum_cli.store.splits import METADATA_KEY
 from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.store.validation import Schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,16 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_docs_page_is_generated_from_the_schemas() -> None:
     page = (REPO / "docs" / "schemas.md").read_text()
     assert page == markdown(), (
-        "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.store.schemas import markdown; print(markdown(), end='')\" > docs/schemas.md`"
+        "docs/schemas.md is stale: regenerate it with `python -c \"from mnistsum_cli.store.schema_docs import markdown; print(markdown(), end='')\" > docs/schemas.md`"
     )
     for schema in SCHEMAS:
-        assert f"## {schema.file}" in page
+        assert f"## {schema.file_description}" in page
 
 
 def test_settings_declare_every_train_config_field() -> None:
-    assert set(SETTINGS.fields) == set(TrainConfig().to_dict())
+    assert set(SETTINGS_RECORD.fields) == set(TrainConfig().to_dict())
     for config in PRESETS.values():
-        SETTINGS.check(config.to_dict(), "config")
+        SETTINGS_RECORD.check(config.to_dict(), "config")
 
 
 # --------------------------------------------------------------------------- what the stages write fits
@@ -184,7 +184,7 @@ def test_numbers_are_finite(value: float) -> None:
 )
 def test_each_schema_names_its_stage(schema: Schema, data: Any, problem: str) -> None:
     with pytest.raises(MnistsumError, match=f"{problem}.*rerun `mnistsum {schema.stage}`"):
-        schema.check(data, schema.file)
+        schema.check(data, schema.file_description)
 
 
 def test_split_metadata_of_the_fake_mnist_fits(fake_mnist: FakeMnist, tmp_path: Path) -> None:

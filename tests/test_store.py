@@ -16,17 +16,11 @@ import pytest
 
 from conftest import Crash, crash_at, leftovers
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.store.transactions import (
-    GENERATION,
-    JOURNAL,
-    LOCK,
-    FolderInUse,
-    commit,
-    folder_lock,
-    read_consistently,
-    read_json,
-    write_json,
-)
+from mnistsum_cli.store.diskfiles import read_json
+from mnistsum_cli.store.journal import GENERATION, JOURNAL
+from mnistsum_cli.store.locks import LOCK, FolderInUse, folder_lock
+from mnistsum_cli.store.reads import read_consistently
+from mnistsum_cli.store.transactions import commit, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +81,7 @@ def test_new_files_and_folders_get_the_usual_modes(tmp_path: Path) -> None:
     with commit(tmp_path) as change:
         change.write_json("train_state.json", {"x": 1})
         staged = change.folder_of("plots")
-        from mnistsum_cli.store.transactions import write_file
+        from mnistsum_cli.store.writes import write_file
 
         write_file(staged / "p.png", b"png")
         change.move(tmp_path / "model.safetensors", tmp_path / "previous" / "run1" / "model.safetensors")
@@ -118,7 +112,7 @@ def _change(folder: Path, version: int) -> None:
             change.move(folder / "model.safetensors", folder / "previous" / f"v{version}" / "model.safetensors")
         change.write(folder / "train_state.json", f"a{version}".encode())
         change.write(folder / "history.json", f"b{version}".encode())
-        from mnistsum_cli.store.transactions import write_file
+        from mnistsum_cli.store.writes import write_file
 
         staged = change.folder_of(folder / "plots")
         write_file(staged / "loss.png", f"p{version}".encode())
@@ -166,7 +160,7 @@ def test_a_crash_at_any_step_leaves_before_or_after(tmp_path: Path, monkeypatch:
 
 def _hold_lock_in_another_process(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom mnistsum_cli.store.transactions import folder_lock\n"
+        "import sys, time\nfrom pathlib import Path\nfrom mnistsum_cli.store.locks import folder_lock\n"
         f"with folder_lock(Path({str(folder)!r}), 'train', '--artifacts'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )
@@ -228,11 +222,11 @@ def test_a_reader_never_accepts_a_commit_that_ends_between_its_closing_checks(
     new files (its journal still in place, its generation not yet), read() sees the new history;
     the commit ends (generation installed, journal gone) right after the reader's closing check
     read the generation. Looking for the journal first catches it; the other order accepts a mix."""
-    import mnistsum_cli.store.transactions
+    import mnistsum_cli.store.reads
 
     write_json(tmp_path / "train_state.json", 10)
     write_json(tmp_path / "history.json", 10)
-    real_token = mnistsum_cli.store.transactions._generation_token
+    real_token = mnistsum_cli.store.reads._generation_token
     pending = []
 
     def token_then_the_writer_finishes(folder: Path) -> bytes:
@@ -256,7 +250,7 @@ def test_a_reader_never_accepts_a_commit_that_ends_between_its_closing_checks(
             pending.append(True)
         return state, json.loads((tmp_path / "history.json").read_text())
 
-    monkeypatch.setattr(mnistsum_cli.store.transactions, "_generation_token", token_then_the_writer_finishes)
+    monkeypatch.setattr(mnistsum_cli.store.reads, "_generation_token", token_then_the_writer_finishes)
     assert read_consistently(tmp_path, read) == (11, 11)
 
 

@@ -11,10 +11,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FUZZ, leftovers, mutate
+from conftest import FUZZ, leftovers, mutate, write_safetensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
-from mnistsum_cli.store.tensorfiles import read_safetensors, write_safetensors
+from mnistsum_cli.store.tensorfiles import read_safetensors
 
 
 @pytest.mark.parametrize(

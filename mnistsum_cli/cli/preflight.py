@@ -11,7 +11,8 @@ from mnistsum_cli import terminal
 from mnistsum_cli.errors import BadOption
 from mnistsum_cli.store.diskfiles import require
 from mnistsum_cli.store.paths import SPLITS, DataDir
-from mnistsum_cli.store.schemas import SPLIT_META, Schema
+from mnistsum_cli.store.schemas import SPLIT_META
+from mnistsum_cli.store.validation import Schema
 from mnistsum_cli.torchrun import torchrun_rank
 
 if TYPE_CHECKING:

@@ -50,7 +50,7 @@ def prepare(
     from mnistsum_cli.data.mnist import load_mnist, resolve_source
     from mnistsum_cli.data.prepare import PrepareOptions
     from mnistsum_cli.data.prepare import prepare as prepare_stage
-    from mnistsum_cli.store.transactions import folder_lock
+    from mnistsum_cli.store.locks import folder_lock
 
     folder = DataDir(data)
     with folder_lock(folder.root, "prepare", "--data"):  # a second prepare waits; a failure leaves no new folder

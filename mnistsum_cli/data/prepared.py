@@ -16,8 +16,8 @@ from typing import Any, Optional
 from mnistsum_cli.data.mnist import Mnist, MnistSource, file_stamps, load_mnist, resolve_source
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.paths import SPLITS, DataDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.splits import RERUN, Dataset, open_split, read_dataset
-from mnistsum_cli.store.transactions import read_consistently
 
 
 @dataclass(frozen=True)

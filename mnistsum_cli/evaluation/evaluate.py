@@ -15,10 +15,12 @@ from mnistsum_cli.data.tensors import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.diskfiles import read_file
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
+from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import NUM_DIGITS, NUM_SUMS, RunDir
 from mnistsum_cli.store.schemas import EVALUATION, MAX_MISCLASSIFIED, MODEL_META
 from mnistsum_cli.store.splits import Dataset
-from mnistsum_cli.store.transactions import folder_lock, json_bytes, write_json
+from mnistsum_cli.store.transactions import write_json
+from mnistsum_cli.store.writes import json_bytes
 from mnistsum_cli.training.checkpoint import load_model_bytes
 from mnistsum_cli.training.inference import EVAL_PRECISION, predict
 

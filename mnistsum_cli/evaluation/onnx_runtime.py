@@ -21,8 +21,8 @@ from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.store.diskfiles import Missing, read_file
 from mnistsum_cli.store.fingerprints import fingerprint_bytes
 from mnistsum_cli.store.paths import NUM_DIGITS, NUM_SUMS, ONNX_FORMAT, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import MODEL_META, ONNX_META
-from mnistsum_cli.store.transactions import read_consistently
 
 if TYPE_CHECKING:
     import numpy as np

@@ -23,9 +23,11 @@ from mnistsum_cli.data.prepared import PreparedData  # noqa: E402
 from mnistsum_cli.errors import MnistsumError  # noqa: E402
 from mnistsum_cli.settings import TrainConfig, preset_matching  # noqa: E402
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
+from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir  # noqa: E402
 from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
-from mnistsum_cli.store.transactions import commit, folder_lock, json_bytes, replace_file, write_file  # noqa: E402
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.store.writes import json_bytes, replace_file, write_file
 from mnistsum_cli.training.run import evaluates, model_meta, read_setup  # noqa: E402
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))

@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.serve.follower import ServedModel
+from mnistsum_cli.store.diskfiles import read_json
 from mnistsum_cli.store.paths import SPLITS, RunDir
-from mnistsum_cli.store.schemas import EVALUATION, PLOTS_MANIFEST, Schema
-from mnistsum_cli.store.transactions import read_json
+from mnistsum_cli.store.schemas import EVALUATION, PLOTS_MANIFEST
+from mnistsum_cli.store.validation import Schema
 from mnistsum_cli.training.run import evaluates
 
 CARD_METRICS = ("rows", "digit_accuracy", "sum_accuracy", "consistency")  # of each evaluation, on the card

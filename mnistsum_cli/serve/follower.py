@@ -19,8 +19,8 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.diskfiles import read_with_status
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
 from mnistsum_cli.store.paths import MODEL_FORMAT, RunDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import MODEL_META, ONNX_META
-from mnistsum_cli.store.transactions import read_consistently
 
 if TYPE_CHECKING:  # torch loads only for --runtime torch
     import torch

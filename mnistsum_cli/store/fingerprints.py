@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from mnistsum_cli.store.diskfiles import read_file
 from mnistsum_cli.store.paths import SPLIT_COLUMNS, SPLITS, RunDir
-from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META, Schema
+from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META
+from mnistsum_cli.store.validation import Schema
 
 if TYPE_CHECKING:  # numpy loads in the functions that use it: the CLI starts without it
     import numpy as np

@@ -64,7 +64,7 @@ class DataDir:
         return self.root / f"{name}.parquet"
 
     def files(self) -> list[Path]:
-        """Everything `prepare` writes here (store.py lets a commit of a folder write only
+        """Everything `prepare` writes here (journal.py lets a commit of a folder write only
         these and RunDir.run_files)."""
         return [self.split(name) for name in SPLITS]
 
@@ -124,6 +124,6 @@ class RunDir:
     def run_files(self) -> list[Path]:
         """Everything one training run and the stages after it write here (present or not): what
         a new run sets aside into previous/<run id>/, and, with DataDir.files, the only names a
-        commit may write (store.py checks every journal against them: add a new artifact here)."""
+        commit may write (journal.py checks every journal against them: add a new artifact here)."""
         trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
         return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx, self.trial]

@@ -1,25 +1,18 @@
-"""What each artifact holds, declared once, and the one check of what is read against it.
+"""What each artifact holds, declared once: one Schema per artifact file (validation.py gives
+the kinds of value and the check).
 
-A file edited by hand, cut short or written by another version must end as one line naming
-the file, the field and the stage to rerun, never as a KeyError or an IndexError deep in a
-later stage. So every reader passes what it read through `Schema.check` (JSON files through
-`Schema.read_json`) before using any field. The declarations also render docs/schemas.md
-(`markdown()`), so the documentation cannot drift from what is checked.
+Every reader passes what it read through its Schema's `check` (JSON files through
+`read_json`) before using any field, so a file edited by hand, cut short or written by another
+version ends as one line naming the file, the field and the stage to rerun. docs/schemas.md is
+rendered from these declarations (schema_docs.py), so the documentation cannot drift from what
+is checked.
 
 Records accept fields they do not declare (newer versions may add some), except the
-training settings, which must all be known to rebuild a TrainConfig.
+training settings (SETTINGS_RECORD), which must all be known to rebuild a TrainConfig.
 """
 
 from __future__ import annotations
 
-import math
-import re
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-
-from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import (
     ARCHITECTURE_NAMES,
     MAX_EPOCHS,
@@ -33,259 +26,26 @@ from mnistsum_cli.store.diskfiles import (
     MAX_CHECKPOINT_BYTES,
     MAX_HISTORY_BYTES,
     MAX_MODEL_BYTES,
-    MAX_SMALL_JSON_BYTES,
     MAX_SPLIT_BYTES,
-    MIB,
 )
 from mnistsum_cli.store.paths import MAX_RUN_ID, MNIST_IMAGES, NUM_DIGITS, NUM_SUMS, RUN_ID_PATTERN, SPLITS
-from mnistsum_cli.store.transactions import read_json
-
-
-class _Invalid(Exception):
-    """A value that does not fit its declaration: where (a field path) and what is wrong."""
-
-    def __init__(self, where: str, problem: str) -> None:
-        super().__init__(where, problem)
-        self.where, self.problem = where, problem
-
-
-def _shown(value: Any) -> str:
-    """A value in a message: short, one line."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-# --------------------------------------------------------------------------- kinds of value
-
-
-class Kind:
-    """The kind of one value: `check` raises _Invalid, `text` describes it for the docs."""
-
-    def check(self, value: Any, where: str) -> None:
-        raise NotImplementedError
-
-    def text(self) -> str:
-        raise NotImplementedError
-
-
-def _number(value: float) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _range_text(low: Optional[float], high: Optional[float], above: Optional[float] = None) -> str:
-    """The bounds of a number for messages and the docs: " 0-1", " > 0, <= 10", " >= 1"."""
-    if low is not None and high is not None:
-        return f" {_number(low)}-{_number(high)}"
-    bounds = [f"> {_number(above)}"] if above is not None else []
-    bounds += [f">= {_number(low)}"] if low is not None else []
-    bounds += [f"<= {_number(high)}"] if high is not None else []
-    return f" {', '.join(bounds)}" if bounds else ""
-
-
-@dataclass(frozen=True)
-class Int(Kind):
-    low: Optional[int] = None
-    high: Optional[int] = None
-
-    def check(self, value: Any, where: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(where, f"is {_shown(value)}, expected an integer{_range_text(self.low, self.high)}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise _Invalid(where, f"is {_shown(value)}, expected an integer{_range_text(self.low, self.high)}")
-
-    def text(self) -> str:
-        return f"integer{_range_text(self.low, self.high)}"
-
-
-@dataclass(frozen=True)
-class Float(Kind):
-    """A finite JSON number (integers included). JSON has no NaN or infinity and no writer of
-    this package writes them (store.json_bytes refuses them; training stops at a NaN loss), so
-    one in a file is damage: Python's reader would take it and pass it on to torch or a plot.
-    `above`: an exclusive lower bound."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    above: Optional[float] = None
-
-    def check(self, value: Any, where: str) -> None:
-        expected = f"expected a finite number{_range_text(self.low, self.high, self.above)}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Invalid(where, f"is {_shown(value)}, {expected}")
-        if (
-            # an int beyond the largest float: float() of it (a plot, torch) raises OverflowError
-            not (math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max)
-            or (self.low is not None and value < self.low)
-            or (self.high is not None and value > self.high)
-            or (self.above is not None and not value > self.above)
-        ):
-            raise _Invalid(where, f"is {_shown(value)}, {expected}")
-
-    def text(self) -> str:
-        return f"number{_range_text(self.low, self.high, self.above)}"
-
-
-@dataclass(frozen=True)
-class Str(Kind):
-    """A string; `choices`: the only values allowed; `pattern`: a regular expression the whole
-    string must match, described for people by `pattern_text`."""
-
-    choices: Sequence[str] = ()
-    pattern: Optional[str] = None
-    pattern_text: str = ""
-
-    def check(self, value: Any, where: str) -> None:
-        if not isinstance(value, str):
-            raise _Invalid(where, f"is {_shown(value)}, expected {self.text()}")
-        if self.choices and value not in self.choices:
-            raise _Invalid(where, f"is {_shown(value)}, expected one of {', '.join(self.choices)}")
-        if self.pattern is not None and not re.fullmatch(self.pattern, value):
-            raise _Invalid(where, f"is {_shown(value)}, expected {self.pattern_text}")
-
-    def text(self) -> str:
-        if self.choices:
-            return f"one of {', '.join(self.choices)}"
-        return self.pattern_text or "string"
-
-
-@dataclass(frozen=True)
-class Bool(Kind):
-    def check(self, value: Any, where: str) -> None:
-        if not isinstance(value, bool):
-            raise _Invalid(where, f"is {_shown(value)}, expected true or false")
-
-    def text(self) -> str:
-        return "true/false"
-
-
-@dataclass(frozen=True)
-class Nullable(Kind):
-    kind: Kind
-
-    def check(self, value: Any, where: str) -> None:
-        if value is not None:
-            self.kind.check(value, where)
-
-    def text(self) -> str:
-        return f"{self.kind.text()} or null"
-
-
-@dataclass(frozen=True)
-class ListOf(Kind):
-    item: Kind
-    length: Optional[int] = None  # exact length, when fixed
-    min_length: int = 0
-    max_length: Optional[int] = None
-
-    def check(self, value: Any, where: str) -> None:
-        if not isinstance(value, list):
-            raise _Invalid(where, f"is {_shown(value)}, expected a list")
-        if self.length is not None and len(value) != self.length:
-            raise _Invalid(where, f"has {len(value)} entries, expected {self.length}")
-        if len(value) < self.min_length:
-            raise _Invalid(where, f"has {len(value)} entries, expected at least {self.min_length}")
-        if self.max_length is not None and len(value) > self.max_length:
-            raise _Invalid(where, f"has {len(value)} entries, expected at most {self.max_length}")
-        for index, item in enumerate(value):
-            self.item.check(item, f"{where}[{index}]")
-
-    def text(self) -> str:
-        size = f"{self.length} " if self.length is not None else ""
-        most = f"up to {self.max_length} " if self.max_length is not None else ""
-        return f"{'non-empty ' if self.min_length else ''}list of {size}{most}{self.item.text()}"
-
-
-@dataclass(frozen=True)
-class MapOf(Kind):
-    """An object whose keys are data (split names, digits), all mapping to one kind of value."""
-
-    value: Kind
-
-    def check(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict):
-            raise _Invalid(where, f"is {_shown(value)}, expected an object")
-        for key, item in value.items():
-            self.value.check(item, f"{where}.{key}")
-
-    def text(self) -> str:
-        return f"object of {self.value.text()}"
-
-
-@dataclass(frozen=True)
-class Field:
-    kind: Kind
-    meaning: str
-    required: bool = True
-
-
-@dataclass(frozen=True)
-class Record(Kind):
-    """An object with named fields; `closed`: fields not declared here are refused."""
-
-    fields: dict[str, Field]
-    title: str = "object"  # how the docs name it
-    closed: bool = False
-
-    def check(self, value: Any, where: str) -> None:
-        if not isinstance(value, dict):
-            found = "a list" if isinstance(value, list) else _shown(value)
-            raise _Invalid(
-                where, f"{'is' if where else 'holds'} {found}, expected an object"
-            )  # "holds": the whole file
-        for name, field in self.fields.items():
-            inner = f"{where}.{name}" if where else name
-            if name not in value:
-                if field.required:
-                    raise _Invalid(inner, "is missing")
-                continue
-            field.kind.check(value[name], inner)
-        unknown = sorted(set(value) - set(self.fields)) if self.closed else []
-        if unknown:
-            raise _Invalid(where or "it", f"has unknown fields {', '.join(map(str, unknown))}")
-
-    def text(self) -> str:
-        return self.title
-
-
-def matrix(size: int) -> ListOf:
-    """A square matrix of counts of rows, as a list of rows."""
-    return ListOf(ListOf(COUNT, length=size), length=size)
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-@dataclass(frozen=True)
-class Schema:
-    """One artifact: its file, the stage that writes it (named in errors), its fields."""
-
-    file: str
-    stage: str
-    record: Record
-    about: str
-    rules: tuple[tuple[str, Callable[[dict], bool]], ...] = ()  # (what must hold, test) across fields
-    max_bytes: int = MAX_SMALL_JSON_BYTES  # the largest file of this kind a reader reads (diskfiles.py says why)
-
-    def check(self, data: Any, path: Path | str) -> Any:
-        """`data` if it fits the declaration; else one MnistsumError naming the file, the
-        field and the stage to rerun."""
-        try:
-            self.record.check(data, "")
-            for rule, holds in self.rules:
-                if not holds(data):
-                    raise _Invalid("", f"does not satisfy {rule}")
-        except _Invalid as invalid:
-            what = f": {invalid.where} {invalid.problem}" if invalid.where else f" {invalid.problem}"
-            raise MnistsumError(f"{path}{what}: rerun `mnistsum {self.stage}`") from None
-        return data
-
-    def read_json(self, path: Path) -> Any:
-        """Read a JSON artifact of this kind and check it."""
-        return self.check(read_json(path, stage=self.stage, max_bytes=self.max_bytes), path)
+from mnistsum_cli.store.validation import (
+    Bool,
+    Field,
+    Float,
+    Int,
+    Kind,
+    ListOf,
+    MapOf,
+    Nullable,
+    Record,
+    Schema,
+    Str,
+)
 
 
 def _setting_kind(kind: type, setting: Setting) -> Kind:
-    """The Kind of one training setting, from its declaration in config.py: the bounds the
+    """The Kind of one training setting, from its declaration in settings.py: the bounds the
     command line enforces are the bounds an artifact's settings are held to."""
     if setting.choices:
         return Str(setting.choices)
@@ -314,14 +74,21 @@ LOSS = Float(0.0)  # cross-entropy
 SHARE = Float(0.0, 1.0)  # an accuracy, a probability
 COUNT = Int(0, MNIST_IMAGES)  # rows of a split: no split holds more images than MNIST has
 
-SETTINGS = _settings()
+SETTINGS_RECORD = _settings()
 RUN_ID = Field(RUN, "the training run (random hex), shared by all of its files")
 DATASET_ID = Field(HEX, "the dataset trained on (hash of the rows and of MNIST)")
-CONFIG = Field(SETTINGS, "the training settings (TrainConfig); missing ones take their defaults")
+CONFIG = Field(SETTINGS_RECORD, "the training settings (TrainConfig); missing ones take their defaults")
 PROCESSES = {
     "world_size": Field(Int(1), "training processes (torchrun)", required=False),
     "backend": Field(Nullable(Str()), "torch.distributed backend, null for one process", required=False),
 }
+
+
+def matrix(size: int) -> ListOf:
+    """A square matrix of counts of rows, as a list of rows."""
+    return ListOf(ListOf(COUNT, length=size), length=size)
+
+
 METRIC_NAMES = ("digit_loss", "sum_loss", "loss", "digit_accuracy", "sum_accuracy")
 
 
@@ -656,46 +423,3 @@ SCHEMAS = (
     ONNX_META,
     TRIAL,
 )
-
-
-# --------------------------------------------------------------------------- documentation
-
-
-def _rows(record: Record, prefix: str = "") -> list[str]:
-    """Table rows of a record; nested records (but not the settings) are flattened as a.b, a[].b."""
-    rows = []
-    for name, field in record.fields.items():
-        kind = field.kind
-        inner = kind.item if isinstance(kind, ListOf) and isinstance(kind.item, Record) else kind
-        optional = "" if field.required else " (optional)"
-        rows.append(f"| `{prefix}{name}` | {kind.text()}{optional} | {field.meaning} |")
-        if isinstance(inner, Record) and inner.fields and inner is not SETTINGS:
-            rows += _rows(inner, f"{prefix}{name}{'[]' if inner is not kind else ''}.")
-    return rows
-
-
-def markdown() -> str:
-    """docs/schemas.md: one table per artifact (a test keeps the file equal to this)."""
-    parts = [
-        "# Artifact schemas",
-        "",
-        "Generated from `mnistsum_cli/store/schemas.py`, which every reader checks its input against: a file that",
-        "does not fit is refused in one line naming the file, the field and the stage to rerun.",
-        "Fields not listed are ignored (except in the training settings). Every number is finite: JSON",
-        "has no NaN or infinity and no writer of mnistsum writes one, so one in a file is refused.",
-    ]
-    for schema in SCHEMAS:
-        rules = "".join(f" Also {rule}." for rule, _ in schema.rules)
-        cap = f" At most {schema.max_bytes / MIB:g} MiB: a larger file is refused unread."
-        parts += ["", f"## {schema.file}", "", f"Written by `mnistsum {schema.stage}`. {schema.about}{rules}{cap}", ""]
-        parts += ["| field | type | meaning |", "| --- | --- | --- |", *_rows(schema.record)]
-    parts += [
-        "",
-        "## training settings",
-        "",
-        "Every field optional (the default of `TrainConfig`); no others allowed.",
-        "",
-    ]
-    parts += ["| field | type |", "| --- | --- |"]
-    parts += [f"| `{name}` | {field.kind.text()} |" for name, field in SETTINGS.fields.items()]
-    return "\n".join(parts) + "\n"

@@ -13,8 +13,8 @@ from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.store.diskfiles import MAX_SPLIT_ROWS, read_file
 from mnistsum_cli.store.fingerprints import dataset_fingerprint
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLIT_COLUMNS, SPLITS, DataDir
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import SPLIT_META
-from mnistsum_cli.store.transactions import read_consistently
 
 if TYPE_CHECKING:  # numpy and pyarrow load in the functions that use them: the CLI starts without them
     import numpy as np

@@ -11,26 +11,18 @@ from mnistsum_cli.errors import MnistsumError, first_line
 from mnistsum_cli.store.diskfiles import read_file
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT
 from mnistsum_cli.store.schemas import CHECKPOINT_META, MODEL_META
-from mnistsum_cli.store.transactions import commit
 
 SCHEMA_OF_FORMAT = {MODEL_FORMAT: MODEL_META, CHECKPOINT_FORMAT: CHECKPOINT_META}  # what each kind of file holds
 
 
 def safetensors_bytes(tensors: dict, metadata: dict[str, Any]) -> bytes:
     """A safetensors file of `tensors` with JSON-encoded metadata values (safetensors metadata
-    is str -> str), in memory: a commit writes it (see store.Change.write). No NaN or infinity,
-    as in every JSON this package writes (store.json_bytes)."""
+    is str -> str), in memory: a commit writes it (transactions.Change.write). No NaN or
+    infinity, as in every JSON this package writes (writes.json_bytes)."""
     from safetensors.torch import save
 
     encoded = {key: json.dumps(value, allow_nan=False) for key, value in metadata.items()}
     return save({name: tensor.detach().contiguous().cpu() for name, tensor in tensors.items()}, metadata=encoded)
-
-
-def write_safetensors(path: Path, tensors: dict, metadata: dict[str, Any]) -> None:
-    """Replace one safetensors file, as a commit of its folder."""
-    data = safetensors_bytes(tensors, metadata)
-    with commit(path.parent) as change:
-        change.write(path.name, data)
 
 
 def read_safetensors(

@@ -10,7 +10,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from mnistsum_cli.store.transactions import commit, write_file
+from mnistsum_cli.store.transactions import commit
+from mnistsum_cli.store.writes import write_file
 
 if TYPE_CHECKING:
     import optuna

@@ -20,7 +20,7 @@ from torch import nn
 
 from mnistsum_cli.data.tensors import SplitTensors
 from mnistsum_cli.errors import BadOption, Interrupted, MnistsumError
-from mnistsum_cli.store.transactions import sigint_recorded
+from mnistsum_cli.store.interrupts import sigint_recorded
 from mnistsum_cli.torchrun import TORCHRUN_VARIABLES, torchrun_rank
 from mnistsum_cli.training.devices import select_device
 

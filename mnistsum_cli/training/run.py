@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.store.diskfiles import read_json
 from mnistsum_cli.store.fingerprints import now_iso
+from mnistsum_cli.store.interrupts import interrupts_deferred
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir, is_run_id, unknown_run_name
+from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, RUN_CONFIG, TRAIN_STATE
 from mnistsum_cli.store.tensorfiles import read_safetensors
-from mnistsum_cli.store.transactions import Change, commit, interrupts_deferred, read_consistently, read_json, unused
+from mnistsum_cli.store.transactions import Change, commit
+from mnistsum_cli.store.writes import unused
 
 if TYPE_CHECKING:  # torch loads only when an epoch is committed or resumed
     from mnistsum_cli.training.checkpoint import Learner

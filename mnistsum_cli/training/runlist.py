@@ -36,8 +36,8 @@ FIGURES = (
 )
 # A sweep trial's study, number, state and value (trial.json); None for other runs.
 TRIAL_COLUMNS = ("study", "trial", "trial_state", "trial_value")
-SETTINGS = tuple(TrainConfig().to_dict())
-COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTINGS, *FIGURES, *TRIAL_COLUMNS, "folder")
+SETTING_NAMES = tuple(TrainConfig().to_dict())
+COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTING_NAMES, *FIGURES, *TRIAL_COLUMNS, "folder")
 DEFAULT_SORT = "started"
 MAX_COMPARE_NAME = 120  # characters of compare's default file name: far below the 255 bytes a file system allows
 COMPARE_NAMED_RUNS = 4  # runs a longer default name still names, before the count and hash of all
@@ -171,8 +171,8 @@ def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:
 def differing_settings(entries: list[RunEntry]) -> tuple[list[str], dict[str, Any]]:
     """The settings that differ between the readable runs, and those equal for all (name → value)."""
     rows = [entry.row for entry in entries if entry.readable]
-    differ = [name for name in SETTINGS if len({json.dumps(row[name]) for row in rows}) > 1]
-    same = {name: rows[0][name] for name in SETTINGS if rows and name not in differ}
+    differ = [name for name in SETTING_NAMES if len({json.dumps(row[name]) for row in rows}) > 1]
+    same = {name: rows[0][name] for name in SETTING_NAMES if rows and name not in differ}
     return differ, same
 
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mnistsum_cli.errors import Interrupted, MnistsumError
 from mnistsum_cli.settings import TrainConfig, describe_preset, preset, preset_for_device
+from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import DEFAULT_ARTIFACTS, RunDir
-from mnistsum_cli.store.transactions import folder_lock
 from mnistsum_cli.training.run import Run, aside_folder, epoch_count
 
 if TYPE_CHECKING:
