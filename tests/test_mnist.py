@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FakeMnist, idx_images, idx_labels, make_fake_mnist, write_mnist
-from mnistsum_cli.data.mnist import RAW_FILES, load_mnist, resolve_source
+from mnistsum_cli.data.mnist import RAW_FILES, MnistSource, load_mnist, resolve_source
 from mnistsum_cli.errors import MnistsumError
 
 
@@ -181,3 +181,20 @@ def test_fuzz_damaged_idx_headers(name: str, cut: int, flips: list[int]) -> None
             assert mnist.images[split].shape[1:] == (28, 28)
             assert len(mnist.images[split]) == len(mnist.labels[split]) > 0
             assert mnist.labels[split].min() >= 0 and mnist.labels[split].max() <= 9
+
+
+def test_failed_download_names_its_cause_and_leaves_no_folder(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.datasets import MNIST
+
+    def refuse(self) -> None:
+        (Path(self.raw_folder)).mkdir(parents=True, exist_ok=True)
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://example/, got:\n<urlopen error no network>\n"
+        )
+
+    monkeypatch.setattr(MNIST, "download", refuse)
+    with pytest.raises(MnistsumError) as caught:
+        load_mnist(MnistSource(root=tmp_path / "data", download=True))
+    message = str(caught.value)
+    assert "\n" not in message and "no network" in message
+    assert not (tmp_path / "data" / "MNIST").exists()

@@ -189,3 +189,20 @@ def test_cli_val_size_too_large(fake_mnist: FakeMnist, in_tmp: Path, run_cli) ->
     line = assert_one_line_error(err, out)
     assert "--val-size" in line
     assert not (in_tmp / "data" / "train.parquet").exists()
+
+
+def test_prepare_downloads_into_the_data_folder_and_a_failure_leaves_nothing(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import MNIST
+
+    def refuse(self) -> None:
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/, got:\nno network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(MNIST, "download", refuse)
+    code, _, err = run_cli("prepare", "--data", "mydata")
+    assert code != 0 and "mydata/MNIST/raw" in err and "no network" in err
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "mydata" / "MNIST").exists()

@@ -45,7 +45,7 @@ def prepare(
 ) -> None:
     """Write the train/val/test Parquet splits (stage 1).
 
-    Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into data/. Each row holds image_index, digit, a random number 0-9 and their sum.
+    Reads MNIST through torchvision: from --mnist-dir when given, else downloaded into the --data folder. Each row holds image_index, digit, a random number 0-9 and their sum.
     """
     from mnistsum_cli.data.mnist import load_mnist, resolve_source
     from mnistsum_cli.data.prepare import PrepareOptions
@@ -54,7 +54,7 @@ def prepare(
 
     folder = DataDir(data)
     with folder_lock(folder.root, "prepare", "--data"):  # a second prepare waits; a failure leaves no new folder
-        mnist = load_mnist(resolve_source(mnist_dir))
+        mnist = load_mnist(resolve_source(mnist_dir, default_root=folder.root))
         columns = prepare_stage(mnist, PrepareOptions(seed=seed, val_size=val_size, limit=limit), folder)
     report.prepare_summary(columns, folder, seed)
 

@@ -98,11 +98,13 @@ def load_mnist(source: MnistSource) -> Mnist:
                 f"(or ${MNIST_DIR_ENV}) at a folder holding MNIST/raw/*-ubyte"
             )
     stamps = file_stamps(source)
+    made = [folder for folder in (source.raw_dir, source.raw_dir.parent) if not folder.exists()]
     images, labels = {}, {}
     for name, train in (("train", True), ("test", False)):
         try:
             dataset = MNIST(str(source.root), train=train, download=source.download)
         except Exception as error:  # network errors, torchvision's RuntimeError, bad IDX files
+            _remove_empty(made)
             raise MnistsumError(_load_failure(source, error)) from None
         images[name] = dataset.data.numpy()
         labels[name] = dataset.targets.numpy().astype(np.int64)
@@ -113,8 +115,19 @@ def load_mnist(source: MnistSource) -> Mnist:
     return Mnist(images=images, labels=labels, root=source.root.resolve(), fingerprint=fingerprint, stamps=stamps)
 
 
+def _remove_empty(folders: list[Path]) -> None:
+    """A refused download leaves nothing: the MNIST/raw folders torchvision made stay only if
+    they hold a file."""
+    for folder in folders:  # raw first, then its parent
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or already gone
+            pass
+
+
 def _load_failure(source: MnistSource, error: Exception) -> str:
-    reason = first_line(error)
+    # torchvision's message is "Error downloading X:\nTried URL, got:\n<cause>": one line, cause kept
+    reason = " ".join(str(error).split()) or first_line(error)
     if source.download:
         return (
             f"could not download MNIST into {source.raw_dir} ({reason}); without network access, "
