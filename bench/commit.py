@@ -65,7 +65,7 @@ def per_file_writes(trained, learner, improved: bool) -> None:
     for path, data in (
         (run.history, {**common, "epochs": state.history}),
         (run.train_state, {**common, "epoch": state.epoch}),
-        (run.config, setup),
+        (run.setup_file, setup),
     ):
         atomic(path, lambda tmp, data=data: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
@@ -88,7 +88,7 @@ def time_commits(artifacts: Path, repeat: int) -> dict[str, list[float]]:
     config = TrainConfig.from_dict(state_file["config"])
     model = build_model(config.arch)
     learner = Learner(model, make_optimizer(model, config), torch.amp.GradScaler("cpu", enabled=False))
-    setup = json.loads(folder.config.read_text())
+    setup = json.loads(folder.setup_file.read_text())
     facts = {key: value for key, value in setup.items() if key not in ("run_id", "dataset_id", "config")}
     run = Run.resume(folder, learner, config, state_file["dataset_id"], facts)
     targets = {"store": RunDir(artifacts.parent / "store"), "before": RunDir(artifacts.parent / "before")}

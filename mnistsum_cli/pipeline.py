@@ -70,7 +70,7 @@ def prepare_status(
 
 
 def train_status(run_dir: RunDir, header: Optional[DatasetHeader], wanted: Optional[TrainConfig] = None) -> StageStatus:
-    artifacts = [str(path) for path in (run_dir.model, run_dir.history, run_dir.checkpoint, run_dir.config)]
+    artifacts = [str(path) for path in (run_dir.model, run_dir.history, run_dir.checkpoint, run_dir.setup_file)]
     if not run_dir.train_state.exists():
         return StageStatus("train", MISSING, "run `mnistsum train`", artifacts)
     try:

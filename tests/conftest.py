@@ -144,7 +144,7 @@ def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> C
             main([str(arg) for arg in args])
         except SystemExit as exit_:
             code = exit_.code
-        except BaseException as error:  # noqa: BLE001 - anything else is a traceback for the user
+        except BaseException as error:
             out, err = capsys.readouterr()
             pytest.fail(
                 f"main({list(args)}) raised {type(error).__name__}: {error} instead of SystemExit\n"

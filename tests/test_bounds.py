@@ -32,7 +32,7 @@ from mnistsum_cli.store.schemas import (
     HISTORY,
     MODEL_META,
     PLOTS_MANIFEST,
-    RUN_CONFIG,
+    RUN_SETUP,
     SETTINGS_RECORD,
     SPLIT_META,
     TRAIN_STATE,
@@ -194,7 +194,7 @@ class Artifact:
 ARTIFACTS = (
     Artifact("history.json", HISTORY, refusing=("plot", "train", "compare"), reporting=("runs",)),
     Artifact("train_state.json", TRAIN_STATE, refusing=("train",), reporting=("status",)),
-    Artifact("config.json", RUN_CONFIG, refusing=()),  # for people and set-aside; `runs` shows what it can
+    Artifact("config.json", RUN_SETUP, refusing=()),  # for people and set-aside; `runs` shows what it can
     Artifact("evaluation_test.json", EVALUATION, refusing=("plot",), reporting=("status",)),
     Artifact("model.safetensors", MODEL_META, refusing=("evaluate", "plot"), reporting=("status",)),
     Artifact("checkpoint.safetensors", CHECKPOINT_META, refusing=("train",)),

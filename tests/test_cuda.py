@@ -126,7 +126,7 @@ def test_every_architecture_trains_and_evaluates(arch: str, data_dir: DataDir, t
     assert recorder.seen[("conv", False)] == {torch.float32}, "validation/evaluation must run in fp32"
     assert recorder.seen[("sum logits", False)] == {torch.float32}
     assert recorder.seen[("loss", False)] == {torch.float32}
-    assert json.loads(run.config.read_text())["precision"] == precision_name(training_dtype)
+    assert json.loads(run.setup_file.read_text())["precision"] == precision_name(training_dtype)
 
 
 # --------------------------------------------------------------------------- --deterministic
@@ -284,7 +284,7 @@ def test_compiled_training_runs(data_dir: DataDir, tmp_path: Path, run_cli) -> N
     )
     code, out, err = run_cli("train", "--gpu", 0, "--compile", *args)
     assert code == 0, err
-    assert json.loads(RunDir(artifacts).config.read_text())["config"]["compile"] is True
+    assert json.loads(RunDir(artifacts).setup_file.read_text())["config"]["compile"] is True
     assert all(math.isfinite(value) for value in history(RunDir(artifacts))[0].values())
 
 
@@ -308,7 +308,7 @@ def test_torchrun_with_nccl_trains(data_dir: DataDir, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "cuda:0 x 1 processes" in result.stdout
-    config = json.loads(RunDir(tmp_path / "artifacts").config.read_text())
+    config = json.loads(RunDir(tmp_path / "artifacts").setup_file.read_text())
     assert (config["device"], config["backend"], config["world_size"]) == ("cuda:0", "nccl", 1)
 
 

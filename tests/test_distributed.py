@@ -113,7 +113,7 @@ def test_torchrun_records_world_size(torchrun_run) -> None:
     expected = {"world_size": 2, "backend": "gloo"}
     for record in (
         json.loads(run.history.read_text()),
-        json.loads(run.config.read_text()),
+        json.loads(run.setup_file.read_text()),
         json.loads(run.train_state.read_text()),
         metadata(run.checkpoint, CHECKPOINT_FORMAT),
         metadata(run.model, MODEL_FORMAT),

@@ -313,7 +313,7 @@ def run_case(root: Path, argv: list[str], faults: list[contextlib.AbstractContex
         result.update(code=0, stage_ran=str(stage))
     except CaseTimeout:
         result["escaped"] = f"still running after {CASE_SECONDS} s"
-    except BaseException as error:  # noqa: BLE001 - what the user would see as a traceback
+    except BaseException as error:
         result["escaped"] = f"{type(error).__name__}: {error}"
     finally:
         signal.alarm(0)

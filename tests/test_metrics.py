@@ -65,7 +65,7 @@ def test_records_average_to_the_epoch_totals(steps: int) -> None:
     assert rows[0]["lr"] == pytest.approx(0.001 * (widths[0] + 1) / 2)
 
 
-def test_a_run_records_every_step(straight_run, train_data: TrainData) -> None:  # noqa: F811
+def test_a_run_records_every_step(straight_run, train_data: TrainData) -> None:
     run, state, reporter = straight_run
     steps = reporter.started[0][2]
     rows = step_rows(run)

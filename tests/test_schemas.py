@@ -24,7 +24,7 @@ from mnistsum_cli.store.schemas import (
     HISTORY,
     MODEL_META,
     PLOTS_MANIFEST,
-    RUN_CONFIG,
+    RUN_SETUP,
     SCHEMAS,
     SETTINGS_RECORD,
     SPLIT_META,
@@ -61,7 +61,7 @@ def test_every_artifact_of_a_run_fits_its_schema(workdir: Path, run_cli) -> None
     for schema, name in (
         (HISTORY, "history.json"),
         (TRAIN_STATE, "train_state.json"),
-        (RUN_CONFIG, "config.json"),
+        (RUN_SETUP, "config.json"),
         (EVALUATION, "evaluation_test.json"),
         (PLOTS_MANIFEST, "plots/manifest.json"),
     ):

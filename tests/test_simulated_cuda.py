@@ -85,7 +85,7 @@ def test_every_stage_on_cuda(arch: str, prepared, tmp_path: Path, monkeypatch: p
     for phase in ("epoch end", "evaluate", "predict"):
         assert sim.log.dtypes(phase, "convolution") == {"torch.float32"}, f"{phase} is not fp32"
     assert metrics["device"] == "cuda:0" and metrics["precision"] == "fp32"
-    assert json.loads(run.config.read_text())["precision"] == "bf16"
+    assert json.loads(run.setup_file.read_text())["precision"] == "bf16"
     recorded = [row["step"] for record in json.loads(run.history.read_text())["epochs"] for row in record["steps"]]
     assert recorded == list(range(1, 11)), "2 epochs of 5 steps: per-step records lost or repeated across the resume"
 
@@ -146,7 +146,7 @@ def test_training_variants_on_cuda(
         train_interrupted_then_resumed(sim, config, train_data(prepared, CUDA), run)
     assert_clean(sim)
     assert sim.log.dtypes("step", "convolution") == {conv_dtype}
-    assert json.loads(run.config.read_text())["precision"] == precision
+    assert json.loads(run.setup_file.read_text())["precision"] == precision
     assert torch.backends.cudnn.benchmark is not config.deterministic
     if precision == "fp16":
         assert checkpoint_metadata(sim.store, run.checkpoint)["grad_scaler"]["scale"] > 0, "grad scaler not saved"

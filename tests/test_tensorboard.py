@@ -14,8 +14,8 @@ import pytest
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error
 
 pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 

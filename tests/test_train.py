@@ -95,7 +95,7 @@ def straight_run(train_data: TrainData, tmp_path_factory: pytest.TempPathFactory
 
 def test_run_folder_contents(straight_run) -> None:
     run, state, _ = straight_run
-    for path in (run.model, run.checkpoint, run.history, run.train_state, run.config):
+    for path in (run.model, run.checkpoint, run.history, run.train_state, run.setup_file):
         assert path.is_file() and path.stat().st_size > 0, path
     assert not leftovers(run.root)
     assert state.epoch == CONFIG.epochs
@@ -254,7 +254,7 @@ def test_history_json(straight_run, train_data: TrainData) -> None:
 
     state_file = json.loads(run.train_state.read_text())
     assert state_file["epoch"] == CONFIG.epochs and state_file["best_epoch"] == state.best_epoch
-    config_file = json.loads(run.config.read_text())
+    config_file = json.loads(run.setup_file.read_text())
     assert config_file["config"] == CONFIG.to_dict()
     assert config_file["run_id"] == state.run_id
 

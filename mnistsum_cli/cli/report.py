@@ -152,7 +152,7 @@ def train_summary(run: Run, device: str) -> None:
         f"(val digit {percent(best['val_digit_accuracy'])}, val sum {percent(best['val_sum_accuracy'])})",
         soft_wrap=True,
     )
-    written([run.folder.model, run.folder.history, run.folder.config, run.folder.checkpoint])
+    written([run.folder.model, run.folder.history, run.folder.setup_file, run.folder.checkpoint])
 
 
 def run_complete(run: RunDir, epochs: int) -> None:

@@ -13,22 +13,22 @@ from typing import Any, Optional
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter
 
-from mnistsum_cli.data.mnist import Mnist  # noqa: E402
-from mnistsum_cli.data.prepared import PreparedData  # noqa: E402
-from mnistsum_cli.errors import MnistsumError  # noqa: E402
-from mnistsum_cli.settings import TrainConfig, preset_matching  # noqa: E402
+from mnistsum_cli.data.mnist import Mnist
+from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.settings import TrainConfig, preset_matching
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.store.locks import folder_lock
-from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir  # noqa: E402
-from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META  # noqa: E402
+from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir
+from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META
 from mnistsum_cli.store.transactions import commit
 from mnistsum_cli.store.writes import json_bytes, replace_file, write_file
-from mnistsum_cli.training.run import evaluates, model_meta, read_setup  # noqa: E402
+from mnistsum_cli.training.run import evaluates, model_meta, read_setup
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48

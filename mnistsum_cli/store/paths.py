@@ -97,7 +97,7 @@ class RunDir:
         return self.root / "history.json"
 
     @property
-    def config(self) -> Path:
+    def setup_file(self) -> Path:
         return self.root / "config.json"
 
     def evaluation(self, split: str) -> Path:
@@ -125,5 +125,5 @@ class RunDir:
         """Everything one training run and the stages after it write here (present or not): what
         a new run sets aside into previous/<run id>/, and, with DataDir.files, the only names a
         commit may write (journal.py checks every journal against them: add a new artifact here)."""
-        trained = [self.model, self.checkpoint, self.train_state, self.history, self.config]
+        trained = [self.model, self.checkpoint, self.train_state, self.history, self.setup_file]
         return trained + [self.evaluation(split) for split in SPLITS] + [self.plots, self.onnx, self.trial]

@@ -198,7 +198,7 @@ TRAIN_STATE = Schema(
     rules=(("best_epoch <= epoch", lambda state: state["best_epoch"] <= state["epoch"]),),
 )
 
-RUN_CONFIG = Schema(
+RUN_SETUP = Schema(
     "config.json",
     "train",
     Record(
@@ -415,7 +415,7 @@ SCHEMAS = (
     SPLIT_META,
     HISTORY,
     TRAIN_STATE,
-    RUN_CONFIG,
+    RUN_SETUP,
     MODEL_META,
     CHECKPOINT_META,
     EVALUATION,

@@ -21,7 +21,7 @@ from mnistsum_cli.store.fingerprints import now_iso
 from mnistsum_cli.store.interrupts import interrupts_deferred
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir, is_run_id, unknown_run_name
 from mnistsum_cli.store.reads import read_consistently
-from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, RUN_CONFIG, TRAIN_STATE
+from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, RUN_SETUP, TRAIN_STATE
 from mnistsum_cli.store.tensorfiles import read_safetensors
 from mnistsum_cli.store.transactions import Change, commit
 from mnistsum_cli.store.writes import unused
@@ -220,7 +220,7 @@ class Run:
             change.write_json(self.folder.history, {**common, "best_epoch": self.best_epoch, "epochs": self.history})
             progress = {"epoch": self.epoch, "best_epoch": self.best_epoch, "updated_at": now_iso()}
             change.write_json(self.folder.train_state, {**common, **progress})
-            change.write_json(self.folder.config, self.setup)
+            change.write_json(self.folder.setup_file, self.setup)
         self.aside = None  # moved: later commits leave previous/ alone
 
 
@@ -246,7 +246,7 @@ def read_setup(folder: RunDir) -> dict[str, Any]:
     """config.json: where and how the run trained (device, precision, versions, start), or {} when
     it is missing or unreadable (runs older than it have none; it only adds to what is shown)."""
     try:
-        return RUN_CONFIG.read_json(folder.config)
+        return RUN_SETUP.read_json(folder.setup_file)
     except MnistsumError:
         return {}
 
@@ -283,7 +283,7 @@ def set_aside(change: Change, folder: RunDir, kept: Path) -> None:
 def _run_id_on_disk(folder: RunDir) -> str:
     """The run id its JSON files record, or a time stamp when none is readable or usable as a
     folder name (this is where a run id becomes a path: paths.is_run_id says which can)."""
-    for path, kind in ((folder.train_state, TRAIN_STATE), (folder.history, HISTORY), (folder.config, RUN_CONFIG)):
+    for path, kind in ((folder.train_state, TRAIN_STATE), (folder.history, HISTORY), (folder.setup_file, RUN_SETUP)):
         try:
             run_id = read_json(path, kind.stage, kind.max_bytes).get("run_id")
         except (MnistsumError, AttributeError):
