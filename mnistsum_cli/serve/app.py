@@ -42,8 +42,8 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Match, Route
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from mnistsum_cli.data.images import MIN_CONTRAST, SIZE, prepare_image
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.evaluation.predict import MIN_CONTRAST, SIZE, head_probabilities, prepare_image
 from mnistsum_cli.serve.workers import default_workers, forked_workers
 from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, read_file, read_with_status
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
@@ -200,6 +200,8 @@ def served_probabilities(
     if served.runtime == "onnx":
         return served.model.probabilities(images, np.array(numbers, dtype=np.int64))
     import torch
+
+    from mnistsum_cli.training.inference import head_probabilities
 
     return head_probabilities(served.model, torch.from_numpy(images), torch.tensor(numbers), device)
 
