@@ -19,11 +19,11 @@ from test_startup import HEAVY, python
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, publish_model, snapshot
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV
-from mnistsum_cli.evaluation.predict import head_probabilities
 from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.schemas import MODEL_META
 from mnistsum_cli.training.checkpoint import load_model, model_bytes
+from mnistsum_cli.training.inference import head_probabilities
 from mnistsum_cli.training.models import ARCHITECTURES
 
 onnx = pytest.importorskip("onnx")

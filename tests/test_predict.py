@@ -18,19 +18,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_startup import python
 from torch import nn
 
 from conftest import PNG_MAGIC, assert_one_line_error
+from mnistsum_cli.data.images import MAX_PIXELS, greyscale, load_image, opaque, prepare_image, to_mnist
+from mnistsum_cli.data.tensors import SplitTensors
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.evaluation.predict import (
-    MAX_PIXELS,
-    greyscale,
-    load_image,
-    opaque,
-    predict_digits,
-    prepare_image,
-    to_mnist,
-)
+from mnistsum_cli.evaluation.predict import predict_digits
+from mnistsum_cli.training import inference
 from mnistsum_cli.training.models import build_model
 
 # A "7" with a crossbar, in a unit box (x, y): asymmetric, so a flip or a bad centring shows.
@@ -370,6 +366,41 @@ def test_predict_digits_rejects_numbers_out_of_range() -> None:
     images = torch.zeros((2, 28, 28), dtype=torch.uint8)
     with pytest.raises(MnistsumError, match="0-9"):
         predict_digits(build_model("fastnet-small"), images, torch.tensor([3, 10]), torch.device("cpu"))
+
+
+def test_a_split_and_a_batch_of_images_get_the_same_answer_through_the_one_inference_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`evaluate` (inference.predict over a split) and `predict`/`serve` (head_probabilities on
+    images) both run the model through inference.head_logits, and agree on the same rows."""
+    torch.manual_seed(0)
+    model = build_model("fastnet-small").train()
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    numbers, digits = torch.tensor([0, 3, 9, 5, 1, 7]), torch.tensor([1, 2, 3, 4, 5, 6])
+    split = SplitTensors(images, digits, numbers, digits + numbers)
+    calls = []
+    original = inference.head_logits
+    monkeypatch.setattr(inference, "head_logits", lambda *args: calls.append(len(args[1])) or original(*args))
+    over_split = inference.predict(model, split, batch_size=4)
+    digit_probs, sum_probs = inference.head_probabilities(model, images, numbers, torch.device("cpu"))
+    assert calls == [4, 2, 6] and model.training
+    assert torch.allclose(over_split.digit_probs, digit_probs) and torch.allclose(over_split.sum_probs, sum_probs)
+    rows = predict_digits(model, images, numbers, torch.device("cpu"))
+    assert [row["digit"] for row in rows] == over_split.digit.tolist()
+    assert [row["sum"] for row in rows] == over_split.sum.tolist()
+
+
+def test_preparing_an_image_and_predicting_load_no_torch_until_a_model_runs(tmp_path: Path) -> None:
+    path = _save(_rgb_black_on_white(), tmp_path / "seven.png")
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom mnistsum_cli.data.images import prepare_image\n"
+        "import mnistsum_cli.evaluation.predict\n"
+        f"assert prepare_image(Path({str(path)!r})).shape == (28, 28)\n"
+        "print('LOADED:', *[name for name in ('torch', 'torchvision', 'matplotlib') if name in sys.modules])"
+    )
+    result = python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "LOADED:"
 
 
 # --------------------------------------------------------------------------- what is not a plain, sane image file

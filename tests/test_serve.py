@@ -26,19 +26,21 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error, model_metadata, publish_model, save_model, snapshot
+from mnistsum_cli.data.images import prepare_image
 from mnistsum_cli.errors import BadOption
-from mnistsum_cli.evaluation.predict import head_probabilities, prepare_image
 from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.schemas import MODEL_META
 from mnistsum_cli.store.transactions import commit, write_json
+from mnistsum_cli.training import inference
+from mnistsum_cli.training.inference import head_probabilities
 from mnistsum_cli.training.models import build_model
 
 starlette = pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from starlette.testclient import TestClient  # noqa: E402 (after the importorskip)
 
-from mnistsum_cli.serve import batching, lifecycle, logs  # noqa: E402
 from mnistsum_cli.serve import follower as follower_module  # noqa: E402 (a helper here is named follower)
+from mnistsum_cli.serve import lifecycle, logs  # noqa: E402
 from mnistsum_cli.serve.app import KnownHosts, create_app  # noqa: E402
 from mnistsum_cli.serve.batching import Batches  # noqa: E402
 from mnistsum_cli.serve.follower import ModelFollower  # noqa: E402
@@ -411,7 +413,7 @@ def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_
         batch_sizes.append(len(images))
         return head_probabilities(model, images, numbers, device)
 
-    monkeypatch.setattr(batching, "head_probabilities", counted)
+    monkeypatch.setattr(inference, "head_probabilities", counted)
     write_adding_model(run, "adding", seed=1)
     requests = [(drawn_seven(size), number) for size, number in zip((100, 150, 200, 280, 320, 400), (0, 3, 5, 7, 8, 9))]
     answers = concurrently(served_app(run), requests)
@@ -460,7 +462,7 @@ def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
             return Unreadable(), Unreadable()
         return head_probabilities(model, images, numbers, device)
 
-    monkeypatch.setattr(batching, "head_probabilities", fails_once)
+    monkeypatch.setattr(inference, "head_probabilities", fails_once)
     app = served_app(run)
     answers = concurrently(app, [(drawn_seven(), number) for number in (1, 2, 3)])
     assert answers == [(500, {"error": "internal error (RuntimeError)"})] * 3

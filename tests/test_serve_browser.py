@@ -23,8 +23,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import _main, publish_model
+from mnistsum_cli.data.images import prepare_image
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV
-from mnistsum_cli.evaluation.predict import prepare_image
 from mnistsum_cli.store.paths import RunDir
 from strokes import DIGIT_STROKES
 

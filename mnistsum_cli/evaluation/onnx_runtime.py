@@ -150,16 +150,13 @@ class OnnxModel:
 
     def probabilities(self, images: np.ndarray, numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Digit [N, 10] and sum [N, 19] probabilities (float32) for uint8 images [N, 28, 28] and
-        numbers [N] in 0-9: the contract of predict.head_probabilities, in numpy."""
+        numbers [N] in 0-9: the contract of inference.head_probabilities, in numpy."""
         import numpy as np
 
-        from mnistsum_cli.evaluation.predict import SIZE
+        from mnistsum_cli.data.images import check_model_inputs
 
         images, numbers = np.ascontiguousarray(images, dtype=np.uint8), np.asarray(numbers, dtype=np.int64)
-        if images.shape[1:] != (SIZE, SIZE) or images.shape[0] != numbers.shape[0]:
-            raise ValueError(f"expected images [N, 28, 28] and numbers [N], got {images.shape} and {numbers.shape}")
-        if ((numbers < 0) | (numbers > 9)).any():
-            raise MnistsumError(f"numbers must be 0-9, got {numbers.tolist()}")
+        check_model_inputs(images, numbers)
         digit, total = self.session.run(OUTPUT_NAMES[:2], {"images": images, "numbers": numbers})
         return digit, total
 

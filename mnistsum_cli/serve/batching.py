@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from mnistsum_cli.evaluation.predict import head_probabilities
 from mnistsum_cli.serve.follower import ServedModel
 from mnistsum_cli.serve.parsing import RequestError
 
@@ -25,6 +24,8 @@ def served_probabilities(
     if served.runtime == "onnx":
         return served.model.probabilities(images, np.array(numbers, dtype=np.int64))
     import torch
+
+    from mnistsum_cli.training.inference import head_probabilities
 
     return head_probabilities(served.model, torch.from_numpy(images), torch.tensor(numbers), device)
 

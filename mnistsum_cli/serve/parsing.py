@@ -17,8 +17,8 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from mnistsum_cli.data.images import MIN_CONTRAST, SIZE, prepare_image
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.evaluation.predict import MIN_CONTRAST, SIZE, prepare_image
 
 MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, a stream of junk does not
 # A drawing from the page (a few KB) is brought to MNIST form in about 2 ms: on the event loop, cheaper than a
@@ -166,7 +166,7 @@ async def upload_in_mnist_form(image: bytes) -> np.ndarray:
 
 
 def image_in_mnist_form(image: bytes) -> np.ndarray:
-    """As `predict` reads an image file (evaluation.predict.prepare_image); what it cannot read is a 422."""
+    """As `predict` reads an image file (data.images.prepare_image); what it cannot read is a 422."""
     try:
         return prepare_image(BytesIO(image), "image", IMAGE_FORMATS)
     except MnistsumError as error:
