@@ -646,3 +646,22 @@ def test_resume_with_nothing_saved_says_so(in_tmp: Path, run_cli) -> None:
     code, out, err = run_cli("train", "--resume", "--cpu")
     assert code == 1
     assert "nothing to resume in artifacts" in assert_one_line_error(err, out)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--cpu"),
+        ("run", "--cpu", "--mnist-dir", "no-such-mnist"),
+        ("evaluate", "--cpu"),
+        ("plot",),
+    ],
+    ids=["train before prepare", "run without data", "evaluate before train", "plot before evaluate"],
+)
+def test_a_refused_command_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli, args) -> None:
+    """Refused for want of its inputs, a command creates no folder, lock or file (issue 23 edge 4)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(*args)
+    assert code != 0
+    assert_one_line_error(err, out)
+    assert list(tmp_path.rglob("*")) == []
