@@ -904,12 +904,18 @@ def accepted(pid: int, port: int) -> int:
     return held
 
 
-def connect_until_each_accepts(port: int, pids: list[int], most: int = 60) -> list[socket.socket]:
+def connect_until_each_accepts(port: int, pids: list[int], seconds: float = 60) -> list[socket.socket]:
     """Keep-alive connections, each answered once, until every process holds one: each worker
-    really accepts on the shared socket (which one wins a connection is up to the kernel)."""
+    really accepts on the shared socket (which one wins a connection is up to the kernel). The
+    server starts its own uvicorn only after forking the workers and printing its address, so
+    on a loaded machine the workers may take the first hundred connections: this waits for the
+    server for up to `seconds`, a new connection every 50 ms once each process could hold one."""
     connections = []
+    deadline = time.monotonic() + seconds
     while not all(accepted(pid, port) for pid in pids):
-        assert len(connections) < most, {pid: accepted(pid, port) for pid in pids}
+        assert time.monotonic() < deadline, {pid: accepted(pid, port) for pid in pids}
+        if len(connections) >= len(pids):
+            time.sleep(0.05)
         connection = socket.create_connection(("127.0.0.1", port), timeout=30)
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert connection.recv(100).startswith(b"HTTP/1.1 200")
