@@ -43,6 +43,7 @@ class Setting:
     """
 
     help: str
+    words: str = "{}"  # how a caption says it: "{}" stands for the value, "{s}" for a plural's s (in_words)
     min: Optional[float] = None
     max: Optional[float] = None
     above: Optional[float] = None
@@ -65,28 +66,40 @@ class Setting:
         return None
 
 
-def setting(default: Any, help: str, **bounds: Any) -> Any:
-    """A TrainConfig field carrying its Setting (see Setting for `bounds`)."""
-    return field(default=default, metadata={"setting": Setting(help, **bounds)})
+def setting(default: Any, help: str, words: str, **bounds: Any) -> Any:
+    """A TrainConfig field carrying its Setting (see Setting for `words` and `bounds`)."""
+    return field(default=default, metadata={"setting": Setting(help, words, **bounds)})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = setting("fastnet", "Network architecture.", choices=ARCHITECTURE_NAMES)
-    epochs: int = setting(10, "Passes over the training split.", min=1, max=MAX_EPOCHS)
-    batch_size: int = setting(1024, "Rows per step (BatchNorm needs 2 or more).", min=2, max=MAX_BATCH_SIZE)
-    lr: float = setting(6e-3, "Peak learning rate (one-cycle).", above=0, max=MAX_LR)
-    weight_decay: float = setting(5e-4, "AdamW weight decay of conv and linear weights.", min=0, max=MAX_WEIGHT_DECAY)
-    warmup: float = setting(0.2, "Share of the steps spent rising to the peak learning rate.", min=0, max=1)
-    label_smoothing: float = setting(0.0, "Label smoothing of both losses.", min=0, max=0.5)
-    max_shift: int = setting(2, "Random-shift augmentation, pixels; 0 turns it off.", min=0, max=8)
-    max_rotation: float = setting(0.0, "Random-rotation augmentation, ± degrees; 0 turns it off.", min=0, max=180)
-    max_zoom: float = setting(0.0, "Random scaling by 1 ± this; 0 turns it off.", min=0, max=0.5)
-    seed: int = setting(0, "Seed of weights, shuffling and augmentation.", min=0, max=MAX_SEED)
-    amp: bool = setting(True, "Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU).")
-    channels_last: bool = setting(True, "channels_last (NHWC) memory format.")
-    compile: bool = setting(False, "torch.compile the model.")
-    deterministic: bool = setting(False, "CUDA: bit-exact reruns and resumes (no cuDNN autotuning; slower).")
+    arch: str = setting("fastnet", "Network architecture.", "{} network", choices=ARCHITECTURE_NAMES)
+    epochs: int = setting(10, "Passes over the training split.", "{} epoch{s}", min=1, max=MAX_EPOCHS)
+    batch_size: int = setting(
+        1024, "Rows per step (BatchNorm needs 2 or more).", "batches of {}", min=2, max=MAX_BATCH_SIZE
+    )
+    lr: float = setting(6e-3, "Peak learning rate (one-cycle).", "peak lr {}", above=0, max=MAX_LR)
+    weight_decay: float = setting(
+        5e-4, "AdamW weight decay of conv and linear weights.", "weight decay {}", min=0, max=MAX_WEIGHT_DECAY
+    )
+    warmup: float = setting(
+        0.2, "Share of the steps spent rising to the peak learning rate.", "warm-up {} of the steps", min=0, max=1
+    )
+    label_smoothing: float = setting(0.0, "Label smoothing of both losses.", "label smoothing {}", min=0, max=0.5)
+    max_shift: int = setting(2, "Random-shift augmentation, pixels; 0 turns it off.", "shifts ±{} px", min=0, max=8)
+    max_rotation: float = setting(
+        0.0, "Random-rotation augmentation, ± degrees; 0 turns it off.", "rotations ±{}°", min=0, max=180
+    )
+    max_zoom: float = setting(0.0, "Random scaling by 1 ± this; 0 turns it off.", "zoom ±{}", min=0, max=0.5)
+    seed: int = setting(0, "Seed of weights, shuffling and augmentation.", "seed {}", min=0, max=MAX_SEED)
+    amp: bool = setting(
+        True, "Mixed precision on CUDA: bf16, or fp16 on pre-Ampere GPUs (ignored on the CPU).", "mixed precision {}"
+    )
+    channels_last: bool = setting(True, "channels_last (NHWC) memory format.", "channels-last {}")
+    compile: bool = setting(False, "torch.compile the model.", "torch.compile {}")
+    deterministic: bool = setting(
+        False, "CUDA: bit-exact reruns and resumes (no cuDNN autotuning; slower).", "deterministic {}"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,10 +119,25 @@ class TrainConfig:
         return [f"{key} {mine[key]} → {theirs[key]}" for key in mine if mine[key] != theirs[key]]
 
 
+def in_words(name: str, value: Any) -> str:
+    """Setting `name` at `value` as a caption says it: "batches of 128", "peak lr 0.01",
+    "mixed precision off" (a switch is on or off; a number in its shortest form)."""
+    if isinstance(value, bool):
+        shown = "on" if value else "off"
+    elif isinstance(value, float):
+        shown = f"{value:g}"
+    else:
+        shown = str(value)
+    return TRAIN_SETTINGS[name].words.format(shown, s="" if value == 1 else "s")
+
+
 def setting_fields() -> list[tuple[str, type, Setting]]:
     """(name, type, Setting) of every training setting, in declaration order."""
     types = get_type_hints(TrainConfig)
     return [(each.name, types[each.name], each.metadata["setting"]) for each in fields(TrainConfig)]
+
+
+TRAIN_SETTINGS: dict[str, Setting] = {name: each for name, _, each in setting_fields()}
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -337,6 +337,7 @@ def worker(spec_path: str) -> None:
     import torchvision  # noqa: F401
     import uvicorn
 
+    import mnistsum_cli.evaluation.compare
     import mnistsum_cli.evaluation.plot
 
     torch.set_num_threads(1)
@@ -344,6 +345,7 @@ def worker(spec_path: str) -> None:
     # plot and compare: every input read and checked, every file written, no figure rendered (seconds each)
     mnistsum_cli.evaluation.plot.draw_all = lambda figures, *args: None
     mnistsum_cli.evaluation.plot.png_bytes = lambda figure, dpi=120: PNG_SIGNATURE
+    mnistsum_cli.evaluation.compare.png_bytes = lambda figure, dpi=120: PNG_SIGNATURE
     opened: list[str] = []
     recording = [False]
 

@@ -14,7 +14,8 @@ from rich.console import Console
 from conftest import assert_one_line_error, leftovers, snapshot
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.evaluation.plot import curves, gallery, heatmap, incomplete_note, plot
+from mnistsum_cli.evaluation.figures import curves, gallery, heatmap, incomplete_note
+from mnistsum_cli.evaluation.plot import plot
 from mnistsum_cli.pipeline import CURRENT, STALE
 from mnistsum_cli.store.paths import DataDir, RunDir
 
@@ -113,13 +114,40 @@ def test_confusion_colour_bar_is_in_counts() -> None:
     assert {"1", "10", "100", "1,000"} <= labels, labels
 
 
-def test_gallery_explains_its_caption_colours() -> None:
+def test_gallery_colours_each_head_by_its_own_answer() -> None:
+    """Issue 23 edge 2: the sum head is its own head, so a row can have a wrong digit and a right
+    sum (or the other way round): each head's caption is red exactly where that head is wrong,
+    and the legend says so."""
     import numpy as np
+    from matplotlib.colors import same_color
 
-    example = {"number": 3, "digit": 4, "predicted_digit": 4, "sum": 7, "predicted_sum": 8}
-    figure = gallery([example], np.zeros((1, 28, 28), np.uint8), "title")
-    texts = [text.get_text() for text in figure.texts] + [figure._supxlabel.get_text()]
-    assert any("red caption: the digit is wrong" in text and "black caption" in text for text in texts), texts
+    examples = [
+        {"number": 3, "digit": 4, "predicted_digit": 4, "sum": 7, "predicted_sum": 8},  # sum head wrong
+        {"number": 2, "digit": 3, "predicted_digit": 5, "sum": 5, "predicted_sum": 5},  # digit head wrong
+    ]
+    figure = gallery(examples, np.zeros((2, 28, 28), np.uint8), "title")
+    captions = [(axis.title, axis.xaxis.label) for axis in figure.axes[:2]]
+    assert [(digit.get_text(), total.get_text()) for digit, total in captions] == [
+        ("+3: digit 4→4", "sum 7→8"),
+        ("+2: digit 3→5", "sum 5→5"),
+    ]
+    wrong = [[not same_color(text.get_color(), "black") for text in pair] for pair in captions]
+    assert wrong == [[False, True], [True, False]]
+    legend = figure._supxlabel.get_text()
+    assert "digit head" in legend and "sum head" in legend and "red where that head is wrong" in legend
+
+
+def test_accuracy_legends_sit_in_one_place_and_every_lr_strip_has_numbers() -> None:
+    """Issue 23 edge 9: with shared y axes matplotlib hid the second lr strip's tick labels, and
+    `best` placed each legend where its own panel had room."""
+    panels = [("digit_accuracy", "digit head"), ("sum_accuracy", "sum head")]
+    figure = curves(with_steps(40, 3), panels, "accuracy (%)", "Accuracy", "", scale=100, share_y=True, zoom=True)
+    figure.canvas.draw()
+    top, strips = figure.axes[:2], figure.axes[2:]
+    places = {axis.get_legend()._loc for axis in top}
+    assert len(places) == 1 and 0 not in places  # 0 is `best`: wherever the curves leave room
+    for strip in strips:
+        assert [label.get_text() for label in strip.get_yticklabels() if label.get_visible() and label.get_text()]
 
 
 # --------------------------------------------------------------------------- progress

@@ -14,7 +14,15 @@ from PIL import Image
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, snapshot
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV
-from mnistsum_cli.training.runlist import COLUMNS, MAX_COMPARE_NAME, RunEntry, compare_path
+from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.training.runlist import (
+    CAPTION_WIDTH,
+    COLUMNS,
+    MAX_COMPARE_NAME,
+    RunEntry,
+    compare_labels,
+    compare_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +260,52 @@ def test_compare_names_many_runs_within_a_file_name() -> None:
     assert compare_path(Path("artifacts"), entries[:39]) != path
     sly = compare_path(Path("artifacts"), [RunEntry(Path("x"), {"run_id": "../../../etc/passwd"})])
     assert sly == Path("artifacts/compare/run.png")
+
+
+def test_compare_labels_and_caption_are_words() -> None:
+    """Issue 23 edge 9: a run that differs in nothing was labelled ' (3148695b)'; the caption was
+    field names (`batch_size 128`) and `amp True` on a CPU run, where the precision is fp32."""
+    base = {**TrainConfig().to_dict(), "device": "cpu", "precision": "fp32"}
+    rows = [
+        {**base, "run_id": "3148695b00", "lr": 0.01},
+        {**base, "run_id": "77aa01c3d5", "lr": 0.01},
+        {**base, "run_id": "954dde2b11", "lr": 0.005, "epochs": 1},
+    ]
+    labels, caption = compare_labels([RunEntry(Path(row["run_id"]), row) for row in rows])
+    assert labels == [
+        "10 epochs, peak lr 0.01 (run 3148695b)",
+        "10 epochs, peak lr 0.01 (run 77aa01c3)",
+        "1 epoch, peak lr 0.005",
+    ]
+    flat = " ".join(caption.split())
+    assert flat.startswith("every run: fastnet network · batches of 1024 · weight decay 0.0005")
+    assert "on cpu · fp32 precision" in flat and "amp" not in flat and "_" not in flat
+    assert all(len(line) <= CAPTION_WIDTH for line in caption.splitlines())
+    same, _ = compare_labels([RunEntry(Path(row["run_id"]), row) for row in rows[:2]])
+    assert same == ["run 3148695b", "run 77aa01c3"]
+
+
+def test_compare_figure_has_a_title_a_legend_in_every_panel_and_axes_from_the_first_point() -> None:
+    """Issue 23 edge 9: no title, a legend in the first panel only, val axes from epoch 0."""
+    from mnistsum_cli.evaluation.compare import compare_figure
+
+    def history(epochs: int, steps: int) -> dict:
+        records = []
+        for epoch in range(1, epochs + 1):
+            rows = [{"epoch": epoch - 1 + s / steps, "train_loss": 1 / (epoch + s)} for s in range(1, steps + 1)]
+            records.append({"epoch": epoch, "val_digit_accuracy": 0.9, "val_sum_accuracy": 0.8, "steps": rows})
+        return {"epochs": records}
+
+    figure = compare_figure([history(3, 10), history(2, 10)], ["peak lr 0.01", "peak lr 0.005"], "every run: x")
+    try:
+        assert figure._suptitle.get_text().startswith("2 runs side by side")
+        for axis in figure.axes:
+            assert [text.get_text() for text in axis.get_legend().get_texts()] == ["peak lr 0.01", "peak lr 0.005"]
+        digit, total, loss = figure.axes
+        assert 0.5 < digit.get_xlim()[0] < 1 and 0.5 < total.get_xlim()[0] < 1  # no empty epoch 0
+        assert loss.get_xlim()[0] == 0  # the first step is a tenth of an epoch in
+        assert figure._supxlabel.get_text() == "every run: x"
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)

@@ -205,7 +205,7 @@ def compare(
     entries = [find_run(artifacts, name) for name in run_names]
     labels, caption = compare_labels(entries)
     path = compare_output(out, artifacts, entries)  # before matplotlib loads
-    from mnistsum_cli.evaluation.plot import compare_runs
+    from mnistsum_cli.evaluation.compare import compare_runs
 
     histories = [{"epochs": entry.run.history} for entry in entries]  # what compare_runs reads of history.json
     report.written([compare_runs(histories, labels, caption, path)])

@@ -6,212 +6,44 @@ a staged folder that replaces plots/ in one commit of the artifacts folder (stor
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Optional
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-from matplotlib.colors import LogNorm
-from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter
 
 from mnistsum_cli.data.mnist import Mnist
 from mnistsum_cli.data.prepared import PreparedData
 from mnistsum_cli.errors import MnistsumError
-from mnistsum_cli.settings import TrainConfig, preset_matching
+from mnistsum_cli.evaluation.figures import curves, gallery, heatmap, plt, png_bytes
+from mnistsum_cli.settings import TrainConfig, in_words, preset_matching
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir
 from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META
 from mnistsum_cli.store.transactions import commit
-from mnistsum_cli.store.writes import json_bytes, replace_file, write_file
+from mnistsum_cli.store.writes import json_bytes, write_file
 from mnistsum_cli.training.run import evaluates, model_meta, read_setup
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
-WRONG_DIGIT_COLOUR = "firebrick"
-
-
-def smoothed(values: np.ndarray, points_per_epoch: int) -> np.ndarray:
-    """A centred moving mean over a tenth of an epoch (shorter at the ends), so that the trend
-    of noisy per-step values reads through."""
-    window = max(1, points_per_epoch // 10)
-    kernel = np.ones(window)
-    return np.convolve(values, kernel, "same") / np.convolve(np.ones(len(values)), kernel, "same")
-
-
-def curves(
-    history: dict[str, Any],
-    panels: list[tuple[str, str]],
-    ylabel: str,
-    title: str,
-    caption: str,
-    scale: float = 1.0,
-    log: bool = False,
-    share_y: bool = False,
-    zoom: bool = False,
-) -> plt.Figure:
-    """One column per (history key without its split, label): the train curve through the epochs
-    (per step, raw and smoothed, when history.json has per-step records; else per epoch), val at
-    the end of each epoch, the kept epoch, and the learning rate in a strip below. `zoom` (values in %):
-    the y axis ends at 100 and starts just below the val values and the 10th percentile of the smoothed train curve,
-    so that the last points of accuracy are not squeezed by the first steps' climb."""
-    records = history["epochs"]
-    steps = [row for record in records for row in record.get("steps", [])]
-    figure, axes = plt.subplots(
-        2,
-        len(panels),
-        figsize=(5 * len(panels), 5),
-        squeeze=False,
-        sharex=True,
-        sharey="row" if share_y else False,
-        gridspec_kw={"height_ratios": [4, 1]},
-        layout="constrained",
-    )
-    epochs = np.array([record["epoch"] for record in records])
-    bottoms: list[float] = []
-    for column, (key, label) in enumerate(panels):
-        axis, lr_axis = axes[0, column], axes[1, column]
-        val = np.array([record[f"val_{key}"] for record in records]) * scale
-        if steps:
-            x = np.array([row["epoch"] for row in steps])
-            train = np.array([row[f"train_{key}"] for row in steps]) * scale
-            axis.plot(x, train, color="C0", alpha=0.25, linewidth=0.7, label="train, per step")
-            trend = smoothed(train, len(steps) // len(records))
-            axis.plot(x, trend, color="C0", linewidth=1.8, label="train, smoothed")
-            if zoom:
-                bottoms.append(min(float(np.percentile(trend, 10)), float(val.min())))
-            lr_axis.plot(x, [row["lr"] for row in steps], color="C2", linewidth=1.2)
-        else:  # history.json written before per-step records: one point per epoch
-            train = np.array([record[f"train_{key}"] for record in records]) * scale
-            axis.plot(epochs, train, "-o", color="C0", markersize=3, label="train (epoch mean)")
-            lr_axis.plot(epochs, [record.get("lr_end", np.nan) for record in records], "o", color="C2", markersize=3)
-        axis.plot(
-            epochs,
-            val,
-            "s",
-            color="C1",
-            markersize=6,
-            markeredgecolor="black",
-            markeredgewidth=0.6,
-            label="val (end of epoch)",
-            zorder=3,
-        )
-        for strip in (axis, lr_axis):
-            strip.axvline(
-                history["best_epoch"],
-                color="grey",
-                linestyle="--",
-                linewidth=1,
-                label="kept epoch" if strip is axis else None,
-            )
-            strip.grid(alpha=0.3)
-        if log:
-            axis.set_yscale("log")
-        axis.set_title(label)
-        axis.set_ylabel(ylabel)
-        axis.yaxis.set_tick_params(labelleft=True)  # shared y: keep the numbers on every panel
-        axis.legend(fontsize=8)
-        lr_axis.set_ylabel("lr", fontsize=8)
-        lr_axis.tick_params(labelsize=7)
-        lr_axis.set_xlabel("epoch")
-        lr_axis.set_xlim(0 if steps else 0.5, len(records) + (0.05 if steps else 0.5))
-        lr_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for axis in axes[0]:
-        if bottoms:
-            low = min(bottoms)
-            axis.set_ylim(max(0.0, low - 0.1 * (100 - low)), 100.2)
-    figure.suptitle(title + incomplete_note(history))
-    figure.supxlabel(caption, fontsize=8, color="dimgrey")
-    return figure
 
 
 def settings_caption(history: dict[str, Any], run_info: dict[str, Any]) -> str:
-    """The settings a curve comes from: arch, preset (when the settings are one), epochs, batch,
-    lr, and the device and precision config.json records (left out when it is unreadable)."""
+    """The settings a curve comes from, in words: arch, preset (when the settings are one),
+    epochs, batch, lr, and the device and precision config.json records (left out when it is
+    unreadable)."""
     settings = history.get("config", {})
     try:
         named = preset_matching(TrainConfig.from_dict(settings))
     except (MnistsumError, TypeError):
         named = None
     parts = [
-        f"arch {settings.get('arch', '?')}",
+        *(in_words(name, settings[name]) for name in ("arch",) if name in settings),
         f"preset {named}" if named else None,
-        f"{settings.get('epochs', '?')} epochs",
-        f"batch {settings.get('batch_size', '?')}",
-        f"peak lr {settings.get('lr', '?')}",
-        run_info.get("device"),
-        run_info.get("precision"),
+        *(in_words(name, settings[name]) for name in ("epochs", "batch_size", "lr") if name in settings),
+        f"on {run_info['device']}" if run_info.get("device") else None,
+        f"{run_info['precision']} precision" if run_info.get("precision") else None,
         f"{history['world_size']} processes" if history.get("world_size", 1) > 1 else None,
     ]
     return " · ".join(part for part in parts if part)
-
-
-def incomplete_note(history: dict[str, Any]) -> str:
-    """' (incomplete: 3 of 10 epochs)' for a run that stopped early, else ''."""
-    done, planned = len(history["epochs"]), history.get("config", {}).get("epochs", 0)
-    return f" (incomplete: {done} of {planned} epochs)" if done < planned else ""
-
-
-def heatmap(matrix: list[list[int]], title: str) -> plt.Figure:
-    """Counts on a log colour scale (empty cells blank); the colour bar is labelled in counts."""
-    counts = np.asarray(matrix)
-    size = len(counts)
-    figure, axis = plt.subplots(figsize=(4 + 0.35 * size, 3.5 + 0.35 * size))
-    colours = plt.get_cmap("Blues").with_extremes(bad="white")
-    norm = LogNorm(vmin=1, vmax=max(10, int(counts.max())))
-    image = axis.imshow(np.ma.masked_equal(counts, 0), cmap=colours, norm=norm)
-    for row in range(size):
-        for col in range(size):
-            if counts[row, col]:
-                bright = np.log(counts[row, col]) > 0.6 * np.log(norm.vmax)
-                axis.text(
-                    col,
-                    row,
-                    str(counts[row, col]),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if bright else "black",
-                )
-    axis.set_xticks(range(size))
-    axis.set_yticks(range(size))
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    axis.set_title(title)
-    bar = figure.colorbar(image, ax=axis, label="rows (log scale)")
-    bar.ax.yaxis.set_major_locator(LogLocator(base=10))
-    bar.ax.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-    return figure
-
-
-def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, columns: int = 8) -> plt.Figure:
-    """Misclassified rows: each image with its number, true and predicted digit and sum; a
-    wrong digit is captioned in red, a right digit with a wrong sum in black."""
-    rows = -(-len(examples) // columns)
-    figure, axes = plt.subplots(
-        rows, columns, figsize=(1.6 * columns, 1.9 * rows + 0.4), squeeze=False, layout="constrained"
-    )
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, example, image in zip(axes.flat, examples, images):
-        axis.imshow(image, cmap="gray")
-        digit_ok = example["predicted_digit"] == example["digit"]
-        axis.set_title(
-            f"+{example['number']}: digit {example['digit']}→{example['predicted_digit']}\n"
-            f"sum {example['sum']}→{example['predicted_sum']}",
-            fontsize=7,
-            color="black" if digit_ok else WRONG_DIGIT_COLOUR,
-        )
-    figure.suptitle(title)
-    figure.supxlabel(
-        "red caption: the digit is wrong (and so the sum);  black caption: the digit is right, the sum is wrong",
-        fontsize=8,
-    )
-    return figure
 
 
 def current_evaluations(run: RunDir, force: bool) -> dict[str, dict[str, Any]]:
@@ -284,12 +116,6 @@ def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Pa
     return [run.plots / name for name in figures]
 
 
-def png_bytes(figure: plt.Figure, dpi: int = 120) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def draw_all(
     figures: dict[str, plt.Figure],
     history: dict[str, Any],
@@ -307,6 +133,7 @@ def draw_all(
         f"Loss ({arch})",
         caption,
         log=True,
+        legend_at="upper right",  # the losses fall: the top right empties first
     )
     figures["accuracy.png"] = curves(
         history,
@@ -317,6 +144,7 @@ def draw_all(
         scale=100,
         share_y=True,
         zoom=True,
+        legend_at="lower right",  # the accuracies rise to the top right
     )
     for split, metrics in evaluations.items():
         for head, label in HEADS:
@@ -325,54 +153,6 @@ def draw_all(
     for split, examples in galleries.items():
         images = mnist.images[MNIST_SET_OF_SPLIT[split]][[example["image_index"] for example in examples]]
         title = (
-            f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']} "
-            "(+number: true→predicted)"
+            f"{split} rows with a wrong digit or sum: {len(examples)} of {evaluations[split]['misclassified_count']}"
         )
         figures[f"misclassified_{split}.png"] = gallery(examples, images, title)
-
-
-# --------------------------------------------------------------------------- runs side by side
-
-
-def compare_runs(histories: list[dict[str, Any]], labels: list[str], caption: str, out: Path) -> Path:
-    """One figure of several runs: val accuracy of both heads at each epoch's end and the train
-    loss through the epochs (smoothed per step where recorded), one colour per run; written
-    atomically to `out`."""
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.6), layout="constrained")
-    try:
-        for colour, (history, label) in enumerate(zip(histories, labels)):
-            records = history["epochs"]
-            epochs = [record["epoch"] for record in records]
-            style = {"color": f"C{colour}", "label": label}
-            for axis, head in zip(axes[:2], ("digit", "sum")):
-                axis.plot(
-                    epochs, [100 * record[f"val_{head}_accuracy"] for record in records], "-s", markersize=5, **style
-                )
-            steps = [row for record in records for row in record.get("steps", [])]
-            if steps:
-                loss = np.array([row["train_loss"] for row in steps])
-                axes[2].plot([row["epoch"] for row in steps], loss, alpha=0.15, linewidth=0.6, color=style["color"])
-                axes[2].plot(
-                    [row["epoch"] for row in steps], smoothed(loss, len(steps) // len(records)), linewidth=1.6, **style
-                )
-            else:
-                axes[2].plot(epochs, [record["train_loss"] for record in records], "-o", markersize=3, **style)
-        for axis, title, ylabel in (
-            (axes[0], "val accuracy, digit head", "accuracy (%)"),
-            (axes[1], "val accuracy, sum head", "accuracy (%)"),
-            (axes[2], "train loss (digit + sum), smoothed per step", "cross-entropy (log scale)"),
-        ):
-            axis.set_title(title)
-            axis.set_xlabel("epoch")
-            axis.set_ylabel(ylabel)
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-            axis.grid(alpha=0.3)
-        axes[2].set_yscale("log")
-        for axis in axes:  # one epoch axis for all three, from the start of training
-            axis.set_xlim(0, max(len(history["epochs"]) for history in histories) + 0.05)
-        axes[0].legend(fontsize=8)
-        figure.supxlabel(caption, fontsize=8, color="dimgrey")
-        replace_file(out, png_bytes(figure, dpi=100))
-    finally:
-        plt.close(figure)
-    return out

@@ -10,12 +10,13 @@ import hashlib
 import io
 import json
 import stat
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from mnistsum_cli.errors import BadOption, MnistsumError
-from mnistsum_cli.settings import TrainConfig
+from mnistsum_cli.settings import TrainConfig, in_words
 from mnistsum_cli.store.diskfiles import MAX_PLOT_BYTES, opened
 from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import SWEEPS, RunDir
@@ -37,6 +38,10 @@ FIGURES = (
 # A sweep trial's study, number, state and value (trial.json); None for other runs.
 TRIAL_COLUMNS = ("study", "trial", "trial_state", "trial_value")
 SETTING_NAMES = tuple(TrainConfig().to_dict())
+# What `compare` labels runs by: the settings, with the precision config.json records in place
+# of the amp switch (which asks for mixed precision, ignored on the CPU), and the device.
+COMPARED_COLUMNS = (*(name for name in SETTING_NAMES if name != "amp"), "device", "precision")
+CAPTION_WIDTH = 200  # characters of a line of compare's caption, about the width of the figure
 COLUMNS = ("run_id", "started", "state", "epochs_done", *SETTING_NAMES, *FIGURES, *TRIAL_COLUMNS, "folder")
 DEFAULT_SORT = "started"
 MAX_COMPARE_NAME = 120  # characters of compare's default file name: far below the 255 bytes a file system allows
@@ -213,15 +218,32 @@ def find_run(artifacts: Path, name: str) -> RunEntry:
 
 
 def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
-    """A label per run from the settings that differ between them (the run id where none does, or
-    to tell apart runs with equal labels), and a caption of the settings they share."""
-    differ, same = differing_settings(entries)
-    labels = [", ".join(f"{name} {entry.row[name]}" for name in differ) for entry in entries]
+    """A label per run, in words, from what differs between the runs (COMPARED_COLUMNS), the
+    run id where nothing does or to tell apart runs with equal labels; and a caption, in words,
+    of what all share."""
+    rows = [entry.row for entry in entries]
+    differ = [name for name in COMPARED_COLUMNS if len({json.dumps(row[name]) for row in rows}) > 1]
+    labels = [", ".join(column_in_words(name, row[name]) for name in differ) for row in rows]
     labels = [
-        f"{label} ({entry.row['run_id'][:8]})" if not label or labels.count(label) > 1 else label
-        for label, entry in zip(labels, entries)
+        f"{label} (run {row['run_id'][:8]})"
+        if label and labels.count(label) > 1
+        else label or f"run {row['run_id'][:8]}"
+        for label, row in zip(labels, rows)
     ]
-    return labels, "all runs: " + settings_text(same) if same else ""
+    shared = [column_in_words(name, rows[0][name]) for name in COMPARED_COLUMNS if name not in differ]
+    caption = "\n".join(textwrap.wrap("every run: " + " · ".join(part for part in shared if part), CAPTION_WIDTH))
+    return labels, caption if shared else ""
+
+
+def column_in_words(name: str, value: Any) -> str:
+    """A compared column as a caption says it ('' where unknown)."""
+    if value is None:
+        return ""
+    if name == "device":
+        return f"on {value}"
+    if name == "precision":
+        return f"{value} precision"
+    return in_words(name, value)
 
 
 def compare_path(artifacts: Path, entries: list[RunEntry]) -> Path:
