@@ -32,7 +32,7 @@ from torchvision import transforms
 
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV, Mnist, load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.data.tensors import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import PRESETS, TrainConfig, preset
@@ -261,7 +261,7 @@ class TimingReporter:
 def run_mnistsum(
     config: TrainConfig, data_dir: DataDir, mnist: Mnist, device: torch.device, result: RunResult, tmp: Path
 ) -> None:
-    train_data = load_train_data(PreparedData(data_dir, mnist=mnist), device)
+    train_data = load_train_data(SplitData(data_dir, mnist=mnist), device)
     run = RunDir(Path(tempfile.mkdtemp(prefix="run-", dir=tmp)))
     train(config, train_data, run, device, reporter=TimingReporter(run, device, result))
 
@@ -369,7 +369,7 @@ def run_all(
     mnist = load_mnist(resolve_source(args.mnist_dir))
     data_dir = DataDir(tmp / "data")
     prepare(mnist, PrepareOptions(seed=args.seed, limit=args.limit), data_dir)
-    prepared = PreparedData(data_dir, mnist=mnist)
+    prepared = SplitData(data_dir, mnist=mnist)
     dataset, mnist = prepared.dataset, prepared.mnist
     rows = {name: len(split) for name, split in dataset.splits.items()}
     described = {"id": dataset.dataset_id, "rows": rows}

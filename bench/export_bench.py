@@ -52,14 +52,14 @@ def split_throughput(artifacts: Path, data: Path, repeats: int) -> dict[str, dic
     with its batches and losses; onnx: the same batches through onnxruntime), best of `repeats`."""
     import torch
 
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.data.tensors import split_tensors
     from mnistsum_cli.evaluation.onnx_runtime import load_onnx_model
     from mnistsum_cli.store.paths import DataDir, RunDir
     from mnistsum_cli.training.checkpoint import load_model
     from mnistsum_cli.training.inference import EVAL_BATCH_SIZE, predict
 
-    run, prepared, cpu = RunDir(artifacts), PreparedData(DataDir(data)), torch.device("cpu")
+    run, prepared, cpu = RunDir(artifacts), SplitData(DataDir(data)), torch.device("cpu")
     test = split_tensors(prepared.dataset, prepared.mnist, "test", cpu)
     model, _ = load_model(run.model, cpu)
     onnx_model = load_onnx_model(run)

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.settings import PRESETS, preset
 from mnistsum_cli.store.paths import DataDir, RunDir
 from mnistsum_cli.training.devices import select_device
@@ -144,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         prepare(mnist, PrepareOptions(seed=0, limit=args.limit), data_dir)
         train(
             config,
-            load_train_data(PreparedData(data_dir, mnist=mnist), device),
+            load_train_data(SplitData(data_dir, mnist=mnist), device),
             RunDir(Path(tmp) / "run"),
             device,
             reporter=reporter,

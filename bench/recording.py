@@ -25,7 +25,7 @@ import torch
 import mnistsum_cli.training.loop as train_module
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV, load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.settings import preset
 from mnistsum_cli.store.paths import DataDir, RunDir
 from mnistsum_cli.training.distributed import Group
@@ -99,7 +99,7 @@ def main() -> None:
         tmp = Path(folder)
         mnist = load_mnist(resolve_source(Path(os.environ[MNIST_DIR_ENV])))
         prepare(mnist, PrepareOptions(limit=args.rows), DataDir(tmp / "data"))
-        data = load_train_data(PreparedData(DataDir(tmp / "data"), mnist=mnist), torch.device("cpu"))
+        data = load_train_data(SplitData(DataDir(tmp / "data"), mnist=mnist), torch.device("cpu"))
         steps = len(data.train) // config.batch_size
         print(
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -72,7 +72,7 @@ def plan_for(storage: str, study: str, args: argparse.Namespace, pruner: str, da
 
 def in_process_sweep(storage: str, study: str, args: argparse.Namespace, data: Path, pruner: str) -> dict[str, Any]:
     """One worker in this process; its time split into run_training and the rest."""
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.store.paths import DataDir
     from mnistsum_cli.sweep.plan import open_study
     from mnistsum_cli.sweep.storage import load_study
@@ -80,7 +80,7 @@ def in_process_sweep(storage: str, study: str, args: argparse.Namespace, data: P
     from mnistsum_cli.sweep.worker import Worker
 
     plan = plan_for(storage, study, args, pruner, data)
-    open_study(plan, PreparedData(DataDir(data)).header.dataset_id)
+    open_study(plan, SplitData(DataDir(data)).header.dataset_id)
     load = uptime()
     stats = Worker(plan, "cpu", say=lambda line: print("   ", line, flush=True)).run()
     study_now = load_study(storage, study)

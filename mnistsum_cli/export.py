@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from mnistsum_cli import __version__
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import BadOption, MnistsumError, first_line
 from mnistsum_cli.evaluation.onnx_runtime import (
     INPUT_NAMES,
@@ -190,7 +190,7 @@ def check_opset(opset: Optional[int]) -> None:
         raise BadOption(f"--opset {opset}: onnx {onnx.__version__} knows opsets {MIN_OPSET}-{newest}")
 
 
-def export_model(run: RunDir, prepared: PreparedData, out: Optional[Path], opset: Optional[int]) -> Exported:
+def export_model(run: RunDir, prepared: SplitData, out: Optional[Path], opset: Optional[int]) -> Exported:
     """Export the run's model.safetensors to `out` (default the run's model.onnx), after checking
     it on the test split of `prepared`."""
     import numpy as np

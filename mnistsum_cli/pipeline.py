@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mnistsum_cli.data.prepare import DEFAULT_VAL_SIZE, PrepareOptions, prepare
-from mnistsum_cli.data.prepared import DatasetHeader, PreparedData
+from mnistsum_cli.data.splitdata import DatasetHeader, SplitData
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.diskfiles import each_file_read_once, read_file
@@ -47,7 +47,7 @@ class StageStatus:
 
 
 def prepare_status(
-    prepared: PreparedData, wanted: Optional[PrepareOptions] = None, check_mnist: bool = False
+    prepared: SplitData, wanted: Optional[PrepareOptions] = None, check_mnist: bool = False
 ) -> StageStatus:
     """The splits' state from their metadata; `check_mnist`: also whether MNIST changed since."""
     folder = prepared.folder
@@ -158,7 +158,7 @@ def export_status(run_dir: RunDir) -> Optional[StageStatus]:
     return StageStatus("export", CURRENT, f"model {meta['model_sha256']}, opset {meta['opset']}", [str(path)], figures)
 
 
-def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
+def dataset_header(prepared: SplitData) -> Optional[DatasetHeader]:
     """The splits' header, or None when there are no valid splits."""
     try:
         return prepared.header
@@ -166,7 +166,7 @@ def dataset_header(prepared: PreparedData) -> Optional[DatasetHeader]:
         return None
 
 
-def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
+def status(prepared: SplitData, run_dir: RunDir, split: str = "test") -> list[StageStatus]:
     """Every stage's state, each judged against the artifacts of the stage before it. Each
     folder is read between commits (a `train` running meanwhile never shows a mix of epochs),
     and each file once."""
@@ -182,7 +182,7 @@ def status(prepared: PreparedData, run_dir: RunDir, split: str = "test") -> list
 
 
 def wanted_prepare_options(
-    prepared: PreparedData, seed: Optional[int], val_size: Optional[int], limit: Optional[int]
+    prepared: SplitData, seed: Optional[int], val_size: Optional[int], limit: Optional[int]
 ) -> PrepareOptions:
     """The prepare flags given; each one left out keeps the value the data folder was made
     with (the default when there is no valid dataset)."""
@@ -208,7 +208,7 @@ def run_pipeline(
     prepare_options: PrepareOptions,
     config: TrainConfig,
     split: str,
-    prepared: PreparedData,
+    prepared: SplitData,
     run_dir: RunDir,
     device: Callable[[], torch.device],
     notify: Callable[[str], None],

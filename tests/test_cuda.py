@@ -24,7 +24,7 @@ from torch import nn
 from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, make_fake_mnist, torchrun_command, torchrun_env
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.data.tensors import split_tensors
 from mnistsum_cli.evaluation.evaluate import evaluate_model
 from mnistsum_cli.evaluation.predict import predict_digits
@@ -112,10 +112,10 @@ def test_every_architecture_trains_and_evaluates(arch: str, data_dir: DataDir, t
     recorder = DtypeRecorder(monkeypatch)
     config = TrainConfig(arch=arch, epochs=1, batch_size=64, lr=2e-3, seed=0)
     run = RunDir(tmp_path / "run")
-    trained = run_training(config, PreparedData(data_dir), run, GPU)
+    trained = run_training(config, SplitData(data_dir), run, GPU)
     assert trained.epoch == 1
     assert all(math.isfinite(value) for value in history(run)[0].values())
-    metrics = evaluate_model("test", PreparedData(data_dir), run, GPU)
+    metrics = evaluate_model("test", SplitData(data_dir), run, GPU)
     assert (metrics["device"], metrics["precision"]) == (str(GPU), "fp32")
     assert 0 <= metrics["digit_accuracy"] <= 1 and math.isfinite(metrics["sum_loss"])
 
@@ -138,7 +138,7 @@ def deterministic_runs(data_dir: DataDir, tmp_path_factory: pytest.TempPathFacto
     with every warning raised meanwhile."""
     root = tmp_path_factory.mktemp("deterministic")
     runs = {name: RunDir(root / name) for name in ("first", "second", "resumed")}
-    data = load_train_data(PreparedData(data_dir), GPU)
+    data = load_train_data(SplitData(data_dir), GPU)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(DETERMINISTIC, data, runs["first"], GPU)
@@ -182,12 +182,10 @@ def test_checkpoints_move_between_cpu_and_gpu(data_dir: DataDir, tmp_path: Path)
     """Epoch 1 on the CPU, epoch 2 on the GPU, epoch 3 on the CPU again, through --resume."""
     run = RunDir(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        train(SHORT, load_train_data(PreparedData(data_dir), CPU), run, CPU, reporter=InterruptAfter(epoch=1))
+        train(SHORT, load_train_data(SplitData(data_dir), CPU), run, CPU, reporter=InterruptAfter(epoch=1))
     with pytest.raises(KeyboardInterrupt):
-        train(
-            SHORT, load_train_data(PreparedData(data_dir), GPU), run, GPU, resume=True, reporter=InterruptAfter(epoch=2)
-        )
-    state = train(SHORT, load_train_data(PreparedData(data_dir), CPU), run, CPU, resume=True)
+        train(SHORT, load_train_data(SplitData(data_dir), GPU), run, GPU, resume=True, reporter=InterruptAfter(epoch=2))
+    state = train(SHORT, load_train_data(SplitData(data_dir), CPU), run, CPU, resume=True)
     assert state.epoch == 3
     records = history(run)
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -225,7 +223,7 @@ def test_default_gpu_run_is_accurate(mnist_run, run_cli) -> None:
 
 def test_gpu_and_cpu_evaluations_agree(mnist_run) -> None:
     data_dir, run = mnist_run
-    prepared_data = PreparedData(data_dir)
+    prepared_data = SplitData(data_dir)
     dataset, mnist = prepared_data.dataset, prepared_data.mnist
     gpu, cpu = (
         predict(load_model(run.model, device)[0], split_tensors(dataset, mnist, "test", device))
@@ -240,7 +238,7 @@ def test_predict_agrees_with_evaluate_row_for_row(mnist_run, run_cli) -> None:
     """`predict` (predict_digits, on every test row) against `evaluate` (predict), both on the GPU;
     then the CLI's `predict --index` on the first rows evaluate got wrong."""
     data_dir, run = mnist_run
-    prepared_data = PreparedData(data_dir)
+    prepared_data = SplitData(data_dir)
     dataset, mnist = prepared_data.dataset, prepared_data.mnist
     test = split_tensors(dataset, mnist, "test", GPU)
     model, _ = load_model(run.model, GPU)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import VAL_SIZE, FakeMnist
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.paths import DataDir, RunDir
@@ -100,7 +100,7 @@ def test_out_of_memory_is_one_line_with_advice(
     monkeypatch.setattr(mnistsum_cli.training.loop, "train", out_of_memory)
     with pytest.raises(MnistsumError, match="smaller --batch-size"):
         mnistsum_cli.training.session.run_training(
-            TrainConfig(batch_size=4096), PreparedData(data), RunDir(tmp_path / "run"), torch.device("cpu")
+            TrainConfig(batch_size=4096), SplitData(data), RunDir(tmp_path / "run"), torch.device("cpu")
         )
 
 

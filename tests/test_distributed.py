@@ -20,7 +20,7 @@ from conftest import VAL_SIZE, FakeMnist, assert_one_line_error, torchrun_comman
 from mnistsum_cli.cli.report import epoch_line
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
@@ -216,7 +216,7 @@ def worker(rank: int, port: int, data_dir: str, root: str) -> None:
     folders = Path(root)
     with process_group(None, True, notify=print) as (group, device):
         assert group == Group(rank=rank, world_size=2, backend="gloo")
-        data = load_train_data(PreparedData(DataDir(Path(data_dir))), device)
+        data = load_train_data(SplitData(DataDir(Path(data_dir))), device)
 
         def fails_on_rank1() -> None:
             if group.rank == 1:
@@ -242,7 +242,7 @@ def worker(rank: int, port: int, data_dir: str, root: str) -> None:
 def spawned(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Runs of 2 spawned ranks (see `worker`), after a 1-process run interrupted after epoch 1."""
     root = tmp_path_factory.mktemp("spawned")
-    data = load_train_data(PreparedData(DataDir(data_dir)), CPU)
+    data = load_train_data(SplitData(DataDir(data_dir)), CPU)
     with pytest.raises(KeyboardInterrupt):
         train(CONFIG, data, RunDir(root / "single_interrupted"), CPU, reporter=InterruptAfter(epoch=1))
     torch.multiprocessing.spawn(worker, args=(free_port(), str(data_dir), str(root)), nprocs=2)
@@ -264,7 +264,7 @@ def test_two_process_resume_equals_uninterrupted(spawned: Path) -> None:
 def test_two_process_checkpoint_resumes_in_one_process(spawned: Path, data_dir: Path) -> None:
     run = RunDir(spawned / "interrupted_copy")
     assert metadata(run.checkpoint, CHECKPOINT_FORMAT)["epoch"] == 1
-    state = train(CONFIG, load_train_data(PreparedData(DataDir(data_dir)), CPU), run, CPU, resume=True)
+    state = train(CONFIG, load_train_data(SplitData(DataDir(data_dir)), CPU), run, CPU, resume=True)
     assert state.epoch == CONFIG.epochs
     assert [r["world_size"] for r in history(run)] == [2, 1, 1]
     assert metadata(run.checkpoint, CHECKPOINT_FORMAT)["world_size"] == 1
@@ -282,7 +282,7 @@ def test_without_batchnorm_one_and_two_processes_agree_to_rounding(
     """LeNet has no BatchNorm: 2 processes compute the 1-process update up to the order of the
     gradient sums (each rank sums its 32 rows, then the ranks' means are averaged)."""
     run = RunDir(tmp_path / "single")
-    train(NO_BATCHNORM, load_train_data(PreparedData(DataDir(data_dir)), CPU), run, CPU)
+    train(NO_BATCHNORM, load_train_data(SplitData(DataDir(data_dir)), CPU), run, CPU)
     one, two = _tensors(run.checkpoint), _tensors(RunDir(spawned / "no_batchnorm").checkpoint)
     assert set(one) == set(two)
     for name in one:
@@ -307,7 +307,7 @@ def test_one_and_two_processes_reach_comparable_accuracy(spawned: Path, data_dir
     only held within 25 points here (measured: 20 at epoch 3) -- the real-MNIST comparison is in
     docs/performance.md."""
     run = RunDir(tmp_path / "single")
-    train(CONFIG, load_train_data(PreparedData(DataDir(data_dir)), CPU), run, CPU)
+    train(CONFIG, load_train_data(SplitData(DataDir(data_dir)), CPU), run, CPU)
     one, two = history(run), history(RunDir(spawned / "straight"))
     for record_one, record_two in zip(one, two):
         for key in ("train_loss", "val_loss"):

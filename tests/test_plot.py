@@ -12,7 +12,7 @@ from matplotlib.colors import LogNorm
 from rich.console import Console
 
 from conftest import assert_one_line_error, leftovers, snapshot
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.evaluation.figures import curves, gallery, heatmap, incomplete_note
 from mnistsum_cli.evaluation.plot import plot
@@ -70,7 +70,7 @@ def test_a_failure_while_writing_keeps_the_old_plots(workdir: Path, run_cli, mon
 
     monkeypatch.setattr(mnistsum_cli.evaluation.plot, "json_bytes", disk_full)  # the manifest, written last
     with pytest.raises(MnistsumError, match=f"cannot write {artifacts}/: No space left on device; nothing was changed"):
-        plot(RunDir(artifacts), prepared=PreparedData(DataDir(workdir / "data")))
+        plot(RunDir(artifacts), prepared=SplitData(DataDir(workdir / "data")))
     assert snapshot(artifacts / "plots") == before
     assert not leftovers(artifacts)
 

@@ -22,7 +22,7 @@ from test_startup import python
 from torch import nn
 
 from conftest import PNG_MAGIC, assert_one_line_error
-from mnistsum_cli.data.images import MAX_PIXELS, greyscale, load_image, opaque, prepare_image, to_mnist
+from mnistsum_cli.data.images import MAX_PIXELS, greyscale, image_file_in_mnist_form, load_image, opaque, to_mnist
 from mnistsum_cli.data.tensors import SplitTensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.evaluation.predict import predict_digits
@@ -393,9 +393,9 @@ def test_a_split_and_a_batch_of_images_get_the_same_answer_through_the_one_infer
 def test_preparing_an_image_and_predicting_load_no_torch_until_a_model_runs(tmp_path: Path) -> None:
     path = _save(_rgb_black_on_white(), tmp_path / "seven.png")
     code = (
-        "import sys\nfrom pathlib import Path\nfrom mnistsum_cli.data.images import prepare_image\n"
+        "import sys\nfrom pathlib import Path\nfrom mnistsum_cli.data.images import image_file_in_mnist_form\n"
         "import mnistsum_cli.evaluation.predict\n"
-        f"assert prepare_image(Path({str(path)!r})).shape == (28, 28)\n"
+        f"assert image_file_in_mnist_form(Path({str(path)!r})).shape == (28, 28)\n"
         "print('LOADED:', *[name for name in ('torch', 'torchvision', 'matplotlib') if name in sys.modules])"
     )
     result = python(code)
@@ -492,7 +492,7 @@ def test_predict_help_names_the_formats_it_reads(run_cli) -> None:
 def test_each_format_the_help_names_is_read(tmp_path: Path, fmt: str) -> None:
     image = draw_seven((90, 120), (10, 10, 80, 110), "L", 0, 255)
     image.save(tmp_path / "seven", fmt)
-    assert_mnist_like(prepare_image(tmp_path / "seven"))
+    assert_mnist_like(image_file_in_mnist_form(tmp_path / "seven"))
 
 
 @pytest.mark.parametrize("fmt", ["TGA", "PCX", "ICO", "PPM", "SGI"])
@@ -500,7 +500,7 @@ def test_a_format_the_help_does_not_name_is_refused(tmp_path: Path, fmt: str) ->
     """PIL reads these too: `predict` tries only the decoders it names."""
     draw_seven((64, 64), (8, 8, 56, 56), "L", 0, 255).save(tmp_path / "seven", fmt)
     with pytest.raises(MnistsumError, match=r"not an image \(expected PNG, JPEG, WebP, TIFF, BMP or GIF\)$"):
-        prepare_image(tmp_path / "seven")
+        image_file_in_mnist_form(tmp_path / "seven")
 
 
 def jpeg_with_damaged_exif() -> bytes:

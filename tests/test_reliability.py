@@ -22,7 +22,7 @@ import torch
 from conftest import VAL_SIZE, Crash, FakeMnist, assert_one_line_error, crash_at, leftovers, mnistsum_process, snapshot
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.pipeline import CURRENT, INCOMPLETE, status
 from mnistsum_cli.settings import TrainConfig
 from mnistsum_cli.store.locks import LOCK, folder_lock
@@ -62,7 +62,7 @@ def world(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> di
     mnist = load_mnist(resolve_source(fake_mnist.root))
     data = DataDir(root / "data")
     prepare(mnist, PrepareOptions(seed=0, val_size=VAL_SIZE), data)
-    train_data = load_train_data(PreparedData(data, mnist=mnist), CPU)
+    train_data = load_train_data(SplitData(data, mnist=mnist), CPU)
     complete, half = RunDir(root / "complete"), RunDir(root / "half")
     train(CONFIG, train_data, complete, CPU)
     with pytest.raises(KeyboardInterrupt):
@@ -94,7 +94,7 @@ def _captured_commit(world: dict, base: RunDir, config: TrainConfig, epoch: int,
 
 
 def _train_state(world: dict, run: RunDir) -> tuple[str, dict]:
-    stages = {stage.stage: stage for stage in status(PreparedData(world["data"]), run)}
+    stages = {stage.stage: stage for stage in status(SplitData(world["data"]), run)}
     return stages["train"].state, stages["train"].figures
 
 

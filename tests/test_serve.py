@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from conftest import assert_one_line_error, model_metadata, publish_model, save_model, snapshot
-from mnistsum_cli.data.images import prepare_image
+from mnistsum_cli.data.images import image_file_in_mnist_form
 from mnistsum_cli.errors import BadOption
 from mnistsum_cli.store.fingerprints import fingerprint_file
 from mnistsum_cli.store.paths import RunDir
@@ -314,7 +314,7 @@ def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir, en
     response = client.post(**upload(encoding, body, 4))
     assert response.status_code == 200, response.text
     answer = response.json()
-    image = prepare_image(io.BytesIO(body), "seven")
+    image = image_file_in_mnist_form(io.BytesIO(body), "seven")
     digit_probs, sum_probs = expected(run, image, 4)
     assert answer["input"] == image.tolist()
     assert np.allclose(answer["digit_probabilities"], digit_probs, atol=1e-6)
@@ -328,7 +328,7 @@ def test_predict_png_answers_as_predict_does(client: TestClient, run: RunDir, en
 def test_predict_jpeg(client: TestClient, encoding: str) -> None:
     jpeg = drawn_seven(fmt="JPEG")
     answer = client.post(**upload(encoding, jpeg, 0, "image/jpeg")).json()
-    assert answer["input"] == prepare_image(io.BytesIO(jpeg), "jpeg").tolist() and answer["number"] == 0
+    assert answer["input"] == image_file_in_mnist_form(io.BytesIO(jpeg), "jpeg").tolist() and answer["number"] == 0
 
 
 def test_predict_pixels(client: TestClient, run: RunDir) -> None:
@@ -420,7 +420,7 @@ def test_requests_that_arrive_together_share_one_forward_pass_and_each_gets_its_
     assert batch_sizes == [6]
     for (body, number), (status, answer) in zip(requests, answers):
         assert status == 200, answer
-        image = prepare_image(io.BytesIO(body), "seven")
+        image = image_file_in_mnist_form(io.BytesIO(body), "seven")
         digit_probs, sum_probs = expected(run, image, number)  # alone, as `predict` runs it
         assert answer["number"] == number and answer["input"] == image.tolist()
         assert np.allclose(answer["digit_probabilities"], digit_probs, atol=1e-5)
@@ -471,7 +471,7 @@ def test_a_failing_batch_is_a_500_for_its_requests_and_the_next_batch_is_served(
 
 def test_a_client_that_left_does_not_break_its_batch(run: RunDir) -> None:
     batches, served = Batches(CPU), ModelFollower(run, CPU).current
-    image = prepare_image(io.BytesIO(drawn_seven()), "seven")
+    image = image_file_in_mnist_form(io.BytesIO(drawn_seven()), "seven")
 
     async def one_leaves() -> tuple[list, list]:
         leaving = asyncio.create_task(batches.probabilities(served, image, 1))
@@ -1056,7 +1056,7 @@ def test_a_form_upload_to_the_server(run: RunDir) -> None:
         out, err = process.communicate(timeout=60)
     finally:
         kill_group(process)
-    assert answer["input"] == prepare_image(io.BytesIO(body), "seven").tolist() and answer["number"] == 5
+    assert answer["input"] == image_file_in_mnist_form(io.BytesIO(body), "seven").tolist() and answer["number"] == 5
     assert bad.status_code == 400 and "multipart" in bad.json()["error"]
     assert (process.returncode, out, err) == (0, "stopped\n", "")
 

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import _main, publish_model
-from mnistsum_cli.data.images import prepare_image
+from mnistsum_cli.data.images import image_file_in_mnist_form
 from mnistsum_cli.data.mnist import MNIST_DIR_ENV
 from mnistsum_cli.store.paths import RunDir
 from strokes import DIGIT_STROKES
@@ -182,7 +182,9 @@ def test_draw_pick_upload_clear(browser, untrained_run: RunDir, screenshots: Pat
         assert page.shown() == (str(answer["digit"]), str(answer["sum"])) and answer["number"] == 3
         with Image.open(io.BytesIO(page.sent)) as sent:  # the pad at half size (app.js: SENT_SIZE)
             assert (sent.format, sent.size) == ("PNG", (140, 140))
-        assert answer["input"] == prepare_image(io.BytesIO(page.sent), "pad").tolist()  # predict's preparation
+        assert (
+            answer["input"] == image_file_in_mnist_form(io.BytesIO(page.sent), "pad").tolist()
+        )  # predict's preparation
         assert page.seen().tolist() == answer["input"]
         assert (
             len(page.tab.query_selector_all("#digit-bars li")) == 10
@@ -205,7 +207,7 @@ def test_draw_pick_upload_clear(browser, untrained_run: RunDir, screenshots: Pat
         upload = tmp_path / "zero.png"
         image.save(upload)
         answer = page.answer(lambda: page.tab.set_input_files("#file", str(upload)))
-        assert answer["input"] == prepare_image(upload).tolist()
+        assert answer["input"] == image_file_in_mnist_form(upload).tolist()
         assert page.seen().tolist() == answer["input"] and page.shown()[0] == str(answer["digit"])
 
         bad = tmp_path / "notes.png"

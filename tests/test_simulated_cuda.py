@@ -19,7 +19,7 @@ import torch
 from conftest import VAL_SIZE, FakeMnist
 from mnistsum_cli.data.mnist import Mnist, load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.evaluation.evaluate import evaluate_model
 from mnistsum_cli.evaluation.predict import predict_row
 from mnistsum_cli.settings import TrainConfig
@@ -40,7 +40,7 @@ def prepared(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def train_data(prepared: tuple[DataDir, Mnist], device: torch.device) -> TrainData:
-    return load_train_data(PreparedData(prepared[0], mnist=prepared[1]), device)
+    return load_train_data(SplitData(prepared[0], mnist=prepared[1]), device)
 
 
 def assert_clean(sim: SimulatedCuda) -> None:
@@ -75,9 +75,9 @@ def test_every_stage_on_cuda(arch: str, prepared, tmp_path: Path, monkeypatch: p
     with sim.running():
         reporter = train_interrupted_then_resumed(sim, config, train_data(prepared, CUDA), run)
         sim.log.phase = "evaluate"
-        metrics = evaluate_model("test", PreparedData(data, mnist=mnist), run, CUDA)
+        metrics = evaluate_model("test", SplitData(data, mnist=mnist), run, CUDA)
         sim.log.phase = "predict"
-        predict_row(3, "test", None, PreparedData(data, mnist=mnist), run, CUDA)
+        predict_row(3, "test", None, SplitData(data, mnist=mnist), run, CUDA)
     assert_clean(sim)
 
     assert sim.log.count("step", "_fused_adamw_") > 0, "the fused kernel did not run"

@@ -16,7 +16,7 @@ import pytest
 from listing_checks import assert_readable
 
 from conftest import VAL_SIZE, FakeMnist, _main, assert_one_line_error, mnistsum_process
-from mnistsum_cli.data.prepared import read_dataset_header
+from mnistsum_cli.data.splitdata import read_dataset_header
 from mnistsum_cli.store.paths import DataDir
 from mnistsum_cli.sweep.storage import retried_number
 from pgserver import postgres_binaries, postgres_server

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from conftest import VAL_SIZE, FakeMnist, leftovers
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.settings import PRESETS, TrainConfig
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, DataDir, RunDir
@@ -33,7 +33,7 @@ def train_data(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) 
     mnist = load_mnist(resolve_source(fake_mnist.root))
     data_dir = DataDir(tmp_path_factory.mktemp("train_data") / "data")
     prepare(mnist, PrepareOptions(seed=0, val_size=VAL_SIZE), data_dir)
-    return load_train_data(PreparedData(data_dir, mnist=mnist), CPU)
+    return load_train_data(SplitData(data_dir, mnist=mnist), CPU)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -76,14 +76,14 @@ def predict(
     preflight.require_inputs(
         (RunDir(artifacts).model, MODEL_META), *(preflight.splits(data) if index is not None else [])
     )
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.evaluation.onnx_runtime import onnx_extra
     from mnistsum_cli.evaluation.predict import predict_files, predict_row
 
     device = preflight.runtime_device(runtime, gpu, cpu)
     with onnx_extra("predict --runtime onnx"):
         if index is not None:
-            prepared = PreparedData(DataDir(data), mnist_dir)
+            prepared = SplitData(DataDir(data), mnist_dir)
             results = [predict_row(index, split, number, prepared, RunDir(artifacts), device, runtime)]
         else:
             results = predict_files(images, number, RunDir(artifacts), device, runtime)
@@ -118,10 +118,10 @@ def export(
     from mnistsum_cli.evaluation.onnx_runtime import onnx_extra
 
     with onnx_extra("export"):
-        from mnistsum_cli.data.prepared import PreparedData
+        from mnistsum_cli.data.splitdata import SplitData
         from mnistsum_cli.export import export_model
 
-        exported = export_model(RunDir(artifacts), PreparedData(DataDir(data), mnist_dir), out, opset)
+        exported = export_model(RunDir(artifacts), SplitData(DataDir(data), mnist_dir), out, opset)
     report.export_summary(exported)
 
 

@@ -99,7 +99,7 @@ def train(
     preflight.refuse_impossible_device(gpu, cpu)
     if not resume:  # (--resume of a complete run needs no data: it says so and stops)
         preflight.require_inputs(*preflight.splits(data))
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.training.distributed import process_group
     from mnistsum_cli.training.loop import SilentReporter
     from mnistsum_cli.training.run import Run, resume_settings
@@ -132,7 +132,7 @@ def train(
             with tensorboard_events(reporter, run_dir, tensorboard_dir if group.is_main else None) as reporter:
                 run = run_training(
                     config,
-                    PreparedData(DataDir(data), mnist_dir),
+                    SplitData(DataDir(data), mnist_dir),
                     run_dir,
                     device,
                     resume=resume,
@@ -165,11 +165,11 @@ def evaluate(
     run_dir = RunDir(artifacts)
     preflight.refuse_impossible_device(gpu, cpu)
     preflight.require_inputs((run_dir.model, MODEL_META), *preflight.splits(data))
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.evaluation.evaluate import evaluate_model
 
     metrics = evaluate_model(
-        split, PreparedData(DataDir(data), mnist_dir), run_dir, preflight.device(gpu, cpu), allow_mismatch
+        split, SplitData(DataDir(data), mnist_dir), run_dir, preflight.device(gpu, cpu), allow_mismatch
     )
     if as_json:
         terminal.print_json(metrics)
@@ -193,10 +193,10 @@ def plot(
     """
     run_dir = RunDir(artifacts)
     preflight.require_inputs((run_dir.history, HISTORY), (run_dir.model, MODEL_META))
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.evaluation.plot import plot as plot_stage
 
-    report.written(plot_stage(run_dir, allow_mismatch, PreparedData(DataDir(data), mnist_dir)))
+    report.written(plot_stage(run_dir, allow_mismatch, SplitData(DataDir(data), mnist_dir)))
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -227,14 +227,14 @@ def run(
     A stage is up to date when its outputs were made from the current outputs of the stage before it with the same options; options left out keep the settings of the data and of the run in --artifacts (as `status` judges them). A new training run moves the previous one to <artifacts>/previous/<run id>/ when its first epoch is saved. --force redoes every stage.
     """
     preflight.refuse_impossible_device(gpu, cpu)
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.pipeline import run_pipeline, wanted_config, wanted_prepare_options
 
     if export:
         from mnistsum_cli.evaluation.onnx_runtime import require_extra
 
         require_extra("run --export")  # before any stage runs
-    prepared, run_dir = PreparedData(DataDir(data), mnist_dir), RunDir(artifacts)
+    prepared, run_dir = SplitData(DataDir(data), mnist_dir), RunDir(artifacts)
     stage_device = functools.cache(lambda: preflight.device(gpu, cpu))  # found when a stage needs it: that loads torch
     if gpu is not None:
         stage_device()  # a --gpu that cannot work is refused before any stage runs
@@ -258,10 +258,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON on stdout.")] = False,
 ) -> None:
     """Show each stage's artifacts: present, up to date or stale, with key figures."""
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.pipeline import status as pipeline_status
 
-    stages = pipeline_status(PreparedData(DataDir(data)), RunDir(artifacts), split)
+    stages = pipeline_status(SplitData(DataDir(data)), RunDir(artifacts), split)
     if as_json:
         terminal.print_json([stage.to_dict() for stage in stages])
     else:

@@ -104,7 +104,7 @@ def opaque(image: Image.Image) -> bool:
     return image.mode in ("1", "L", "RGB")
 
 
-def prepare_image(
+def image_file_in_mnist_form(
     source: Union[Path, BinaryIO], name: Optional[str] = None, formats: tuple[str, ...] = IMAGE_FILE_FORMATS
 ) -> np.ndarray:
     """An image file or stream as the model's uint8 [28, 28] input: what `predict` and `serve`

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.data.tensors import SplitTensors, split_tensors
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.diskfiles import read_file
@@ -106,7 +106,7 @@ def provenance(model_path: Path, model_sha: str, model_meta: dict[str, Any], dat
 
 
 def evaluate_model(
-    split: str, prepared: PreparedData, run: RunDir, device: torch.device, force: bool = False
+    split: str, prepared: SplitData, run: RunDir, device: torch.device, force: bool = False
 ) -> dict[str, Any]:
     """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON (holding
     the artifacts folder's lock throughout, so that the model cannot change under it)."""

@@ -1,7 +1,7 @@
 """Running model.onnx on onnxruntime, without torch: what `predict --runtime onnx` and
 `serve --runtime onnx` answer with.
 
-The graph (written by export.py) takes MNIST-form pixels, uint8 [N, 28, 28] as `prepare_image`
+The graph (written by export.py) takes MNIST-form pixels, uint8 [N, 28, 28] as `image_file_in_mnist_form`
 makes them, and int64 numbers [N]; it normalises the pixels itself, so a caller needs numpy
 alone. A model.onnx is used only when it was exported from the model.safetensors beside it (its
 metadata records that file's hash): a stale or foreign one is refused in one line, never run.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnistsum_cli.data.mnist import Mnist
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.evaluation.figures import curves, gallery, heatmap, plt, png_bytes
 from mnistsum_cli.settings import TrainConfig, in_words, preset_matching
@@ -77,7 +77,7 @@ def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]
             )
 
 
-def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = None) -> list[Path]:
+def plot(run: RunDir, force: bool = False, prepared: Optional[SplitData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The galleries need the images: without `prepared`
     there are none. Holds the artifacts folder's lock throughout."""
@@ -85,7 +85,7 @@ def plot(run: RunDir, force: bool = False, prepared: Optional[PreparedData] = No
         return _plot(run, force, prepared)
 
 
-def _plot(run: RunDir, force: bool, prepared: Optional[PreparedData]) -> list[Path]:
+def _plot(run: RunDir, force: bool, prepared: Optional[SplitData]) -> list[Path]:
     history = HISTORY.read_json(run.history)
     meta = model_meta(run)
     if history["run_id"] != meta["run_id"] and not force:

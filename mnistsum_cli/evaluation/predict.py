@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from mnistsum_cli.data.images import prepare_image
+from mnistsum_cli.data.images import image_file_in_mnist_form
 from mnistsum_cli.errors import BadOption
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, RunDir
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
 
 
 def predict_digits(
@@ -53,7 +53,7 @@ def predict_files(
     """The `predict` command on image files: one result per file, with its path and the runtime
     that answered (`device` is torch's; onnx runs on the CPU)."""
     answer = model_runner(run, device, runtime)
-    images = np.stack([prepare_image(path) for path in paths])
+    images = np.stack([image_file_in_mnist_form(path) for path in paths])
     results = answer(images, np.full(len(paths), number, dtype=np.int64))
     return [
         {"image": str(path), "number": number, **result, "runtime": runtime} for path, result in zip(paths, results)
@@ -83,7 +83,7 @@ def predict_row(
     index: int,
     split: str,
     number: Optional[int],
-    prepared: PreparedData,
+    prepared: SplitData,
     run: RunDir,
     device: Optional[torch.device],
     runtime: str = "torch",

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from mnistsum_cli.data.images import MIN_CONTRAST, SIZE, prepare_image
+from mnistsum_cli.data.images import MIN_CONTRAST, SIZE, image_file_in_mnist_form
 from mnistsum_cli.errors import MnistsumError
 
 MAX_BODY = 2 * 1024 * 1024  # bytes of one request: a phone photo as JPEG fits, a stream of junk does not
@@ -166,8 +166,8 @@ async def upload_in_mnist_form(image: bytes) -> np.ndarray:
 
 
 def image_in_mnist_form(image: bytes) -> np.ndarray:
-    """As `predict` reads an image file (data.images.prepare_image); what it cannot read is a 422."""
+    """As `predict` reads an image file (data.images.image_file_in_mnist_form); what it cannot read is a 422."""
     try:
-        return prepare_image(BytesIO(image), "image", IMAGE_FORMATS)
+        return image_file_in_mnist_form(BytesIO(image), "image", IMAGE_FORMATS)
     except MnistsumError as error:
         raise RequestError(422, str(error)) from None

@@ -83,7 +83,7 @@ def open_split(data: DataDir, name: str) -> tuple[pq.ParquetFile, dict[str, Any]
     """One split's Parquet file, read once as a checked regular file (diskfiles.read_file) and
     opened in memory without decoding its rows; its columns, `prepare`'s metadata and the rows
     its footer declares checked (no more than the images of its MNIST set: a small file must not
-    declare millions): where `read_split` and the up-to-date checks (prepared.py) both start.
+    declare millions): where `read_split` and the up-to-date checks (splitdata.py) both start.
     The caller closes the file."""
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -149,11 +149,11 @@ def start_sweep(
 ) -> list[Path]:
     """`mnistsum sweep`: check everything, run the workers, print the best trial's train
     command, draw the plots; the plots' files are returned for the CLI to name."""
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
 
     devices, threads = plan_devices(gpus, jobs, cpu)
     plan = make_plan(**options, device_type=lambda: devices[0].split(":")[0])
-    dataset_id = PreparedData(DataDir(plan.data), plan.mnist_dir).header.dataset_id  # the split headers: no torch
+    dataset_id = SplitData(DataDir(plan.data), plan.mnist_dir).header.dataset_id  # the split headers: no torch
     if options["storage"] is None:
         plan.folder.mkdir(parents=True, exist_ok=True)  # the default SQLite file's folder
     open_study(plan, dataset_id)

@@ -23,7 +23,7 @@ from mnistsum_cli.sweep.summary import best_text, finished_count, trial_counts, 
 if TYPE_CHECKING:
     import optuna
 
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
 
 POLL_SECONDS = 1.0  # how often a worker with nothing to start looks again
 
@@ -66,13 +66,13 @@ class Worker:
     ) -> None:
         import torch
 
-        from mnistsum_cli.data.prepared import PreparedData
+        from mnistsum_cli.data.splitdata import SplitData
 
         self.plan, self.device, self.worker, self.say = plan, torch.device(device), worker, say
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # nothing strays onto GPU 0
         self.notify = notify or (lambda message: None)
-        self.prepared: PreparedData = PreparedData(DataDir(plan.data), plan.mnist_dir)  # read once, for every trial
+        self.prepared: SplitData = SplitData(DataDir(plan.data), plan.mnist_dir)  # read once, for every trial
         self.stats = WorkerStats()
         self.current: Optional[int] = None  # the number of the trial this worker runs now (or ran last)
         self._noticed: set[str] = set()

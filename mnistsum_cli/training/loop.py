@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mnistsum_cli import __version__
-from mnistsum_cli.data.prepared import PreparedData
+from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.data.tensors import SplitTensors, augment, normalise, split_tensors
 from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.settings import TrainConfig
@@ -260,7 +260,7 @@ def train(
     return run
 
 
-def load_train_data(prepared: PreparedData, device: torch.device) -> TrainData:
+def load_train_data(prepared: SplitData, device: torch.device) -> TrainData:
     """The train and val splits on `device`, checked against the MNIST they index."""
     dataset, mnist = prepared.dataset, prepared.mnist
     return TrainData(

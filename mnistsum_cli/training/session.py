@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from mnistsum_cli.data.prepared import PreparedData
+    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.training.distributed import Group
     from mnistsum_cli.training.loop import Reporter
 
@@ -100,7 +100,7 @@ def interrupted_message(folder: RunDir, continue_with: str, kept: Optional[Path]
 
 def run_training(
     config: TrainConfig,
-    prepared: PreparedData,
+    prepared: SplitData,
     folder: RunDir,
     device: torch.device,
     *,
@@ -117,7 +117,7 @@ def run_training(
     alone locks, moves runs and speaks. Returns the run, with this call's timings."""
     import torch
 
-    from mnistsum_cli.data.prepared import check_mnist_matches
+    from mnistsum_cli.data.splitdata import check_mnist_matches
     from mnistsum_cli.training.distributed import SINGLE_PROCESS
     from mnistsum_cli.training.loop import SilentReporter, batching, load_train_data, train
 

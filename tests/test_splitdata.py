@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import mnistsum_cli.data.prepared
+import mnistsum_cli.data.splitdata
 from conftest import VAL_SIZE, FakeMnist
 from mnistsum_cli.data.mnist import load_mnist, resolve_source
 from mnistsum_cli.data.prepare import PrepareOptions, prepare
-from mnistsum_cli.data.prepared import PreparedData, read_dataset_header
+from mnistsum_cli.data.splitdata import SplitData, read_dataset_header
 from mnistsum_cli.store.paths import DataDir
 from mnistsum_cli.store.splits import read_dataset
 
@@ -48,15 +48,15 @@ def test_unchanged_mnist_is_told_from_its_stamps(
         raise AssertionError("MNIST was read")
 
     with monkeypatch.context() as patch:
-        patch.setattr(mnistsum_cli.data.prepared, "load_mnist", no_reading)
-        assert PreparedData(folder, root).mnist_unchanged()
+        patch.setattr(mnistsum_cli.data.splitdata, "load_mnist", no_reading)
+        assert SplitData(folder, root).mnist_unchanged()
     labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     os.utime(labels, ns=(0, 0))  # same bytes, other stamp: MNIST is read and its fingerprint compared
-    assert PreparedData(folder, root).mnist_unchanged()
+    assert SplitData(folder, root).mnist_unchanged()
     content = bytearray(labels.read_bytes())
     content[-1] = (content[-1] + 1) % 10
     labels.write_bytes(bytes(content))
-    assert not PreparedData(folder, root).mnist_unchanged()
+    assert not SplitData(folder, root).mnist_unchanged()
 
 
 def test_a_run_reads_the_splits_and_mnist_once(
@@ -71,8 +71,8 @@ def test_a_run_reads_the_splits_and_mnist_once(
 
         return call
 
-    monkeypatch.setattr(mnistsum_cli.data.prepared, "read_dataset", counted("splits", read_dataset))
-    monkeypatch.setattr(mnistsum_cli.data.prepared, "load_mnist", counted("mnist", load_mnist))
+    monkeypatch.setattr(mnistsum_cli.data.splitdata, "read_dataset", counted("splits", read_dataset))
+    monkeypatch.setattr(mnistsum_cli.data.splitdata, "load_mnist", counted("mnist", load_mnist))
     args = ("run", "--mnist-dir", fake_mnist.root, "--val-size", VAL_SIZE, "--preset", "cpu", "--cpu", "--epochs", 2)
     code, out, err = run_cli(*args)  # train, evaluate and plot run
     assert code == 0, err

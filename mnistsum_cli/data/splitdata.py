@@ -67,7 +67,7 @@ def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:
         )
 
 
-class PreparedData:
+class SplitData:
     """The splits in `folder` and the MNIST they index, read on first use and then kept.
 
     MNIST comes from `mnist` when the caller already has it, else from --mnist-dir
@@ -114,6 +114,6 @@ class PreparedData:
             return True
         return self.any_mnist.fingerprint == meta["mnist_fingerprint"]
 
-    def rewritten(self) -> PreparedData:
+    def rewritten(self) -> SplitData:
         """The same folder after `prepare` wrote it: the splits are read afresh, MNIST is kept."""
-        return PreparedData(self.folder, self.mnist_dir, self.any_mnist)
+        return SplitData(self.folder, self.mnist_dir, self.any_mnist)
