@@ -18,9 +18,10 @@ from starlette.concurrency import run_in_threadpool
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.diskfiles import read_with_status
 from mnistsum_cli.store.fingerprints import fingerprint_bytes, now_iso
-from mnistsum_cli.store.paths import MODEL_FORMAT, RunDir
+from mnistsum_cli.store.paths import RunDir
 from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import MODEL_META, ONNX_META
+from mnistsum_cli.training.run import model_meta
 
 if TYPE_CHECKING:  # torch loads only for --runtime torch
     import torch
@@ -73,10 +74,8 @@ def read_served_model(run: RunDir, device: Optional[torch.device], runtime: str 
     data, sha256 = contents[0], fingerprint_bytes(contents[0])
     if runtime == "onnx":
         from mnistsum_cli.evaluation.onnx_runtime import current_onnx_model
-        from mnistsum_cli.store.tensorfiles import decode_safetensors
 
-        _, header = decode_safetensors(data, run.model, "train", MODEL_FORMAT, metadata_only=True)  # without torch
-        meta = MODEL_META.check(header, run.model)
+        meta = model_meta(run, data)  # without torch
         model = current_onnx_model(contents[1], sha256, run, threads=1)
     else:
         from mnistsum_cli.training.checkpoint import load_model_bytes

@@ -22,7 +22,7 @@ from mnistsum_cli.store.interrupts import interrupts_deferred
 from mnistsum_cli.store.paths import CHECKPOINT_FORMAT, MODEL_FORMAT, RunDir, is_run_id, unknown_run_name
 from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.schemas import CHECKPOINT_META, HISTORY, MODEL_META, RUN_SETUP, TRAIN_STATE
-from mnistsum_cli.store.tensorfiles import read_safetensors
+from mnistsum_cli.store.tensorfiles import decode_safetensors, read_safetensors
 from mnistsum_cli.store.transactions import Change, commit
 from mnistsum_cli.store.writes import unused
 
@@ -251,9 +251,13 @@ def read_setup(folder: RunDir) -> dict[str, Any]:
         return {}
 
 
-def model_meta(folder: RunDir) -> dict[str, Any]:
-    """model.safetensors' metadata, checked (without torch: the header alone)."""
-    _, meta = read_safetensors(folder.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
+def model_meta(folder: RunDir, data: Optional[bytes] = None) -> dict[str, Any]:
+    """model.safetensors' metadata, checked, without torch (the header alone): read from the
+    file, or from `data`, the file's bytes the caller read once (serve: the bytes it serves)."""
+    if data is None:
+        _, meta = read_safetensors(folder.model, stage="train", expected_format=MODEL_FORMAT, metadata_only=True)
+    else:
+        _, meta = decode_safetensors(data, folder.model, "train", MODEL_FORMAT, metadata_only=True)
     return MODEL_META.check(meta, folder.model)
 
 
