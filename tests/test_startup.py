@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_one_line_error
+from conftest import VAL_SIZE, assert_one_line_error
 from mnistsum_cli.cli.preflight import cuda_driver_missing
 from mnistsum_cli.settings import PRESETS, describe_preset
 
@@ -210,24 +210,48 @@ GPU_REFUSALS = [
 ]
 
 
+def refusal_before_torch(argv: list[str], cwd: Path, allowed: tuple[str, ...] = ()) -> tuple[str, str, float]:
+    """Run `mnistsum argv` in a fresh interpreter: its exit code, its one-line error and the
+    command's own seconds, with no heavy module but the `allowed` loaded meanwhile."""
+    code = (
+        "import sys, time\nfrom mnistsum_cli.cli.app import main\nstart = time.perf_counter()\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+        "print('SECONDS:', time.perf_counter() - start)\nprint('CODE:', code)\n"
+        f"print('LOADED:', *[name for name in {tuple(set(HEAVY) - set(allowed))!r} if name in sys.modules])"
+    )
+    result = python(code, cwd=cwd)
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["LOADED"].strip() == "", lines["LOADED"]
+    return lines["CODE"].strip(), assert_one_line_error(result.stderr, ""), float(lines["SECONDS"])
+
+
 @pytest.mark.skipif(not cuda_driver_missing(), reason="a CUDA driver is installed: torch decides about --gpu")
 @pytest.mark.parametrize("argv", GPU_REFUSALS, ids=[" ".join(argv) for argv in GPU_REFUSALS])
 def test_gpu_without_a_cuda_driver_is_refused_before_torch(tmp_path: Path, argv: list[str]) -> None:
     """On a machine without CUDA, --gpu is refused in one line (exit 2) before torch loads, in
     well under 0.5 s of the command's own time (importing torch to ask takes seconds)."""
-    code = (
-        "import sys, time\nfrom mnistsum_cli.cli.app import main\nstart = time.perf_counter()\n"
-        f"try:\n    main({argv!r})\nexcept SystemExit as exit_:\n    code = exit_.code\n"
-        "print('SECONDS:', time.perf_counter() - start)\nprint('CODE:', code)\n"
-        f"print('LOADED:', *[name for name in {HEAVY!r} if name in sys.modules])"
-    )
-    result = python(code, cwd=tmp_path)
-    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    assert lines["CODE"].strip() == "2", result.stderr
-    assert lines["LOADED"].strip() == "", lines["LOADED"]
-    assert "CUDA is not available" in assert_one_line_error(result.stderr, "")
-    assert float(lines["SECONDS"]) < 0.5, lines["SECONDS"]
+    code, error, seconds = refusal_before_torch(argv, tmp_path)
+    assert code == "2" and "CUDA is not available" in error
+    assert seconds < 0.5, seconds
     assert not list(tmp_path.iterdir())
+
+
+PREDICT_REFUSALS = [
+    (["predict", "nothere.png", "--number", "3"], "1", "nothere.png: no such file"),
+    (["predict", "data", "--number", "3"], "1", "data: not a file"),
+    (["predict", "--index", "99999", "--split", "val"], "2", f"--index 99999: the val split has rows 0-{VAL_SIZE - 1}"),
+]
+
+
+@pytest.mark.parametrize("argv, exit_code, message", PREDICT_REFUSALS, ids=[" ".join(a) for a, *_ in PREDICT_REFUSALS])
+def test_predict_refuses_a_missing_image_or_row_before_torch(
+    workdir: Path, argv: list[str], exit_code: str, message: str
+) -> None:
+    """Issue 23 edge 5: predict read a split and loaded torch (seconds) before it said that the
+    image or the row is not there; the check now needs only the file system and Parquet metadata."""
+    code, error, seconds = refusal_before_torch([*argv, "--cpu"], workdir, allowed=("pyarrow",))  # row counts
+    assert code == exit_code and message in error, error
+    assert seconds < 0.5, seconds
 
 
 @pytest.mark.parametrize("as_json", [True, False], ids=["json", "table"])

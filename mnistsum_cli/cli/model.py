@@ -76,6 +76,10 @@ def predict(
     preflight.require_inputs(
         (RunDir(artifacts).model, MODEL_META), *(preflight.splits(data) if index is not None else [])
     )
+    if index is not None:
+        preflight.split_row(data, split, index)
+    else:
+        preflight.image_files(images)
     from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.evaluation.onnx_runtime import onnx_extra
     from mnistsum_cli.evaluation.predict import predict_files, predict_row

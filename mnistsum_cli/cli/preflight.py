@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from mnistsum_cli import terminal
-from mnistsum_cli.errors import BadOption
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.store.diskfiles import require
 from mnistsum_cli.store.paths import SPLITS, DataDir
 from mnistsum_cli.store.schemas import SPLIT_META
@@ -31,6 +31,20 @@ def require_inputs(*inputs: tuple[Path, Schema]) -> None:
 def splits(data: Path) -> list[tuple[Path, Schema]]:
     """The three splits of a data folder, as inputs of require_inputs."""
     return [(DataDir(data).split(name), SPLIT_META) for name in SPLITS]
+
+
+def image_files(paths: list[Path]) -> None:
+    """Refuse an image argument that is no file, in one line, as the later read would."""
+    for path in paths:
+        if not path.is_file():
+            raise MnistsumError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
+
+
+def split_row(data: Path, split: str, index: int) -> None:
+    """Refuse an --index outside the split, from its Parquet metadata (no rows read)."""
+    from mnistsum_cli.data.splitdata import check_row, read_dataset_header
+
+    check_row(index, split, read_dataset_header(DataDir(data)).rows[split])
 
 
 def cuda_driver_missing() -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mnistsum_cli.data.mnist import Mnist, MnistSource, file_stamps, load_mnist, resolve_source
-from mnistsum_cli.errors import MnistsumError
+from mnistsum_cli.errors import BadOption, MnistsumError
 from mnistsum_cli.store.paths import SPLITS, DataDir
 from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.splits import RERUN, Dataset, open_split, read_dataset
@@ -47,6 +47,12 @@ def _read_header(folder: DataDir) -> DatasetHeader:
     if len({meta["dataset_id"] for meta in metas.values()}) != 1:
         raise MnistsumError(f"{folder.root} mixes splits of different `prepare` runs: {RERUN}")
     return DatasetHeader(meta=metas["train"], rows=rows)
+
+
+def check_row(index: int, split: str, rows: int) -> None:
+    """Refuse an --index outside the split (of `rows` rows), in one line."""
+    if not 0 <= index < rows:
+        raise BadOption(f"--index {index}: the {split} split has rows 0-{rows - 1}")
 
 
 def check_mnist_matches(dataset: Dataset, mnist: Mnist) -> None:

@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from mnistsum_cli.data.images import image_file_in_mnist_form
-from mnistsum_cli.errors import BadOption
+from mnistsum_cli.data.splitdata import SplitData, check_row
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, RunDir
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-    from mnistsum_cli.data.splitdata import SplitData
 
 
 def predict_digits(
@@ -93,8 +91,7 @@ def predict_row(
     answer = model_runner(run, device, runtime)
     dataset, mnist = prepared.dataset, prepared.mnist
     rows = dataset.splits[split]
-    if not 0 <= index < len(rows):
-        raise BadOption(f"--index {index}: the {split} split has rows 0-{len(rows) - 1}")
+    check_row(index, split, len(rows))
     number = int(rows.number[index]) if number is None else number
     image = mnist.images[MNIST_SET_OF_SPLIT[split]][int(rows.image_index[index])]
     result = answer(image[None], np.array([number], dtype=np.int64))[0]
