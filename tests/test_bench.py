@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import TEST_MNIST_ENV
+
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -23,6 +23,8 @@ from mnistsum_cli.settings import PRESETS
 from mnistsum_cli.store.splits import METADATA_KEY
 from mnistsum_cli.training.checkpoint import WEIGHTS_PREFIX
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 
 def _commands() -> list[str]:
     import typer

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 from mnistsum_cli.cli.options import Settings, with_setting_options
 from mnistsum_cli.settings import PRESET_NOTES, PRESETS, Setting, TrainConfig, describe_preset, setting_fields
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

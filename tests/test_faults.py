@@ -44,6 +44,8 @@ from mnistsum_cli.store.paths import SPLITS
 from mnistsum_cli.store.schemas import SCHEMAS
 from mnistsum_cli.training.runlist import PNG_SIGNATURE
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 CASE_SECONDS = 20  # one case: a refusal takes milliseconds, the slowest good case (train) a few seconds
 MEMORY_LIMIT = 3 << 30  # RLIMIT_DATA of a worker: torch and a small training run fit, /dev/zero read whole does not

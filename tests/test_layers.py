@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ from conftest import FakeMnist, idx_images, idx_labels, make_fake_mnist, write_m
 from mnistsum_cli.data.mnist import RAW_FILES, MnistSource, load_mnist, resolve_source
 from mnistsum_cli.errors import MnistsumError
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 
 def test_load_fixture_through_torchvision(fake_mnist: FakeMnist) -> None:
     mnist = load_mnist(resolve_source(fake_mnist.root))

@@ -22,6 +22,8 @@ from mnistsum_cli.store.paths import RunDir, is_run_id
 from mnistsum_cli.store.recovery import recover
 from mnistsum_cli.store.writes import TEMP_PREFIX
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

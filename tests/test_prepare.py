@@ -19,6 +19,8 @@ from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.store.paths import SPLITS, DataDir
 from mnistsum_cli.store.splits import METADATA_KEY, read_dataset
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 EXPECTED_SCHEMA = pa.schema(
     [
         pa.field("image_index", pa.uint16(), nullable=False),

@@ -33,6 +33,8 @@ from mnistsum_cli.training.loop import load_train_data, make_optimizer, train
 from mnistsum_cli.training.models import build_model
 from mnistsum_cli.training.run import Run, aside_folder
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 CPU = torch.device("cpu")
 CONFIG = TrainConfig(arch="fastnet-small", epochs=2, batch_size=64, lr=4e-3, max_shift=2, seed=0)
 REPO = Path(__file__).resolve().parents[1]

@@ -24,6 +24,8 @@ from mnistsum_cli.training.runlist import (
     compare_path,
 )
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 
 @pytest.fixture(scope="module")
 def many_runs(fake_mnist: FakeMnist, tmp_path_factory: pytest.TempPathFactory) -> Path:

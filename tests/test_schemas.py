@@ -34,6 +34,8 @@ from mnistsum_cli.store.splits import METADATA_KEY
 from mnistsum_cli.store.tensorfiles import read_safetensors
 from mnistsum_cli.store.validation import Schema
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

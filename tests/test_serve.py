@@ -49,6 +49,8 @@ from mnistsum_cli.serve.parsing import BODY_SECONDS, MAX_BODY  # noqa: E402
 from mnistsum_cli.serve.workers import MAX_DEFAULT_WORKERS, default_workers  # noqa: E402
 from mnistsum_cli.serve.workers import STOP_SECONDS as SERVE_STOP_SECONDS  # noqa: E402
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 

@@ -28,6 +28,8 @@ from mnistsum_cli.data.mnist import MNIST_DIR_ENV
 from mnistsum_cli.store.paths import RunDir
 from strokes import DIGIT_STROKES
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

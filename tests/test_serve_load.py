@@ -14,6 +14,8 @@ from mnistsum_cli.store.paths import RunDir
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[dev]'")
 from test_serve import write_model
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "serve_load.py"
 
 

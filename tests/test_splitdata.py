@@ -19,6 +19,8 @@ from mnistsum_cli.data.splitdata import SplitData, read_dataset_header
 from mnistsum_cli.store.paths import DataDir
 from mnistsum_cli.store.splits import read_dataset
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ from conftest import VAL_SIZE, assert_one_line_error
 from mnistsum_cli.cli.preflight import cuda_driver_missing
 from mnistsum_cli.settings import PRESETS, describe_preset
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = (
     "torch",

@@ -22,6 +22,8 @@ from mnistsum_cli.store.locks import LOCK, FolderInUse, folder_lock
 from mnistsum_cli.store.reads import read_consistently
 from mnistsum_cli.store.transactions import commit, write_json
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,8 @@ from mnistsum_cli.store.paths import DataDir
 from mnistsum_cli.sweep.storage import retried_number
 from pgserver import postgres_binaries, postgres_server
 
+pytestmark = pytest.mark.same_on_every_torch  # .ci/run leaves it out on the oldest torch
+
 optuna = pytest.importorskip("optuna")
 
 REPO = Path(__file__).resolve().parents[1]
