@@ -15,7 +15,6 @@ import pytest
 
 from conftest import make_fake_mnist
 
-
 REPOSITORY = Path(__file__).resolve().parents[1]
 SCRIPT = REPOSITORY / "bench" / "gpu_check.py"
 REPORTS = {"gpu_check.log", "figures.json", "summary.md", "pytest-cuda.xml"}
