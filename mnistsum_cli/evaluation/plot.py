@@ -26,7 +26,7 @@ HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
 
 
-def settings_caption(history: dict[str, Any], run_info: dict[str, Any]) -> str:
+def settings_caption(history: dict[str, Any], setup: dict[str, Any]) -> str:
     """The settings a curve comes from, in words: arch, preset (when the settings are one),
     epochs, batch, lr, and the device and precision config.json records (left out when it is
     unreadable)."""
@@ -39,8 +39,8 @@ def settings_caption(history: dict[str, Any], run_info: dict[str, Any]) -> str:
         *(in_words(name, settings[name]) for name in ("arch",) if name in settings),
         f"preset {named}" if named else None,
         *(in_words(name, settings[name]) for name in ("epochs", "batch_size", "lr") if name in settings),
-        f"on {run_info['device']}" if run_info.get("device") else None,
-        f"{run_info['precision']} precision" if run_info.get("precision") else None,
+        f"on {setup['device']}" if setup.get("device") else None,
+        f"{setup['precision']} precision" if setup.get("precision") else None,
         f"{history['world_size']} processes" if history.get("world_size", 1) > 1 else None,
     ]
     return " · ".join(part for part in parts if part)

@@ -200,7 +200,7 @@ class Run:
         return improved
 
     def write_epoch(self, learner: Learner, improved: bool) -> None:
-        """Commit the epoch just added: model (when it improved), checkpoint, history, counters and
+        """Commit the epoch just added: model (when it improved), checkpoint, history, train_state.json and
         config.json change in one step, all or none. The first commit of a new run also moves the
         previous run to `aside`, in that same step: until it is saved the previous run stays where
         it is, whole (a kill, a full disk or Ctrl-C leave it untouched); after it, it is whole in
