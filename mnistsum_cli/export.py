@@ -190,7 +190,7 @@ def check_opset(opset: Optional[int]) -> None:
         raise BadOption(f"--opset {opset}: onnx {onnx.__version__} knows opsets {MIN_OPSET}-{newest}")
 
 
-def export_model(run: RunDir, prepared: SplitData, out: Optional[Path], opset: Optional[int]) -> Exported:
+def export_model(folder: RunDir, prepared: SplitData, out: Optional[Path], opset: Optional[int]) -> Exported:
     """Export the run's model.safetensors to `out` (default the run's model.onnx), after checking
     it on the test split of `prepared`."""
     import numpy as np
@@ -202,20 +202,20 @@ def export_model(run: RunDir, prepared: SplitData, out: Optional[Path], opset: O
 
     require_extra("export")
     check_opset(opset)
-    if out is not None and _same(out, run.onnx):
+    if out is not None and _same(out, folder.onnx):
         out = None  # the run's own model.onnx: written by a commit of its folder, as by default
-    target = run.onnx if out is None else out
-    if out is not None and any(_same(out, path) for path in run.run_files() if path != run.onnx):
-        raise BadOption(f"--out {out}: a file of the run itself; give another name (default {run.onnx})")
+    target = folder.onnx if out is None else out
+    if out is not None and any(_same(out, path) for path in folder.run_files() if path != folder.onnx):
+        raise BadOption(f"--out {out}: a file of the run itself; give another name (default {folder.onnx})")
 
-    model_data = read_consistently(run.root, lambda: read_file(run.model, MODEL_META.max_bytes, "train"))
+    model_data = read_consistently(folder.root, lambda: read_file(folder.model, MODEL_META.max_bytes, "train"))
     torch_device = torch.device("cpu")
-    model, model_meta = load_model_bytes(model_data, run.model, torch_device)
+    model, model_meta = load_model_bytes(model_data, folder.model, torch_device)
     sha256 = fingerprint_bytes(model_data)
     dataset, mnist = prepared.dataset, prepared.mnist
     if dataset.meta["dataset_id"] != model_meta["dataset_id"]:
         raise MnistsumError(
-            f"{run.model} was trained on another dataset than {prepared.folder.root}/: export checks the model on "
+            f"{folder.model} was trained on another dataset than {prepared.folder.root}/: export checks the model on "
             "the test split it was trained with (give its --data)"
         )
     test = split_tensors(dataset, mnist, "test", torch_device)
@@ -237,12 +237,12 @@ def export_model(run: RunDir, prepared: SplitData, out: Optional[Path], opset: O
         raise MnistsumError(f"onnxruntime disagrees with torch ({found.text('test')}): {target} not written")
     proto.metadata_props.add(key="check", value=found.text("test"))
     data = proto.SerializeToString()
-    meta = current_onnx_model(data, sha256, run).meta  # what predict and serve will check, checked now
+    meta = current_onnx_model(data, sha256, folder).meta  # what predict and serve will check, checked now
     if out is None:
-        with commit(run.root, "export", "--artifacts") as change:
-            if fingerprint_file(run.model, MODEL_META) != sha256:  # under the lock: train cannot change it now
-                raise MnistsumError(f"{run.model} changed while it was exported: run `mnistsum export` again")
-            change.write(run.onnx, data)
+        with commit(folder.root, "export", "--artifacts") as change:
+            if fingerprint_file(folder.model, MODEL_META) != sha256:  # under the lock: train cannot change it now
+                raise MnistsumError(f"{folder.model} changed while it was exported: run `mnistsum export` again")
+            change.write(folder.onnx, data)
     else:
         try:
             replace_file(out, data)

@@ -155,10 +155,10 @@ def train_summary(run: Run, device: str) -> None:
     written([run.folder.model, run.folder.history, run.folder.setup_file, run.folder.checkpoint])
 
 
-def run_complete(run: RunDir, epochs: int) -> None:
+def run_complete(folder: RunDir, epochs: int) -> None:
     """What `train --resume` says when the run has nothing left to do."""
     console.print(
-        f"the run in {escape(printable(str(run.root)))} is complete ({epochs} of {epochs} epochs): nothing was done; "
+        f"the run in {escape(printable(str(folder.root)))} is complete ({epochs} of {epochs} epochs): nothing was done; "
         "`mnistsum train` without --resume starts a new run",
         soft_wrap=True,
     )
@@ -247,7 +247,7 @@ def predictions_table(results: list[dict[str, Any]]) -> None:
 
 
 def stage_done(
-    stage: str, skipped: StageStatus | None, result: Any, folder: DataDir, run: RunDir, device: str, seed: int
+    stage: str, skipped: StageStatus | None, result: Any, data: DataDir, artifacts: RunDir, device: str, seed: int
 ) -> None:
     """What `mnistsum run` prints after each stage."""
     if skipped is not None:
@@ -255,11 +255,11 @@ def stage_done(
         return
     console.rule(stage)
     if stage == "prepare":
-        prepare_summary(result, folder, seed)
+        prepare_summary(result, data, seed)
     elif stage == "train":
         train_summary(result, device)
     elif stage == "evaluate":
-        evaluation_summary(result, run.evaluation(result["split"]))
+        evaluation_summary(result, artifacts.evaluation(result["split"]))
     elif stage == "export":
         export_summary(result)
     else:

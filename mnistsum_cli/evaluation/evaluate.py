@@ -106,23 +106,23 @@ def provenance(model_path: Path, model_sha: str, model_meta: dict[str, Any], dat
 
 
 def evaluate_model(
-    split: str, prepared: SplitData, run: RunDir, device: torch.device, force: bool = False
+    split: str, prepared: SplitData, folder: RunDir, device: torch.device, force: bool = False
 ) -> dict[str, Any]:
     """The `evaluate` stage: rebuild the model from safetensors, measure, write the JSON (holding
     the artifacts folder's lock throughout, so that the model cannot change under it)."""
-    with folder_lock(run.root, "evaluate", "--artifacts", create=False):
-        data = read_file(run.model, MODEL_META.max_bytes, "train")  # once: the hash is of the weights measured
-        model, meta = load_model_bytes(data, run.model, device)
+    with folder_lock(folder.root, "evaluate", "--artifacts", create=False):
+        data = read_file(folder.model, MODEL_META.max_bytes, "train")  # once: the hash is of the weights measured
+        model, meta = load_model_bytes(data, folder.model, device)
         dataset, mnist = prepared.dataset, prepared.mnist
         check_model_matches(meta, dataset, force)
         rows = dataset.splits[split]
         metrics = evaluate(model, split, split_tensors(dataset, mnist, split, device), rows.image_index)
-        check_finite_losses(metrics, run.model)
-        metrics.update(provenance(run.model, fingerprint_bytes(data), meta, dataset))
-        previous = unchanged_evaluation(run.evaluation(split), metrics)
+        check_finite_losses(metrics, folder.model)
+        metrics.update(provenance(folder.model, fingerprint_bytes(data), meta, dataset))
+        previous = unchanged_evaluation(folder.evaluation(split), metrics)
         if previous is not None:
             return previous
-        write_json(run.evaluation(split), metrics)
+        write_json(folder.evaluation(split), metrics)
     return metrics
 
 

@@ -128,11 +128,11 @@ def graph_fingerprint(data: bytes) -> Optional[str]:
     return hashlib.sha256(graphs[0]).hexdigest()[:16] if len(graphs) == 1 else None
 
 
-def stale_reason(meta: dict[str, str], model_sha256: Optional[str], run: RunDir) -> Optional[str]:
+def stale_reason(meta: dict[str, str], model_sha256: Optional[str], folder: RunDir) -> Optional[str]:
     """Why a model.onnx with metadata `meta` is not the export of the model.safetensors whose hash
     is `model_sha256` (None: no such file), or None when it is."""
     if model_sha256 is None:
-        return f"{run.model} is missing"
+        return f"{folder.model} is missing"
     if meta["model_sha256"] != model_sha256:
         return f"exported from another model.safetensors ({meta['model_sha256']}, now {model_sha256})"
     return None
@@ -180,34 +180,34 @@ def onnx_session(data: bytes, path: Path, threads: Optional[int] = None) -> Any:
         ) from None
 
 
-def read_onnx_files(run: RunDir) -> tuple[bytes, Optional[str]]:
+def read_onnx_files(folder: RunDir) -> tuple[bytes, Optional[str]]:
     """model.onnx's bytes and the hash of the model.safetensors beside it (None when missing), as
     one commit left them (store.read_consistently), each a checked file within its cap."""
 
     def read() -> tuple[bytes, Optional[str]]:
-        data = read_file(run.onnx, ONNX_META.max_bytes, "export")
+        data = read_file(folder.onnx, ONNX_META.max_bytes, "export")
         try:
-            return data, fingerprint_bytes(read_file(run.model, MODEL_META.max_bytes, "train"))
+            return data, fingerprint_bytes(read_file(folder.model, MODEL_META.max_bytes, "train"))
         except Missing:
             return data, None
 
-    return read_consistently(run.root, read)
+    return read_consistently(folder.root, read)
 
 
 def current_onnx_model(
-    data: bytes, model_sha256: Optional[str], run: RunDir, threads: Optional[int] = None
+    data: bytes, model_sha256: Optional[str], folder: RunDir, threads: Optional[int] = None
 ) -> OnnxModel:
     """The session of model.onnx's bytes `data` when it is the export of the current model
     (hash `model_sha256`); a stale, foreign or damaged file is one line, checked before
     onnxruntime is asked to load it."""
-    meta = onnx_metadata(data, run.onnx)
-    reason = stale_reason(meta, model_sha256, run)
+    meta = onnx_metadata(data, folder.onnx)
+    reason = stale_reason(meta, model_sha256, folder)
     if reason is not None:
-        raise MnistsumError(f"{run.onnx} is stale ({reason}): rerun `mnistsum export`")
-    return OnnxModel(onnx_session(data, run.onnx, threads), meta)
+        raise MnistsumError(f"{folder.onnx} is stale ({reason}): rerun `mnistsum export`")
+    return OnnxModel(onnx_session(data, folder.onnx, threads), meta)
 
 
-def load_onnx_model(run: RunDir, threads: Optional[int] = None) -> OnnxModel:
+def load_onnx_model(folder: RunDir, threads: Optional[int] = None) -> OnnxModel:
     """The run's model.onnx, checked to be the export of its model.safetensors."""
-    data, model_sha256 = read_onnx_files(run)
-    return current_onnx_model(data, model_sha256, run, threads)
+    data, model_sha256 = read_onnx_files(folder)
+    return current_onnx_model(data, model_sha256, folder, threads)

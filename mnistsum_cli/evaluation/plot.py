@@ -46,25 +46,25 @@ def settings_caption(history: dict[str, Any], setup: dict[str, Any]) -> str:
     return " · ".join(part for part in parts if part)
 
 
-def current_evaluations(run: RunDir, force: bool) -> dict[str, dict[str, Any]]:
+def current_evaluations(folder: RunDir, force: bool) -> dict[str, dict[str, Any]]:
     """Evaluation files that belong to the current model (run.evaluates; all present ones, when forced)."""
-    model_sha = fingerprint_file(run.model, MODEL_META)
+    model_sha = fingerprint_file(folder.model, MODEL_META)
     evaluations = {}
     for split in SPLITS:
-        path = run.evaluation(split)
+        path = folder.evaluation(split)
         if not path.exists():
             continue
         metrics = EVALUATION.read_json(path)
         if not evaluates(metrics, model_sha) and not force:
             raise MnistsumError(
-                f"{path} evaluates another model than {run.model}: rerun `mnistsum evaluate --split {split}`"
+                f"{path} evaluates another model than {folder.model}: rerun `mnistsum evaluate --split {split}`"
                 " (or pass --allow-mismatch)"
             )
         evaluations[split] = metrics
     return evaluations
 
 
-def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]], mnist: Mnist) -> None:
+def check_gallery_indices(folder: RunDir, galleries: dict[str, list[dict[str, Any]]], mnist: Mnist) -> None:
     """Every misclassified image_index points into the MNIST set of its split (the schema
     cannot know the set's size; MNIST, loaded here, does)."""
     for split, examples in galleries.items():
@@ -72,48 +72,48 @@ def check_gallery_indices(run: RunDir, galleries: dict[str, list[dict[str, Any]]
         outside = [example["image_index"] for example in examples if example["image_index"] >= size]
         if outside:
             raise MnistsumError(
-                f"{run.evaluation(split)}: misclassified image_index {outside[0]} is outside the MNIST "
+                f"{folder.evaluation(split)}: misclassified image_index {outside[0]} is outside the MNIST "
                 f"{MNIST_SET_OF_SPLIT[split]} set ({size} images): rerun `mnistsum evaluate --split {split}`"
             )
 
 
-def plot(run: RunDir, force: bool = False, prepared: Optional[SplitData] = None) -> list[Path]:
+def plot(folder: RunDir, force: bool = False, prepared: Optional[SplitData] = None) -> list[Path]:
     """Check every input, draw every plot the artifacts allow, then publish them together as
     plots/; returns the paths written. The galleries need the images: without `prepared`
     there are none. Holds the artifacts folder's lock throughout."""
-    with folder_lock(run.root, "plot", "--artifacts", create=False):
-        return _plot(run, force, prepared)
+    with folder_lock(folder.root, "plot", "--artifacts", create=False):
+        return _plot(folder, force, prepared)
 
 
-def _plot(run: RunDir, force: bool, prepared: Optional[SplitData]) -> list[Path]:
-    history = HISTORY.read_json(run.history)
-    meta = model_meta(run)
+def _plot(folder: RunDir, force: bool, prepared: Optional[SplitData]) -> list[Path]:
+    history = HISTORY.read_json(folder.history)
+    meta = model_meta(folder)
     if history["run_id"] != meta["run_id"] and not force:
         raise MnistsumError(
-            f"{run.history} and {run.model} come from different training runs: rerun `mnistsum train` (or pass --allow-mismatch)"
+            f"{folder.history} and {folder.model} come from different training runs: rerun `mnistsum train` (or pass --allow-mismatch)"
         )
-    evaluations = current_evaluations(run, force)
+    evaluations = current_evaluations(folder, force)
     galleries, mnist = {}, None
     if prepared is not None:
         galleries = {split: m["misclassified"][:GALLERY_SIZE] for split, m in evaluations.items() if m["misclassified"]}
         if galleries:
             mnist = prepared.mnist
-            check_gallery_indices(run, galleries, mnist)
-    inputs = plot_inputs(run)
-    caption = settings_caption(history, read_setup(run))
+            check_gallery_indices(folder, galleries, mnist)
+    inputs = plot_inputs(folder)
+    caption = settings_caption(history, read_setup(folder))
 
     figures: dict[str, plt.Figure] = {}
     try:
         draw_all(figures, history, meta["arch"], caption, evaluations, galleries, mnist)
-        with commit(run.root, "plot", "--artifacts") as change:
-            staging = change.folder_of(run.plots)
+        with commit(folder.root, "plot", "--artifacts") as change:
+            staging = change.folder_of(folder.plots)
             for name, figure in figures.items():
                 write_file(staging / name, png_bytes(figure))
-            write_file(staging / run.plots_manifest.name, json_bytes({"inputs": inputs, "files": list(figures)}))
+            write_file(staging / folder.plots_manifest.name, json_bytes({"inputs": inputs, "files": list(figures)}))
     finally:
         for figure in figures.values():
             plt.close(figure)
-    return [run.plots / name for name in figures]
+    return [folder.plots / name for name in figures]
 
 
 def draw_all(

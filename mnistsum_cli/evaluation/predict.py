@@ -46,11 +46,11 @@ def predictions(digit_probs: np.ndarray, sum_probs: np.ndarray) -> list[dict[str
 
 
 def predict_files(
-    paths: list[Path], number: int, run: RunDir, device: Optional[torch.device], runtime: str = "torch"
+    paths: list[Path], number: int, folder: RunDir, device: Optional[torch.device], runtime: str = "torch"
 ) -> list[dict[str, Any]]:
     """The `predict` command on image files: one result per file, with its path and the runtime
     that answered (`device` is torch's; onnx runs on the CPU)."""
-    answer = model_runner(run, device, runtime)
+    answer = model_runner(folder, device, runtime)
     images = np.stack([image_file_in_mnist_form(path) for path in paths])
     results = answer(images, np.full(len(paths), number, dtype=np.int64))
     return [
@@ -59,7 +59,7 @@ def predict_files(
 
 
 def model_runner(
-    run: RunDir, device: Optional[torch.device], runtime: str
+    folder: RunDir, device: Optional[torch.device], runtime: str
 ) -> Callable[[np.ndarray, np.ndarray], list[dict[str, int | float]]]:
     """The run's model on `runtime` (torch: model.safetensors on `device`; onnx: a current
     model.onnx on onnxruntime, without torch), as a function from uint8 images [N, 28, 28] and
@@ -67,13 +67,13 @@ def model_runner(
     if runtime == "onnx":
         from mnistsum_cli.evaluation.onnx_runtime import load_onnx_model
 
-        onnx_model = load_onnx_model(run)
+        onnx_model = load_onnx_model(folder)
         return lambda images, numbers: predictions(*onnx_model.probabilities(images, numbers))
     import torch
 
     from mnistsum_cli.training.checkpoint import load_model
 
-    model, _ = load_model(run.model, device)
+    model, _ = load_model(folder.model, device)
     return lambda images, numbers: predict_digits(model, torch.from_numpy(images), torch.from_numpy(numbers), device)
 
 
@@ -82,13 +82,13 @@ def predict_row(
     split: str,
     number: Optional[int],
     prepared: SplitData,
-    run: RunDir,
+    folder: RunDir,
     device: Optional[torch.device],
     runtime: str = "torch",
 ) -> dict[str, Any]:
     """The `predict` command on row `index` of a prepared split (its number unless one is given).
     MNIST is read through torchvision, so this loads torch whatever the runtime."""
-    answer = model_runner(run, device, runtime)
+    answer = model_runner(folder, device, runtime)
     dataset, mnist = prepared.dataset, prepared.mnist
     rows = dataset.splits[split]
     check_row(index, split, len(rows))

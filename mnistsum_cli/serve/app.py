@@ -51,7 +51,7 @@ STATIC_FILES = {  # URL path -> (file in mnistsum_cli/serve/static, media type);
 def create_app(follower: ModelFollower, hosts: KnownHosts) -> SecurityHeaders:
     """The ASGI app of `serve`, answering with the follower's model the requests whose Host
     header `hosts` knows."""
-    run, device = follower.run, follower.device
+    folder, device = follower.folder, follower.device
     static = {
         path: (resources.files("mnistsum_cli.serve").joinpath("static", name).read_bytes(), media)
         for path, (name, media) in STATIC_FILES.items()
@@ -83,7 +83,7 @@ def create_app(follower: ModelFollower, hosts: KnownHosts) -> SecurityHeaders:
 
     async def model(request: Request) -> JSONResponse:
         served = await follower.get()
-        return JSONResponse(run_card(run, served, follower.problem))
+        return JSONResponse(run_card(folder, served, follower.problem))
 
     async def healthz(request: Request) -> JSONResponse:
         follower.refresh()  # a probe never waits for a load: it says what serves now
@@ -92,10 +92,10 @@ def create_app(follower: ModelFollower, hosts: KnownHosts) -> SecurityHeaders:
 
     async def plot(request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in listed_plots(run, await follower.get()):
+        if name not in listed_plots(folder, await follower.get()):
             raise RequestError(404, "no such plot in this run's plots/manifest.json")
         try:
-            content = read_file(run.plots / name, MAX_PLOT_BYTES, "plot")
+            content = read_file(folder.plots / name, MAX_PLOT_BYTES, "plot")
         except MnistsumError:
             raise RequestError(404, f"plot {name} is listed but cannot be read: rerun `mnistsum plot`") from None
         return Response(content, media_type="image/png")

@@ -18,7 +18,7 @@ from mnistsum_cli.training.run import evaluates
 CARD_METRICS = ("rows", "digit_accuracy", "sum_accuracy", "consistency")  # of each evaluation, on the card
 
 
-def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[str, Any]:
+def run_card(folder: RunDir, served: ServedModel, problem: Optional[str]) -> dict[str, Any]:
     """What GET /api/model says: the run, its evaluations and plots when they were made from
     this very model, and why a newer model is not serving, if so."""
     meta = served.meta
@@ -36,28 +36,28 @@ def run_card(run: RunDir, served: ServedModel, problem: Optional[str]) -> dict[s
         },
         "evaluations": {
             split: {key: metrics.get(key) for key in CARD_METRICS}
-            for split, metrics in evaluations_of(run, served).items()
+            for split, metrics in evaluations_of(folder, served).items()
         },
-        "plots": [f"/plots/{name}" for name in listed_plots(run, served)],
+        "plots": [f"/plots/{name}" for name in listed_plots(folder, served)],
         "problem": problem,
     }
 
 
-def evaluations_of(run: RunDir, served: ServedModel) -> dict[str, dict[str, Any]]:
+def evaluations_of(folder: RunDir, served: ServedModel) -> dict[str, dict[str, Any]]:
     """The evaluation of each split that belongs to the model serving, by the one rule every
     reader of a run shares (training.run.evaluates)."""
     evaluations = {}
     for split in SPLITS:
-        metrics = _json_or_none(run.evaluation(split), EVALUATION)
+        metrics = _json_or_none(folder.evaluation(split), EVALUATION)
         if evaluates(metrics, served.sha256):
             evaluations[split] = metrics
     return evaluations
 
 
-def listed_plots(run: RunDir, served: ServedModel) -> list[str]:
+def listed_plots(folder: RunDir, served: ServedModel) -> list[str]:
     """The plot file names plots/manifest.json lists, when it was drawn for this model (by
     fingerprint); the only files of the run the app serves."""
-    manifest = _json_or_none(run.plots_manifest, PLOTS_MANIFEST)
+    manifest = _json_or_none(folder.plots_manifest, PLOTS_MANIFEST)
     if not isinstance(manifest, dict) or (manifest.get("inputs") or {}).get("model") != served.sha256:
         return []
     files = manifest.get("files")

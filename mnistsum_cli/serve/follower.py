@@ -48,19 +48,19 @@ def file_identity(stat: os.stat_result) -> FileIdentity:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def served_files(run: RunDir, runtime: str) -> tuple[os.PathLike, ...]:
+def served_files(folder: RunDir, runtime: str) -> tuple[os.PathLike, ...]:
     """The files a model is read from: model.safetensors, and model.onnx on the onnx runtime."""
-    return (run.model, run.onnx) if runtime == "onnx" else (run.model,)
+    return (folder.model, folder.onnx) if runtime == "onnx" else (folder.model,)
 
 
-def read_served_model(run: RunDir, device: Optional[torch.device], runtime: str = "torch") -> ServedModel:
+def read_served_model(folder: RunDir, device: Optional[torch.device], runtime: str = "torch") -> ServedModel:
     """Read the run's model as one consistent version: every read of a run by `serve` goes
     through here. It reads as every reader of a run folder does (store.read_consistently: never
     during an unfinished commit); one checked open of each file (a regular file within its
     kind's size cap: diskfiles.read_with_status) + one read sees a whole file, and its identity
     comes from that same open file. On the onnx runtime, model.onnx answers, and only when it is
     the export of that model.safetensors (whose header gives the metadata, read without torch)."""
-    files = list(zip(served_files(run, runtime), ((MODEL_META.max_bytes, "train"), (ONNX_META.max_bytes, "export"))))
+    files = list(zip(served_files(folder, runtime), ((MODEL_META.max_bytes, "train"), (ONNX_META.max_bytes, "export"))))
 
     def read() -> tuple[tuple[FileIdentity, ...], list[bytes]]:
         identities, contents = [], []
@@ -70,17 +70,17 @@ def read_served_model(run: RunDir, device: Optional[torch.device], runtime: str 
             contents.append(data)
         return tuple(identities), contents
 
-    identity, contents = read_consistently(run.root, read)
+    identity, contents = read_consistently(folder.root, read)
     data, sha256 = contents[0], fingerprint_bytes(contents[0])
     if runtime == "onnx":
         from mnistsum_cli.evaluation.onnx_runtime import current_onnx_model
 
-        meta = model_meta(run, data)  # without torch
-        model = current_onnx_model(contents[1], sha256, run, threads=1)
+        meta = model_meta(folder, data)  # without torch
+        model = current_onnx_model(contents[1], sha256, folder, threads=1)
     else:
         from mnistsum_cli.training.checkpoint import load_model_bytes
 
-        model, meta = load_model_bytes(data, run.model, device)
+        model, meta = load_model_bytes(data, folder.model, device)
     return ServedModel(model, meta, identity, sha256, now_iso(), runtime)
 
 
@@ -91,9 +91,9 @@ class ModelFollower:
     requests (/healthz at once). A file that cannot be loaded leaves the previous model serving,
     with the reason in `problem` (until the file changes again)."""
 
-    def __init__(self, run: RunDir, device: Optional[torch.device], runtime: str = "torch") -> None:
-        self.run, self.device, self.runtime = run, device, runtime
-        self.current = read_served_model(run, device, runtime)
+    def __init__(self, folder: RunDir, device: Optional[torch.device], runtime: str = "torch") -> None:
+        self.folder, self.device, self.runtime = folder, device, runtime
+        self.current = read_served_model(folder, device, runtime)
         self.seen: Optional[tuple[FileIdentity, ...]] = self.current.identity
         self.problem: Optional[str] = None
         self.loading: Optional[asyncio.Task] = None
@@ -103,7 +103,7 @@ class ModelFollower:
         way, if any (one at a time)."""
         if self.loading is None:
             try:
-                identity = tuple(file_identity(os.stat(path)) for path in served_files(self.run, self.runtime))
+                identity = tuple(file_identity(os.stat(path)) for path in served_files(self.folder, self.runtime))
             except OSError:
                 identity = None
             if identity != self.seen:
@@ -120,9 +120,11 @@ class ModelFollower:
 
     async def _load(self) -> None:
         try:
-            served = await run_in_threadpool(read_served_model, self.run, self.device, self.runtime)
+            served = await run_in_threadpool(read_served_model, self.folder, self.device, self.runtime)
         except Exception as error:  # whatever it is, the previous model serves on and `problem` says why
-            reason = str(error) if isinstance(error, MnistsumError) else f"{self.run.model}: cannot load it ({error!r})"
+            reason = (
+                str(error) if isinstance(error, MnistsumError) else f"{self.folder.model}: cannot load it ({error!r})"
+            )
             self.problem = f"{reason}; still serving run {self.current.run_id}"
         else:
             self.current, self.seen, self.problem = served, served.identity, None

@@ -90,7 +90,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    run: RunDir,
+    folder: RunDir,
     host: str,
     port: int,
     device: Optional[torch.device],
@@ -102,8 +102,8 @@ def serve(
     """Serve until Ctrl-C (or SIGTERM) with `workers` processes (None: workers.default_workers);
     every problem before the first request is a MnistsumError. `device` is torch's (None on the
     onnx runtime, which runs on the CPU)."""
-    if not run.root.is_dir():
-        raise MnistsumError(f"--artifacts {run.root}: no such folder (the folder `mnistsum train` wrote)")
+    if not folder.root.is_dir():
+        raise MnistsumError(f"--artifacts {folder.root}: no such folder (the folder `mnistsum train` wrote)")
     on_cpu = device is None or device.type == "cpu"
     workers = default_workers(on_cpu) if workers is None else workers
     if workers > 1 and not on_cpu:
@@ -114,7 +114,7 @@ def serve(
         import torch
 
         torch.set_num_threads(1)  # one 28 x 28 image per request: more threads only add hand-offs
-    follower = ModelFollower(run, device, runtime)
+    follower = ModelFollower(folder, device, runtime)
     sock = listening_socket(host, port)
     port = sock.getsockname()[1]  # the one the system chose for --port 0
     if host not in LOOPBACK:
@@ -149,7 +149,7 @@ def serve(
     try:
         with forked_workers(workers - 1, serve_forever, stop, warn):  # after the model is loaded: they share it
             say(
-                f"serving run {follower.current.run_id} on {runtime} from {run.root} at http://{shown}:{port}/ "
+                f"serving run {follower.current.run_id} on {runtime} from {folder.root} at http://{shown}:{port}/ "
                 f"({workers} worker process{'es' if workers > 1 else ''}; Ctrl-C stops)"
             )
             serve_forever()

@@ -44,15 +44,15 @@ def fingerprint_file(path: Path, kind: Schema) -> str:
     return fingerprint_bytes(read_file(path, kind.max_bytes, kind.stage))
 
 
-def plot_inputs(run: RunDir) -> dict[str, Any]:
+def plot_inputs(folder: RunDir) -> dict[str, Any]:
     """Fingerprints of what the plots are drawn from; plots/manifest.json keeps a copy."""
     return {
-        "history": fingerprint_file(run.history, HISTORY) if run.history.exists() else None,
-        "model": fingerprint_file(run.model, MODEL_META) if run.model.exists() else None,
+        "history": fingerprint_file(folder.history, HISTORY) if folder.history.exists() else None,
+        "model": fingerprint_file(folder.model, MODEL_META) if folder.model.exists() else None,
         "evaluations": {
-            split: fingerprint_file(run.evaluation(split), EVALUATION)
+            split: fingerprint_file(folder.evaluation(split), EVALUATION)
             for split in SPLITS
-            if run.evaluation(split).exists()
+            if folder.evaluation(split).exists()
         },
     }
 

@@ -216,7 +216,7 @@ def make_pruner(plan: SweepPlan) -> optuna.pruners.BasePruner:
 
 
 def write_trial_record(
-    run: RunDir, study: str, trial: optuna.Trial, state: str, seconds: Optional[float]
+    folder: RunDir, study: str, trial: optuna.Trial, state: str, seconds: Optional[float]
 ) -> Optional[dict[str, Any]]:
     """trial.json in the trial's folder (a store commit): which study and trial the run is and
     how it ended. None when the trial saved no epoch (nothing to describe)."""
@@ -224,10 +224,10 @@ def write_trial_record(
     from mnistsum_cli.store.transactions import commit
     from mnistsum_cli.training.run import Run
 
-    saved = Run.saved(run)
+    saved = Run.saved(folder)
     if saved is None:
         return None
-    epochs = HISTORY.read_json(run.history)["epochs"]
+    epochs = HISTORY.read_json(folder.history)["epochs"]
     if state == "pruned":
         value = epochs[-1][OBJECTIVE_METRIC]  # what Optuna keeps: the last value reported
     else:
@@ -243,6 +243,6 @@ def write_trial_record(
         "params": dict(trial.params),
         "updated_at": now_iso(),
     }
-    with commit(run.root, "sweep", "--artifacts") as change:
-        change.write_json(run.trial, record)
+    with commit(folder.root, "sweep", "--artifacts") as change:
+        change.write_json(folder.trial, record)
     return record

@@ -41,11 +41,11 @@ def check_installed() -> None:
         raise MnistsumError(f"--tensorboard needs the tensorboard package: {INSTALL}")
 
 
-def default_log_root(run: RunDir) -> Path:
+def default_log_root(folder: RunDir) -> Path:
     """<artifacts>/tensorboard, refused before training starts when it is a link (planted in a
     folder someone else prepared, it would take the event files elsewhere). A --tensorboard-dir
     is the user's own choice and is taken as given."""
-    root = run.root / FOLDER
+    root = folder.root / FOLDER
     _refuse_link(root)
     return root
 
@@ -59,12 +59,12 @@ def _refuse_link(folder: Path) -> None:
 
 
 @contextmanager
-def tensorboard_events(inner: Reporter, run: RunDir, log_root: Optional[Path]) -> Iterator[Reporter]:
+def tensorboard_events(inner: Reporter, folder: RunDir, log_root: Optional[Path]) -> Iterator[Reporter]:
     """`inner`, writing TensorBoard events under `log_root` too when it is given (files closed at the end)."""
     if log_root is None:
         yield inner
         return
-    reporter = TensorBoardReporter(inner, run, log_root)
+    reporter = TensorBoardReporter(inner, folder, log_root)
     try:
         yield reporter
     finally:
@@ -74,8 +74,8 @@ def tensorboard_events(inner: Reporter, run: RunDir, log_root: Optional[Path]) -
 class TensorBoardReporter:
     """A Reporter that writes each saved epoch's figures, then passes every call on to `inner`."""
 
-    def __init__(self, inner: Reporter, run: RunDir, log_root: Path) -> None:
-        self.inner, self.run, self.log_root = inner, run, log_root
+    def __init__(self, inner: Reporter, folder: RunDir, log_root: Path) -> None:
+        self.inner, self.folder, self.log_root = inner, folder, log_root
         self.writer: Optional[SummaryWriter] = None
         self.epochs = 0
 
@@ -87,7 +87,7 @@ class TensorBoardReporter:
         self.inner.step()
 
     def epoch_end(self, record: dict[str, Any]) -> None:
-        history = HISTORY.read_json(self.run.history)  # just saved: names the run, holds the kept epoch
+        history = HISTORY.read_json(self.folder.history)  # just saved: names the run, holds the kept epoch
         writer = self._writer(history["run_id"])
         for row in record["steps"]:
             for key in STEP_KEYS:
