@@ -77,17 +77,18 @@ def predict(
         (RunDir(artifacts).model, MODEL_META), *(preflight.splits(data) if index is not None else [])
     )
     if index is not None:
-        preflight.split_row(data, split, index)
+        from mnistsum_cli.data.splitdata import SplitData, check_row
+
+        prepared = SplitData(DataDir(data), mnist_dir)
+        check_row(index, split, prepared.header.rows[split])  # Parquet metadata, kept for MNIST's folder
     else:
         preflight.image_files(images)
-    from mnistsum_cli.data.splitdata import SplitData
     from mnistsum_cli.evaluation.onnx_runtime import onnx_extra
     from mnistsum_cli.evaluation.predict import predict_files, predict_row
 
     device = preflight.runtime_device(runtime, gpu, cpu)
     with onnx_extra("predict --runtime onnx"):
         if index is not None:
-            prepared = SplitData(DataDir(data), mnist_dir)
             results = [predict_row(index, split, number, prepared, RunDir(artifacts), device, runtime)]
         else:
             results = predict_files(images, number, RunDir(artifacts), device, runtime)

@@ -40,13 +40,6 @@ def image_files(paths: list[Path]) -> None:
             raise MnistsumError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
 
 
-def split_row(data: Path, split: str, index: int) -> None:
-    """Refuse an --index outside the split, from its Parquet metadata (no rows read)."""
-    from mnistsum_cli.data.splitdata import check_row, read_dataset_header
-
-    check_row(index, split, read_dataset_header(DataDir(data)).rows[split])
-
-
 def cuda_driver_missing() -> bool:
     """Whether this machine surely has no CUDA: no NVIDIA driver library loads (a millisecond,
     where asking torch takes seconds). Where it loads, torch decides whether a GPU is there."""

@@ -63,7 +63,7 @@ def compare_figure(histories: list[dict[str, Any]], labels: list[str], caption: 
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8, loc=legend_at)
         margin = 0.25 if last > 1 else 0.5  # a lone epoch still gets an axis of some width
-        for axis in axes[:2] if per_step else axes:
+        for axis in axes:
             axis.set_xlim(1 - margin, last + margin)
         if per_step:  # the first step is a fraction of an epoch in
             axes[2].set_xlim(0, last + 0.05)

@@ -165,10 +165,9 @@ def gallery(examples: list[dict[str, Any]], images: np.ndarray, title: str, colu
     figure, axes = plt.subplots(
         rows, columns, figsize=(1.6 * columns, 2.1 * rows + 0.5), squeeze=False, layout="constrained"
     )
-    for axis in axes.flat:
+    for axis in axes.flat[len(examples) :]:
         axis.axis("off")
-    for axis, example, image in zip(axes.flat, examples, images):
-        axis.axis("on")  # for the label below the image; no frame, no ticks
+    for axis, example, image in zip(axes.flat, examples, images):  # axes kept for the label below: no frame, no ticks
         axis.set_xticks([])
         axis.set_yticks([])
         axis.spines[:].set_visible(False)

@@ -13,7 +13,7 @@ from mnistsum_cli.data.mnist import Mnist
 from mnistsum_cli.data.splitdata import SplitData
 from mnistsum_cli.errors import MnistsumError
 from mnistsum_cli.evaluation.figures import curves, gallery, heatmap, plt, png_bytes
-from mnistsum_cli.settings import TrainConfig, in_words, preset_matching
+from mnistsum_cli.settings import TrainConfig, preset_matching
 from mnistsum_cli.store.fingerprints import fingerprint_file, plot_inputs
 from mnistsum_cli.store.locks import folder_lock
 from mnistsum_cli.store.paths import MNIST_SET_OF_SPLIT, SPLITS, RunDir
@@ -21,6 +21,7 @@ from mnistsum_cli.store.schemas import EVALUATION, HISTORY, MODEL_META
 from mnistsum_cli.store.transactions import commit
 from mnistsum_cli.store.writes import json_bytes, write_file
 from mnistsum_cli.training.run import evaluates, model_meta, read_setup
+from mnistsum_cli.training.runlist import column_in_words
 
 HEADS = (("digit", "digit head"), ("sum", "sum head"))
 GALLERY_SIZE = 48
@@ -36,11 +37,10 @@ def settings_caption(history: dict[str, Any], setup: dict[str, Any]) -> str:
     except (MnistsumError, TypeError):
         named = None
     parts = [
-        *(in_words(name, settings[name]) for name in ("arch",) if name in settings),
+        column_in_words("arch", settings.get("arch")),
         f"preset {named}" if named else None,
-        *(in_words(name, settings[name]) for name in ("epochs", "batch_size", "lr") if name in settings),
-        f"on {setup['device']}" if setup.get("device") else None,
-        f"{setup['precision']} precision" if setup.get("precision") else None,
+        *(column_in_words(name, settings.get(name)) for name in ("epochs", "batch_size", "lr")),
+        *(column_in_words(name, setup.get(name)) for name in ("device", "precision")),
         f"{history['world_size']} processes" if history.get("world_size", 1) > 1 else None,
     ]
     return " · ".join(part for part in parts if part)

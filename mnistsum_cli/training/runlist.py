@@ -175,9 +175,13 @@ def list_runs(artifacts: Path, sort: str = DEFAULT_SORT) -> list[RunEntry]:
 
 def differing_settings(entries: list[RunEntry]) -> tuple[list[str], dict[str, Any]]:
     """The settings that differ between the readable runs, and those equal for all (name → value)."""
-    rows = [entry.row for entry in entries if entry.readable]
-    differ = [name for name in SETTING_NAMES if len({json.dumps(row[name]) for row in rows}) > 1]
-    same = {name: rows[0][name] for name in SETTING_NAMES if rows and name not in differ}
+    return differing([entry.row for entry in entries if entry.readable], SETTING_NAMES)
+
+
+def differing(rows: list[dict[str, Any]], names: tuple[str, ...]) -> tuple[list[str], dict[str, Any]]:
+    """The columns `names` whose values differ between `rows`, and those equal in all (name → value)."""
+    differ = [name for name in names if len({json.dumps(row[name]) for row in rows}) > 1]
+    same = {name: rows[0][name] for name in names if rows and name not in differ}
     return differ, same
 
 
@@ -222,7 +226,7 @@ def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
     run id where nothing does or to tell apart runs with equal labels; and a caption, in words,
     of what all share."""
     rows = [entry.row for entry in entries]
-    differ = [name for name in COMPARED_COLUMNS if len({json.dumps(row[name]) for row in rows}) > 1]
+    differ, same = differing(rows, COMPARED_COLUMNS)
     labels = [", ".join(column_in_words(name, row[name]) for name in differ) for row in rows]
     labels = [
         f"{label} (run {row['run_id'][:8]})"
@@ -230,13 +234,13 @@ def compare_labels(entries: list[RunEntry]) -> tuple[list[str], str]:
         else label or f"run {row['run_id'][:8]}"
         for label, row in zip(labels, rows)
     ]
-    shared = [column_in_words(name, rows[0][name]) for name in COMPARED_COLUMNS if name not in differ]
-    caption = "\n".join(textwrap.wrap("every run: " + " · ".join(part for part in shared if part), CAPTION_WIDTH))
-    return labels, caption if shared else ""
+    shared = " · ".join(part for part in (column_in_words(name, value) for name, value in same.items()) if part)
+    return labels, "\n".join(textwrap.wrap(f"every run: {shared}", CAPTION_WIDTH)) if shared else ""
 
 
 def column_in_words(name: str, value: Any) -> str:
-    """A compared column as a caption says it ('' where unknown)."""
+    """A setting, or the device or precision config.json records, as the captions of `compare`
+    and `plot` say it ('' where unknown)."""
     if value is None:
         return ""
     if name == "device":
